@@ -1,0 +1,3 @@
+from bonecluster.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""The ``bonecluster`` command: a thin layer over the Python API (one function per command)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from bonecluster import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from bonecluster.data import DataError
+    from bonecluster.io import WriteError
+
+    return (DataError, WriteError, ValueError, FileNotFoundError, RuntimeError)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bonecluster", description=(
+        "Sort bone radiographs without labels: deep clustering into body parts (stage 1), "
+        "then normal vs abnormal per part (stage 2)."))
+    p.add_argument("--version", action="version", version=f"bonecluster {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+    _add_phantom(sub)
+    _add_prepare(sub)
+    _add_demo(sub)
+    return p
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="cpu", help="config preset: cpu (default) or paper")
+    p.add_argument("--config", help="a YAML config file applied after the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set data.size=96 (repeatable)")
+
+
+def _load_config(args):
+    from bonecluster.config import load_config
+
+    return load_config(args.preset, args.config, args.overrides)
+
+
+# ----------------------------------------------------------------------------- phantom
+
+
+def _add_phantom(sub) -> None:
+    p = sub.add_parser("phantom", help="write synthetic radiographs in MURA layout")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--n", type=int, default=1400, help="number of images (default 1400)")
+    p.add_argument("--size", type=int, default=128, help="long side in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.set_defaults(func=cmd_phantom)
+
+
+def cmd_phantom(args) -> int:
+    from bonecluster.data.phantoms import generate_phantoms
+
+    s = generate_phantoms(args.out, n=args.n, size=args.size, seed=args.seed, workers=args.workers)
+    print(f"wrote {s.n_images} images in {s.n_studies} studies "
+          f"({s.n_abnormal_studies} abnormal) to {s.out} in {s.seconds:.1f} s")
+    return 0
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="decode every image once into a memory-mapped cache")
+    p.add_argument("data", nargs="+", help="MURA root, CSV manifest, or folder of images/DICOMs")
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--size", type=int, help="square side in pixels (default: the preset's)")
+    p.add_argument("--fit", choices=["squash", "letterbox"], help="how to make images square")
+    p.add_argument("--workers", type=int, help="decoding processes (default: one per core)")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args) -> int:
+    from bonecluster.config import apply_override
+    from bonecluster.data import prepare_sources, write_skipped_csv
+
+    cfg = _load_config(args)
+    for key, value in (("size", args.size), ("fit", args.fit), ("workers", args.workers)):
+        if value is not None:
+            cfg = apply_override(cfg, f"data.{key}={value}")
+    ds = prepare_sources(args.data, cfg.data, cache=args.out)
+    out = Path(args.out)
+    ds.save(out / "dataset.json")
+    write_skipped_csv(out / "skipped.csv", ds.skipped)
+    _print_prepare_summary(ds)
+    return 0
+
+
+def _print_prepare_summary(ds) -> None:
+    s = ds.summary()
+    print(f"prepared {s['images']} images at {s['size']} px ({s['decoded']} decoded, "
+          f"{s['reused']} from cache), skipped {s['skipped']}, in {s['seconds']:.1f} s")
+    print(f"cache: {s['store']}")
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job on built-in synthetic data")
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--n", type=int, default=1400, help="phantom images (default 1400)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_config_options(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from bonecluster.demo import run_demo
+
+    run_demo(args.out, _load_config(args), n=args.n, seed=args.seed)
+    return 0

@@ -1,0 +1,169 @@
+"""Typed dataclass configs, YAML presets (``cpu``, ``paper``) and ``--set key=value`` overrides.
+
+The resolved config is written into every run folder (``config.yaml``), as timm does with
+``args.yaml``, so a run can be resumed, evaluated or served with exactly its settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bonecluster.data.decode import Limits, Preprocess
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class DataConfig:
+    """Decoding and caching. ``size`` is the square side the network sees."""
+
+    size: int = 64
+    fit: str = "squash"            # "squash" or "letterbox" (keeps aspect, pads)
+    pct_low: float = 0.5           # robust intensity scaling percentiles
+    pct_high: float = 99.5
+    pixel_cap: int = 64_000_000    # decompression-bomb guard (width * height)
+    max_frames: int = 16           # DICOM frame count limit
+    max_csv_row_chars: int = 65_536
+    cache: str = "cache"           # decode-once cache folder
+    workers: int = 0               # decoding processes; 0 = one per core (at most 8)
+
+    def preprocess(self) -> Preprocess:
+        return Preprocess(size=self.size, fit=self.fit, pct_low=self.pct_low, pct_high=self.pct_high)
+
+    def limits(self) -> Limits:
+        return Limits(pixel_cap=self.pixel_cap, max_frames=self.max_frames)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(preset: str | None = "cpu", config_file: str | Path | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Defaults, then a preset, then a YAML file, then ``key=value`` overrides (last wins)."""
+    cfg = Config()
+    if preset:
+        cfg = merge(cfg, read_yaml(preset_path(preset)))
+    if config_file:
+        cfg = merge(cfg, read_yaml(Path(config_file)))
+    for item in overrides or []:
+        cfg = apply_override(cfg, item)
+    return cfg
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.exists():
+        names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        raise ValueError(f"unknown preset {name!r} (available: {names})")
+    return path
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot read config ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config must be a mapping of sections")
+    return data
+
+
+def merge(cfg: Any, values: dict, where: str = "") -> Any:
+    """A copy of dataclass ``cfg`` with ``values`` (nested dicts) applied, types checked."""
+    names = {f.name: f for f in dataclasses.fields(cfg)}
+    changes = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"unknown config key {where + key!r} (known: {', '.join(names)})")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {where + key!r} is a section; give a mapping")
+            changes[key] = merge(current, value, f"{where}{key}.")
+        else:
+            changes[key] = coerce(value, _field_type(cfg, key), where + key)
+    return dataclasses.replace(cfg, **changes)
+
+
+def apply_override(cfg: Config, item: str) -> Config:
+    """``'train.lr=0.1'`` -> a copy of cfg with that field set (value parsed as YAML)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key=value (e.g. train.lr=0.05)")
+    dotted, raw = item.split("=", 1)
+    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    for part in reversed(dotted.strip().split(".")):
+        value = {part: value}
+    return merge(cfg, value)
+
+
+def _field_type(cfg: Any, name: str) -> Any:
+    return typing.get_type_hints(type(cfg))[name]
+
+
+def coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check/convert a YAML value to the field's annotated type (int, float, str, bool, X | None, tuple)."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, key)
+            except ValueError:
+                pass
+        raise ValueError(f"config {key}={value!r}: expected {kind}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config {key}={value!r}: expected a list")
+        inner = typing.get_args(kind)[0] if typing.get_args(kind) else Any
+        items = [coerce(v, inner, key) if inner is not Any else v for v in value]
+        return tuple(items) if origin is tuple else items
+    if kind is Any:
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config {key}={value!r}: expected true or false")
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"config {key}={value!r}: expected {getattr(kind, '__name__', kind)}")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_from_dict(values: dict) -> Config:
+    return merge(Config(), values)

@@ -1,0 +1,42 @@
+"""Shared test helpers: tiny images written on the fly, and the optional ../shared/data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def write_png(path: Path, value: int | None = None, shape=(24, 32), seed: int = 0) -> Path:
+    """An 8-bit grey PNG with a gradient plus noise (or a constant when value is given)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if value is None:
+        rng = np.random.default_rng(seed)
+        arr = np.linspace(0, 200, shape[0] * shape[1]).reshape(shape) + rng.integers(0, 50, shape)
+    else:
+        arr = np.full(shape, value)
+    Image.fromarray(arr.astype(np.uint8), mode="L").save(path)
+    return path
+
+
+def make_mura_tree(root: Path, split: str = "train") -> list[Path]:
+    """A tiny MURA-layout tree: 2 parts x 2 patients x 1 study x 2 images."""
+    paths = []
+    for part in ("XR_WRIST", "XR_HAND"):
+        for i, label in enumerate(("positive", "negative")):
+            for j in (1, 2):
+                p = root / split / part / f"patient0000{i}" / f"study1_{label}" / f"image{j}.png"
+                paths.append(write_png(p, seed=len(paths)))
+    return paths
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA

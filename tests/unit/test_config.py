@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from bonecluster.config import Config, apply_override, config_from_dict, load_config, to_yaml
+
+
+def test_presets_load_and_differ():
+    cpu, paper = load_config("cpu"), load_config("paper")
+    assert cpu.data.size == 64 and paper.data.size == 224
+
+
+def test_override_types_are_checked():
+    cfg = apply_override(Config(), "data.size=96")
+    assert cfg.data.size == 96
+    assert apply_override(cfg, "data.pct_low=1").data.pct_low == 1.0
+    with pytest.raises(ValueError, match="expected int"):
+        apply_override(cfg, "data.size=big")
+    with pytest.raises(ValueError, match="unknown config key 'data.sise'"):
+        apply_override(cfg, "data.sise=3")
+    with pytest.raises(ValueError, match="key=value"):
+        apply_override(cfg, "data.size")
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ValueError, match="cpu"):
+        load_config("fast")
+
+
+def test_file_then_overrides_last_wins(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  size: 80\n  fit: letterbox\n")
+    cfg = load_config("cpu", f, ["data.size=72"])
+    assert (cfg.data.size, cfg.data.fit) == (72, "letterbox")
+
+
+def test_yaml_round_trip():
+    cfg = load_config("cpu", overrides=["seed=3"])
+    assert config_from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
