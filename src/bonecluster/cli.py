@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
     _add_phantom(sub)
     _add_prepare(sub)
+    _add_train(sub)
     _add_demo(sub)
     return p
 
@@ -122,6 +123,41 @@ def _print_prepare_summary(ds) -> None:
     print(f"prepared {s['images']} images at {s['size']} px ({s['decoded']} decoded, "
           f"{s['reused']} from cache), skipped {s['skipped']}, in {s['seconds']:.1f} s")
     print(f"cache: {s['store']}")
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="deep-cluster the images (stage 1: body parts)")
+    p.add_argument("data", nargs="+", help="MURA root, CSV manifest, or folder of images/DICOMs")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--stages", default="1", help="comma-separated stages to train (default 1)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from bonecluster.pipeline import train
+
+    stages = [int(s) for s in args.stages.split(",") if s.strip()]
+    summary = train(args.data, args.out, _load_config(args), stages=stages, resume=args.resume,
+                    progress=not args.quiet)
+    _print_stage1(summary["stage1"], summary["skipped_files"], args.out)
+    return 0
+
+
+def _print_stage1(s: dict, skipped: int, out) -> None:
+    flag = "  (stopped early: clusters collapsed)" if s["collapsed"] else ""
+    print(f"stage 1: {s['n_images']} images, k={s['k']}, {s['epochs_run']} epochs in {s['seconds']:.0f} s{flag}")
+    print("cluster sizes: " + " ".join(str(x) for x in s["cluster_sizes"]))
+    if "scored_on_labels" in s:
+        m = s["scored_on_labels"]
+        print(f"scored on {m['n_labelled']} labelled images (labels not used in training): "
+              f"Hungarian accuracy {m['accuracy_hungarian']:.3f}, NMI {m['nmi']:.3f}, ARI {m['ari']:.3f}")
+    print(f"skipped files: {skipped}; run folder: {out}")
 
 
 # ----------------------------------------------------------------------------- demo

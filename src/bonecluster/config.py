@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from bonecluster.augment import AugmentConfig
 from bonecluster.data.decode import Limits, Preprocess
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -31,7 +32,7 @@ class DataConfig:
     pixel_cap: int = 64_000_000    # decompression-bomb guard (width * height)
     max_frames: int = 16           # DICOM frame count limit
     max_csv_row_chars: int = 65_536
-    cache: str = "cache"           # decode-once cache folder
+    cache: str = ""                # decode-once cache folder; "" = <run or output folder>/cache
     workers: int = 0               # decoding processes; 0 = one per core (at most 8)
 
     def preprocess(self) -> Preprocess:
@@ -42,8 +43,49 @@ class DataConfig:
 
 
 @dataclass
+class ModelConfig:
+    """The CNN (see :class:`bonecluster.models.DeepClusterNet`)."""
+
+    arch: str = "resnet18"         # resnet18, resnet34 or resnet50
+    sobel: bool = True             # DeepCluster's fixed Sobel front end
+    weights: str = "none"          # none, imagenet (downloaded on your machine) or a .pt file
+    small_input: bool = False      # True: 3x3 stem without max-pool (4-16x slower on CPU)
+
+
+@dataclass
+class ClusterConfig:
+    """Features -> PCA-whitening -> L2 -> k-means (DeepCluster eq. 6)."""
+
+    k: int = 7
+    pca_dim: int = 256             # capped by the number of images and the feature size
+    niter: int = 20
+    init: str = "k-means++"        # or "random"
+    backend: str = "auto"          # auto (faiss when installed), faiss or torch
+    collapse_share: float = 0.95   # stop early when one cluster holds more than this share
+
+
+@dataclass
+class TrainConfig:
+    """Pseudo-label training (DeepCluster eq. 5): SGD with momentum, uniform label sampling."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    device: str = "auto"           # auto, cuda, cuda:N, mps or cpu
+    amp: bool = True               # mixed precision, CUDA only
+    workers: int = 0               # DataLoader workers reading the cache (0 = main process)
+    feature_batch_size: int = 256
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
 
 

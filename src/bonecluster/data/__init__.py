@@ -28,7 +28,10 @@ def prepare_sources(sources: Sequence[str | Path], data_cfg, cache: str | Path |
     if not records:
         names = ", ".join(str(s) for s in sources)
         raise DataError(f"no image found in {names} ({len(skips)} entries skipped)")
-    return prepare(records, cache if cache is not None else data_cfg.cache, data_cfg.preprocess(),
+    cache = cache if cache is not None else data_cfg.cache
+    if not cache:
+        raise ValueError("no cache folder given (set data.cache or pass cache=)")
+    return prepare(records, cache, data_cfg.preprocess(),
                    data_cfg.limits(), skips, workers=data_cfg.workers or None, progress=progress)
 
 

@@ -1,0 +1,82 @@
+"""Device selection, mixed-precision policy and seeding, shared by training and evaluation.
+
+Everything else in the package takes a :class:`torch.device` and never assumes CUDA, so the
+same code runs on NVIDIA GPUs, Apple silicon (MPS) and plain CPUs.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+_KNOWN_TYPES = ("cuda", "mps", "cpu")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def pick_device(name: str | torch.device = "auto") -> torch.device:
+    """Resolve a device name to a usable :class:`torch.device`.
+
+    ``"auto"`` prefers CUDA, then MPS, then CPU. An explicit ``"cuda"``, ``"cuda:1"``, ``"mps"``
+    or ``"cpu"`` is checked here, so a typo or a missing GPU fails at start-up with a message
+    that says what is available, rather than deep inside the first forward pass.
+    """
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = name.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}; use 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu'") from err
+    if device.type not in _KNOWN_TYPES:
+        raise ValueError(f"unsupported device {name!r}; use 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu'")
+    _check_available(device)
+    return device
+
+
+def _check_available(device: torch.device) -> None:
+    """Raise a RuntimeError naming the device when it cannot be used on this machine."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device {str(device)!r} requested but CUDA is not available "
+                "(no NVIDIA GPU, or torch was built without CUDA); use device='auto' or 'cpu'"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise RuntimeError(f"device {str(device)!r} requested but only {count} CUDA device(s) are visible")
+    elif device.type == "mps":
+        if not _mps_available():
+            raise RuntimeError(
+                f"device {str(device)!r} requested but MPS (Apple silicon GPU) is not available; "
+                "use device='auto' or 'cpu'"
+            )
+
+
+def amp_enabled(device: torch.device | str) -> bool:
+    """Whether to train with automatic mixed precision: only on CUDA.
+
+    On CPU autocast (bfloat16) is usually slower than float32, and MPS autocast support is
+    still partial, so both stay in float32.
+    """
+    return torch.device(device).type == "cuda"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global RNG and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # NumPy only takes 32-bit seeds
+    torch.manual_seed(seed)  # also seeds all CUDA devices (lazily) and MPS
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)

@@ -1,0 +1,358 @@
+"""The DeepCluster engine: alternate k-means on CNN features and training on the cluster ids.
+
+One epoch (Caron et al. 2018, §3.2–3.4, and the reference ``main.py``):
+
+1. extract features of every image in eval mode, without augmentation;
+2. PCA-whiten them, L2-normalise, and run k-means (eq. 6), re-seeding empty clusters;
+3. re-initialise the top layer for the new pseudo-labels;
+4. train the network to predict the pseudo-labels with cross-entropy (eq. 5), drawing batches
+   uniformly over the pseudo-labels so one big cluster cannot dominate.
+
+After the last epoch the features are clustered once more: those are the final assignments.
+
+Everything a run needs lives in its folder::
+
+    OUT/config.yaml     the resolved config        OUT/metrics.csv   one row per epoch
+    OUT/checkpoint.pt   written atomically after every epoch (resume from it)
+    OUT/model.pt        the final model, PCA-whitening, centroids and assignments
+
+Checkpoints hold only tensors and plain values and are read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from bonecluster import distributed as dist
+from bonecluster.augment import RadiographAugment
+from bonecluster.cluster import KMeansResult, PCAWhitening, kmeans, preprocess_features
+from bonecluster.config import Config, config_from_dict, to_dict, to_yaml
+from bonecluster.data.cache import PreparedDataset
+from bonecluster.data.loader import batch_loader, to_float
+from bonecluster.device import amp_enabled, pick_device
+from bonecluster.io import atomic_open, atomic_write_text
+from bonecluster.metrics import nmi
+from bonecluster.models import DeepClusterNet, build_model
+from bonecluster.sampler import UniformLabelSampler
+
+log = logging.getLogger("bonecluster")
+
+CHECKPOINT = "checkpoint.pt"
+FINAL_MODEL = "model.pt"
+METRICS = "metrics.csv"
+METRIC_COLUMNS = ("epoch", "loss", "nmi_prev", "largest_share", "n_empty_splits", "cluster_sizes",
+                  "images_per_s", "seconds", "kmeans_seconds")
+
+
+@dataclass
+class FitResult:
+    """What :meth:`DeepClusterEngine.fit` returns: final clusters and the per-epoch history."""
+
+    assignments: np.ndarray   # (N,) int64 final cluster of every image
+    centroids: torch.Tensor   # (k, d)
+    history: list[dict]
+    epochs_run: int
+    collapsed: bool
+    seconds: float
+    interrupted: bool = False  # stopped by ``stop_after`` before the final clustering
+
+
+class DeepClusterEngine:
+    """Train DeepCluster on a prepared (cached) dataset and keep everything in ``out``.
+
+    Works on one device or under ``torchrun`` (one process per GPU, or gloo on CPU).
+    """
+
+    def __init__(self, cfg: Config, out: str | Path, progress: bool = True):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.progress = progress
+        self.device = pick_device(cfg.train.device)
+        self.dist = dist.setup(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(cfg.seed)  # the backbone's initial weights depend on the seed only
+        self.model: DeepClusterNet = build_model(cfg.model, num_clusters=cfg.cluster.k).to(self.device)
+        self.optimizer = self._backbone_optimizer()
+        self.augment = RadiographAugment(cfg.train.augment)
+        self.use_amp = cfg.train.amp and amp_enabled(self.device)
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+
+    # ------------------------------------------------------------------------ the loop
+
+    def fit(self, data: PreparedDataset, resume: bool = False, stop_after: int | None = None) -> FitResult:
+        """Run ``cfg.train.epochs`` epochs (continuing a checkpoint when ``resume``).
+
+        ``stop_after`` ends the loop after that many completed epochs without the final
+        clustering, as an interrupted job would (used to test resuming).
+        """
+        t_start = time.perf_counter()
+        if len(data) < self.cfg.cluster.k:
+            raise ValueError(f"{len(data)} images cannot make {self.cfg.cluster.k} clusters")
+        self._write_config()
+        start, previous, history = self._resume_state() if resume else (0, None, [])
+        collapsed = False
+        epochs = range(start, self.cfg.train.epochs)
+        for epoch in self._bar(epochs, "epochs", total=len(epochs)):
+            row, previous, collapsed = self._epoch(data, epoch, previous)
+            history.append(row)
+            self._save_checkpoint(epoch + 1, previous, history)
+            if collapsed:
+                break
+            if stop_after is not None and stop_after <= epoch + 1 < self.cfg.train.epochs:
+                return FitResult(previous.numpy(), torch.empty(0), history, len(history), False,
+                                 time.perf_counter() - t_start, interrupted=True)
+        final, pca = self._cluster(self._extract(data), seed_offset=len(history))
+        self._save_final(final, pca)
+        dist.barrier(self.dist)
+        return FitResult(final.assignments.cpu().numpy(), final.centroids.cpu(), history, len(history),
+                         collapsed, time.perf_counter() - t_start)
+
+    def _epoch(self, data: PreparedDataset, epoch: int, previous: torch.Tensor | None):
+        t0 = time.perf_counter()
+        feats = self._extract(data)
+        t1 = time.perf_counter()
+        km, _ = self._cluster(feats, seed_offset=epoch)
+        kmeans_s = time.perf_counter() - t1
+        labels = km.assignments.cpu()
+        sizes = torch.bincount(labels, minlength=self.cfg.cluster.k)
+        largest = sizes.max().item() / len(labels)
+        loss, n_seen, train_s = self._train_pseudo_labels(data, labels, epoch)
+        row = {
+            "epoch": epoch + 1, "loss": round(loss, 5),
+            "nmi_prev": round(nmi(labels.numpy(), previous.numpy()), 5) if previous is not None else "",
+            "largest_share": round(largest, 4), "n_empty_splits": km.n_splits,
+            "cluster_sizes": "|".join(str(int(s)) for s in sizes),
+            "images_per_s": round(n_seen / max(train_s, 1e-9), 1),
+            "seconds": round(time.perf_counter() - t0, 2), "kmeans_seconds": round(kmeans_s, 2),
+        }
+        collapsed = largest > self.cfg.cluster.collapse_share
+        if collapsed and self.dist.is_main:
+            log.warning("clusters collapsed at epoch %d: one cluster holds %.0f%% of the images "
+                        "(limit %.0f%%); stopping early", epoch + 1, 100 * largest,
+                        100 * self.cfg.cluster.collapse_share)
+        return row, labels, collapsed
+
+    # ------------------------------------------------------------------------ step 1-2: features, clusters
+
+    @torch.no_grad()
+    def _extract(self, data: PreparedDataset) -> torch.Tensor:
+        """(N, feature_dim) float32 features of every image; this rank's share, then gathered."""
+        self.model.eval()
+        positions = dist.shard(len(data), self.dist)
+        loader = batch_loader(data, self.cfg.train.feature_batch_size, positions.tolist(),
+                              workers=self.cfg.train.workers, pin_memory=self.device.type == "cuda")
+        chunks = []
+        for batch in self._bar(loader, "features", leave=False):
+            with self._autocast():
+                chunks.append(self.model.features(to_float(batch, self.device)).float())
+        local = torch.cat(chunks) if chunks else torch.empty(0, self.model.feature_dim, device=self.device)
+        return dist.gather_shards(local, len(data), self.dist)
+
+    def _cluster(self, feats: torch.Tensor, seed_offset: int) -> tuple[KMeansResult, PCAWhitening]:
+        """PCA-whiten + L2 + k-means on rank 0; every rank receives the assignments."""
+        c = self.cfg.cluster
+        x, pca = preprocess_features(feats, dim=c.pca_dim)
+        km = kmeans(x, c.k, niter=c.niter, seed=self.cfg.seed + seed_offset, init=c.init,
+                    backend=c.backend, device=self.device) if self.dist.is_main else None
+        labels = km.assignments.to(self.device) if km else torch.empty(len(feats), dtype=torch.int64,
+                                                                       device=self.device)
+        labels = dist.broadcast(labels, self.dist)
+        if km is None:
+            km = KMeansResult(torch.empty(0), labels, 0.0, 0, c.backend)
+        return km, pca
+
+    # ------------------------------------------------------------------------ step 3-4: training
+
+    def _train_pseudo_labels(self, data: PreparedDataset, labels: torch.Tensor, epoch: int):
+        """One pass of N uniformly-sampled images; returns (mean loss, images seen, seconds)."""
+        gen = _epoch_generator(self.cfg.seed, epoch)
+        self.model.reset_top_layer(self.cfg.cluster.k, generator=gen)
+        top_optimizer = torch.optim.SGD(self.model.top_layer.parameters(), lr=self.cfg.train.lr,
+                                        weight_decay=self.cfg.train.weight_decay)
+        net = self._wrapped()
+        net.train()
+        sampler = UniformLabelSampler(labels, seed=self.cfg.seed, num_replicas=self.dist.world_size,
+                                      rank=self.dist.rank)
+        sampler.set_epoch(epoch)
+        targets = labels.to(self.device)
+        loader = batch_loader(data, self.cfg.train.batch_size, sampler, with_positions=True,
+                              workers=self.cfg.train.workers, pin_memory=self.device.type == "cuda")
+        t0, total, seen = time.perf_counter(), 0.0, 0
+        for batch, idx in self._bar(loader, f"train {epoch + 1}", leave=False):
+            x = self.augment(to_float(batch, self.device), generator=gen)
+            with self._autocast():
+                loss = F.cross_entropy(net(x).float(), targets[idx.to(self.device)])
+            self.optimizer.zero_grad(set_to_none=True)
+            top_optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            for opt in (self.optimizer, top_optimizer):
+                self.scaler.step(opt)
+            self.scaler.update()
+            total += loss.item() * len(batch)
+            seen += len(batch)
+        return total / max(seen, 1), seen, time.perf_counter() - t0
+
+    def _wrapped(self) -> torch.nn.Module:
+        """DDP around the model when distributed; rebuilt per epoch because the top layer is new."""
+        if not self.dist.enabled:
+            return self.model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
+
+    def _backbone_optimizer(self) -> torch.optim.Optimizer:
+        """SGD with momentum over everything but the top layer (which has its own, per epoch)."""
+        params = [p for n, p in self.model.named_parameters() if not n.startswith("top_layer.")]
+        t = self.cfg.train
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+    # ------------------------------------------------------------------------ files
+
+    def _write_config(self) -> None:
+        if self.dist.is_main:
+            atomic_write_text(self.out / "config.yaml", to_yaml(self.cfg))
+
+    def _save_checkpoint(self, epochs_done: int, assignments: torch.Tensor, history: list[dict]) -> None:
+        if self.dist.is_main:
+            state = {
+                "epoch": epochs_done, "model": self.model.state_dict(), "hparams": self.model.hparams(),
+                "optimizer": self.optimizer.state_dict(), "assignments": assignments.cpu(),
+                "history": history, "config": to_dict(self.cfg), "rng": _rng_state(),
+            }
+            save_torch(self.out / CHECKPOINT, state)
+            _write_metrics(self.out / METRICS, history)
+        dist.barrier(self.dist)
+
+    def _resume_state(self) -> tuple[int, torch.Tensor | None, list[dict]]:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+        state = load_torch(path, map_location=self.device)
+        if state["config"] != to_dict(self.cfg):
+            log.warning("resuming %s with a config that differs from the checkpoint's", path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        log.info("resuming %s after epoch %d", self.out, state["epoch"])
+        return int(state["epoch"]), state["assignments"].cpu(), list(state["history"])
+
+    def _save_final(self, km: KMeansResult, pca: PCAWhitening) -> None:
+        if self.dist.is_main:
+            save_torch(self.out / FINAL_MODEL, {
+                "model": self.model.state_dict(), "hparams": self.model.hparams(),
+                "pca": pca.state_dict(), "centroids": km.centroids.cpu(),
+                "assignments": km.assignments.cpu(), "config": to_dict(self.cfg),
+            })
+
+    def _bar(self, iterable, desc: str, leave: bool = True, total: int | None = None):
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, leave=leave, total=total, unit="it" if leave else "batch",
+                    disable=not (self.progress and self.dist.is_main), dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- loading a trained engine
+
+
+@dataclass
+class TrainedClusters:
+    """A finished engine run, ready to embed and assign new images."""
+
+    model: DeepClusterNet
+    pca: PCAWhitening
+    centroids: torch.Tensor   # (k, d)
+    assignments: np.ndarray   # (N,) training images' final clusters
+    cfg: Config
+
+    @classmethod
+    def load(cls, out: str | Path, device: str | torch.device = "cpu") -> "TrainedClusters":
+        state = load_torch(Path(out) / FINAL_MODEL, map_location=device)
+        model = DeepClusterNet(**state["hparams"])
+        model.load_state_dict(state["model"])
+        return cls(model.to(device).eval(), PCAWhitening.from_state_dict(state["pca"]),
+                   state["centroids"], state["assignments"].numpy(), config_from_dict(state["config"]))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def save_torch(path: Path, obj: dict) -> None:
+    """torch.save through a temp file and a rename: a kill leaves the old file intact."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_open(path, "wb") as f:
+        f.write(buf.getbuffer())
+
+
+def load_torch(path: Path, map_location=None) -> dict:
+    """Load our own checkpoints without unpickling arbitrary objects."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - name the file, whatever torch raised
+        raise RuntimeError(f"{path}: cannot load checkpoint ({err})") from err
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, epoch): top-layer init and augmentation are
+    then identical whether a run is resumed or not, and on every rank."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(_flatten(random.getstate())),
+             "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                       int(np_state[3]), float(np_state[4])]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _flatten(py_state) -> list:
+    version, internal, gauss = py_state
+    return [version, list(internal), gauss]
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def cluster_summary(assignments: np.ndarray, k: int) -> str:
+    sizes = np.bincount(assignments, minlength=k)
+    return " ".join(f"{i}:{s}" for i, s in enumerate(sizes)) + f"  (largest {sizes.max() / len(assignments):.0%})"
+

@@ -1,0 +1,85 @@
+"""The run folder and its stages: records -> cache -> stage 1 (body parts) -> stage 2 (per part).
+
+Layout of a run folder (everything needed to predict, evaluate, serve or resume)::
+
+    RUN/config.yaml      the resolved config
+    RUN/data.json        the prepared dataset view (records, cache rows, skipped files)
+    RUN/skipped.csv      path,reason of every file that could not be used
+    RUN/cache/           the decode-once cache (unless data.cache points elsewhere)
+    RUN/stage1/          the stage-1 engine run (see :mod:`bonecluster.engine`)
+    RUN/stage1/summary.json   cluster sizes, and label-based scores when labels exist
+
+Labels, where the data carries them, are used only to score (and, in stage 2, to group
+images by body part); training never sees them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from bonecluster.config import Config, to_yaml
+from bonecluster.data import PreparedDataset, prepare_sources, write_skipped_csv
+from bonecluster.engine import DeepClusterEngine, FitResult
+from bonecluster.io import atomic_write_text
+from bonecluster.metrics import cluster_scores
+
+STAGES = (1, 2)
+
+
+@dataclass
+class StageOneResult:
+    fit: FitResult
+    summary: dict = field(default_factory=dict)
+
+
+def prepare_run_data(sources: Sequence[str | Path], run: str | Path, cfg: Config,
+                     progress: bool = True) -> PreparedDataset:
+    """Decode the sources into the cache and record the view and the skips in the run folder."""
+    run = Path(run)
+    cache = cfg.data.cache or run / "cache"
+    data = prepare_sources(sources, cfg.data, cache=cache, progress=progress)
+    data.save(run / "data.json")
+    write_skipped_csv(run / "skipped.csv", data.skipped)
+    return data
+
+
+def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: Sequence[int] = STAGES,
+          resume: bool = False, progress: bool = True) -> dict:
+    """Train the requested stages into ``run``; returns a summary per stage."""
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are 1 and 2")
+    if 2 in stages:
+        raise ValueError("stage 2 (normal vs abnormal per body part) is not available yet; "
+                         "use --stages 1")
+    run = Path(run)
+    atomic_write_text(run / "config.yaml", to_yaml(cfg))
+    data = prepare_run_data(sources, run, cfg, progress)
+    result = train_stage1(data, run, cfg, resume=resume, progress=progress)
+    return {"stage1": result.summary, "skipped_files": len(data.skipped)}
+
+
+def train_stage1(data: PreparedDataset, run: str | Path, cfg: Config, resume: bool = False,
+                 progress: bool = True) -> StageOneResult:
+    out = Path(run) / "stage1"
+    fit = DeepClusterEngine(cfg, out, progress=progress).fit(data, resume=resume)
+    summary = stage1_summary(data, fit, cfg.cluster.k)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return StageOneResult(fit, summary)
+
+
+def stage1_summary(data: PreparedDataset, fit: FitResult, k: int) -> dict:
+    sizes = np.bincount(fit.assignments, minlength=k)
+    summary = {"n_images": len(data), "k": k, "epochs_run": fit.epochs_run, "collapsed": fit.collapsed,
+               "seconds": round(fit.seconds, 1), "cluster_sizes": sizes.tolist()}
+    labelled = [(c, r.body_part) for c, r in zip(fit.assignments, data.records) if r.body_part]
+    if labelled:
+        clusters, parts = zip(*labelled)
+        summary["scored_on_labels"] = {"n_labelled": len(labelled),
+                                       **{k_: round(v, 4) for k_, v in cluster_scores(clusters, parts).items()}}
+    return summary

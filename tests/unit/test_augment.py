@@ -1,0 +1,242 @@
+"""Unit tests for bonecluster.augment (CPU and any accelerator present, tiny images)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bonecluster.augment import (
+    AugmentConfig,
+    RadiographAugment,
+    apply_affine,
+    sample_affine,
+    uint8_to_unit_float,
+)
+
+SIDE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a shared, loaded CPU OpenMP threads waiting
+    on each other can make a forward pass 100x slower; restore the setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def identity_with(**changes) -> AugmentConfig:
+    """The no-op config with a few transforms switched on."""
+    return replace(AugmentConfig.identity(), **changes)
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def batch() -> torch.Tensor:
+    return torch.rand(6, 1, SIDE, SIDE, generator=seeded(0))
+
+
+def available_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+# --------------------------------------------------------------------------- basic contract
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shape_dtype_and_range_preserved(batch, dtype):
+    augment = RadiographAugment(AugmentConfig(noise_std=0.1, brightness=(0.5, 2.0)))
+    out = augment(batch.to(dtype), generator=seeded(1))
+    assert out.shape == batch.shape
+    assert out.dtype == dtype
+    assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_disabled_is_identity(batch):
+    augment = RadiographAugment(AugmentConfig(enabled=False))
+    assert not augment.enabled
+    assert torch.equal(augment(batch, generator=seeded(1)), batch)
+
+
+def test_same_seed_same_output_different_seed_different(batch):
+    augment = RadiographAugment(AugmentConfig(noise_std=0.05))
+    first = augment(batch, generator=seeded(7))
+    assert torch.equal(augment(batch, generator=seeded(7)), first)
+    assert not torch.allclose(augment(batch, generator=seeded(8)), first)
+
+
+def test_global_rng_is_reproducible_after_manual_seed(batch):
+    augment = RadiographAugment()
+    torch.manual_seed(5)
+    first = augment(batch)
+    torch.manual_seed(5)
+    assert torch.equal(augment(batch), first)
+
+
+def test_each_image_gets_its_own_parameters():
+    same = torch.rand(1, 1, SIDE, SIDE, generator=seeded(2)).repeat(4, 1, 1, 1)
+    out = RadiographAugment()(same, generator=seeded(3))
+    flat = out.flatten(1)
+    assert all(not torch.allclose(flat[0], flat[i]) for i in range(1, 4))
+
+
+def test_no_gradient_graph_is_built(batch):
+    out = RadiographAugment()(batch.requires_grad_(), generator=seeded(0))
+    assert not out.requires_grad
+
+
+@pytest.mark.parametrize("device", available_devices())
+def test_runs_on_the_input_device(device, batch):
+    x = batch.to(device)
+    out = RadiographAugment(AugmentConfig(noise_std=0.05))(x, generator=seeded(4))
+    assert out.device == x.device
+    assert out.shape == x.shape
+
+
+def test_rejects_integer_or_unbatched_input():
+    augment = RadiographAugment()
+    with pytest.raises(ValueError):
+        augment(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError):
+        augment(torch.zeros(1, 8, 8))
+
+
+# --------------------------------------------------------------------------- affine math
+
+
+def test_identity_config_is_identity(batch):
+    out = RadiographAugment(AugmentConfig.identity())(batch, generator=seeded(9))
+    assert torch.allclose(out, batch, atol=1e-5)
+
+
+def test_identity_theta_is_exact():
+    theta = sample_affine(3, SIDE, SIDE, AugmentConfig.identity(), seeded(0))
+    assert torch.allclose(theta, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(3, 2, 3))
+
+
+def test_horizontal_flip_mirrors_exactly(batch):
+    cfg = identity_with(hflip_p=1.0)
+    out = RadiographAugment(cfg)(batch, generator=seeded(0))
+    assert torch.allclose(out, batch.flip(-1), atol=1e-5)
+
+
+def test_vertical_flip_mirrors_exactly(batch):
+    cfg = identity_with(vflip_p=1.0)
+    out = RadiographAugment(cfg)(batch, generator=seeded(0))
+    assert torch.allclose(out, batch.flip(-2), atol=1e-5)
+
+
+def test_quarter_turn_theta_matches_rot90(batch):
+    theta = torch.tensor([[[0.0, -1.0, 0.0], [1.0, 0.0, 0.0]]]).expand(len(batch), 2, 3)
+    out = apply_affine(batch, theta)
+    assert torch.allclose(out, torch.rot90(batch, k=1, dims=(-2, -1)), atol=1e-5)
+
+
+def test_rotation_only_theta_is_a_bounded_rotation():
+    cfg = identity_with(rotation_degrees=20.0)
+    theta = sample_affine(64, SIDE, SIDE, cfg, seeded(1))
+    linear = theta[:, :, :2]
+    eye = torch.eye(2).expand(64, 2, 2)
+    assert torch.allclose(linear @ linear.transpose(1, 2), eye, atol=1e-6)  # orthogonal
+    assert torch.allclose(torch.linalg.det(linear), torch.ones(64), atol=1e-6)  # no reflection
+    angles = torch.rad2deg(torch.atan2(linear[:, 1, 0], linear[:, 0, 0]))
+    assert angles.abs().max() <= 20.0 + 1e-4
+    assert angles.abs().max() > 10.0  # actually rotates
+    assert torch.equal(theta[:, :, 2], torch.zeros(64, 2))  # about the centre
+
+
+def test_crop_area_and_ratio_follow_config():
+    cfg = identity_with(crop_scale=(0.25, 0.25), crop_ratio=(2.0, 2.0))
+    theta = sample_affine(16, SIDE, SIDE, cfg, seeded(2))
+    width, height = theta[:, 0, 0], theta[:, 1, 1]
+    assert torch.allclose(width * height, torch.full((16,), 0.25))
+    assert torch.allclose(width / height, torch.full((16,), 2.0))
+
+
+def test_crop_stays_inside_image_without_rotation():
+    cfg = identity_with(crop_scale=(0.3, 0.9), crop_ratio=(0.75, 1.33))
+    ones = torch.ones(32, 1, SIDE, SIDE)
+    out = RadiographAugment(cfg)(ones, generator=seeded(3))
+    assert torch.allclose(out, ones, atol=1e-5)  # no zero padding leaks in at crop edges
+
+
+def test_crop_zooms_in():
+    cfg = identity_with(crop_scale=(0.25, 0.25))
+    x = torch.zeros(1, 1, SIDE, SIDE)
+    x[..., SIDE // 2 - 2: SIDE // 2 + 2, SIDE // 2 - 2: SIDE // 2 + 2] = 1.0  # 4x4 centre square
+    centred = RadiographAugment(cfg)(x, generator=seeded(0))
+    assert centred.sum() > 2.0 * x.sum()  # half-side crop: the square covers about 4x the pixels
+
+
+def test_rotation_fills_corners_with_zeros():
+    cfg = identity_with(rotation_degrees=45.0)
+    ones = torch.ones(64, 1, SIDE, SIDE)
+    out = RadiographAugment(cfg)(ones, generator=seeded(4))
+    assert out[:, :, 0, 0].min() < 0.5  # some image rotated far enough to show a black corner
+
+
+# --------------------------------------------------------------------------- intensity
+
+
+def test_brightness_only_scales():
+    cfg = identity_with(brightness=(0.5, 0.5))
+    x = torch.full((2, 1, 4, 4), 0.6)
+    assert torch.allclose(RadiographAugment(cfg)(x, generator=seeded(0)), torch.full_like(x, 0.3))
+
+
+def test_contrast_keeps_mean():
+    cfg = identity_with(contrast=(0.5, 0.5))
+    x = torch.rand(3, 1, 8, 8, generator=seeded(1)) * 0.5 + 0.25
+    out = RadiographAugment(cfg)(x, generator=seeded(0))
+    assert torch.allclose(out.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=1e-6)
+    assert torch.allclose(out.std(dim=(1, 2, 3)), 0.5 * x.std(dim=(1, 2, 3)), atol=1e-6)
+
+
+def test_gamma_is_a_power_curve():
+    cfg = identity_with(gamma=(2.0, 2.0))
+    x = torch.rand(2, 1, 8, 8, generator=seeded(1))
+    assert torch.allclose(RadiographAugment(cfg)(x, generator=seeded(0)), x.pow(2.0), atol=1e-6)
+
+
+def test_noise_has_requested_std():
+    cfg = identity_with(noise_std=0.05)
+    x = torch.full((4, 1, SIDE, SIDE), 0.5)
+    out = RadiographAugment(cfg)(x, generator=seeded(0))
+    assert math.isclose((out - x).std().item(), 0.05, rel_tol=0.1)
+
+
+# --------------------------------------------------------------------------- config and helpers
+
+
+def test_config_accepts_lists_and_validates():
+    cfg = AugmentConfig(crop_scale=[0.4, 1.0])
+    assert cfg.crop_scale == (0.4, 1.0)
+    with pytest.raises(ValueError, match="crop_scale"):
+        AugmentConfig(crop_scale=(0.5, 1.5))
+    with pytest.raises(ValueError, match="low <= high"):
+        AugmentConfig(brightness=(1.2, 0.8))
+    with pytest.raises(ValueError, match="hflip_p"):
+        AugmentConfig(hflip_p=2.0)
+
+
+def test_default_config_never_flips_vertically():
+    assert AugmentConfig().vflip_p == 0.0
+
+
+def test_uint8_to_unit_float():
+    raw = torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8)
+    out = uint8_to_unit_float(raw)
+    assert out.shape == (1, 1, 2, 2) and out.dtype == torch.float32
+    assert torch.allclose(out.flatten(), torch.tensor([0.0, 1.0, 0.2, 0.4]))
