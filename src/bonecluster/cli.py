@@ -145,7 +145,8 @@ def cmd_train(args) -> int:
     stages = [int(s) for s in args.stages.split(",") if s.strip()]
     summary = train(args.data, args.out, _load_config(args), stages=stages, resume=args.resume,
                     progress=not args.quiet)
-    _print_stage1(summary["stage1"], summary["skipped_files"], args.out)
+    if summary["is_main"]:  # under torchrun only rank 0 reports
+        _print_stage1(summary["stage1"], summary["skipped_files"], args.out)
     return 0
 
 

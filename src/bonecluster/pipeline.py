@@ -22,8 +22,10 @@ from typing import Sequence
 
 import numpy as np
 
+from bonecluster import distributed as dist
 from bonecluster.config import Config, to_yaml
 from bonecluster.data import PreparedDataset, prepare_sources, write_skipped_csv
+from bonecluster.device import pick_device
 from bonecluster.engine import DeepClusterEngine, FitResult
 from bonecluster.io import atomic_write_text
 from bonecluster.metrics import cluster_scores
@@ -38,14 +40,19 @@ class StageOneResult:
 
 
 def prepare_run_data(sources: Sequence[str | Path], run: str | Path, cfg: Config,
-                     progress: bool = True) -> PreparedDataset:
-    """Decode the sources into the cache and record the view and the skips in the run folder."""
+                     progress: bool = True, info: dist.DistInfo = dist.DistInfo()) -> PreparedDataset:
+    """Decode the sources into the cache and record the view and the skips in the run folder.
+
+    Under torchrun, rank 0 decodes and writes; the other ranks wait and read its view.
+    """
     run = Path(run)
-    cache = cfg.data.cache or run / "cache"
-    data = prepare_sources(sources, cfg.data, cache=cache, progress=progress)
-    data.save(run / "data.json")
-    write_skipped_csv(run / "skipped.csv", data.skipped)
-    return data
+    if info.is_main:
+        cache = cfg.data.cache or run / "cache"
+        data = prepare_sources(sources, cfg.data, cache=cache, progress=progress)
+        data.save(run / "data.json")
+        write_skipped_csv(run / "skipped.csv", data.skipped)
+    dist.barrier(info)
+    return data if info.is_main else PreparedDataset.load(run / "data.json")
 
 
 def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: Sequence[int] = STAGES,
@@ -58,18 +65,25 @@ def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: S
         raise ValueError("stage 2 (normal vs abnormal per body part) is not available yet; "
                          "use --stages 1")
     run = Path(run)
-    atomic_write_text(run / "config.yaml", to_yaml(cfg))
-    data = prepare_run_data(sources, run, cfg, progress)
-    result = train_stage1(data, run, cfg, resume=resume, progress=progress)
-    return {"stage1": result.summary, "skipped_files": len(data.skipped)}
+    info = dist.setup(pick_device(cfg.train.device).type)
+    try:
+        if info.is_main:
+            atomic_write_text(run / "config.yaml", to_yaml(cfg))
+        data = prepare_run_data(sources, run, cfg, progress, info)
+        result = train_stage1(data, run, cfg, resume=resume, progress=progress)
+    finally:
+        dist.teardown(info)
+    return {"stage1": result.summary, "skipped_files": len(data.skipped), "is_main": info.is_main}
 
 
 def train_stage1(data: PreparedDataset, run: str | Path, cfg: Config, resume: bool = False,
                  progress: bool = True) -> StageOneResult:
     out = Path(run) / "stage1"
-    fit = DeepClusterEngine(cfg, out, progress=progress).fit(data, resume=resume)
+    engine = DeepClusterEngine(cfg, out, progress=progress)
+    fit = engine.fit(data, resume=resume)
     summary = stage1_summary(data, fit, cfg.cluster.k)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if engine.dist.is_main:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return StageOneResult(fit, summary)
 
 

@@ -1,0 +1,111 @@
+"""The DeepCluster engine on tiny phantoms: files, resume, collapse guard, safe loading, DDP."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bonecluster.config import load_config
+from bonecluster.data import prepare_sources
+from bonecluster.data.phantoms import generate_phantoms
+from bonecluster.engine import CHECKPOINT, DeepClusterEngine, TrainedClusters, load_torch, read_metrics
+
+TINY = ["data.size=32", "train.batch_size=16", "train.feature_batch_size=64", "cluster.pca_dim=16",
+        "cluster.backend=torch", "train.lr=0.01"]
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ph")
+    generate_phantoms(root / "ph", n=56, size=64, seed=3, progress=False, workers=1)
+    return root / "ph"
+
+
+def _cfg(epochs=3, *extra):
+    return load_config("cpu", overrides=TINY + [f"train.epochs={epochs}", *extra])
+
+
+def _data(phantoms, tmp_path, cfg):
+    return prepare_sources([phantoms], cfg.data, cache=tmp_path / "cache", progress=False)
+
+
+def test_fit_writes_config_metrics_checkpoint_and_model(phantoms, tmp_path):
+    cfg = _cfg(3)
+    data = _data(phantoms, tmp_path, cfg)
+    res = DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(data)
+    assert res.epochs_run == 3 and not res.collapsed and len(res.assignments) == len(data)
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert rows[0]["nmi_prev"] == "" and 0 <= float(rows[1]["nmi_prev"]) <= 1
+    assert all(float(r["loss"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
+    assert sum(int(s) for s in rows[0]["cluster_sizes"].split("|")) == len(data)
+    assert (tmp_path / "run" / "config.yaml").read_text().count("epochs: 3") == 1
+    ckpt = load_torch(tmp_path / "run" / CHECKPOINT)
+    assert ckpt["epoch"] == 3 and len(ckpt["history"]) == 3
+    trained = TrainedClusters.load(tmp_path / "run")
+    np.testing.assert_array_equal(trained.assignments, res.assignments)
+    assert trained.centroids.shape[0] == 7
+
+
+def test_interrupted_run_resumes_to_identical_assignments(phantoms, tmp_path):
+    cfg = _cfg(3)
+    data = _data(phantoms, tmp_path, cfg)
+    full = DeepClusterEngine(cfg, tmp_path / "full", progress=False).fit(data)
+    part = DeepClusterEngine(cfg, tmp_path / "part", progress=False).fit(data, stop_after=1)
+    assert part.interrupted and part.epochs_run == 1
+    assert load_torch(tmp_path / "part" / CHECKPOINT)["epoch"] == 1
+    resumed = DeepClusterEngine(cfg, tmp_path / "part", progress=False).fit(data, resume=True)
+    assert resumed.epochs_run == 3
+    np.testing.assert_array_equal(resumed.assignments, full.assignments)
+    full_rows = read_metrics(tmp_path / "full" / "metrics.csv")
+    part_rows = read_metrics(tmp_path / "part" / "metrics.csv")
+    assert [r["loss"] for r in part_rows] == [r["loss"] for r in full_rows]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(phantoms, tmp_path):
+    cfg = _cfg(1)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        DeepClusterEngine(cfg, tmp_path / "none", progress=False).fit(_data(phantoms, tmp_path, cfg), resume=True)
+
+
+def test_collapse_stops_early_with_a_warning(phantoms, tmp_path, caplog):
+    cfg = _cfg(3, "cluster.collapse_share=0.01")
+    res = DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(_data(phantoms, tmp_path, cfg))
+    assert res.collapsed and res.epochs_run == 1
+    assert "collapsed" in caplog.text
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoints_never_unpickle_arbitrary_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _Evil()}, f, protocol=2)
+    with pytest.raises(RuntimeError, match="evil.pt"):
+        load_torch(path)
+    torch.save({"ok": torch.ones(2)}, tmp_path / "ok.pt")
+    assert load_torch(tmp_path / "ok.pt")["ok"].sum() == 2
+
+
+def test_two_process_ddp_run_with_gloo(phantoms, tmp_path):
+    """torchrun --nproc_per_node=2 runs the unchanged `train` command on the CPU (gloo)."""
+    sets = [a for s in TINY + ["train.epochs=2", "train.device=cpu"] for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "bonecluster", "train", str(phantoms), "--out", str(tmp_path / "run"), "--quiet", *sets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.stdout.count("stage 1: 56 images") == 1  # only rank 0 prints
+    rows = read_metrics(tmp_path / "run" / "stage1" / "metrics.csv")
+    assert [int(x["epoch"]) for x in rows] == [1, 2]
+    trained = TrainedClusters.load(tmp_path / "run" / "stage1")
+    assert len(trained.assignments) == 56
