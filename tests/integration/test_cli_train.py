@@ -50,3 +50,10 @@ def test_bad_override_names_the_key(phantoms, tmp_path, capsys):
 def test_resume_without_checkpoint_fails_clearly(phantoms, tmp_path, capsys):
     assert main(["train", str(phantoms), "--out", str(tmp_path / "r"), "--resume", "--quiet", *SETS]) == 1
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end_small(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--n", "28", *SETS]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1 (body parts): 28 images -> 7 clusters" in out and "Hungarian accuracy" in out
+    assert (tmp_path / "demo" / "demo.json").is_file()
