@@ -19,14 +19,7 @@ from bonecluster.augment import (
 SIDE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a shared, loaded CPU OpenMP threads waiting
-    on each other can make a forward pass 100x slower; restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def identity_with(**changes) -> AugmentConfig:
