@@ -44,6 +44,10 @@ class AugmentConfig:
     * ``brightness``: ``x * b``; ``contrast``: ``(x - mean) * c + mean`` per image;
       ``gamma``: ``x ** g`` with ``g`` drawn log-uniformly, so (0.8, 1.25) is symmetric.
     * ``noise_std``: std of additive Gaussian noise (0 disables it).
+    * ``shutter_p``: probability of drawing random collimation shutters on an image: each side,
+      with probability 1/2, gets a band of up to ``shutter_max`` of the image side filled with one
+      grey level drawn uniformly in [0, 1] per image (real films are collimated, the shutters
+      dark or bright, so the network should not sort films by them). 0 disables it.
     * ``enabled=False`` makes the module return its input untouched (evaluation).
     """
 
@@ -57,6 +61,8 @@ class AugmentConfig:
     contrast: tuple[float, float] = (0.8, 1.2)
     gamma: tuple[float, float] = (0.8, 1.25)
     noise_std: float = 0.0
+    shutter_p: float = 0.0
+    shutter_max: float = 0.15
 
     def __post_init__(self) -> None:
         # Accept lists (YAML) and validate once, so bad configs fail before training starts.
@@ -73,7 +79,9 @@ class AugmentConfig:
             raise ValueError(f"gamma must be positive, got {self.gamma}")
         if self.brightness[0] < 0.0 or self.contrast[0] < 0.0:
             raise ValueError("brightness and contrast factors must be >= 0")
-        for name in ("hflip_p", "vflip_p"):
+        if not 0.0 <= self.shutter_max < 0.5:
+            raise ValueError(f"shutter_max must be in [0, 0.5), got {self.shutter_max}")
+        for name in ("hflip_p", "vflip_p", "shutter_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if self.rotation_degrees < 0.0 or self.noise_std < 0.0:
@@ -180,6 +188,26 @@ def jitter_intensity(x: Tensor, cfg: AugmentConfig, generator: torch.Generator |
     return x * _per_image(brightness, x)
 
 
+def add_shutters(x: Tensor, p: float, max_inset: float, generator: torch.Generator | None = None) -> Tensor:
+    """Random collimation shutters on ``x`` ``(N, 1, H, W)``: with probability ``p`` per image, each
+    side (left, right, top, bottom) independently with probability 1/2 is covered by a band of
+    ``U(0, max_inset)`` of the image side, filled with one level ``U(0, 1)`` per image."""
+    if p <= 0.0:
+        return x
+    n, _, height, width = x.shape
+    apply = _bernoulli(p, n, generator)
+    sides = _bernoulli(0.5, 4 * n, generator).view(n, 4) & apply.unsqueeze(1)
+    insets = _uniform(0.0, max_inset, 4 * n, generator).view(n, 4) * sides.float()
+    level = _uniform(0.0, 1.0, n, generator)
+    cols = (torch.arange(width, device=x.device, dtype=x.dtype) + 0.5) / width
+    rows = (torch.arange(height, device=x.device, dtype=x.dtype) + 0.5) / height
+    ins = insets.to(device=x.device, dtype=x.dtype)
+    keep_x = (cols >= ins[:, 0:1]) & (cols <= 1.0 - ins[:, 1:2])           # (N, W)
+    keep_y = (rows >= ins[:, 2:3]) & (rows <= 1.0 - ins[:, 3:4])           # (N, H)
+    keep = (keep_y.unsqueeze(2) & keep_x.unsqueeze(1)).unsqueeze(1).to(x.dtype)  # (N, 1, H, W)
+    return x * keep + _per_image(level, x) * (1.0 - keep)
+
+
 def add_noise(x: Tensor, std: float, generator: torch.Generator | None = None) -> Tensor:
     """Add N(0, std^2) noise. The noise is drawn on ``x``'s device (a full-size tensor is too big
     to ship from the CPU every batch) by a generator seeded from ``generator``, so it is still
@@ -222,6 +250,7 @@ class RadiographAugment(nn.Module):
         x = apply_affine(x, sample_affine(n, height, width, self.cfg, generator))
         x = jitter_intensity(x, self.cfg, generator)
         x = add_noise(x, self.cfg.noise_std, generator)
+        x = add_shutters(x, self.cfg.shutter_p, self.cfg.shutter_max, generator)
         return x.clamp_(0.0, 1.0)
 
     def extra_repr(self) -> str:

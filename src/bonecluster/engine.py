@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ CHECKPOINT = "checkpoint.pt"
 FINAL_MODEL = "model.pt"
 METRICS = "metrics.csv"
 METRIC_COLUMNS = ("epoch", "loss", "nmi_prev", "largest_share", "n_empty_splits", "cluster_sizes",
-                  "images_per_s", "seconds", "kmeans_seconds")
+                  "images_per_s", "seconds", "kmeans_seconds", "lr")
 
 
 @dataclass
@@ -90,6 +91,7 @@ class DeepClusterEngine:
         self.use_amp = cfg.train.amp and amp_enabled(self.device)
         self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        _check_choices(cfg)
 
     # ------------------------------------------------------------------------ the loop
 
@@ -125,12 +127,13 @@ class DeepClusterEngine:
         t0 = time.perf_counter()
         feats = self._extract(data)
         t1 = time.perf_counter()
-        km, _ = self._cluster(feats, seed_offset=epoch)
+        km, pca = self._cluster(feats, seed_offset=epoch)
         kmeans_s = time.perf_counter() - t1
         labels = km.assignments.cpu()
         sizes = torch.bincount(labels, minlength=self.cfg.cluster.k)
         largest = sizes.max().item() / len(labels)
-        loss, n_seen, train_s = self._train_pseudo_labels(data, labels, epoch)
+        top = self._centroid_top_layer(feats, km, pca) if self.cfg.cluster.top_layer_init == "centroids" else None
+        loss, n_seen, train_s = self._train_pseudo_labels(data, labels, epoch, top)
         row = {
             "epoch": epoch + 1, "loss": round(loss, 5),
             "nmi_prev": round(nmi(labels.numpy(), previous.numpy()), 5) if previous is not None else "",
@@ -138,6 +141,7 @@ class DeepClusterEngine:
             "cluster_sizes": "|".join(str(int(s)) for s in sizes),
             "images_per_s": round(n_seen / max(train_s, 1e-9), 1),
             "seconds": round(time.perf_counter() - t0, 2), "kmeans_seconds": round(kmeans_s, 2),
+            "lr": round(self._lr(epoch), 6),
         }
         collapsed = largest > self.cfg.cluster.collapse_share
         if collapsed and self.dist.is_main:
@@ -150,24 +154,86 @@ class DeepClusterEngine:
 
     @torch.no_grad()
     def _extract(self, data: PreparedDataset) -> torch.Tensor:
-        """(N, feature_dim) float32 features of every image; this rank's share, then gathered."""
+        """(N, feature_dim) float32 features of every image; this rank's share, then gathered.
+
+        BatchNorm follows ``train.feature_bn`` (see :class:`bonecluster.config.TrainConfig`).
+        """
+        mode = self.cfg.train.feature_bn
+        if mode == "recompute":
+            self._recompute_bn_stats(data)
         self.model.eval()
+        bns = _batch_norms(self.model)
+        if mode == "batch":
+            saved = [(bn.track_running_stats, bn.training) for bn in bns]
+            for bn in bns:  # batch statistics, running averages left untouched
+                bn.train()
+                bn.track_running_stats = False
+        try:
+            local = self._forward_all(data, "features", keep=True)
+        finally:
+            if mode == "batch":
+                for bn, (track, training) in zip(bns, saved):
+                    bn.track_running_stats = track
+                    bn.train(training)
+        return dist.gather_shards(local, len(data), self.dist)
+
+    @torch.no_grad()
+    def _forward_all(self, data: PreparedDataset, desc: str, keep: bool) -> torch.Tensor | None:
+        """``model.features`` of this rank's share of the images, in order, without augmentation."""
         positions = dist.shard(len(data), self.dist)
         loader = batch_loader(data, self.cfg.train.feature_batch_size, positions.tolist(),
                               workers=self.cfg.train.workers, pin_memory=self.device.type == "cuda")
         chunks = []
-        for batch in self._bar(loader, "features", leave=False):
+        for batch in self._bar(loader, desc, leave=False):
             with self._autocast():
-                chunks.append(self.model.features(to_float(batch, self.device)).float())
-        local = torch.cat(chunks) if chunks else torch.empty(0, self.model.feature_dim, device=self.device)
-        return dist.gather_shards(local, len(data), self.dist)
+                out = self.model.features(to_float(batch, self.device)).float()
+            if keep:
+                chunks.append(out)
+        if not keep:
+            return None
+        return torch.cat(chunks) if chunks else torch.empty(0, self.model.feature_dim, device=self.device)
+
+    @torch.no_grad()
+    def _recompute_bn_stats(self, data: PreparedDataset) -> None:
+        """"Precise BN" (Wu & Johnson 2021, §4): replace every BatchNorm's running mean and variance
+        by their averages over one pass of the unaugmented dataset, the images features are then
+        extracted from. With ``momentum=None`` BatchNorm keeps a cumulative (equal-weight) average
+        over the pass's batches. Under DDP each rank estimates them on its share; the averages are
+        then all-reduced so every rank holds the same statistics.
+        """
+        bns = _batch_norms(self.model)
+        if not bns:
+            return
+        saved = [bn.momentum for bn in bns]
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+        self.model.train()
+        try:
+            self._forward_all(data, "bn stats", keep=False)
+        finally:
+            for bn, momentum in zip(bns, saved):
+                bn.momentum = momentum
+            self.model.eval()
+        if self.dist.enabled:
+            for bn in bns:
+                for stat in (bn.running_mean, bn.running_var):
+                    torch.distributed.all_reduce(stat)
+                    stat.div_(self.dist.world_size)
 
     def _cluster(self, feats: torch.Tensor, seed_offset: int) -> tuple[KMeansResult, PCAWhitening]:
         """PCA-whiten + L2 + k-means on rank 0; every rank receives the assignments."""
         c = self.cfg.cluster
         x, pca = preprocess_features(feats, dim=c.pca_dim)
-        km = kmeans(x, c.k, niter=c.niter, seed=self.cfg.seed + seed_offset, init=c.init,
-                    backend=c.backend, device=self.device) if self.dist.is_main else None
+        km = None
+        if self.dist.is_main:
+            # Restart r uses its own seed; r = 0 is the single run of n_init = 1. Lowest inertia wins.
+            for r in range(max(c.n_init, 1)):
+                seed = self.cfg.seed + seed_offset + r * 1_000_003
+                run = kmeans(x, c.k, niter=c.niter, seed=seed, init=c.init, backend=c.backend,
+                             device=self.device)
+                if km is None or run.inertia < km.inertia:
+                    km = run
         labels = km.assignments.to(self.device) if km else torch.empty(len(feats), dtype=torch.int64,
                                                                        device=self.device)
         labels = dist.broadcast(labels, self.dist)
@@ -177,16 +243,59 @@ class DeepClusterEngine:
 
     # ------------------------------------------------------------------------ step 3-4: training
 
-    def _train_pseudo_labels(self, data: PreparedDataset, labels: torch.Tensor, epoch: int):
-        """One pass of N uniformly-sampled images; returns (mean loss, images seen, seconds)."""
+    @torch.no_grad()
+    def _centroid_top_layer(self, feats: torch.Tensor, km: KMeansResult,
+                            pca: PCAWhitening) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepCluster-v2's top layer: the nearest-centroid classifier of this round's clustering.
+
+        k-means ran on ``z = l2(((f - mean) @ P) * s)``; the logit ``c . z / T`` is linear in the
+        backbone feature ``f`` up to the per-image norm of the whitened vector, which is replaced by
+        its dataset mean: ``W = (C * s) @ P^T / (T * mean|.|)``, ``b = -W @ mean``. Returns (W, b)
+        with shapes (k, feature_dim) and (k,), identical on every rank (broadcast from rank 0).
+        """
+        c = self.cfg.cluster
+        if self.dist.is_main:
+            centroids = km.centroids.to(self.device, torch.float32)
+            norm = pca.transform(feats).norm(dim=1).mean().clamp_min(1e-12)
+            weight = (centroids * pca.scale.to(self.device)) @ pca.components.to(self.device).T
+            weight = weight / (c.centroid_temperature * norm)
+            bias = -weight @ pca.mean.to(self.device)
+        else:
+            weight = torch.empty(c.k, self.model.feature_dim, device=self.device)
+            bias = torch.empty(c.k, device=self.device)
+        return dist.broadcast(weight, self.dist), dist.broadcast(bias, self.dist)
+
+    def _lr(self, epoch: int) -> float:
+        """Backbone learning rate of ``epoch`` (0-based): linear warm-up, then constant or cosine."""
+        t = self.cfg.train
+        if epoch < t.warmup_epochs:
+            return t.lr * (epoch + 1) / (t.warmup_epochs + 1)
+        if t.lr_schedule == "cosine":
+            span = max(t.epochs - t.warmup_epochs - 1, 1)
+            progress = min((epoch - t.warmup_epochs) / span, 1.0)
+            low = t.lr * t.lr_min_ratio
+            return low + 0.5 * (t.lr - low) * (1.0 + math.cos(math.pi * progress))
+        return t.lr
+
+    def _train_pseudo_labels(self, data: PreparedDataset, labels: torch.Tensor, epoch: int,
+                             top: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """One pass of uniformly-sampled images; returns (mean loss, images seen, seconds)."""
+        t = self.cfg.train
         gen = _epoch_generator(self.cfg.seed, epoch)
-        self.model.reset_top_layer(self.cfg.cluster.k, generator=gen)
-        top_optimizer = torch.optim.SGD(self.model.top_layer.parameters(), lr=self.cfg.train.lr,
-                                        weight_decay=self.cfg.train.weight_decay)
+        self.model.reset_top_layer(self.cfg.cluster.k, generator=gen)  # always drawn: keeps `gen` aligned
+        if top is not None:
+            with torch.no_grad():
+                self.model.top_layer.weight.copy_(top[0])
+                self.model.top_layer.bias.copy_(top[1])
+        lr = self._lr(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        top_optimizer = torch.optim.SGD(self.model.top_layer.parameters(), lr=lr * t.top_lr_scale,
+                                        weight_decay=t.weight_decay)
         net = self._wrapped()
         net.train()
-        sampler = UniformLabelSampler(labels, seed=self.cfg.seed, num_replicas=self.dist.world_size,
-                                      rank=self.dist.rank)
+        sampler = UniformLabelSampler(labels, num_samples=t.images_per_epoch or None, seed=self.cfg.seed,
+                                      num_replicas=self.dist.world_size, rank=self.dist.rank)
         sampler.set_epoch(epoch)
         targets = labels.to(self.device)
         loader = batch_loader(data, self.cfg.train.batch_size, sampler, with_positions=True,
@@ -306,6 +415,24 @@ def load_torch(path: Path, map_location=None) -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - name the file, whatever torch raised
         raise RuntimeError(f"{path}: cannot load checkpoint ({err})") from err
+
+
+def _batch_norms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def _check_choices(cfg: Config) -> None:
+    """Fail before training on a misspelt choice."""
+    choices = {"train.feature_bn": (cfg.train.feature_bn, ("running", "recompute", "batch")),
+               "train.lr_schedule": (cfg.train.lr_schedule, ("constant", "cosine")),
+               "cluster.top_layer_init": (cfg.cluster.top_layer_init, ("random", "centroids"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"config {key}={value!r}: choose one of {', '.join(allowed)}")
+    if cfg.cluster.n_init < 1 or cfg.train.warmup_epochs < 0 or cfg.train.images_per_epoch < 0:
+        raise ValueError("cluster.n_init must be >= 1, train.warmup_epochs and train.images_per_epoch >= 0")
+    if cfg.cluster.centroid_temperature <= 0:
+        raise ValueError("cluster.centroid_temperature must be > 0")
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
