@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_phantom(sub)
     _add_prepare(sub)
     _add_train(sub)
+    _add_evaluate(sub)
     _add_demo(sub)
     return p
 
@@ -129,10 +130,10 @@ def _print_prepare_summary(ds) -> None:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="deep-cluster the images (stage 1: body parts)")
+    p = sub.add_parser("train", help="deep-cluster the images: stage 1 body parts, stage 2 abnormality")
     p.add_argument("data", nargs="+", help="MURA root, CSV manifest, or folder of images/DICOMs")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--stages", default="1", help="comma-separated stages to train (default 1)")
+    p.add_argument("--stages", default="1,2", help="comma-separated stages to train (default 1,2)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_options(p)
@@ -146,11 +147,22 @@ def cmd_train(args) -> int:
     summary = train(args.data, args.out, _load_config(args), stages=stages, resume=args.resume,
                     progress=not args.quiet)
     if summary["is_main"]:  # under torchrun only rank 0 reports
-        _print_stage1(summary["stage1"], summary["skipped_files"], args.out)
+        if "stage1" in summary:
+            _print_stage1(summary["stage1"])
+        if "stage2" in summary:
+            _print_stage2(summary["stage2"])
+        print(f"skipped files: {summary['skipped_files']}; run folder: {args.out}")
     return 0
 
 
-def _print_stage1(s: dict, skipped: int, out) -> None:
+def _print_stage2(parts: dict) -> None:
+    print(f"stage 2: {len(parts)} body part model(s)")
+    for part, s in parts.items():
+        print(f"  {part:<10} {s['n_images']:>6} images  threshold {s['threshold']:.4f} ({s['threshold_method']})"
+              f"  flagged {s['flagged_share']:.0%} of training images")
+
+
+def _print_stage1(s: dict) -> None:
     flag = "  (stopped early: clusters collapsed)" if s["collapsed"] else ""
     print(f"stage 1: {s['n_images']} images, k={s['k']}, {s['epochs_run']} epochs in {s['seconds']:.0f} s{flag}")
     print("cluster sizes: " + " ".join(str(x) for x in s["cluster_sizes"]))
@@ -158,7 +170,38 @@ def _print_stage1(s: dict, skipped: int, out) -> None:
         m = s["scored_on_labels"]
         print(f"scored on {m['n_labelled']} labelled images (labels not used in training): "
               f"Hungarian accuracy {m['accuracy_hungarian']:.3f}, NMI {m['nmi']:.3f}, ARI {m['ari']:.3f}")
-    print(f"skipped files: {skipped}; run folder: {out}")
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a run against labelled data (metrics.json)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("data", nargs="+", help="labelled data: MURA root or CSV manifest")
+    p.add_argument("--json", help="where to write the metrics (default RUN/metrics.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    from bonecluster.evaluate import comparison_table, evaluate
+
+    metrics = evaluate(args.run, args.data, args.json, progress=not args.quiet)
+    _print_metrics(metrics)
+    print(comparison_table(metrics))
+    print(f"skipped files: {metrics['skipped_files']}; metrics: {args.json or Path(args.run) / 'metrics.json'}")
+    return 0
+
+
+def _print_metrics(metrics: dict) -> None:
+    s1 = metrics.get("stage1")
+    if s1:
+        print(f"stage 1 on {s1['n_images']} labelled images: Hungarian accuracy {s1['accuracy_hungarian']:.3f}, "
+              f"majority {s1['accuracy_majority']:.3f}, NMI {s1['nmi']:.3f}, ARI {s1['ari']:.3f}")
+    for part, m in metrics.get("stage2", {}).get("per_part", {}).items():
+        auc = f"{m['auroc']:.3f}" if "auroc" in m else "-"
+        print(f"stage 2 {part:<9} {m['n_images']:>6} images {m['n_studies']:>5} studies  AUROC {auc}")
 
 
 # ----------------------------------------------------------------------------- demo
@@ -176,5 +219,13 @@ def _add_demo(sub) -> None:
 def cmd_demo(args) -> int:
     from bonecluster.demo import run_demo
 
-    run_demo(args.out, _load_config(args), n=args.n, seed=args.seed)
+    from bonecluster.evaluate import comparison_table
+
+    summary = run_demo(args.out, _load_config(args), n=args.n, seed=args.seed)
+    _print_stage1(summary["stage1"])
+    _print_stage2(summary["stage2"])
+    print("\nevaluation on held-out phantoms (labels used only to score):")
+    _print_metrics(summary["metrics"])
+    print(comparison_table(summary["metrics"]))
+    print(f"total {summary['seconds']:.0f} s; run folder: {args.out} (metrics.json)")
     return 0

@@ -62,6 +62,12 @@ class ClusterConfig:
     init: str = "k-means++"        # or "random"
     backend: str = "auto"          # auto (faiss when installed), faiss or torch
     collapse_share: float = 0.95   # stop early when one cluster holds more than this share
+    n_init: int = 1                # k-means restarts per round; the lowest inertia wins (unsupervised)
+    # Top layer at the start of each round: "random" = DeepCluster's N(0, 0.01) re-init (§3.2);
+    # "centroids" = DeepCluster-v2 (Caron et al. 2020, SwAV paper App. A): the nearest-centroid
+    # classifier of the new clustering, mapped back through the PCA-whitening.
+    top_layer_init: str = "random"
+    centroid_temperature: float = 0.1  # logits = cosine(feature, centroid) / T for "centroids"
 
 
 @dataclass
@@ -77,7 +83,33 @@ class TrainConfig:
     amp: bool = True               # mixed precision, CUDA only
     workers: int = 0               # DataLoader workers reading the cache (0 = main process)
     feature_batch_size: int = 256
+    images_per_epoch: int = 0      # images drawn per training pass; 0 = the dataset size
+    lr_schedule: str = "constant"  # "constant" or "cosine" (decays to lr_min_ratio * lr at the last epoch)
+    lr_min_ratio: float = 0.0
+    warmup_epochs: int = 0         # linear learning-rate warm-up over the first epochs
+    top_lr_scale: float = 1.0      # the top layer's learning rate is lr * top_lr_scale
+    # BatchNorm statistics used when extracting features for k-means:
+    # "running" = eval mode with the running averages (reference code);
+    # "recompute" = re-estimate the averages over the whole (unaugmented) dataset first
+    #   ("precise BN", Wu & Johnson 2021), so features never use stale or untrained statistics;
+    # "batch" = per-batch statistics of the extraction batches (train-mode BN, running stats untouched).
+    feature_bn: str = "running"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class Stage2Config:
+    """One deep-clustering model per body part, scored for abnormality without labels.
+
+    The engine settings are stage 1's (model, cluster, train) with these replacements.
+    """
+
+    k: int = 10                    # clusters per part: normal anatomy varies with the view
+    epochs: int = 10
+    knn: int = 5                   # abnormality = mean cosine distance to the k nearest training images
+    fallback_quantile: float = 0.9 # threshold when the two-mode mixture finds no split
+    min_images: int = 20           # parts with fewer images are skipped (with a warning)
+    study_score: str = "mean"      # study score from its images: "mean" (MURA's convention) or "max"
 
 
 @dataclass
@@ -86,6 +118,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
     seed: int = 0
 
 

@@ -8,6 +8,9 @@ Layout of a run folder (everything needed to predict, evaluate, serve or resume)
     RUN/cache/           the decode-once cache (unless data.cache points elsewhere)
     RUN/stage1/          the stage-1 engine run (see :mod:`bonecluster.engine`)
     RUN/stage1/summary.json   cluster sizes, and label-based scores when labels exist
+    RUN/stage1/names.json     cluster id -> name (majority body part, or cluster-N; editable)
+    RUN/stage2/<PART>/        one engine run per body part, plus anomaly.pt (see stage2.py)
+    RUN/stage2/summary.json   per part: images, threshold, share flagged
 
 Labels, where the data carries them, are used only to score (and, in stage 2, to group
 images by body part); training never sees them.
@@ -26,9 +29,12 @@ from bonecluster import distributed as dist
 from bonecluster.config import Config, to_yaml
 from bonecluster.data import PreparedDataset, prepare_sources, write_skipped_csv
 from bonecluster.device import pick_device
-from bonecluster.engine import DeepClusterEngine, FitResult
+from bonecluster.engine import FINAL_MODEL, DeepClusterEngine, FitResult, TrainedClusters
 from bonecluster.io import atomic_write_text
-from bonecluster.metrics import cluster_scores
+from bonecluster.metrics import cluster_scores, majority_mapping
+from bonecluster.stage2 import train_stage2
+
+NAMES = "names.json"
 
 STAGES = (1, 2)
 
@@ -61,19 +67,23 @@ def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: S
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are 1 and 2")
-    if 2 in stages:
-        raise ValueError("stage 2 (normal vs abnormal per body part) is not available yet; "
-                         "use --stages 1")
     run = Path(run)
     info = dist.setup(pick_device(cfg.train.device).type)
     try:
         if info.is_main:
             atomic_write_text(run / "config.yaml", to_yaml(cfg))
         data = prepare_run_data(sources, run, cfg, progress, info)
-        result = train_stage1(data, run, cfg, resume=resume, progress=progress)
+        summary = {"skipped_files": len(data.skipped), "is_main": info.is_main}
+        if 1 in stages:
+            summary["stage1"] = train_stage1(data, run, cfg, resume=resume, progress=progress).summary
+        if 2 in stages:
+            names = stage1_image_names(run, len(data)) if any(r.body_part is None for r in data.records) else None
+            summary["stage2"] = train_stage2(data, run, cfg, names, resume=resume, progress=progress)
+            if info.is_main:
+                atomic_write_text(run / "stage2" / "summary.json", json.dumps(summary["stage2"], indent=2))
     finally:
         dist.teardown(info)
-    return {"stage1": result.summary, "skipped_files": len(data.skipped), "is_main": info.is_main}
+    return summary
 
 
 def train_stage1(data: PreparedDataset, run: str | Path, cfg: Config, resume: bool = False,
@@ -84,7 +94,44 @@ def train_stage1(data: PreparedDataset, run: str | Path, cfg: Config, resume: bo
     summary = stage1_summary(data, fit, cfg.cluster.k)
     if engine.dist.is_main:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        if not (out / NAMES).exists() or not resume:
+            save_cluster_names(out, default_cluster_names(data, fit.assignments, cfg.cluster.k))
     return StageOneResult(fit, summary)
+
+
+def default_cluster_names(data: PreparedDataset, assignments: np.ndarray, k: int) -> dict[int, str]:
+    """Majority body part of each cluster where the metadata has parts, else ``cluster-N``.
+
+    The names are for display, scoring and grouping stage 2; they never feed training.
+    """
+    labelled = [(int(c), r.body_part) for c, r in zip(assignments, data.records) if r.body_part]
+    names = {c: f"cluster-{c}" for c in range(k)}
+    if labelled:
+        clusters, parts = zip(*labelled)
+        names.update({int(c): str(p) for c, p in majority_mapping(clusters, parts).items()})
+    return names
+
+
+def save_cluster_names(stage_dir: Path, names: dict[int, str]) -> None:
+    atomic_write_text(Path(stage_dir) / NAMES, json.dumps({str(k): v for k, v in sorted(names.items())}, indent=2))
+
+
+def load_cluster_names(stage_dir: Path) -> dict[int, str]:
+    return {int(k): v for k, v in json.loads((Path(stage_dir) / NAMES).read_text()).items()}
+
+
+def stage1_image_names(run: Path, n_images: int) -> list[str]:
+    """The stage-1 cluster name of every image of the run's data (for grouping stage 2)."""
+    stage1 = Path(run) / "stage1"
+    if not (stage1 / FINAL_MODEL).exists():
+        raise ValueError(f"{run}: some images have no body part and there is no stage-1 model to group "
+                         "them; train stage 1 first (--stages 1,2)")
+    assignments = TrainedClusters.load(stage1).assignments
+    if len(assignments) != n_images:
+        raise ValueError(f"{stage1}: trained on {len(assignments)} images but the data now has {n_images}; "
+                         "train stage 1 again on this data")
+    names = load_cluster_names(stage1)
+    return [names.get(int(c), f"cluster-{int(c)}") for c in assignments]
 
 
 def stage1_summary(data: PreparedDataset, fit: FitResult, k: int) -> dict:

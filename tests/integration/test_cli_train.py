@@ -24,6 +24,7 @@ def test_train_stage1_writes_a_complete_run_folder(phantoms, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", str(phantoms), "--out", str(run), "--stages", "1", "--quiet", *SETS]) == 0
     out = capsys.readouterr().out
+    assert "stage 2" not in out
     assert "stage 1: 42 images, k=7, 2 epochs" in out
     assert "Hungarian accuracy" in out and "labels not used in training" in out
     for name in ("config.yaml", "data.json", "skipped.csv", "stage1/model.pt", "stage1/checkpoint.pt",
@@ -33,13 +34,34 @@ def test_train_stage1_writes_a_complete_run_folder(phantoms, tmp_path, capsys):
     assert sum(summary["cluster_sizes"]) == 42
     assert 0 <= summary["scored_on_labels"]["accuracy_hungarian"] <= 1
     # a finished run resumes to the same end without training again
-    assert main(["train", str(phantoms), "--out", str(run), "--resume", "--quiet", *SETS]) == 0
+    assert main(["train", str(phantoms), "--out", str(run), "--stages", "1", "--resume", "--quiet", *SETS]) == 0
     assert json.loads((run / "stage1" / "summary.json").read_text())["cluster_sizes"] == summary["cluster_sizes"]
 
 
-def test_stage2_is_refused_clearly_until_it_exists(phantoms, tmp_path, capsys):
-    assert main(["train", str(phantoms), "--out", str(tmp_path / "r"), "--stages", "1,2", *SETS]) == 1
-    assert "stage 2" in capsys.readouterr().err
+S2 = ["--set", "stage2.k=2", "--set", "stage2.epochs=1", "--set", "stage2.min_images=4"]
+
+
+def test_train_both_stages_writes_one_model_per_part(phantoms, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(phantoms), "--out", str(run), "--quiet", *SETS, *S2]) == 0
+    out = capsys.readouterr().out
+    assert "stage 2: 7 body part model(s)" in out
+    parts = json.loads((run / "stage2" / "summary.json").read_text())
+    assert sorted(parts) == ["ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST"]
+    assert sum(p["n_images"] for p in parts.values()) == 42
+    for part in parts:
+        assert (run / "stage2" / part / "anomaly.pt").is_file()
+    names = json.loads((run / "stage1" / "names.json").read_text())
+    assert len(names) == 7 and set(names.values()) <= set(parts) | {f"cluster-{i}" for i in range(7)}
+
+
+def test_stage2_alone_on_unlabelled_folder_needs_stage1(tmp_path, capsys):
+    from tests.conftest import write_png
+
+    for i in range(12):
+        write_png(tmp_path / "d" / f"{i}.png", seed=i)
+    assert main(["train", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--stages", "2", *SETS]) == 1
+    assert "train stage 1 first" in capsys.readouterr().err
 
 
 def test_bad_override_names_the_key(phantoms, tmp_path, capsys):
@@ -48,12 +70,43 @@ def test_bad_override_names_the_key(phantoms, tmp_path, capsys):
 
 
 def test_resume_without_checkpoint_fails_clearly(phantoms, tmp_path, capsys):
-    assert main(["train", str(phantoms), "--out", str(tmp_path / "r"), "--resume", "--quiet", *SETS]) == 1
+    assert main(["train", str(phantoms), "--out", str(tmp_path / "r"), "--stages", "1", "--resume", "--quiet",
+                 *SETS]) == 1
     assert "no checkpoint" in capsys.readouterr().err
 
 
 def test_demo_runs_end_to_end_small(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--n", "28", *SETS]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--n", "28", *SETS, *S2]) == 0
     out = capsys.readouterr().out
-    assert "stage 1 (body parts): 28 images -> 7 clusters" in out and "Hungarian accuracy" in out
+    assert "stage 1: 28 images, k=7" in out and "Hungarian accuracy" in out
+    assert "stage 2: 7 body part model(s)" in out
+    assert "evaluation on held-out phantoms" in out and "preprint (DeepCluster)" in out
     assert (tmp_path / "demo" / "demo.json").is_file()
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["stage1"]["n_images"] == 7  # the held-out set: n // 4, at least 7
+
+
+def test_evaluate_writes_the_documented_metrics_schema(phantoms, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(phantoms), "--out", str(run), "--quiet", *SETS, *S2]) == 0
+    assert main(["evaluate", str(run), str(phantoms), "--json", str(tmp_path / "m.json"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "preprint (DeepCluster)" in out and "= precision" in out
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert set(m) == {"stage1", "stage2", "skipped_files"}
+    assert set(m["stage1"]) == {"n_images", "accuracy_hungarian", "accuracy_majority", "nmi", "ari",
+                                "per_part", "macro"}
+    assert m["stage1"]["n_images"] == 42 and set(m["stage1"]["macro"]) <= {"sensitivity", "specificity", "precision"}
+    assert set(m["stage2"]) == {"per_part", "macro"}
+    for part, row in m["stage2"]["per_part"].items():
+        assert set(row) <= {"n_images", "n_studies", "auroc", "sensitivity", "specificity", "precision",
+                            "kappa_study"}
+        assert {"n_images", "n_studies"} <= set(row)
+    assert sum(r["n_images"] for r in m["stage2"]["per_part"].values()) == 42
+
+    def values(d):
+        for v in d.values():
+            yield from values(v) if isinstance(v, dict) else [v]
+
+    floats = [v for v in values({k: v for k, v in m.items() if k != "skipped_files"}) if isinstance(v, float)]
+    assert floats and all(-1 <= v <= 1 for v in floats)  # fractions (ARI and kappa may dip below 0)

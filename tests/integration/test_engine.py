@@ -100,7 +100,8 @@ def test_two_process_ddp_run_with_gloo(phantoms, tmp_path):
     """torchrun --nproc_per_node=2 runs the unchanged `train` command on the CPU (gloo)."""
     sets = [a for s in TINY + ["train.epochs=2", "train.device=cpu"] for a in ("--set", s)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "bonecluster", "train", str(phantoms), "--out", str(tmp_path / "run"), "--quiet", *sets]
+           "-m", "bonecluster", "train", str(phantoms), "--out", str(tmp_path / "run"), "--stages", "1",
+           "--quiet", *sets]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]

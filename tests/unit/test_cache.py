@@ -108,3 +108,11 @@ def test_view_round_trip(tmp_path):
     assert back.records == ds.records and len(back.skipped) == 1
     np.testing.assert_array_equal(back.images(), ds.images())
     assert json.loads((tmp_path / "view.json").read_text())["format"] == 1
+
+
+def test_subset_keeps_rows_and_records(tmp_path):
+    make_mura_tree(tmp_path / "d")
+    ds = _prepare(tmp_path / "d", tmp_path / "c")
+    sub = ds.subset([6, 1])
+    assert sub.records == [ds.records[6], ds.records[1]]
+    np.testing.assert_array_equal(sub.images(), ds.images()[[6, 1]])

@@ -179,6 +179,12 @@ class PreparedDataset:
     def __len__(self) -> int:
         return len(self.records)
 
+    def subset(self, positions) -> "PreparedDataset":
+        """The same cache rows for a selection of records (e.g. one body part for stage 2)."""
+        positions = np.asarray(positions, np.int64)
+        return PreparedDataset(self.store_dir, self.pre, [self.records[i] for i in positions],
+                               self.rows[positions], SkipLog())
+
     def images(self) -> np.ndarray:
         return _open_rows(self.store_dir, self.pre, len_hint=int(self.rows.max(initial=-1)) + 1)[self.rows]
 

@@ -1,0 +1,133 @@
+"""``bonecluster evaluate``: honest metrics for a run on labelled data.
+
+``metrics.json`` has exactly these keys (a field whose labels are missing is left out)::
+
+    {"stage1": {"n_images", "accuracy_hungarian", "accuracy_majority", "nmi", "ari",
+                "per_part": {PART: {"n", "sensitivity", "specificity", "precision"}},
+                "macro": {"sensitivity", "specificity", "precision"}},
+     "stage2": {"per_part": {PART: {"n_images", "n_studies", "auroc", "sensitivity", "specificity",
+                                    "precision", "kappa_study"}},
+                "macro": {"auroc", "sensitivity", "specificity", "precision", "kappa_study"}},
+     "skipped_files": int}
+
+Definitions (values are fractions in [0, 1]):
+
+- stage 1 scores the stage-1 clusters against the body-part labels. ``accuracy_hungarian`` maps
+  clusters to parts one-to-one (Hungarian); ``accuracy_majority`` names every cluster after its
+  commonest part (many-to-one). ``per_part`` is one-vs-rest on the cluster *names* of the run
+  (``names.json``): sensitivity TP/(TP+FN), specificity TN/(TN+FP), precision TP/(TP+FP).
+- stage 2 scores each body part's abnormality model: AUROC of the image scores, and sensitivity,
+  specificity and precision of the image flags at the run's label-free threshold.
+  ``kappa_study`` is Cohen's kappa between study labels and study flags (a study's score is the
+  mean of its images' scores, MURA's convention, or the max with ``stage2.study_score=max``).
+- The preprint's "specificity" is TP/(TP+FP), i.e. precision; we report both under their names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from bonecluster.config import config_from_dict, read_yaml
+from bonecluster.data import PreparedDataset, prepare_sources
+from bonecluster.io import atomic_write_text
+from bonecluster.metrics import (auroc, binary_scores, cluster_scores, cohen_kappa, macro,
+                                 per_class_binary, study_level)
+from bonecluster.predict import ImagePrediction, Predictor
+
+BINARY = ("sensitivity", "specificity", "precision")
+
+
+def evaluate(run: str | Path, sources: Sequence[str | Path], json_path: str | Path | None = None,
+             progress: bool = True) -> dict:
+    """Predict with the run on ``sources`` and score against their labels."""
+    run = Path(run)
+    cfg = config_from_dict(read_yaml(run / "config.yaml"))
+    data = prepare_sources(sources, cfg.data, cache=cfg.data.cache or run / "cache", progress=progress)
+    preds = Predictor(run).predict(data)
+    metrics = score(data, preds, study_how=cfg.stage2.study_score)
+    atomic_write_text(Path(json_path) if json_path else run / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+def score(data: PreparedDataset, preds: list[ImagePrediction], study_how: str = "mean") -> dict:
+    out: dict = {}
+    s1 = stage1_metrics(data, preds)
+    if s1:
+        out["stage1"] = s1
+    s2 = stage2_metrics(data, preds, study_how)
+    if s2:
+        out["stage2"] = s2
+    out["skipped_files"] = len(data.skipped)
+    return _drop_none(out)
+
+
+def stage1_metrics(data: PreparedDataset, preds: list[ImagePrediction]) -> dict:
+    pairs = [(p, r.body_part) for p, r in zip(preds, data.records) if r.body_part]
+    if not pairs:
+        return {}
+    clusters = [p.cluster for p, _ in pairs]
+    names = [p.cluster_name for p, _ in pairs]
+    truth = [t for _, t in pairs]
+    per_part = per_class_binary(names, truth, sorted(set(truth)))
+    return {"n_images": len(pairs), **cluster_scores(clusters, truth), "per_part": per_part,
+            "macro": macro(per_part, BINARY)}
+
+
+def stage2_metrics(data: PreparedDataset, preds: list[ImagePrediction], study_how: str = "mean") -> dict:
+    by_part: dict[str, list[int]] = defaultdict(list)
+    for i, (p, r) in enumerate(zip(preds, data.records)):
+        if p.score is not None and r.abnormal is not None:
+            by_part[p.part].append(i)
+    per_part = {part: _part_metrics(data, preds, idx, study_how) for part, idx in sorted(by_part.items())}
+    if not per_part:
+        return {}
+    return {"per_part": per_part, "macro": macro(per_part, ("auroc", *BINARY, "kappa_study"))}
+
+
+def _part_metrics(data: PreparedDataset, preds: list[ImagePrediction], idx: list[int], how: str) -> dict:
+    truth = np.array([data.records[i].abnormal for i in idx], bool)
+    scores = np.array([preds[i].score for i in idx], float)
+    threshold = preds[idx[0]].threshold
+    studies = [data.records[i].study or data.records[i].path for i in idx]
+    keys, study_scores = study_level(studies, scores, how)
+    study_truth = [truth[[s == k for s in studies]].any() for k in keys]
+    return {"n_images": len(idx), "n_studies": len(keys), "auroc": auroc(truth, scores),
+            **binary_scores(truth, scores >= threshold),
+            "kappa_study": cohen_kappa(study_truth, study_scores >= threshold)}
+
+
+def _drop_none(d):
+    """Undefined ratios (an empty denominator) are left out, as the schema says."""
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    return d
+
+
+# Published figures (percent). The preprint's "specificity" is TP/(TP+FP), i.e. precision, so it
+# sits in the precision row; GNG-modified VGG's figures are reported as sensitivity/specificity.
+PUBLISHED = {
+    "preprint (DeepCluster)": {"stage1": {"sensitivity": 99.76, "precision": 99.53},
+                               "stage2": {"sensitivity": 83.28, "precision": 97.56}},
+    "GNG-modified VGG": {"stage1": {"sensitivity": 95.86, "specificity": 99.63},
+                         "stage2": {"sensitivity": 92.50, "specificity": 92.12}},
+}
+
+
+def comparison_table(metrics: dict) -> str:
+    """Our macro figures beside the published ones, as a fixed-width text table."""
+    sources = list(PUBLISHED)
+    lines = [f"{'':<24}{'ours':>8}" + "".join(f"{s:>26}" for s in sources)]
+    for stage in ("stage1", "stage2"):
+        ours = metrics.get(stage, {}).get("macro", {})
+        keys = ("sensitivity", "specificity", "precision") + (("auroc", "kappa_study") if stage == "stage2" else ())
+        for key in keys:
+            mine = f"{100 * ours[key]:.2f}" if key in ours else "-"
+            theirs = "".join(f"{PUBLISHED[s][stage].get(key, '-'):>26}" for s in sources)
+            lines.append(f"{stage + ' ' + key:<24}{mine:>8}{theirs}")
+    lines.append("percent, macro over body parts; the preprint's 'specificity' is TP/(TP+FP) = precision")
+    return "\n".join(lines)
