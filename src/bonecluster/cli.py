@@ -35,8 +35,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    """Our messages at INFO (DEBUG with -v); other libraries' (faiss's loader...) only at WARNING."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("bonecluster").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def build_parser() -> argparse.ArgumentParser:

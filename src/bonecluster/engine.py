@@ -26,6 +26,7 @@ import io
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,10 +371,13 @@ class DeepClusterEngine:
             })
 
     def _bar(self, iterable, desc: str, leave: bool = True, total: int | None = None):
+        """The epoch bar always shows (rank 0, progress on); per-batch bars only on a terminal,
+        where they redraw in place, not in a log file, where each redraw would be a line."""
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, desc=desc, leave=leave, total=total, unit="it" if leave else "batch",
-                    disable=not (self.progress and self.dist.is_main), dynamic_ncols=True)
+        show = self.progress and self.dist.is_main and (leave or sys.stderr.isatty())
+        return tqdm(iterable, desc=desc, leave=leave, total=total, unit="epoch" if leave else "batch",
+                    disable=not show, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- loading a trained engine
