@@ -182,6 +182,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("run", help="run folder")
     p.add_argument("data", nargs="+", help="labelled data: MURA root or CSV manifest")
     p.add_argument("--json", help="where to write the metrics (default RUN/metrics.json)")
+    p.add_argument("--report", metavar="DIR", help="also write DIR/report.html (self-contained, opens offline)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
@@ -189,10 +190,12 @@ def _add_evaluate(sub) -> None:
 def cmd_evaluate(args) -> int:
     from bonecluster.evaluate import comparison_table, evaluate
 
-    metrics = evaluate(args.run, args.data, args.json, progress=not args.quiet)
+    metrics = evaluate(args.run, args.data, args.json, args.report, progress=not args.quiet)
     _print_metrics(metrics)
     print(comparison_table(metrics))
     print(f"skipped files: {metrics['skipped_files']}; metrics: {args.json or Path(args.run) / 'metrics.json'}")
+    if args.report:
+        print(f"report: {Path(args.report) / 'report.html'}")
     return 0
 
 
@@ -229,5 +232,6 @@ def cmd_demo(args) -> int:
     print("\nevaluation on held-out phantoms (labels used only to score):")
     _print_metrics(summary["metrics"])
     print(comparison_table(summary["metrics"]))
-    print(f"total {summary['seconds']:.0f} s; run folder: {args.out} (metrics.json)")
+    print(f"total {summary['seconds']:.0f} s; run folder: {args.out}")
+    print(f"report: {Path(args.out) / 'report.html'}")
     return 0

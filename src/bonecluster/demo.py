@@ -2,7 +2,7 @@
 
 It generates phantom radiographs, trains both stages with the given config (the ``cpu`` preset by
 default), and evaluates the run on held-out phantoms (other patients; labels used only to score)
-into ``OUT/metrics.json``. The HTML report joins it when it lands.
+into ``OUT/metrics.json`` and ``OUT/report.html``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def run_demo(out: str | Path, cfg: Config, n: int = 1400, seed: int = 0, progres
     phantoms = make_demo_phantoms(out / "phantoms", n, seed, "train", progress)
     held_out = make_demo_phantoms(out / "phantoms-valid", max(n // 4, 7), seed, "valid", progress)
     summary = train([phantoms], out, cfg, stages=[1, 2], progress=progress)
-    summary["metrics"] = evaluate(out, [held_out], out / "metrics.json", progress=progress)
+    summary["metrics"] = evaluate(out, [held_out], out / "metrics.json", report_dir=out, progress=progress)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=2))
     return summary

@@ -43,14 +43,22 @@ BINARY = ("sensitivity", "specificity", "precision")
 
 
 def evaluate(run: str | Path, sources: Sequence[str | Path], json_path: str | Path | None = None,
-             progress: bool = True) -> dict:
-    """Predict with the run on ``sources`` and score against their labels."""
+             report_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Predict with the run on ``sources``, score against their labels, and write
+    ``metrics.json`` (default RUN/metrics.json) and, with ``report_dir``, ``report.html``."""
     run = Path(run)
     cfg = config_from_dict(read_yaml(run / "config.yaml"))
     data = prepare_sources(sources, cfg.data, cache=cfg.data.cache or run / "cache", progress=progress)
-    preds = Predictor(run).predict(data)
+    predictor = Predictor(run)
+    preds = predictor.predict(data)
     metrics = score(data, preds, study_how=cfg.stage2.study_score)
     atomic_write_text(Path(json_path) if json_path else run / "metrics.json", json.dumps(metrics, indent=2))
+    if report_dir is not None:
+        from bonecluster.report import write_report
+        from bonecluster.stage2 import embed_images
+
+        embeddings = embed_images(predictor.stage1, data.images()).numpy()
+        write_report(run, data, preds, metrics, Path(report_dir) / "report.html", embeddings, cfg.seed)
     return metrics
 
 

@@ -89,9 +89,16 @@ def test_demo_runs_end_to_end_small(tmp_path, capsys):
 def test_evaluate_writes_the_documented_metrics_schema(phantoms, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", str(phantoms), "--out", str(run), "--quiet", *SETS, *S2]) == 0
-    assert main(["evaluate", str(run), str(phantoms), "--json", str(tmp_path / "m.json"), "--quiet"]) == 0
+    assert main(["evaluate", str(run), str(phantoms), "--json", str(tmp_path / "m.json"), "--quiet",
+                 "--report", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
     assert "preprint (DeepCluster)" in out and "= precision" in out
+    page = (tmp_path / "rep" / "report.html").read_text()
+    for title in ("clusters against body parts", "training curves", "t-SNE", "sample images per cluster",
+                  "ROC curves", "confusion matrices", "Skipped files", "Resolved config"):
+        assert title in page, title
+    assert page.count("data:image/png;base64,") >= 5 + 7  # five figures, a thumbnail or more per cluster
+    assert "http://" not in page and "https://" not in page  # opens offline
     m = json.loads((tmp_path / "m.json").read_text())
     assert set(m) == {"stage1", "stage2", "skipped_files"}
     assert set(m["stage1"]) == {"n_images", "accuracy_hungarian", "accuracy_majority", "nmi", "ari",
