@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_name(sub)
     _add_demo(sub)
     return p
 
@@ -207,6 +208,25 @@ def _print_metrics(metrics: dict) -> None:
     for part, m in metrics.get("stage2", {}).get("per_part", {}).items():
         auc = f"{m['auroc']:.3f}" if "auroc" in m else "-"
         print(f"stage 2 {part:<9} {m['n_images']:>6} images {m['n_studies']:>5} studies  AUROC {auc}")
+
+
+# ----------------------------------------------------------------------------- name
+
+
+def _add_name(sub) -> None:
+    p = sub.add_parser("name", help="name a stage-1 cluster (kept in RUN/stage1/names.json)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--cluster", type=int, required=True, help="cluster id")
+    p.add_argument("--as", dest="name", required=True, help="the new name, e.g. WRIST")
+    p.set_defaults(func=cmd_name)
+
+
+def cmd_name(args) -> int:
+    from bonecluster.pipeline import name_cluster
+
+    names = name_cluster(args.run, args.cluster, args.name)
+    print("stage-1 clusters: " + ", ".join(f"{k}={v}" for k, v in sorted(names.items())))
+    return 0
 
 
 # ----------------------------------------------------------------------------- demo

@@ -120,6 +120,22 @@ def load_cluster_names(stage_dir: Path) -> dict[int, str]:
     return {int(k): v for k, v in json.loads((Path(stage_dir) / NAMES).read_text()).items()}
 
 
+def name_cluster(run: str | Path, cluster: int, name: str, stage: str = "stage1") -> dict[int, str]:
+    """Give a cluster a human name (e.g. after looking at its images); persists in names.json."""
+    stage_dir = Path(run) / stage
+    if not (stage_dir / NAMES).exists():
+        raise FileNotFoundError(f"{stage_dir / NAMES}: no trained {stage} in {run}")
+    names = load_cluster_names(stage_dir)
+    if cluster not in names:
+        raise ValueError(f"{stage} has clusters {min(names)}..{max(names)}, not {cluster}")
+    name = name.strip()
+    if not name or len(name) > 64 or any(c in name for c in "/\\\0"):
+        raise ValueError(f"cluster name {name!r} must be 1-64 characters without slashes")
+    names[cluster] = name
+    save_cluster_names(stage_dir, names)
+    return names
+
+
 def stage1_image_names(run: Path, n_images: int) -> list[str]:
     """The stage-1 cluster name of every image of the run's data (for grouping stage 2)."""
     stage1 = Path(run) / "stage1"

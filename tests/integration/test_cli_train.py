@@ -30,6 +30,10 @@ def test_train_stage1_writes_a_complete_run_folder(phantoms, tmp_path, capsys):
     for name in ("config.yaml", "data.json", "skipped.csv", "stage1/model.pt", "stage1/checkpoint.pt",
                  "stage1/metrics.csv", "stage1/config.yaml", "stage1/summary.json"):
         assert (run / name).is_file(), name
+    assert main(["name", str(run), "--cluster", "3", "--as", "Left wrist"]) == 0
+    assert json.loads((run / "stage1" / "names.json").read_text())["3"] == "Left wrist"
+    assert main(["name", str(run), "--cluster", "99", "--as", "X"]) == 1
+    assert main(["name", str(run), "--cluster", "1", "--as", "../etc"]) == 1
     summary = json.loads((run / "stage1" / "summary.json").read_text())
     assert sum(summary["cluster_sizes"]) == 42
     assert 0 <= summary["scored_on_labels"]["accuracy_hungarian"] <= 1
