@@ -1,11 +1,22 @@
 """Label-free abnormality scores and thresholds for stage 2.
 
-Score: the mean cosine distance from an image's embedding (PCA-whitened, L2-normalised stage-2
-features) to its ``k`` nearest neighbours among the training images of the same body part
-(a kNN density score, as in Bergman et al. 2020, "Deep Nearest Neighbor Anomaly Detection").
-Normal anatomy is common, so normal images sit in dense regions; a plate, a fracture or a
-lesion makes an image unlike its neighbours. Training images are scored leave-one-out
-(their own embedding is excluded), so their scores are comparable with those of new images.
+Two scores, both computed against the training images of the same body part, and their mix:
+
+* **global** (:func:`knn_scores`): the mean cosine distance from an image's embedding (pooled
+  final features, PCA-whitened with the part's own ``stage2.pca_dim`` and L2-normalised) to its
+  ``k`` nearest training embeddings, a kNN density score (Bergman et al. 2020, "Deep Nearest
+  Neighbor Anomaly Detection"). Normal anatomy is common, so normal images sit in dense regions.
+* **patch** (:func:`patch_knn_scores`): findings are local and global pooling dilutes them, so
+  each spatial position of a mid-level feature map (ResNet ``layer3``) is compared with all
+  training patches, and the image's score is the largest per-position nearest-neighbour cosine
+  distance (PatchCore, Roth et al. 2022, "Towards Total Recall in Industrial Anomaly
+  Detection", without its coreset subsampling: the banks here are small).
+* **global+patch** (:func:`combine_scores`): each score is divided by the median of its
+  training scores (so both are unit-free and positive) and the ratios are averaged.
+
+Training images are scored leaving out their whole *study* (all views of the same patient
+visit, which share anatomy and finding), so their scores are comparable with those of new
+images, which the threshold relies on.
 
 Threshold: chosen without labels, by fitting a two-component Gaussian mixture to the training
 scores (in log space, since distances are skewed) and taking the score where the posterior of the
@@ -24,31 +35,103 @@ from bonecluster.cluster import l2_normalise
 
 
 def knn_scores(bank: torch.Tensor, queries: torch.Tensor, k: int = 5, exclude_self: bool = False,
-               batch_size: int = 4096) -> torch.Tensor:
+               batch_size: int = 4096, groups: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cosine distance of each query to its k nearest bank rows.
 
     Args:
         bank: (N, d) L2-normalised training embeddings.
         queries: (M, d) L2-normalised embeddings to score.
         exclude_self: queries are the bank itself (M == N, same order); skip each row's own match.
+        groups: with ``exclude_self``, (N,) integer group ids (e.g. studies): skip every bank row
+            of the query's group, not only the row itself.
     Returns:
         (M,) float32 scores in [0, 2]; higher = more unusual.
     """
     if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
         raise ValueError(f"bank {tuple(bank.shape)} and queries {tuple(queries.shape)} must be (N, d), (M, d)")
-    available = bank.shape[0] - (1 if exclude_self else 0)
+    if exclude_self and queries.shape[0] != bank.shape[0]:
+        raise ValueError("exclude_self needs the queries to be the bank itself")
+    groups = _groups(groups, bank.shape[0]) if exclude_self else None
+    available = _available(groups, bank.shape[0]) if exclude_self else bank.shape[0]
     if available < 1:
-        raise ValueError("the bank needs at least one image besides the query")
+        raise ValueError("the bank needs at least one image besides the query (and its group)")
     k = min(k, available)
     out = []
     for start in range(0, queries.shape[0], batch_size):
         sims = queries[start:start + batch_size] @ bank.T
         if exclude_self:
-            rows = torch.arange(sims.shape[0])
-            sims[rows, rows + start] = -float("inf")
+            sims[groups[start:start + batch_size, None] == groups[None, :]] = -float("inf")
         top = sims.topk(k, dim=1).values
         out.append((1.0 - top).mean(dim=1))
     return torch.cat(out).float()
+
+
+def patch_knn_scores(bank: torch.Tensor, queries: torch.Tensor, k: int = 1, bank_images: torch.Tensor | None = None,
+                     exclude_self: bool = False, groups: torch.Tensor | None = None,
+                     batch_size: int | None = None) -> torch.Tensor:
+    """PatchCore-style image score: max over positions of the kNN cosine distance to bank patches.
+
+    Args:
+        bank: (P, c) L2-normalised training patch features (all positions of all training images).
+        queries: (M, L, c) L2-normalised patch features of M images with L positions each.
+        k: neighbours averaged per patch (1 = PatchCore's nearest-neighbour distance).
+        bank_images: with ``exclude_self``, (P,) index of the training image each bank patch comes from.
+        exclude_self: queries are the training images (M of them, in bank_images' order); skip the
+            patches of the query image, or of its whole group when ``groups`` (M,) is given.
+    Returns:
+        (M,) float32 scores in [0, 2]; higher = more unusual.
+    """
+    if bank.ndim != 2 or queries.ndim != 3 or bank.shape[1] != queries.shape[2]:
+        raise ValueError(f"bank {tuple(bank.shape)} and queries {tuple(queries.shape)} must be (P, c), (M, L, c)")
+    m, positions, _ = queries.shape
+    if exclude_self:
+        if bank_images is None or bank_images.shape != (bank.shape[0],):
+            raise ValueError("exclude_self needs bank_images, one image index per bank patch")
+        image_group = _groups(groups, m)
+        patch_group = image_group[bank_images.long()]
+        if _available(image_group, m) < 1:
+            raise ValueError("the bank needs at least one image besides the query (and its group)")
+        k = min(k, int(bank.shape[0] - torch.bincount(patch_group - patch_group.min()).max()))
+    k = max(1, min(k, bank.shape[0]))
+    if batch_size is None:  # about 2**25 similarities (128 MiB) per chunk
+        batch_size = max(1, 2 ** 25 // max(1, positions * bank.shape[0]))
+    out = []
+    for start in range(0, m, batch_size):
+        q = queries[start:start + batch_size]
+        sims = q.reshape(-1, q.shape[2]) @ bank.T
+        if exclude_self:
+            own = image_group[start:start + q.shape[0]].repeat_interleave(positions)
+            sims[own[:, None] == patch_group[None, :]] = -float("inf")
+        dist = (1.0 - sims.topk(k, dim=1).values).mean(dim=1)
+        out.append(dist.view(q.shape[0], positions).amax(dim=1))
+    return torch.cat(out).float()
+
+
+def combine_scores(train: list[torch.Tensor], queries: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average several positive scores after dividing each by the median of its training scores.
+
+    Returns the combined training scores and query scores (the same scaling applies to both).
+    """
+    if len(train) != len(queries) or not train:
+        raise ValueError("give one training-score tensor per query-score tensor")
+    scales = [t.float().median().clamp_min(1e-12) for t in train]
+    combined_train = sum(t.float() / s for t, s in zip(train, scales)) / len(train)
+    combined_queries = sum(q.float() / s for q, s in zip(queries, scales)) / len(train)
+    return combined_train, combined_queries
+
+
+def _groups(groups: torch.Tensor | None, n: int) -> torch.Tensor:
+    if groups is None:
+        return torch.arange(n)
+    groups = torch.as_tensor(groups).long()
+    if groups.shape != (n,):
+        raise ValueError(f"groups must have shape ({n},), got {tuple(groups.shape)}")
+    return groups
+
+
+def _available(groups: torch.Tensor, n: int) -> int:
+    """Bank rows left for the query with the largest group."""
+    return n - int(torch.bincount(groups - groups.min()).max()) if n else 0
 
 
 @dataclass

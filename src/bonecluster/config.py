@@ -110,6 +110,13 @@ class Stage2Config:
     fallback_quantile: float = 0.9 # threshold when the two-mode mixture finds no split
     min_images: int = 20           # parts with fewer images are skipped (with a warning)
     study_score: str = "mean"      # study score from its images: "mean" (MURA's convention) or "max"
+    # The abnormality score (see bonecluster.anomaly): "global" (kNN on pooled final features),
+    # "patch" (PatchCore-style max over layer3 positions of the nearest-patch distance) or
+    # "global+patch" (both, each divided by its training median, averaged).
+    score: str = "global+patch"
+    pca_dim: int = 64              # PCA-whitening of the global bank, fitted per part (not cluster.pca_dim)
+    patch_knn: int = 1             # neighbours per patch (1 = PatchCore)
+    patch_bank_size: int = 100000  # at most this many training patches are kept (seeded random subset)
 
 
 @dataclass

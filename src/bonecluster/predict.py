@@ -31,7 +31,7 @@ class ImagePrediction:
     cluster_name: str          # its name (majority body part, cluster-N, or a user's name)
     confidence: float          # softmax over centroid distances, see CONFIDENCE_TEMPERATURE
     part: str | None           # the body part whose stage-2 model scored it
-    score: float | None        # stage-2 abnormality score (kNN distance), None without a part model
+    score: float | None        # stage-2 abnormality score (see stage2.score), None without a part model
     threshold: float | None
     abnormal: bool | None
 
@@ -91,6 +91,6 @@ class Predictor:
         for part, (trained, anomaly) in self.parts.items():
             idx = np.array([i for i, p in enumerate(parts) if p == part], np.int64)
             if len(idx):
-                s = anomaly.score(embed_images(trained, images[idx]))
+                s = anomaly.score(trained, images[idx])
                 scores.update(zip(idx.tolist(), s.tolist()))
         return scores

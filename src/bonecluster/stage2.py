@@ -2,14 +2,19 @@
 
 For each body part, a DeepCluster engine is trained on that part's images only (the grouping
 comes from the data's metadata where it exists, e.g. MURA folders, else from the stage-1 cluster
-names). Its final features, PCA-whitened and L2-normalised, are the part's embedding space; an
-image's abnormality score is its kNN distance to the part's training images and the threshold is
-chosen without labels (see :mod:`bonecluster.anomaly`).
+names). The part model gives two views of an image (:func:`part_features`): its pooled final
+features, PCA-whitened to ``stage2.pca_dim`` by a PCA fitted on the part's training images (not the
+engine's ``cluster.pca_dim``, which is tuned for clustering into a few groups) and L2-normalised;
+and its ``layer3`` feature map, one L2-normalised vector per position. An image's abnormality score
+(``stage2.score``) is a kNN distance to the part's training images in either or both, and the
+threshold is chosen without labels (see :mod:`bonecluster.anomaly`). Training images are scored
+leaving out their study.
 
 Files, per part::
 
     RUN/stage2/<PART>/            the engine run (config, metrics.csv, checkpoint.pt, model.pt)
-    RUN/stage2/<PART>/anomaly.pt  embedding bank (N, d), training scores, threshold, knn
+    RUN/stage2/<PART>/anomaly.pt  banks (global (N, d) and patch (P, c)), PCA, training scores,
+                                  score scales, threshold, settings
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bonecluster.anomaly import knn_scores, label_free_threshold
+from bonecluster.anomaly import combine_scores, knn_scores, label_free_threshold, patch_knn_scores
+from bonecluster.cluster import PCAWhitening, fit_pca_whitening, l2_normalise
 from bonecluster.config import Config
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.engine import DeepClusterEngine, TrainedClusters, load_torch, save_torch
@@ -64,34 +70,115 @@ def embed_images(trained: TrainedClusters, images: np.ndarray, batch_size: int =
     return torch.cat(chunks)
 
 
+SCORES = ("global", "patch", "global+patch")
+
+
+@torch.no_grad()
+def part_features(trained: TrainedClusters, images: np.ndarray,
+                  batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, S, S) -> pooled final features (N, D) and layer3 patches (N, L, c), on the CPU.
+
+    The pooled features are what ``model.features`` returns; the patches are the ResNet's
+    ``layer3`` output, one L2-normalised c-vector per spatial position (L = h * w).
+    """
+    model = trained.model
+    net = model.backbone
+    device = next(model.parameters()).device
+    pooled, patches = [], []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).float().div_(255)
+        x = model.preprocess(x.unsqueeze(1).to(device))
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        mid = net.layer3(net.layer2(net.layer1(x)))
+        pooled.append(torch.flatten(net.avgpool(net.layer4(mid)), 1).float().cpu())
+        patches.append(torch.nn.functional.normalize(mid.float().flatten(2).transpose(1, 2), dim=2).cpu())
+    return torch.cat(pooled), torch.cat(patches)
+
+
 @dataclass
 class PartAnomaly:
-    """A body part's embedding bank and label-free threshold."""
+    """A body part's banks, score scales and label-free threshold.
 
-    bank: torch.Tensor          # (N, d) training embeddings
-    train_scores: torch.Tensor  # (N,) leave-one-out scores of the training images
+    ``pca`` None (files written before ``stage2.score`` existed) means the part model's own
+    PCA-whitening and the plain global score.
+    """
+
+    bank: torch.Tensor                 # (N, d) global training embeddings
+    train_scores: torch.Tensor         # (N,) leave-one-study-out scores of the training images
     threshold: float
     threshold_method: str
     knn: int
+    score_kind: str = "global"
+    pca: PCAWhitening | None = None
+    patch_bank: torch.Tensor | None = None  # (P, c) training patches
+    patch_knn: int = 1
+    train_parts: tuple = ()            # per-score training scores (for combine_scores' scales)
 
-    def score(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return knn_scores(self.bank, embeddings, k=self.knn)
+    def score(self, trained: TrainedClusters, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+        """Abnormality scores of new images (uint8 (M, S, S)) with the part model ``trained``."""
+        if len(images) == 0:
+            return torch.zeros(0)
+        pooled, patches = part_features(trained, images, batch_size)
+        parts = []
+        if self.score_kind in ("global", "global+patch"):
+            pca = self.pca if self.pca is not None else trained.pca
+            parts.append(knn_scores(self.bank, l2_normalise(pca.transform(pooled)), k=self.knn))
+        if self.score_kind in ("patch", "global+patch"):
+            parts.append(patch_knn_scores(self.patch_bank, patches, k=self.patch_knn))
+        if len(parts) == 1:
+            return parts[0]
+        return combine_scores(list(self.train_parts), parts)[1]
 
     def save(self, path: Path) -> None:
         save_torch(path, {"bank": self.bank, "train_scores": self.train_scores, "threshold": self.threshold,
-                          "threshold_method": self.threshold_method, "knn": self.knn})
+                          "threshold_method": self.threshold_method, "knn": self.knn,
+                          "score_kind": self.score_kind,
+                          "pca": None if self.pca is None else self.pca.state_dict(),
+                          "patch_bank": self.patch_bank, "patch_knn": self.patch_knn,
+                          "train_parts": list(self.train_parts)})
 
     @classmethod
     def load(cls, path: Path) -> "PartAnomaly":
         d = load_torch(path)
-        return cls(d["bank"], d["train_scores"], float(d["threshold"]), d["threshold_method"], int(d["knn"]))
+        pca = d.get("pca")
+        return cls(d["bank"], d["train_scores"], float(d["threshold"]), d["threshold_method"], int(d["knn"]),
+                   d.get("score_kind", "global"), None if pca is None else PCAWhitening.from_state_dict(pca),
+                   d.get("patch_bank"), int(d.get("patch_knn", 1)), tuple(d.get("train_parts", ())))
+
+
+def study_groups(data: PreparedDataset) -> torch.Tensor:
+    """(N,) study ids of a dataset's images (an image without a study is its own group)."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(r.study or f"image:{r.path}", len(ids)) for r in data.records])
 
 
 def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, cfg: Config) -> PartAnomaly:
-    bank = embed_images(trained, data.images(), cfg.train.feature_batch_size)
-    scores = knn_scores(bank, bank, k=cfg.stage2.knn, exclude_self=True)
-    t = label_free_threshold(scores.numpy(), cfg.stage2.fallback_quantile, seed=cfg.seed)
-    return PartAnomaly(bank, scores, t.value, t.method, cfg.stage2.knn)
+    s2 = cfg.stage2
+    if s2.score not in SCORES:
+        raise ValueError(f"stage2.score must be one of {SCORES}, got {s2.score!r}")
+    pooled, patches = part_features(trained, data.images(), cfg.train.feature_batch_size)
+    groups = study_groups(data)
+    if len(torch.unique(groups)) < 2:   # one study only: leave out the image, not the study
+        groups = torch.arange(len(groups))
+    pca = fit_pca_whitening(pooled, dim=s2.pca_dim)
+    bank = l2_normalise(pca.transform(pooled))
+    parts, patch_bank = [], None
+    if s2.score in ("global", "global+patch"):
+        parts.append(knn_scores(bank, bank, k=s2.knn, exclude_self=True, groups=groups))
+    if s2.score in ("patch", "global+patch"):
+        n, positions, c = patches.shape
+        patch_bank = patches.reshape(-1, c)
+        owner = torch.arange(n).repeat_interleave(positions)
+        if len(patch_bank) > s2.patch_bank_size:   # a seeded random subset keeps memory bounded
+            keep = torch.randperm(len(patch_bank), generator=torch.Generator().manual_seed(cfg.seed))
+            keep = keep[:s2.patch_bank_size].sort().values
+            patch_bank, owner = patch_bank[keep], owner[keep]
+        parts.append(patch_knn_scores(patch_bank, patches, k=s2.patch_knn, bank_images=owner,
+                                      exclude_self=True, groups=groups))
+    scores = parts[0] if len(parts) == 1 else combine_scores(parts, parts)[0]
+    t = label_free_threshold(scores.numpy(), s2.fallback_quantile, seed=cfg.seed)
+    return PartAnomaly(bank, scores, t.value, t.method, s2.knn, s2.score, pca, patch_bank, s2.patch_knn,
+                       tuple(parts) if len(parts) > 1 else ())
 
 
 def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_names: list[str] | None = None,

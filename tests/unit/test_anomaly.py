@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bonecluster.anomaly import knn_scores, label_free_threshold, normalise
+from bonecluster.anomaly import combine_scores, knn_scores, label_free_threshold, normalise, patch_knn_scores
 
 
 def test_knn_scores_exact_small_case():
@@ -42,3 +42,43 @@ def test_gmm_threshold_separates_two_modes():
 def test_threshold_falls_back_on_constant_scores():
     t = label_free_threshold(np.full(10, 0.3))
     assert t.method == "quantile" and t.value == pytest.approx(0.3)
+
+
+def test_leave_one_group_out_skips_the_whole_study():
+    bank = normalise(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]))
+    groups = torch.tensor([0, 0, 1, 2])
+    s = knn_scores(bank, bank, k=1, exclude_self=True, groups=groups)
+    # rows 0 and 1 may not match each other: nearest is row 3 (cos 0.6); row 2 -> row 3 (cos 0.8)
+    assert s.tolist() == pytest.approx([0.4, 0.4, 0.2, 0.2])
+    with pytest.raises(ValueError):
+        knn_scores(bank[:2], bank[:2], exclude_self=True, groups=torch.tensor([5, 5]))
+
+
+def test_patch_scores_take_the_worst_position_exactly():
+    e0, e1, e2 = torch.eye(3)
+    bank = torch.stack([e0, e1])                                  # two training patches
+    odd = normalise(torch.tensor([[0.0, 0.6, 0.8]]))[0]
+    queries = torch.stack([torch.stack([e0, e1]), torch.stack([e0, odd]), torch.stack([e2, e2])])
+    s = patch_knn_scores(bank, queries, k=1)
+    # all patches seen -> 0; one patch at cos 0.6 from its nearest -> 0.4; unseen direction -> 1
+    assert s.tolist() == pytest.approx([0.0, 0.4, 1.0])
+    assert patch_knn_scores(bank, queries[1:2], k=2).tolist() == pytest.approx([0.7])  # (0.4 + 1) / 2
+
+
+def test_patch_scores_leave_out_own_image_and_study():
+    e0, e1 = torch.eye(2)
+    patches = torch.stack([torch.stack([e0, e0]), torch.stack([e0, e0]), torch.stack([e1, e1])])  # (3, 2, 2)
+    bank, owner = patches.reshape(-1, 2), torch.arange(3).repeat_interleave(2)
+    s = patch_knn_scores(bank, patches, k=1, bank_images=owner, exclude_self=True)
+    assert s.tolist() == pytest.approx([0.0, 0.0, 1.0])          # images 0 and 1 match each other
+    s = patch_knn_scores(bank, patches, k=1, bank_images=owner, exclude_self=True, groups=torch.tensor([0, 0, 1]))
+    assert s.tolist() == pytest.approx([1.0, 1.0, 1.0])          # same study: no longer a match
+    with pytest.raises(ValueError):
+        patch_knn_scores(bank, patches, exclude_self=True)       # needs bank_images
+
+
+def test_combine_scores_divides_by_training_medians():
+    train = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])]
+    queries = [torch.tensor([4.0]), torch.tensor([10.0])]
+    t, q = combine_scores(train, queries)
+    assert t.tolist() == pytest.approx([0.5, 1.0, 1.5]) and q.tolist() == pytest.approx([(2.0 + 0.5) / 2])
