@@ -136,7 +136,8 @@ def _roc(data, preds) -> str:
         ax.plot(fpr, tpr, label=part)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="false positive rate (1 - specificity)", ylabel="sensitivity", title="image level")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # parts with one class only have no curve
+        ax.legend(fontsize=8)
     return _img(fig)
 
 
