@@ -481,9 +481,3 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
 def read_metrics(path: str | Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def cluster_summary(assignments: np.ndarray, k: int) -> str:
-    sizes = np.bincount(assignments, minlength=k)
-    return " ".join(f"{i}:{s}" for i, s in enumerate(sizes)) + f"  (largest {sizes.max() / len(assignments):.0%})"
-
