@@ -49,15 +49,12 @@ def evaluate(run: str | Path, sources: Sequence[str | Path], json_path: str | Pa
     run = Path(run)
     cfg = config_from_dict(read_yaml(run / "config.yaml"))
     data = prepare_sources(sources, cfg.data, cache=cfg.data.cache or run / "cache", progress=progress)
-    predictor = Predictor(run)
-    preds = predictor.predict(data)
+    preds, embeddings = Predictor(run).predict_with_embeddings(data)
     metrics = score(data, preds, study_how=cfg.stage2.study_score)
     atomic_write_text(Path(json_path) if json_path else run / "metrics.json", json.dumps(metrics, indent=2))
     if report_dir is not None:
         from bonecluster.report import write_report
-        from bonecluster.stage2 import embed_images
 
-        embeddings = embed_images(predictor.stage1, data.images()).numpy()
         write_report(run, data, preds, metrics, Path(report_dir) / "report.html", embeddings, cfg.seed)
     return metrics
 
@@ -75,7 +72,7 @@ def score(data: PreparedDataset, preds: list[ImagePrediction], study_how: str = 
 
 
 def stage1_metrics(data: PreparedDataset, preds: list[ImagePrediction]) -> dict:
-    pairs = [(p, r.body_part) for p, r in zip(preds, data.records) if r.body_part]
+    pairs = [(p, r.body_part) for p, r in zip(preds, data.records) if r.body_part and p.cluster is not None]
     if not pairs:
         return {}
     clusters = [p.cluster for p, _ in pairs]

@@ -67,9 +67,9 @@ def _metrics_section(metrics: dict) -> str:
 
 
 def _stage1_confusion(data, preds) -> str:
-    pairs = [(p.cluster, r.body_part) for p, r in zip(preds, data.records) if r.body_part]
+    pairs = [(p.cluster, r.body_part) for p, r in zip(preds, data.records) if r.body_part and p.cluster is not None]
     if not pairs:
-        return "<p>No body-part labels in this data.</p>"
+        return "<p>No stage-1 model in this run, or no body-part labels in this data.</p>"
     table, clusters, parts = contingency(*zip(*pairs))
     names = {p.cluster: p.cluster_name for p in preds}
     fig, ax = _figure(1.0 + 0.5 * len(parts), 1.0 + 0.45 * len(clusters))
@@ -96,7 +96,7 @@ def _curves(metrics_csv: Path) -> str:
 
 def _tsne(data, preds, embeddings, seed) -> str:
     if embeddings is None or len(embeddings) < 5:
-        return "<p>Too few images for a map.</p>"
+        return "<p>No map: the run has no stage-1 model, or too few images.</p>"
     from sklearn.manifold import TSNE
 
     rng = np.random.default_rng(seed)
@@ -112,7 +112,7 @@ def _tsne(data, preds, embeddings, seed) -> str:
 def _gallery(data, preds) -> str:
     images = data.images()
     rows = []
-    for cluster in sorted({p.cluster for p in preds}):
+    for cluster in sorted({p.cluster for p in preds if p.cluster is not None}):
         members = [i for i, p in enumerate(preds) if p.cluster == cluster]
         picks = members[:: max(1, len(members) // GALLERY_PER_CLUSTER)][:GALLERY_PER_CLUSTER]
         thumbs = "".join(f"<img class=thumb src='{_png_data(images[i])}' title='{html.escape(data.records[i].path)}'>"

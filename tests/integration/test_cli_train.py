@@ -121,3 +121,15 @@ def test_evaluate_writes_the_documented_metrics_schema(phantoms, tmp_path, capsy
 
     floats = [v for v in values({k: v for k, v in m.items() if k != "skipped_files"}) if isinstance(v, float)]
     assert floats and all(-1 <= v <= 1 for v in floats)  # fractions (ARI and kappa may dip below 0)
+
+
+def test_stage2_only_run_evaluates_on_metadata_parts(phantoms, tmp_path, capsys):
+    """Like MURA humerus: every record has its part, so stage 2 needs no stage-1 model."""
+    run = tmp_path / "run"
+    assert main(["train", str(phantoms), "--out", str(run), "--stages", "2", "--quiet", *SETS, *S2]) == 0
+    assert not (run / "stage1").exists()
+    assert main(["evaluate", str(run), str(phantoms), "--json", str(tmp_path / "m.json"), "--quiet",
+                 "--report", str(tmp_path / "rep")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert "stage1" not in m and sum(r["n_images"] for r in m["stage2"]["per_part"].values()) == 42
+    assert "no stage-1 model" in (tmp_path / "rep" / "report.html").read_text()
