@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
+from pydicom.uid import JPEGLSLossless
 
 from bonecluster.data.decode import Limits, load_image, read_grey
+from tests.unit.dicom_utils import dicom_dataset as make_dicom_dataset
 from bonecluster.data.records import SkipError
 
 PIXELS = (np.arange(40 * 50).reshape(40, 50) % 251).astype(np.uint8)
@@ -34,23 +35,8 @@ def write(path: Path, data: bytes) -> Path:
 
 def dicom_dataset(rows: int = 4, cols: int = 5, frames: int = 1) -> Dataset:
     """A minimal valid MONOCHROME2 16-bit DICOM dataset with file meta."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = rows, cols
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.arange(rows * cols * frames, dtype="<u2").tobytes()
-    return ds
+    pixels = np.arange(rows * cols * frames, dtype="<u2").reshape((frames, rows, cols) if frames > 1 else (rows, cols))
+    return make_dicom_dataset(pixels)
 
 
 def save_dicom(path: Path, ds: Dataset, **kw) -> Path:

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 
 from bonecluster.data.decode import (
     IMAGE_SUFFIXES,
@@ -22,6 +21,7 @@ from bonecluster.data.decode import (
     read_grey,
     scale_percentiles,
 )
+from tests.unit.dicom_utils import dicom_dataset
 
 # A gradient with a bright square: not constant, not symmetric, so flips would show.
 GRADIENT = (np.arange(24 * 32).reshape(24, 32) % 200 + 20).astype(np.uint8)
@@ -42,29 +42,8 @@ def write_dicom(
     RGB. ``encoded``: already-encapsulated pixel data for a compressed ``syntax``;
     without it, RLE is encoded by pydicom itself.
     """
-    colour = photometric == "RGB"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape[:2] if colour else pixels.shape[-2:]
-    if pixels.ndim == 3 and not colour:
-        ds.NumberOfFrames = pixels.shape[0]
-    ds.SamplesPerPixel = 3 if colour else 1
-    if colour:
-        ds.PlanarConfiguration = 0
-    ds.PhotometricInterpretation = photometric
-    bits = pixels.dtype.itemsize * 8
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
-    for key, value in attrs.items():
-        setattr(ds, key, value)
+    ds = dicom_dataset(pixels, photometric, **attrs)
+    meta = ds.file_meta
     if encoded is not None:
         meta.TransferSyntaxUID = syntax
         ds.PixelData = encoded
