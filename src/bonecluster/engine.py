@@ -10,6 +10,15 @@ One epoch (Caron et al. 2018, §3.2–3.4, and the reference ``main.py``):
 
 After the last epoch the features are clustered once more: those are the final assignments.
 
+``cfg.method`` picks the variant (see :data:`bonecluster.config.METHODS`): ``deepcluster`` is the
+paper's loop above; ``sela`` draws balanced pseudo-labels by Sinkhorn-Knopp over the k-means
+centroids and starts each round's top layer from them (SeLa/SwAV, DeepCluster-v2); ``simclr``
+replaces the loop by SimCLR pre-training (``cfg.selfsup``) followed by the final clustering;
+``simclr-deepcluster`` runs SimCLR first and the DeepCluster loop after it; ``simclr-scan`` runs
+SimCLR, then SCAN's neighbour-consistency classifier (:mod:`bonecluster.scan`) makes the final
+clusters, summarised by their centroids for prediction. Pre-training epochs
+come first in the epoch count, the checkpoint and ``metrics.csv`` (``phase`` = simclr).
+
 Everything a run needs lives in its folder::
 
     OUT/config.yaml     the resolved config        OUT/metrics.csv   one row per epoch
@@ -38,8 +47,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bonecluster import distributed as dist
 from bonecluster.augment import RadiographAugment
-from bonecluster.cluster import KMeansResult, PCAWhitening, kmeans, preprocess_features
-from bonecluster.config import Config, config_from_dict, to_dict, to_yaml
+from bonecluster.cluster import KMeansResult, PCAWhitening, kmeans, l2_normalise, preprocess_features
+from bonecluster.config import METHODS, Config, config_from_dict, to_dict, to_yaml
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import batch_loader, to_float
 from bonecluster.device import amp_enabled, pick_device
@@ -47,13 +56,15 @@ from bonecluster.io import atomic_open, atomic_write_text
 from bonecluster.metrics import nmi
 from bonecluster.models import DeepClusterNet, build_model
 from bonecluster.sampler import UniformLabelSampler
+from bonecluster.scan import scan_cluster
+from bonecluster.selfsup import ProjectionHead, nt_xent, sinkhorn_balanced
 
 log = logging.getLogger("bonecluster")
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_MODEL = "model.pt"
 METRICS = "metrics.csv"
-METRIC_COLUMNS = ("epoch", "loss", "nmi_prev", "largest_share", "n_empty_splits", "cluster_sizes",
+METRIC_COLUMNS = ("epoch", "phase", "loss", "nmi_prev", "largest_share", "n_empty_splits", "cluster_sizes",
                   "images_per_s", "seconds", "kmeans_seconds", "lr")
 
 
@@ -93,6 +104,19 @@ class DeepClusterEngine:
         self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         _check_choices(cfg)
+        self.pretrain_epochs = cfg.selfsup.epochs if cfg.method.startswith("simclr") else 0
+        self.cluster_epochs = 0 if cfg.method in ("simclr", "simclr-scan") else cfg.train.epochs
+        if self.pretrain_epochs:
+            s = cfg.selfsup
+            self.head = ProjectionHead(self.model.feature_dim, s.hidden_dim, s.proj_dim).to(self.device)
+            self.contrastive_augment = RadiographAugment(s.augment)
+            params = [p for n, p in self.model.named_parameters() if not n.startswith("top_layer.")]
+            self.pretrain_optimizer = torch.optim.SGD(params + list(self.head.parameters()), lr=s.lr,
+                                                      momentum=s.momentum, weight_decay=s.weight_decay)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.pretrain_epochs + self.cluster_epochs
 
     # ------------------------------------------------------------------------ the loop
 
@@ -108,17 +132,25 @@ class DeepClusterEngine:
         self._write_config()
         start, previous, history = self._resume_state() if resume else (0, None, [])
         collapsed = False
-        epochs = range(start, self.cfg.train.epochs)
+        epochs = range(start, self.total_epochs)
         for epoch in self._bar(epochs, "epochs", total=len(epochs)):
-            row, previous, collapsed = self._epoch(data, epoch, previous)
+            if epoch < self.pretrain_epochs:
+                row = self._pretrain_epoch(data, epoch)
+            else:
+                row, previous, collapsed = self._epoch(data, epoch - self.pretrain_epochs, previous)
+                row["epoch"] = epoch + 1
             history.append(row)
             self._save_checkpoint(epoch + 1, previous, history)
             if collapsed:
                 break
-            if stop_after is not None and stop_after <= epoch + 1 < self.cfg.train.epochs:
-                return FitResult(previous.numpy(), torch.empty(0), history, len(history), False,
+            if stop_after is not None and stop_after <= epoch + 1 < self.total_epochs:
+                done = previous.numpy() if previous is not None else np.empty(0, np.int64)
+                return FitResult(done, torch.empty(0), history, len(history), False,
                                  time.perf_counter() - t_start, interrupted=True)
-        final, pca = self._cluster(self._extract(data), seed_offset=len(history))
+        if self.cfg.method == "simclr-scan":
+            final, pca = self._scan(data)
+        else:
+            final, pca = self._cluster(self._extract(data), seed_offset=len(history))
         self._save_final(final, pca)
         dist.barrier(self.dist)
         return FitResult(final.assignments.cpu().numpy(), final.centroids.cpu(), history, len(history),
@@ -133,10 +165,11 @@ class DeepClusterEngine:
         labels = km.assignments.cpu()
         sizes = torch.bincount(labels, minlength=self.cfg.cluster.k)
         largest = sizes.max().item() / len(labels)
-        top = self._centroid_top_layer(feats, km, pca) if self.cfg.cluster.top_layer_init == "centroids" else None
+        centroid_top = self.cfg.cluster.top_layer_init == "centroids" or self.cfg.method == "sela"
+        top = self._centroid_top_layer(feats, km, pca) if centroid_top else None
         loss, n_seen, train_s = self._train_pseudo_labels(data, labels, epoch, top)
         row = {
-            "epoch": epoch + 1, "loss": round(loss, 5),
+            "epoch": epoch + 1, "phase": "cluster", "loss": round(loss, 5),
             "nmi_prev": round(nmi(labels.numpy(), previous.numpy()), 5) if previous is not None else "",
             "largest_share": round(largest, 4), "n_empty_splits": km.n_splits,
             "cluster_sizes": "|".join(str(int(s)) for s in sizes),
@@ -179,15 +212,20 @@ class DeepClusterEngine:
         return dist.gather_shards(local, len(data), self.dist)
 
     @torch.no_grad()
-    def _forward_all(self, data: PreparedDataset, desc: str, keep: bool) -> torch.Tensor | None:
-        """``model.features`` of this rank's share of the images, in order, without augmentation."""
+    def _forward_all(self, data: PreparedDataset, desc: str, keep: bool,
+                     generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """``model.features`` of this rank's share of the images, in order; without augmentation
+        unless a ``generator`` is given (then ``train.augment`` draws from it)."""
         positions = dist.shard(len(data), self.dist)
         loader = batch_loader(data, self.cfg.train.feature_batch_size, positions.tolist(),
                               workers=self.cfg.train.workers, pin_memory=self.device.type == "cuda")
         chunks = []
         for batch in self._bar(loader, desc, leave=False):
+            x = to_float(batch, self.device)
+            if generator is not None:
+                x = self.augment(x, generator=generator)
             with self._autocast():
-                out = self.model.features(to_float(batch, self.device)).float()
+                out = self.model.features(x).float()
             if keep:
                 chunks.append(out)
         if not keep:
@@ -235,12 +273,85 @@ class DeepClusterEngine:
                              device=self.device)
                 if km is None or run.inertia < km.inertia:
                     km = run
+            if self.cfg.method == "sela":
+                km = _balanced(x, km, c.k, c.sinkhorn_epsilon)
         labels = km.assignments.to(self.device) if km else torch.empty(len(feats), dtype=torch.int64,
                                                                        device=self.device)
         labels = dist.broadcast(labels, self.dist)
         if km is None:
             km = KMeansResult(torch.empty(0), labels, 0.0, 0, c.backend)
         return km, pca
+
+    def _scan(self, data: PreparedDataset) -> tuple[KMeansResult, PCAWhitening]:
+        """SCAN on the frozen features: PCA-whiten the clean features, embed ``scan.views``
+        augmented copies in the same space, train the classifier on rank 0, broadcast its labels.
+        The centroids are the clusters' means, so prediction stays nearest-centroid."""
+        c, sc = self.cfg.cluster, self.cfg.scan
+        x, pca = preprocess_features(self._extract(data), dim=c.pca_dim)
+        views = []
+        for v in range(sc.views):
+            gen = _epoch_generator(self.cfg.seed, v, stream=2)
+            local = self._forward_all(data, f"scan view {v + 1}", keep=True, generator=gen)
+            views.append(l2_normalise(pca.transform(dist.gather_shards(local, len(data), self.dist))))
+        if self.dist.is_main:
+            result = scan_cluster(x, torch.stack(views), c.k, n_neighbours=sc.neighbours, epochs=sc.epochs,
+                                  batch_size=sc.batch_size, lr=sc.lr, entropy_weight=sc.entropy_weight,
+                                  heads=sc.heads, seed=self.cfg.seed)
+            log.info("SCAN: head %d kept, loss %.4f", result.head, result.loss)
+            labels = result.assignments.to(self.device)
+        else:
+            labels = torch.empty(len(x), dtype=torch.int64, device=self.device)
+        labels = dist.broadcast(labels, self.dist)
+        return _summarise(x, labels, c.k), pca
+
+    # ------------------------------------------------------------------------ SimCLR pre-training
+
+    def _pretrain_epoch(self, data: PreparedDataset, epoch: int) -> dict:
+        """One SimCLR pass over the data in a seeded random order (Chen et al. 2020, Alg. 1).
+
+        Both views of a batch go through the network together, so BatchNorm sees them as one
+        batch. Under DDP the negatives are the rank's own batch (no gather across ranks).
+        """
+        s = self.cfg.selfsup
+        gen = _epoch_generator(self.cfg.seed, epoch, stream=1)
+        lr = _warmup_cosine(s.lr, epoch, s.epochs, s.warmup_epochs)
+        for group in self.pretrain_optimizer.param_groups:
+            group["lr"] = lr
+        order = torch.randperm(len(data), generator=gen)
+        share = order[self.dist.rank::self.dist.world_size]
+        if len(share) >= 2 * s.batch_size:  # whole batches only: a batch of one breaks BatchNorm
+            share = share[: len(share) - len(share) % s.batch_size]
+        loader = batch_loader(data, s.batch_size, share.tolist(), workers=self.cfg.train.workers,
+                              pin_memory=self.device.type == "cuda")
+        net = self._wrapped_contrastive()
+        net.train()
+        t0, total, seen = time.perf_counter(), 0.0, 0
+        for batch in self._bar(loader, f"simclr {epoch + 1}", leave=False):
+            if len(batch) < 2:
+                continue
+            x = to_float(batch, self.device)
+            views = torch.cat([self.contrastive_augment(x, generator=gen), self.contrastive_augment(x, generator=gen)])
+            with self._autocast():
+                z = net(views).float()
+            loss = nt_xent(z[: len(x)], z[len(x):], s.temperature)
+            self.pretrain_optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.pretrain_optimizer)
+            self.scaler.update()
+            total += loss.item() * len(x)
+            seen += len(x)
+        seconds = time.perf_counter() - t0
+        return {"epoch": epoch + 1, "phase": "simclr", "loss": round(total / max(seen, 1), 5),
+                "images_per_s": round(seen / max(seconds, 1e-9), 1), "seconds": round(seconds, 2),
+                "lr": round(lr, 6)}
+
+    def _wrapped_contrastive(self) -> torch.nn.Module:
+        net = _Contrastive(self.model, self.head)
+        if not self.dist.enabled:
+            return net
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # The top layer takes no part in the contrastive loss.
+        return DistributedDataParallel(net, device_ids=ids, find_unused_parameters=True)
 
     # ------------------------------------------------------------------------ step 3-4: training
 
@@ -267,15 +378,12 @@ class DeepClusterEngine:
         return dist.broadcast(weight, self.dist), dist.broadcast(bias, self.dist)
 
     def _lr(self, epoch: int) -> float:
-        """Backbone learning rate of ``epoch`` (0-based): linear warm-up, then constant or cosine."""
+        """Backbone learning rate of cluster ``epoch`` (0-based): linear warm-up, then constant or cosine."""
         t = self.cfg.train
+        if t.lr_schedule == "cosine":
+            return _warmup_cosine(t.lr, epoch, t.epochs, t.warmup_epochs, t.lr_min_ratio)
         if epoch < t.warmup_epochs:
             return t.lr * (epoch + 1) / (t.warmup_epochs + 1)
-        if t.lr_schedule == "cosine":
-            span = max(t.epochs - t.warmup_epochs - 1, 1)
-            progress = min((epoch - t.warmup_epochs) / span, 1.0)
-            low = t.lr * t.lr_min_ratio
-            return low + 0.5 * (t.lr - low) * (1.0 + math.cos(math.pi * progress))
         return t.lr
 
     def _train_pseudo_labels(self, data: PreparedDataset, labels: torch.Tensor, epoch: int,
@@ -342,9 +450,13 @@ class DeepClusterEngine:
         if self.dist.is_main:
             state = {
                 "epoch": epochs_done, "model": self.model.state_dict(), "hparams": self.model.hparams(),
-                "optimizer": self.optimizer.state_dict(), "assignments": assignments.cpu(),
+                "optimizer": self.optimizer.state_dict(),
+                "assignments": assignments.cpu() if assignments is not None else torch.empty(0, dtype=torch.int64),
                 "history": history, "config": to_dict(self.cfg), "rng": _rng_state(),
             }
+            if self.pretrain_epochs:
+                state["pretrain"] = {"head": self.head.state_dict(),
+                                     "optimizer": self.pretrain_optimizer.state_dict()}
             save_torch(self.out / CHECKPOINT, state)
             _write_metrics(self.out / METRICS, history)
         dist.barrier(self.dist)
@@ -358,9 +470,13 @@ class DeepClusterEngine:
             log.warning("resuming %s with a config that differs from the checkpoint's", path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.pretrain_epochs and "pretrain" in state:
+            self.head.load_state_dict(state["pretrain"]["head"])
+            self.pretrain_optimizer.load_state_dict(state["pretrain"]["optimizer"])
         _set_rng_state(state["rng"])
         log.info("resuming %s after epoch %d", self.out, state["epoch"])
-        return int(state["epoch"]), state["assignments"].cpu(), list(state["history"])
+        previous = state["assignments"].cpu()
+        return int(state["epoch"]), (previous if len(previous) else None), list(state["history"])
 
     def _save_final(self, km: KMeansResult, pca: PCAWhitening) -> None:
         if self.dist.is_main:
@@ -427,7 +543,8 @@ def _batch_norms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._Bat
 
 def _check_choices(cfg: Config) -> None:
     """Fail before training on a misspelt choice."""
-    choices = {"train.feature_bn": (cfg.train.feature_bn, ("running", "recompute", "batch")),
+    choices = {"method": (cfg.method, METHODS),
+               "train.feature_bn": (cfg.train.feature_bn, ("running", "recompute", "batch")),
                "train.lr_schedule": (cfg.train.lr_schedule, ("constant", "cosine")),
                "cluster.top_layer_init": (cfg.cluster.top_layer_init, ("random", "centroids"))}
     for key, (value, allowed) in choices.items():
@@ -439,10 +556,51 @@ def _check_choices(cfg: Config) -> None:
         raise ValueError("cluster.centroid_temperature must be > 0")
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A CPU generator that depends only on (seed, epoch): top-layer init and augmentation are
-    then identical whether a run is resumed or not, and on every rank."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+def _epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, epoch, stream): top-layer init and augmentation
+    are then identical whether a run is resumed or not, and on every rank. Stream 1 is SimCLR's."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch + stream * 7_919_000_009)
+
+
+def _warmup_cosine(base: float, epoch: int, epochs: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` epochs, then cosine decay to ``min_ratio * base`` at the last."""
+    if epoch < warmup:
+        return base * (epoch + 1) / (warmup + 1)
+    span = max(epochs - warmup - 1, 1)
+    progress = min((epoch - warmup) / span, 1.0)
+    low = base * min_ratio
+    return low + 0.5 * (base - low) * (1.0 + math.cos(math.pi * progress))
+
+
+class _Contrastive(torch.nn.Module):
+    """Backbone features -> projection head, one module so DDP can wrap both."""
+
+    def __init__(self, model: DeepClusterNet, head: ProjectionHead) -> None:
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.model.features(x))
+
+
+def _balanced(x: torch.Tensor, km: KMeansResult, k: int, epsilon: float) -> KMeansResult:
+    """Replace k-means' assignments by balanced ones (Sinkhorn over cosine to the centroids) and
+    its centroids by the means of the balanced clusters, so nearest-centroid prediction follows."""
+    centroids = F.normalize(km.centroids.to(x.device, torch.float32), dim=1)
+    labels = sinkhorn_balanced(x @ centroids.T, epsilon=epsilon).argmax(dim=1)
+    return _summarise(x, labels, k, fallback=centroids, n_splits=km.n_splits, backend=km.backend)
+
+
+def _summarise(x: torch.Tensor, labels: torch.Tensor, k: int, fallback: torch.Tensor | None = None,
+               n_splits: int = 0, backend: str = "none") -> KMeansResult:
+    """Clusters given by ``labels`` (N,) over ``x`` (N, d) as a KMeansResult: centroids are the
+    means (an empty cluster keeps its ``fallback`` row, or the origin)."""
+    sums = torch.zeros(k, x.shape[1], device=x.device).index_add_(0, labels, x)
+    counts = torch.bincount(labels, minlength=k)
+    empty = fallback if fallback is not None else torch.zeros(k, x.shape[1], device=x.device)
+    means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], empty)
+    inertia = float(((x - means[labels]) ** 2).sum())
+    return KMeansResult(means, labels, inertia, n_splits, backend)
 
 
 def _rng_state() -> dict:

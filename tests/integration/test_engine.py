@@ -68,6 +68,43 @@ def test_interrupted_run_resumes_to_identical_assignments(phantoms, tmp_path):
     assert [r["loss"] for r in part_rows] == [r["loss"] for r in full_rows]
 
 
+SIMCLR = ["selfsup.epochs=2", "selfsup.batch_size=16", "selfsup.hidden_dim=32", "selfsup.proj_dim=16",
+          "scan.epochs=5", "scan.views=2", "scan.neighbours=5", "scan.batch_size=16"]
+
+
+@pytest.mark.parametrize("method", ["sela", "simclr", "simclr-deepcluster", "simclr-scan"])
+def test_every_method_trains_and_logs_its_phases(phantoms, tmp_path, method):
+    cfg = _cfg(2, f"method={method}", *SIMCLR)
+    data = _data(phantoms, tmp_path, cfg)
+    res = DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(data)
+    phases = [r["phase"] for r in read_metrics(tmp_path / "run" / "metrics.csv")]
+    expected = {"sela": ["cluster"] * 2, "simclr": ["simclr"] * 2, "simclr-scan": ["simclr"] * 2,
+                "simclr-deepcluster": ["simclr"] * 2 + ["cluster"] * 2}[method]
+    assert phases == expected and res.epochs_run == len(expected)
+    trained = TrainedClusters.load(tmp_path / "run")
+    assert len(trained.assignments) == len(data) and trained.centroids.shape[0] == 7
+    if method == "sela":  # balanced pseudo-labels: no cluster is empty or holds most images
+        sizes = np.bincount(res.assignments, minlength=7)
+        assert sizes.min() > 0 and sizes.max() < len(data) / 2
+
+
+def test_simclr_pretraining_resumes_to_identical_assignments(phantoms, tmp_path):
+    cfg = _cfg(1, "method=simclr-deepcluster", *SIMCLR)
+    data = _data(phantoms, tmp_path, cfg)
+    full = DeepClusterEngine(cfg, tmp_path / "full", progress=False).fit(data)
+    part = DeepClusterEngine(cfg, tmp_path / "part", progress=False).fit(data, stop_after=1)
+    assert part.interrupted and "pretrain" in load_torch(tmp_path / "part" / CHECKPOINT)
+    resumed = DeepClusterEngine(cfg, tmp_path / "part", progress=False).fit(data, resume=True)
+    np.testing.assert_array_equal(resumed.assignments, full.assignments)
+    full_rows = read_metrics(tmp_path / "full" / "metrics.csv")
+    assert [r["loss"] for r in read_metrics(tmp_path / "part" / "metrics.csv")] == [r["loss"] for r in full_rows]
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(ValueError, match="method='kmeans'"):
+        DeepClusterEngine(_cfg(1, "method=kmeans"), "unused", progress=False)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(phantoms, tmp_path):
     cfg = _cfg(1)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):

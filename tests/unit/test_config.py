@@ -38,3 +38,17 @@ def test_file_then_overrides_last_wins(tmp_path):
 def test_yaml_round_trip():
     cfg = load_config("cpu", overrides=["seed=3"])
     assert config_from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+def test_cli_method_choices_match_the_config_methods():
+    from bonecluster.cli import METHOD_CHOICES
+    from bonecluster.config import METHODS
+
+    assert METHOD_CHOICES == METHODS
+
+
+def test_method_and_selfsup_keys_override():
+    from bonecluster.config import load_config
+
+    cfg = load_config("cpu", overrides=["method=simclr", "selfsup.epochs=3", "selfsup.augment.rotation_degrees=5"])
+    assert cfg.method == "simclr" and cfg.selfsup.epochs == 3 and cfg.selfsup.augment.rotation_degrees == 5.0
