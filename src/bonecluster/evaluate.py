@@ -8,6 +8,10 @@
      "stage2": {"per_part": {PART: {"n_images", "n_studies", "auroc", "sensitivity", "specificity",
                                     "precision", "kappa_study"}},
                 "macro": {"auroc", "sensitivity", "specificity", "precision", "kappa_study"}},
+     "stage2_few_labels": {"per_part": {...as stage2...}, "macro": {...as stage2...},   # few-label runs only
+                           "labels_fraction": float,
+                           "labels_used": {"images", "studies", "per_part": {PART: {"images", "studies",
+                                           "labelled_studies"}}}},
      "skipped_files": int}
 
 Definitions (values are fractions in [0, 1]):
@@ -20,6 +24,10 @@ Definitions (values are fractions in [0, 1]):
   specificity and precision of the image flags at the run's label-free threshold.
   ``kappa_study`` is Cohen's kappa between study labels and study flags (a study's score is the
   mean of its images' scores, MURA's convention, or the max with ``stage2.study_score=max``).
+- ``stage2_few_labels`` (only for a run trained with ``stage2.labels_fraction`` > 0): the same
+  figures for the few-label probe's probability of abnormal, thresholded at 0.5, on the same
+  images. The probe used the labels of ``labels_used`` training images, that fraction of the
+  part's labelled training studies; ``stage2`` stays the label-free result.
 - The preprint's "specificity" is TP/(TP+FP), i.e. precision; we report both under their names.
 """
 
@@ -27,10 +35,12 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from bonecluster.config import config_from_dict, read_yaml
 from bonecluster.data import PreparedDataset, prepare_sources
@@ -38,6 +48,8 @@ from bonecluster.io import atomic_write_text
 from bonecluster.metrics import (auroc, binary_scores, cluster_scores, cohen_kappa, macro,
                                  per_class_binary, study_level)
 from bonecluster.predict import ImagePrediction, Predictor
+from bonecluster.fewlabel import PROBE_THRESHOLD, FewLabelProbe
+from bonecluster.stage2 import PROBE
 
 BINARY = ("sensitivity", "specificity", "precision")
 
@@ -49,17 +61,49 @@ def evaluate(run: str | Path, sources: Sequence[str | Path], json_path: str | Pa
     run = Path(run)
     cfg = config_from_dict(read_yaml(run / "config.yaml"))
     data = prepare_sources(sources, cfg.data, cache=cfg.data.cache or run / "cache", progress=progress)
-    preds, embeddings = Predictor(run).predict_with_embeddings(data)
-    metrics = score(data, preds, study_how=cfg.stage2.study_score)
+    predictor = Predictor(run)
+    preds, embeddings = predictor.predict_with_embeddings(data)
+    few_preds, probes = few_label_predictions(predictor, data, preds)
+    metrics = score(data, preds, study_how=cfg.stage2.study_score, few_preds=few_preds, probes=probes)
     atomic_write_text(Path(json_path) if json_path else run / "metrics.json", json.dumps(metrics, indent=2))
     if report_dir is not None:
         from bonecluster.report import write_report
 
-        write_report(run, data, preds, metrics, Path(report_dir) / "report.html", embeddings, cfg.seed)
+        write_report(run, data, preds, metrics, Path(report_dir) / "report.html", embeddings, cfg.seed,
+                     few_preds=few_preds)
     return metrics
 
 
-def score(data: PreparedDataset, preds: list[ImagePrediction], study_how: str = "mean") -> dict:
+def load_probes(run: str | Path, parts) -> dict[str, FewLabelProbe]:
+    """The few-label probes of a run's part models (RUN/stage2/<PART>/probe.pt), where trained."""
+    stage2 = Path(run) / "stage2"
+    return {part: FewLabelProbe.load(stage2 / part / PROBE) for part in sorted(parts)
+            if (stage2 / part / PROBE).exists()}
+
+
+def few_label_predictions(predictor: Predictor, data: PreparedDataset, preds: list[ImagePrediction]
+                          ) -> tuple[list[ImagePrediction] | None, dict[str, FewLabelProbe]]:
+    """The predictions with the few-label probe's probability as score (threshold 0.5) for the
+    images of parts that have a probe (others: no score). (None, {}) when no part has one."""
+    probes = load_probes(predictor.run, predictor.parts)
+    if not probes:
+        return None, {}
+    images = data.images()
+    few = [replace(p, score=None, threshold=None, abnormal=None) for p in preds]
+    for part, probe in probes.items():
+        idx = np.array([i for i, p in enumerate(preds) if p.part == part and p.score is not None], np.int64)
+        if not len(idx):
+            continue
+        trained, anomaly = predictor.parts[part]
+        unsupervised = torch.tensor([preds[i].score for i in idx], dtype=torch.float32)
+        prob = probe.score(trained, images[idx], anomaly, unsupervised=unsupervised)
+        for i, s in zip(idx.tolist(), prob.tolist()):
+            few[i] = replace(preds[i], score=s, threshold=PROBE_THRESHOLD, abnormal=bool(s >= PROBE_THRESHOLD))
+    return few, probes
+
+
+def score(data: PreparedDataset, preds: list[ImagePrediction], study_how: str = "mean",
+          few_preds: list[ImagePrediction] | None = None, probes: dict | None = None) -> dict:
     out: dict = {}
     s1 = stage1_metrics(data, preds)
     if s1:
@@ -67,8 +111,26 @@ def score(data: PreparedDataset, preds: list[ImagePrediction], study_how: str = 
     s2 = stage2_metrics(data, preds, study_how)
     if s2:
         out["stage2"] = s2
+    if few_preds is not None:
+        few = few_label_metrics(data, few_preds, probes or {}, study_how)
+        if few:
+            out["stage2_few_labels"] = few
     out["skipped_files"] = len(data.skipped)
     return _drop_none(out)
+
+
+def few_label_metrics(data: PreparedDataset, few_preds: list[ImagePrediction], probes: dict[str, FewLabelProbe],
+                      study_how: str = "mean") -> dict:
+    """``stage2`` figures for the probe scores, with the fraction and the count of labels used."""
+    m = stage2_metrics(data, few_preds, study_how)
+    if not m:
+        return {}
+    fractions = sorted({p.fraction for p in probes.values()})
+    per_part = {part: {"images": p.n_labels, "studies": p.n_studies, "labelled_studies": p.n_labelled_studies}
+                for part, p in probes.items()}
+    return {**m, "labels_fraction": fractions[0] if len(fractions) == 1 else fractions,
+            "labels_used": {"images": sum(v["images"] for v in per_part.values()),
+                            "studies": sum(v["studies"] for v in per_part.values()), "per_part": per_part}}
 
 
 def stage1_metrics(data: PreparedDataset, preds: list[ImagePrediction]) -> dict:
@@ -134,5 +196,14 @@ def comparison_table(metrics: dict) -> str:
             mine = f"{100 * ours[key]:.2f}" if key in ours else "-"
             theirs = "".join(f"{PUBLISHED[s][stage].get(key, '-'):>26}" for s in sources)
             lines.append(f"{stage + ' ' + key:<24}{mine:>8}{theirs}")
+    few = metrics.get("stage2_few_labels")
+    if few:   # the few-label probe: its own rows, never mixed into the label-free ones
+        for key in ("sensitivity", "specificity", "precision", "auroc", "kappa_study"):
+            mine = f"{100 * few['macro'][key]:.2f}" if key in few.get("macro", {}) else "-"
+            lines.append(f"{'few-label ' + key:<24}{mine:>8}" + "".join(f"{'-':>26}" for _ in sources))
+        used = few.get("labels_used", {})
+        lines.append(f"few-label rows: a probe fitted on {used.get('images', '?')} training images' labels "
+                     f"({used.get('studies', '?')} studies, labels_fraction {few.get('labels_fraction')}); "
+                     "threshold 0.5")
     lines.append("percent, macro over body parts; the preprint's 'specificity' is TP/(TP+FP) = precision")
     return "\n".join(lines)

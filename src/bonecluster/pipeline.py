@@ -13,7 +13,8 @@ Layout of a run folder (everything needed to predict, evaluate, serve or resume)
     RUN/stage2/summary.json   per part: images, threshold, share flagged
 
 Labels, where the data carries them, are used only to score (and, in stage 2, to group
-images by body part); training never sees them.
+images by body part); training never sees them, except in few-label mode
+(``stage2.labels_fraction`` > 0), whose probe uses exactly the audited fraction (see stage2.py).
 """
 
 from __future__ import annotations

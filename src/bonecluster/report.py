@@ -3,7 +3,9 @@
 Sections: headline metrics beside the published figures; stage-1 confusion matrix (clusters x
 body parts) and training curves (loss, NMI between consecutive epochs); a 2-D t-SNE map of the
 stage-1 embeddings coloured by cluster and by label; a gallery of sample images per cluster;
-stage-2 ROC curves and 2x2 confusion matrices per part; the skipped files; the resolved config.
+stage-2 ROC curves and 2x2 confusion matrices per part; for a few-label run, the probe's
+figures in their own table and its ROC curves (dashed, "few labels (F)") beside the label-free
+ones; the skipped files; the resolved config.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ TSNE_MAX_POINTS = 2000
 
 
 def write_report(run: str | Path, data: PreparedDataset, preds: list[ImagePrediction], metrics: dict,
-                 out_html: str | Path, embeddings: np.ndarray | None = None, seed: int = 0) -> Path:
-    """Render the report for ``preds`` on ``data`` (aligned lists) into one HTML file."""
+                 out_html: str | Path, embeddings: np.ndarray | None = None, seed: int = 0,
+                 few_preds: list[ImagePrediction] | None = None) -> Path:
+    """Render the report for ``preds`` on ``data`` (aligned lists) into one HTML file.
+
+    ``few_preds``: the few-label probe's predictions (aligned too), shown apart."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,8 +43,10 @@ def write_report(run: str | Path, data: PreparedDataset, preds: list[ImagePredic
         ("Stage 1: training curves", _curves(run / "stage1" / "metrics.csv")),
         ("Stage 1: map of the embeddings (t-SNE)", _tsne(data, preds, embeddings, seed)),
         ("Stage 1: sample images per cluster", _gallery(data, preds)),
-        ("Stage 2: ROC curves per body part", _roc(data, preds)),
+        ("Stage 2: ROC curves per body part", _roc(data, preds, few_preds, metrics)),
         ("Stage 2: confusion matrices at the label-free threshold", _stage2_confusion(data, preds)),
+        *([("Stage 2 with few labels (reported apart)", _few_labels(metrics))]
+          if "stage2_few_labels" in metrics else []),
         (f"Skipped files ({len(data.skipped)})", _skipped(data)),
         ("Resolved config", f"<pre>{html.escape((run / 'config.yaml').read_text())}</pre>"
          if (run / "config.yaml").exists() else "<p>none</p>"),
@@ -122,18 +129,25 @@ def _gallery(data, preds) -> str:
     return "\n".join(rows)
 
 
-def _roc(data, preds) -> str:
+def _roc(data, preds, few_preds=None, metrics=None) -> str:
     from sklearn.metrics import roc_curve
 
     by_part = _stage2_groups(data, preds)
     if not by_part:
         return "<p>No abnormality labels for any scored part.</p>"
     fig, ax = _figure(5, 5)
+    colours = {}
     for part, (truth, scores, _) in by_part.items():
         if truth.all() or not truth.any():
             continue
         fpr, tpr, _ = roc_curve(truth, scores)
-        ax.plot(fpr, tpr, label=part)
+        colours[part] = ax.plot(fpr, tpr, label=part)[0].get_color()
+    fraction = (metrics or {}).get("stage2_few_labels", {}).get("labels_fraction")
+    for part, (truth, scores, _) in (_stage2_groups(data, few_preds) if few_preds else {}).items():
+        if truth.all() or not truth.any():
+            continue
+        fpr, tpr, _ = roc_curve(truth, scores)
+        ax.plot(fpr, tpr, ls="--", color=colours.get(part), label=f"{part} few labels ({fraction})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="false positive rate (1 - specificity)", ylabel="sensitivity", title="image level")
     if ax.get_legend_handles_labels()[0]:  # parts with one class only have no curve
@@ -154,6 +168,25 @@ def _stage2_confusion(data, preds) -> str:
         _heatmap(ax, table, ["normal", "abnormal"], ["flag: no", "flag: yes"])
         ax.set_title(part, fontsize=9)
     return _img(fig)
+
+
+def _few_labels(metrics: dict) -> str:
+    few = metrics["stage2_few_labels"]
+    used = few.get("labels_used", {})
+    keys = ("auroc", "sensitivity", "specificity", "precision", "kappa_study")
+    head = "".join(f"<th>{k}</th>" for k in ("part", "images", "labels used (images / studies)", *keys))
+    rows = []
+    for part, m in {**few["per_part"], "macro": few["macro"]}.items():
+        u = used.get("per_part", {}).get(part) if part != "macro" else used
+        cells = [html.escape(part), str(m.get("n_images", "")),
+                 f"{u['images']} / {u['studies']}" if u else ""]
+        cells += [f"{m[k]:.3f}" if m.get(k) is not None else "-" for k in keys]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    note = (f"<p class=note>A logistic probe on the part model's features, fitted on the labels of "
+            f"labels_fraction = {few.get('labels_fraction')} of each part's labelled training studies "
+            "(and no other labels); flag = probability &ge; 0.5. The label-free result above is "
+            "unaffected. Dashed ROC curves above are the probe's.</p>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>" + note
 
 
 def _skipped(data) -> str:

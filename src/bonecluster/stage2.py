@@ -15,6 +15,9 @@ Files, per part::
     RUN/stage2/<PART>/            the engine run (config, metrics.csv, checkpoint.pt, model.pt)
     RUN/stage2/<PART>/anomaly.pt  banks (global (N, d) and patch (P, c)), PCA, training scores,
                                   score scales, threshold, settings
+    RUN/stage2/<PART>/probe.pt    few-label mode only: the logistic probe and the audit of the
+                                  training labels it used (count, positions, paths)
+Few-label mode lives in :mod:`bonecluster.fewlabel`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from bonecluster.engine import DeepClusterEngine, TrainedClusters, load_torch, s
 log = logging.getLogger("bonecluster")
 
 ANOMALY = "anomaly.pt"
+PROBE = "probe.pt"  # few-label mode, see bonecluster.fewlabel
 
 
 def stage2_config(cfg: Config) -> Config:
@@ -184,7 +188,11 @@ def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, cfg: Confi
 def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_names: list[str] | None = None,
                  resume: bool = False, progress: bool = True) -> dict:
     """Train one model per part into RUN/stage2/<PART>; returns a summary per part."""
+    from bonecluster.fewlabel import labels_to_choose, parse_probe_features
+
     s2cfg = stage2_config(cfg)
+    labels_to_choose(cfg.stage2.labels_fraction, 0)   # fail early on a fraction outside [0, 1]
+    parse_probe_features(cfg.stage2.probe_features)
     summary = {}
     for part, positions in group_by_part(data, stage1_names).items():
         if len(positions) < max(cfg.stage2.min_images, cfg.stage2.k):
@@ -199,10 +207,23 @@ def _train_part(subset: PreparedDataset, out: Path, cfg: Config, resume: bool, p
     engine = DeepClusterEngine(cfg, out, progress=progress)
     resume = resume and (out / "checkpoint.pt").exists()
     fit = engine.fit(subset, resume=resume)
-    anomaly = fit_part_anomaly(TrainedClusters.load(out, engine.device), subset, cfg)
+    trained = TrainedClusters.load(out, engine.device)
+    anomaly = fit_part_anomaly(trained, subset, cfg)
+    probe = None
+    if cfg.stage2.labels_fraction > 0:
+        from bonecluster.fewlabel import train_part_probe  # imports this module: load it lazily
+
+        probe = train_part_probe(trained, subset, anomaly, cfg, out.name)
     if engine.dist.is_main:
         anomaly.save(out / ANOMALY)
+        if probe is not None:
+            probe.save(out / PROBE)
+        elif (out / PROBE).exists():   # an earlier run's probe must not outlive a run without one
+            (out / PROBE).unlink()
     flagged = float((anomaly.train_scores >= anomaly.threshold).float().mean())
-    return {"n_images": len(subset), "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 1),
-            "threshold": round(anomaly.threshold, 5), "threshold_method": anomaly.threshold_method,
-            "flagged_share": round(flagged, 4)}
+    summary = {"n_images": len(subset), "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 1),
+               "threshold": round(anomaly.threshold, 5), "threshold_method": anomaly.threshold_method,
+               "flagged_share": round(flagged, 4)}
+    if probe is not None:
+        summary["few_labels"] = probe.audit()
+    return summary

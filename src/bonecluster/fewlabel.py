@@ -1,0 +1,365 @@
+"""Few-label mode for stage 2 (``--labels-fraction F``, off by default).
+
+Few-label mode (``stage2.labels_fraction`` F > 0, off by default): per part, a seeded random
+F of the part's labelled training *studies* is picked without looking at labels
+(:func:`choose_label_subset`); the labels of their images, and no others, fit an L2 logistic
+probe on the part model's features (:class:`FewLabelProbe`). Its probability (threshold 0.5) is
+scored apart from the label-free result (``metrics.json``'s ``stage2_few_labels``).
+
+Files: ``RUN/stage2/<PART>/probe.pt`` (the probe and the audit of the labels it used).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bonecluster.config import Config
+from bonecluster.data.cache import PreparedDataset
+from bonecluster.engine import TrainedClusters, load_torch, save_torch
+from bonecluster.stage2 import PartAnomaly, part_features
+
+log = logging.getLogger("bonecluster")
+
+PROBE_FEATURES = ("global", "layer3", "score", "hog")
+PROBE_CS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # inverse L2 strengths tried by the probe's CV
+PROBE_DEFAULT_C = 0.03                                # when the labelled subset is too small to CV
+PROBE_THRESHOLD = 0.5                                 # flag = probe probability >= 0.5
+
+
+def study_keys(records) -> list[str]:
+    """A study id per record (an image without a study is its own study), as in study_groups."""
+    return [r.study or f"image:{r.path}" for r in records]
+
+
+@dataclass
+class LabelSubset:
+    """The training labels the few-label probe may use, and how they were chosen.
+
+    ``positions`` index the records given to :func:`choose_label_subset` (for a part: its
+    training images in ``RUN/data.json`` order). ``n_seen`` counts the studies whose label was
+    read: ``len(studies)``, unless the first random pick held one class only and the walk down
+    the same random order had to read further labels to find the other class.
+    """
+
+    positions: np.ndarray          # (n,) int64, sorted
+    studies: list[str]
+    n_labelled_studies: int
+    n_labelled_images: int
+    n_seen: int
+
+    @property
+    def n_images(self) -> int:
+        return len(self.positions)
+
+
+def labels_to_choose(fraction: float, n_labelled_studies: int) -> int:
+    """round(fraction * n), halves rounded up (not Python's round-half-to-even)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"stage2.labels_fraction must be in [0, 1], got {fraction}")
+    return int(np.floor(fraction * n_labelled_studies + 0.5))
+
+
+def choose_label_subset(records, fraction: float, seed: int = 0, salt: str = "") -> LabelSubset:
+    """Pick round(fraction * S) of the S labelled studies among ``records``; use their labels only.
+
+    The pick is label-blind: a seeded random order of the labelled studies (``salt``, e.g. the
+    body part, varies it between parts), of which the first n are taken. Whether a record has a
+    label is known; its value is read only for the studies picked. If those n studies (n >= 2)
+    hold one class only, the walk continues down the same order, reading one more label at a
+    time, until a study of the other class is found; it replaces the last pick (so both classes
+    appear when the data allows, and the count stays n). Every image of a picked study whose
+    label is known is used.
+    """
+    keys = study_keys(records)
+    labelled: dict[str, list[int]] = {}
+    for i, (key, rec) in enumerate(zip(keys, records)):
+        if rec.abnormal is not None:
+            labelled.setdefault(key, []).append(i)
+    studies = list(labelled)
+    n = labels_to_choose(fraction, len(studies))
+    n_images = sum(len(v) for v in labelled.values())
+    if n == 0:
+        return LabelSubset(np.zeros(0, np.int64), [], len(studies), n_images, 0)
+
+    def label(s: int) -> bool:   # the only place a label value is read
+        return any(bool(records[i].abnormal) for i in labelled[studies[s]])
+
+    rng = np.random.default_rng([int(seed), zlib.crc32(salt.encode())])
+    order = rng.permutation(len(studies))
+    chosen = list(order[:n])
+    seen = {s: label(s) for s in chosen}
+    if n >= 2 and len(set(seen.values())) == 1:
+        for s in order[n:]:
+            seen[s] = label(s)
+            if seen[s] != seen[chosen[0]]:
+                chosen[-1] = s
+                break
+    positions = np.sort(np.concatenate([labelled[studies[s]] for s in chosen])).astype(np.int64)
+    return LabelSubset(positions, sorted(studies[s] for s in chosen), len(studies), n_images, len(seen))
+
+
+def parse_probe_features(spec: str) -> tuple[tuple[str, ...], int, bool]:
+    """``"global+layer3+score"`` -> (("global", "layer3", "score"), 0, False);
+    ``"hog+pca32+flip"`` -> (("hog",), 32, True)."""
+    kinds, pca, flip = [], 0, False
+    for item in (s.strip() for s in spec.split("+")):
+        if item in PROBE_FEATURES and item not in kinds:
+            kinds.append(item)
+        elif item.startswith("pca") and item[3:].isdigit() and int(item[3:]) > 0:
+            pca = int(item[3:])
+        elif item == "flip" and not flip:
+            flip = True
+        else:
+            raise ValueError(f"stage2.probe_features: unknown or repeated item {item!r} in {spec!r} "
+                             f"(use {', '.join(PROBE_FEATURES)}, optionally pcaN and flip, joined by '+')")
+    if not kinds:
+        raise ValueError(f"stage2.probe_features {spec!r} names no features")
+    return tuple(kinds), pca, flip
+
+
+@torch.no_grad()
+def hog_features(images: np.ndarray, cell: int = 8, bins: int = 9, batch_size: int = 512) -> torch.Tensor:
+    """Histograms of oriented gradients (Dalal & Triggs 2005) of uint8 (N, S, S) images: (N, D).
+
+    Unsigned orientations in ``bins`` bins (linear vote between the two nearest), magnitude
+    weighted, summed over ``cell`` x ``cell`` pixel cells; 2 x 2-cell blocks, L2-Hys normalised
+    (clip 0.2). A fixed, label-free descriptor of the film itself (64 px: 7 x 7 blocks x 36 = 1764).
+    """
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).float().div_(255)
+        x = x.unsqueeze(1)
+        gx = torch.nn.functional.pad(x, (1, 1, 0, 0), mode="replicate")
+        gy = torch.nn.functional.pad(x, (0, 0, 1, 1), mode="replicate")
+        gx = gx[..., :, 2:] - gx[..., :, :-2]
+        gy = gy[..., 2:, :] - gy[..., :-2, :]
+        mag = torch.sqrt(gx ** 2 + gy ** 2)
+        pos = torch.remainder(torch.atan2(gy, gx), np.pi) / np.pi * bins - 0.5   # bin centres at 0..bins-1
+        low = torch.floor(pos)
+        frac = pos - low
+        hist = torch.zeros(x.shape[0], bins, *x.shape[2:])
+        hist.scatter_add_(1, torch.remainder(low, bins).long(), mag * (1 - frac))
+        hist.scatter_add_(1, torch.remainder(low + 1, bins).long(), mag * frac)
+        cells = torch.nn.functional.avg_pool2d(hist, cell) * cell * cell            # (n, bins, h, w)
+        blocks = torch.cat([cells[:, :, i:cells.shape[2] - 1 + i, j:cells.shape[3] - 1 + j]
+                            for i in (0, 1) for j in (0, 1)], dim=1)               # (n, 4 bins, h-1, w-1)
+        blocks = blocks.permute(0, 2, 3, 1)
+        blocks = blocks / torch.sqrt(blocks.pow(2).sum(-1, keepdim=True) + 1e-6)
+        blocks = blocks.clamp_max(0.2)
+        blocks = blocks / torch.sqrt(blocks.pow(2).sum(-1, keepdim=True) + 1e-6)
+        out.append(blocks.flatten(1))
+    return torch.cat(out)
+
+
+def probe_matrix(trained: TrainedClusters, images: np.ndarray, kinds, unsupervised: torch.Tensor | None,
+                 batch_size: int = 256) -> torch.Tensor:
+    """The probe's raw features of images (uint8 (N, S, S)); deep features only when asked for."""
+    if "global" in kinds or "layer3" in kinds:
+        pooled, patches = part_features(trained, images, batch_size)
+    else:
+        pooled = patches = None
+    return probe_inputs(kinds, pooled, patches, unsupervised, images)
+
+
+def probe_inputs(kinds, pooled: torch.Tensor, patches: torch.Tensor,
+                 unsupervised: torch.Tensor | None, images: np.ndarray | None = None) -> torch.Tensor:
+    """The probe's raw feature matrix (N, D) from :func:`part_features`, the unsupervised scores
+    and (for ``hog``) the images themselves."""
+    cols = []
+    if "global" in kinds:
+        cols.append(pooled.float())
+    if "layer3" in kinds:
+        cols.append(patches.float().mean(dim=1))
+    if "score" in kinds:
+        if unsupervised is None:
+            raise ValueError("the probe uses the unsupervised score; pass it")
+        cols.append(torch.log(unsupervised.float().clamp_min(1e-6)).view(-1, 1))
+    if "hog" in kinds:
+        if images is None:
+            raise ValueError("the probe uses HOG features; pass the images")
+        cols.append(hog_features(images))
+    return torch.cat(cols, dim=1)
+
+
+@dataclass
+class FewLabelProbe:
+    """An L2-regularised logistic regression on a part model's features, fitted on a few labels.
+
+    Inputs are standardised with the mean and spread of *all* the part's training images (no
+    labels needed), optionally projected on their top principal components, then
+    ``p = sigmoid(z @ coef + intercept)``. ``C`` is chosen by study-grouped, stratified
+    cross-validation on the labelled subset only (AUROC of out-of-fold probabilities).
+    Everything is tensors and plain values, so the file loads with ``weights_only=True``.
+    """
+
+    features: str
+    mean: torch.Tensor             # (D,)
+    scale: torch.Tensor            # (D,)
+    projection: torch.Tensor | None  # (D, d) or None
+    coef: torch.Tensor             # (d,)
+    intercept: float
+    C: float
+    cv_auroc: float | None
+    fraction: float
+    seed: int
+    label_positions: list          # positions among the part's training images (RUN/data.json order)
+    label_paths: list
+    n_studies: int                 # labelled studies used
+    n_labelled_studies: int        # labelled studies the part's training data had
+    n_labelled_images: int
+    n_seen: int                    # studies whose label was read (see LabelSubset)
+    n_abnormal: int                # abnormal images among those used
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_positions)
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x.float() - self.mean) / self.scale
+        if self.projection is not None:
+            z = z @ self.projection
+        return torch.sigmoid(z @ self.coef + self.intercept)
+
+    def score(self, trained: TrainedClusters, images: np.ndarray, anomaly: PartAnomaly | None = None,
+              unsupervised: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
+        """Probability of abnormal for new images (uint8 (M, S, S)) with the part model ``trained``.
+
+        A probe that uses the unsupervised score needs it: pass ``unsupervised`` (M,) or the
+        part's ``anomaly`` to compute it.
+        """
+        if len(images) == 0:
+            return torch.zeros(0)
+        kinds, _, flip = parse_probe_features(self.features)
+        if "score" in kinds and unsupervised is None:
+            if anomaly is None:
+                raise ValueError("this probe uses the unsupervised score: pass anomaly or unsupervised")
+            unsupervised = anomaly.score(trained, images, batch_size)
+        prob = self.predict_proba(probe_matrix(trained, images, kinds, unsupervised, batch_size))
+        if flip:   # trained on both orientations: average the two views' probabilities
+            mirrored = np.ascontiguousarray(images[:, :, ::-1])
+            prob = (prob + self.predict_proba(probe_matrix(trained, mirrored, kinds, unsupervised, batch_size))) / 2
+        return prob
+
+    def audit(self) -> dict:
+        return {"labels_fraction": self.fraction, "labels_seed": self.seed, "images": self.n_labels,
+                "studies": self.n_studies, "abnormal_images": self.n_abnormal,
+                "labelled_studies": self.n_labelled_studies, "labelled_images": self.n_labelled_images,
+                "studies_seen": self.n_seen, "features": self.features, "C": self.C,
+                "cv_auroc": None if self.cv_auroc is None else round(self.cv_auroc, 4)}
+
+    def save(self, path: Path) -> None:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["label_positions"] = torch.as_tensor(self.label_positions, dtype=torch.int64)
+        save_torch(path, d)
+
+    @classmethod
+    def load(cls, path: Path) -> "FewLabelProbe":
+        d = load_torch(path)
+        d["label_positions"] = [int(i) for i in d["label_positions"]]
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def fit_probe_weights(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0
+                      ) -> tuple[np.ndarray, float, float, float | None]:
+    """L2 logistic regression (balanced classes) on standardised ``x``; C by grouped CV.
+
+    Returns (coef, intercept, C, cv_auroc). C minimises the class-balanced log loss of the
+    out-of-fold probabilities (it rewards ranking and a usable 0.5 threshold alike; AUROC alone
+    cannot tell a strong C from a weak one whose probabilities all sit at 0.5); ``cv_auroc`` is
+    the out-of-fold AUROC at that C. The folds keep a study's images together and are stratified
+    by class; with fewer than two studies per class there is no CV and C is
+    :data:`PROBE_DEFAULT_C`. Ties go to the smaller C (stronger regularisation).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss, roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = np.asarray(y, bool)
+    study_class = {}
+    for g, t in zip(groups, y):
+        study_class[g] = study_class.get(g, False) or bool(t)
+    per_class = np.bincount(np.fromiter(study_class.values(), int), minlength=2)
+    folds = int(min(5, per_class.min()))
+    best_c, best_auc, best_loss = PROBE_DEFAULT_C, None, np.inf
+    if folds >= 2:
+        split = list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(x, y, groups))
+        weight = np.where(y, 0.5 / y.mean(), 0.5 / (1 - y.mean()))   # balanced, like the fit
+        for c in PROBE_CS:
+            oof = np.full(len(y), 0.5)
+            for tr, te in split:
+                if y[tr].all() or not y[tr].any():
+                    continue
+                m = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(x[tr], y[tr])
+                oof[te] = m.predict_proba(x[te])[:, 1]
+            loss = float(log_loss(y, oof, sample_weight=weight, labels=[False, True]))
+            if loss < best_loss - 1e-9:
+                best_c, best_loss, best_auc = c, loss, float(roc_auc_score(y, oof))
+    model = LogisticRegression(C=best_c, class_weight="balanced", max_iter=5000).fit(x, y)
+    return model.coef_.ravel(), float(model.intercept_[0]), float(best_c), best_auc
+
+
+def fit_probe(features_all: torch.Tensor, subset: LabelSubset, labels: np.ndarray, groups: np.ndarray,
+              spec: str, fraction: float, seed: int, paths: list[str],
+              mirrored_all: torch.Tensor | None = None) -> FewLabelProbe:
+    """Fit the probe on ``features_all[subset.positions]`` with ``labels`` (one per position).
+
+    ``features_all`` (N, D) covers all the part's training images: they set the standardisation
+    (and the optional PCA) without labels. Only the subset's rows and ``labels`` are supervised.
+    ``mirrored_all`` (N, D), for ``flip``: the features of the left-right mirrored images; the
+    subset's mirrored rows join the fit with the same labels (same images, no new label).
+    """
+    _, pca_dim, _ = parse_probe_features(spec)
+    x_all = features_all.double()
+    mean = x_all.mean(0)
+    scale = x_all.std(0).nan_to_num(1.0)
+    scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
+    z_all = (x_all - mean) / scale
+    projection = None
+    if pca_dim:
+        d = min(pca_dim, z_all.shape[0] - 1, z_all.shape[1])
+        _, _, v = torch.linalg.svd(z_all - z_all.mean(0), full_matrices=False)
+        projection = v[:d].T.contiguous()
+        z_all = z_all @ projection
+    rows = torch.as_tensor(subset.positions)
+    x = z_all[rows].numpy()
+    if mirrored_all is not None:
+        z_mirror = (mirrored_all.double()[rows] - mean) / scale
+        if projection is not None:
+            z_mirror = z_mirror @ projection
+        x = np.concatenate([x, z_mirror.numpy()])
+        labels, groups = np.concatenate([labels, labels]), np.concatenate([groups, groups])
+    coef, intercept, c, cv_auc = fit_probe_weights(x, labels, groups, seed)
+    return FewLabelProbe(spec, mean.float(), scale.float(), None if projection is None else projection.float(),
+                         torch.as_tensor(coef, dtype=torch.float32), intercept, c, cv_auc, float(fraction), int(seed),
+                         [int(i) for i in subset.positions], list(paths), len(subset.studies),
+                         subset.n_labelled_studies, subset.n_labelled_images, subset.n_seen,
+                         int(np.asarray(labels, bool)[:len(subset.positions)].sum()))
+
+
+def train_part_probe(trained: TrainedClusters, data: PreparedDataset, anomaly: PartAnomaly, cfg: Config,
+                     part: str = "") -> FewLabelProbe | None:
+    """The few-label probe of one part (``data``: its training images), or None with a warning
+    when the labelled subset is empty or holds one class only."""
+    s2 = cfg.stage2
+    kinds, _, flip = parse_probe_features(s2.probe_features)
+    subset = choose_label_subset(data.records, s2.labels_fraction, s2.labels_seed, salt=part)
+    labels = np.array([bool(data.records[i].abnormal) for i in subset.positions], bool)
+    if subset.n_images == 0 or labels.all() or not labels.any():
+        log.warning("stage 2: no few-label probe for %s (%d labelled studies of %d picked at labels_fraction=%g "
+                    "hold %s; both classes are needed)", part, len(subset.studies), subset.n_labelled_studies,
+                    s2.labels_fraction, "no labels" if subset.n_images == 0 else "one class only")
+        return None
+    images = data.images()
+    feats = probe_matrix(trained, images, kinds, anomaly.train_scores, cfg.train.feature_batch_size)
+    mirrored = (probe_matrix(trained, np.ascontiguousarray(images[:, :, ::-1]), kinds, anomaly.train_scores,
+                             cfg.train.feature_batch_size) if flip else None)
+    keys = study_keys(data.records)
+    groups = np.array([keys[i] for i in subset.positions])
+    return fit_probe(feats, subset, labels, groups, s2.probe_features, s2.labels_fraction, s2.labels_seed,
+                     [data.records[i].path for i in subset.positions], mirrored)

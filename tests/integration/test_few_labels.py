@@ -1,0 +1,113 @@
+"""Few-label mode end to end: `train --labels-fraction`, the audited probe, and its own metrics block."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from bonecluster.cli import main
+from bonecluster.config import config_from_dict, read_yaml
+from bonecluster.data import PreparedDataset
+from bonecluster.data.phantoms import generate_phantoms
+from bonecluster.engine import TrainedClusters
+from bonecluster.fewlabel import FewLabelProbe, train_part_probe
+from bonecluster.stage2 import ANOMALY, PROBE, PartAnomaly, group_by_part
+from tests.integration.test_engine import TINY
+
+SETS = [a for s in TINY + ["stage2.k=2", "stage2.epochs=1", "stage2.min_images=4"] for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Stage 2 alone on 168 phantoms (about 8 studies per part), the labels of 20% of the studies."""
+    root = tmp_path_factory.mktemp("few")
+    generate_phantoms(root / "ph", n=168, size=64, seed=5, progress=False, workers=1)
+    generate_phantoms(root / "ph", n=42, size=64, seed=5, split="valid", progress=False, workers=1)
+    assert main(["train", str(root / "ph" / "train"), "--out", str(root / "run"), "--stages", "2", "--quiet",
+                 "--labels-fraction", "0.2", *SETS]) == 0
+    return root
+
+
+def test_probe_files_audit_exactly_the_fraction(run):
+    cfg = config_from_dict(read_yaml(run / "run" / "config.yaml"))
+    assert cfg.stage2.labels_fraction == 0.2
+    data = PreparedDataset.load(run / "run" / "data.json")
+    summary = json.loads((run / "run" / "stage2" / "summary.json").read_text())
+    probes = 0
+    for part, positions in group_by_part(data).items():
+        path = run / "run" / "stage2" / part / PROBE
+        if not path.exists():
+            continue
+        probes += 1
+        raw = torch.load(path, weights_only=True)   # plain tensors and values, no pickled classes
+        probe = FewLabelProbe.load(path)
+        records = [data.records[i] for i in positions]
+        studies = {r.study for r in records if r.abnormal is not None}
+        assert probe.n_labelled_studies == len(studies)
+        assert probe.n_studies == int(np.floor(0.2 * len(studies) + 0.5)) == len({records[i].study
+                                                                                  for i in probe.label_positions})
+        assert len(raw["label_positions"]) == probe.n_labels == len(probe.label_paths)
+        assert [records[i].path for i in probe.label_positions] == probe.label_paths
+        # every image of a picked study, no other
+        assert probe.n_labels == sum(r.study in {records[i].study for i in probe.label_positions} for r in records)
+        assert summary[part]["few_labels"]["images"] == probe.n_labels
+    assert probes >= 5   # a part whose pick holds one class only is skipped with a warning
+
+
+def test_labels_outside_the_pick_do_not_change_the_probe(run):
+    """Refit one part's probe with every label outside its audited subset flipped: same probe."""
+    cfg = config_from_dict(read_yaml(run / "run" / "config.yaml"))
+    data = PreparedDataset.load(run / "run" / "data.json")
+    # a part whose first random pick held both classes, so no label beyond the pick was read
+    # (otherwise the walk to the other class reads n_seen - n_studies more, see choose_label_subset)
+    part, positions = next((p, pos) for p, pos in group_by_part(data).items()
+                           if (run / "run" / "stage2" / p / PROBE).exists()
+                           and FewLabelProbe.load(run / "run" / "stage2" / p / PROBE).n_seen
+                           == FewLabelProbe.load(run / "run" / "stage2" / p / PROBE).n_studies)
+    folder = run / "run" / "stage2" / part
+    saved = FewLabelProbe.load(folder / PROBE)
+    subset = data.subset(positions)
+    used = {subset.records[i].study for i in saved.label_positions}
+    flipped = replace(subset, records=[r if r.study in used else replace(r, abnormal=not r.abnormal)
+                                       for r in subset.records])
+    trained, anomaly = TrainedClusters.load(folder), PartAnomaly.load(folder / ANOMALY)
+    again = train_part_probe(trained, flipped, anomaly, cfg, part)
+    assert again.label_positions == saved.label_positions
+    assert torch.allclose(again.coef, saved.coef, atol=1e-6) and again.intercept == pytest.approx(saved.intercept)
+
+
+def test_evaluate_reports_few_labels_apart(run, capsys):
+    out = run / "out"
+    assert main(["evaluate", str(run / "run"), str(run / "ph" / "valid"), "--json", str(out / "m.json"),
+                 "--quiet", "--report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "few-label auroc" in printed
+    m = json.loads((out / "m.json").read_text())
+    assert set(m) == {"stage2", "stage2_few_labels", "skipped_files"}
+    few, s2 = m["stage2_few_labels"], m["stage2"]
+    assert set(s2) == {"per_part", "macro"}
+    assert set(few) == {"per_part", "macro", "labels_fraction", "labels_used"} and few["labels_fraction"] == 0.2
+    assert few["labels_used"]["images"] == sum(p["images"] for p in few["labels_used"]["per_part"].values()) > 0
+    assert set(few["per_part"]) == set(few["labels_used"]["per_part"])
+    for row in few["per_part"].values():
+        assert set(row) <= {"n_images", "n_studies", "auroc", "sensitivity", "specificity", "precision",
+                            "kappa_study"}
+        assert all(0 <= v <= 1 for k, v in row.items() if k not in ("n_images", "n_studies", "kappa_study"))
+    assert all(0 <= v <= 1 for k, v in few["macro"].items() if k != "kappa_study")
+    page = (out / "report.html").read_text()
+    assert "Stage 2 with few labels" in page and "labels_fraction = 0.2" in page
+    # the label-free block is the same with the probes gone
+    for probe in (run / "run" / "stage2").glob(f"*/{PROBE}"):
+        probe.rename(probe.with_suffix(".bak"))
+    try:
+        assert main(["evaluate", str(run / "run"), str(run / "ph" / "valid"), "--json", str(out / "m0.json"),
+                     "--quiet"]) == 0
+    finally:
+        for probe in (run / "run" / "stage2").glob("*/probe.bak"):
+            probe.rename(probe.with_suffix(".pt"))
+    m0 = json.loads((out / "m0.json").read_text())
+    assert "stage2_few_labels" not in m0 and m0["stage2"] == s2
