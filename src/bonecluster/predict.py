@@ -3,12 +3,29 @@
 :class:`Predictor` loads what a run folder holds (stage-1 model, centroids and cluster names;
 one model, embedding bank and threshold per body part) and predicts for a prepared dataset.
 ``evaluate`` and ``predict`` build on it.
+
+:func:`predict_paths` (the ``bonecluster predict`` command) reads image files, folders (searched
+recursively), DICOM files, MURA trees or CSV manifests with the run's own data settings, decodes
+them into a cache (a temporary folder removed afterwards, unless ``cache`` names one to keep and
+reuse), predicts in chunks and returns a :class:`PredictionReport`:
+
+* one :class:`ImagePrediction` per image that decoded;
+* one :class:`StudyPrediction` per study and body part where the records carry a study id (MURA
+  ``patientX/studyY_label/``, a DICOM StudyInstanceUID, or the sub-folder an image sits in below
+  an input folder): the mean of its images' scores (the max with ``stage2.study_score=max`` in
+  the run's config), flagged when it reaches the part's threshold;
+* the files that were skipped, each with its reason.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import csv
+import io
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -34,6 +51,7 @@ class ImagePrediction:
     score: float | None        # stage-2 abnormality score (see stage2.score), None without a part model
     threshold: float | None
     abnormal: bool | None
+    study: str | None = None   # the record's study id (None when the input has no studies)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,7 +104,7 @@ class Predictor:
             score = scores.get(i)
             out.append(ImagePrediction(rec.path, _opt(int, clusters[i]), names[i], _opt(float, confidence[i]),
                                        parts[i] if model else None, score, threshold,
-                                       None if score is None else bool(score >= threshold)))
+                                       None if score is None else bool(score >= threshold), rec.study))
         return out, embeddings
 
     def _stage1(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -109,3 +127,212 @@ class Predictor:
 
 def _opt(kind, value):
     return None if value is None else kind(value)
+
+
+# ----------------------------------------------------------------------------- predict_paths
+
+CSV_COLUMNS = ("path", "cluster", "cluster_name", "confidence", "part", "score", "threshold", "abnormal",
+               "study", "study_score", "study_abnormal")
+
+
+@dataclass
+class StudyPrediction:
+    """A study's images of one body part, scored together (see :func:`study_predictions`)."""
+
+    study: str
+    part: str
+    n_images: int
+    score: float               # mean (or max) of its images' stage-2 scores
+    threshold: float
+    abnormal: bool             # score >= threshold
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SkippedFile:
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PredictionReport:
+    """What :func:`predict_paths` returns; ``to_json`` / ``to_csv`` are the command's outputs."""
+
+    run: str
+    study_score: str                       # "mean" or "max"
+    images: list[ImagePrediction]
+    studies: list[StudyPrediction] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"images": len(self.images), "studies": len(self.studies), "skipped": len(self.skipped),
+                "abnormal_images": sum(1 for p in self.images if p.abnormal),
+                "abnormal_studies": sum(1 for s in self.studies if s.abnormal)}
+
+    def to_dict(self) -> dict:
+        return {"run": self.run, "study_score": self.study_score, "summary": self.summary(),
+                "images": [p.to_dict() for p in self.images],
+                "studies": [s.to_dict() for s in self.studies],
+                "skipped": [s.to_dict() for s in self.skipped]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def to_csv(self) -> str:
+        """One row per predicted image (columns :data:`CSV_COLUMNS`); skipped files are not rows."""
+        by_key = {(s.study, s.part): s for s in self.studies}
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for p in self.images:
+            study = by_key.get((p.study, p.part))
+            row = {**p.to_dict(), "study_score": study.score if study else None,
+                   "study_abnormal": study.abnormal if study else None}
+            writer.writerow([_csv_cell(row[c]) for c in CSV_COLUMNS])
+        return buf.getvalue()
+
+    def render(self, out_format: str = "json") -> str:
+        if out_format == "json":
+            return self.to_json()
+        if out_format == "csv":
+            return self.to_csv()
+        raise ValueError(f"unknown output format {out_format!r}; choose json or csv")
+
+
+def check_run(run: str | Path) -> Path:
+    """``run`` as a Path when it holds a trained model; FileNotFoundError naming it otherwise."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: not a run folder (no such folder)")
+    has_stage1 = (run / "stage1" / FINAL_MODEL).is_file()
+    has_stage2 = any(p.is_file() for p in (run / "stage2").glob(f"*/{FINAL_MODEL}"))
+    if not (has_stage1 or has_stage2):
+        raise FileNotFoundError(f"{run}: not a run folder (no stage1/{FINAL_MODEL} nor stage2/<PART>/{FINAL_MODEL}; "
+                                "make one with `bonecluster train`)")
+    return run
+
+
+def load_run_config(run: str | Path):
+    """The run's resolved config: RUN/config.yaml, else the one a stage's engine run wrote."""
+    from bonecluster.config import config_from_dict, read_yaml
+
+    run = Path(run)
+    candidates = [run / "config.yaml", run / "stage1" / "config.yaml", *sorted(run.glob("stage2/*/config.yaml"))]
+    for path in candidates:
+        if path.is_file():
+            return config_from_dict(read_yaml(path))
+    raise FileNotFoundError(f"{run}: no config.yaml (neither RUN/config.yaml nor a stage's config.yaml)")
+
+
+def predict_paths(run: str | Path, inputs: Sequence[str | Path], progress: bool = True,
+                  cache: str | Path | None = None, use_metadata_parts: bool = True,
+                  batch_size: int = 256, device: str | torch.device = "cpu") -> PredictionReport:
+    """Predict every image under ``inputs`` with the run folder ``run``.
+
+    ``inputs``: image files, DICOM files, folders (searched recursively), MURA roots or CSV
+    manifests, decoded with the run's data settings (size, fit, intensity percentiles). Files
+    that cannot be used are skipped (one warning each on stderr) and listed in ``.skipped``; a
+    missing input is skipped too. ``cache``: where decoded pixels go (default a temporary folder,
+    removed afterwards). ``use_metadata_parts``: stage 2 takes the body part from the metadata
+    (MURA folders, DICOM BodyPartExamined, a manifest) when there is one, else the stage-1 cluster
+    name. Raises FileNotFoundError when ``run`` is not a run folder and DataError when no image
+    could be read.
+    """
+    from bonecluster.data import DataError, SkipLog, prepare
+
+    run = check_run(run)
+    cfg = load_run_config(run)
+    predictor = Predictor(run, device)
+    if not inputs:
+        raise DataError("no input given")
+    skips = SkipLog()
+    records = _read_inputs(inputs, skips, cfg.data)
+    names = ", ".join(str(s) for s in inputs)
+    if not records:
+        raise DataError(f"no image found in {names}{_reasons(skips)}")
+    workers = 1 if len(records) < 64 else (cfg.data.workers or None)
+    with tempfile.TemporaryDirectory(prefix="bonecluster-predict-") as tmp:
+        try:
+            data = prepare(records, cache or tmp, cfg.data.preprocess(), cfg.data.limits(), skips,
+                           workers=workers, progress=progress)
+        except DataError as err:
+            raise DataError(f"none of the {len(records)} image(s) in {names} could be read{_reasons(skips)}") from err
+        images = _predict_chunks(predictor, data, batch_size, progress, use_metadata_parts)
+    how = cfg.stage2.study_score
+    return PredictionReport(str(run), how, images, study_predictions(images, how),
+                            [SkippedFile(s.path, s.reason) for s in skips.items])
+
+
+def study_predictions(images: Sequence[ImagePrediction], how: str = "mean") -> list[StudyPrediction]:
+    """Aggregate the scored images of each (study, body part): their mean (or max) score, flagged
+    at the part's threshold. Images without a study or without a score are left out."""
+    from bonecluster.metrics import study_level
+
+    groups: dict[tuple[str, str], list[ImagePrediction]] = {}
+    for p in images:
+        if p.study is not None and p.score is not None and p.part is not None:
+            groups.setdefault((p.study, p.part), []).append(p)
+    out = []
+    for (study, part), members in groups.items():
+        _, scores = study_level([study] * len(members), [m.score for m in members], how)
+        score, threshold = float(scores[0]), float(members[0].threshold)
+        out.append(StudyPrediction(study, part, len(members), score, threshold, bool(score >= threshold)))
+    return out
+
+
+def _read_inputs(inputs, skips, data_cfg) -> list:
+    """Records of every input; a missing or unreadable input is skipped, not fatal."""
+    from bonecluster.data import DataError, ReaderLimits, read_records
+
+    seen: set[str] = set()
+    records = []
+    for src in inputs:
+        src_path = Path(src)
+        try:
+            found = read_records(src_path, skips, ReaderLimits(data_cfg.max_csv_row_chars))
+        except DataError as err:
+            skips.add(src_path, str(err).removeprefix(f"{src_path}: "))
+            continue
+        if not found and src_path.is_file() and src_path.suffix.lower() != ".csv":
+            skips.add(src_path, "not an image or DICOM file")
+        for rec in found:
+            key = str(Path(rec.path).resolve())
+            if key not in seen:
+                seen.add(key)
+                records.append(rec)
+    return records
+
+
+def _predict_chunks(predictor: Predictor, data: PreparedDataset, batch_size: int, progress: bool,
+                    use_metadata_parts: bool) -> list[ImagePrediction]:
+    """Predict ``batch_size`` images at a time (bounded memory, a progress bar on stderr)."""
+    from tqdm.auto import tqdm
+
+    out: list[ImagePrediction] = []
+    with tqdm(total=len(data), desc="predict", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(data), batch_size):
+            chunk = data.subset(np.arange(start, min(start + batch_size, len(data))))
+            out += predictor.predict(chunk, use_metadata_parts)
+            bar.update(len(chunk))
+    return out
+
+
+def _reasons(skips, limit: int = 3) -> str:
+    if not len(skips):
+        return ""
+    shown = "; ".join(f"{s.path}: {s.reason}" for s in skips.items[:limit])
+    more = f"; and {len(skips) - limit} more" if len(skips) > limit else ""
+    return f" ({len(skips)} skipped: {shown}{more})"
+
+
+def _csv_cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

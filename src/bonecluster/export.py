@@ -1,0 +1,278 @@
+"""``bonecluster export``: a run folder's models as ONNX graphs, for inference without PyTorch.
+
+:func:`export_onnx` writes, into ``OUT`` (default ``RUN/onnx``)::
+
+    stage1.onnx           the stage-1 model with its PCA-whitening and centroids
+    stage2_<PART>.onnx    one per body part, with the part's banks and threshold in the graph
+    manifest.json         what the graphs expect and return, cluster names, thresholds
+    README.md             the same in words
+
+Input of every graph: ``image``, float32 ``(N, 1, S, S)``, the image as the network sees it
+after the cache: decoded, intensity-scaled to the ``pct_low``..``pct_high`` percentiles,
+squashed (or letterboxed) to S x S uint8 (``data.size``, ``data.fit``), then divided by 255, so
+values lie in [0, 1]. The model's own normalisation (grey mean/std) and the Sobel filter are
+inside the graph. N is dynamic.
+
+``stage1.onnx`` outputs:
+
+* ``embedding`` (N, d) float32: pooled backbone features, PCA-whitened and L2-normalised (the
+  space the k-means centroids live in);
+* ``probabilities`` (N, k) float32: softmax over ``-||embedding - centroid||^2 / T`` with
+  T = :data:`bonecluster.predict.CONFIDENCE_TEMPERATURE`;
+* ``cluster`` (N,) int64: the nearest centroid (names in the manifest's ``clusters``);
+* ``confidence`` (N,) float32: ``probabilities[cluster]`` (what ``bonecluster predict`` reports).
+
+``stage2_<PART>.onnx`` outputs (the scoring of :class:`bonecluster.stage2.PartAnomaly` is in the
+graph, its kNN banks are constants):
+
+* ``embedding`` (N, d2) float32: the part model's pooled features, PCA-whitened with the
+  part's own PCA and L2-normalised (the global bank's space);
+* ``score`` (N,) float32: the abnormality score. ``global`` = mean over the ``knn`` nearest bank
+  rows of ``1 - embedding . bank``; ``patch`` = max over layer3 positions of the mean over the
+  ``patch_knn`` nearest bank patches of ``1 - patch . bank_patch`` (patches L2-normalised);
+  ``global+patch`` = the mean of ``global / scale_global`` and ``patch / scale_patch`` (the
+  medians of the training scores, in the manifest's ``score_scales``);
+* ``abnormal`` (N,) bool: ``score >= threshold``.
+
+The patch score compares every position with every bank patch: memory grows as
+N x positions x bank patches, so feed large banks small batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bonecluster.engine import TrainedClusters
+from bonecluster.io import atomic_write_text
+from bonecluster.predict import CONFIDENCE_TEMPERATURE, Predictor, check_run, load_run_config
+from bonecluster.stage2 import PartAnomaly
+
+log = logging.getLogger("bonecluster")
+
+DEFAULT_OPSET = 18
+MANIFEST = "manifest.json"
+EXPORTERS = ("auto", "dynamo", "legacy")
+_SINGLE_FILE_LIMIT = 1_500_000_000  # bytes of constants above which weights go to a .data file
+
+
+class _Whitening(nn.Module):
+    """``l2_normalise(((x - mean) @ components) * scale)`` with the PCA as buffers."""
+
+    def __init__(self, pca) -> None:
+        super().__init__()
+        self.register_buffer("mean", pca.mean.detach().float().cpu().clone())
+        self.register_buffer("components", pca.components.detach().float().cpu().clone())
+        self.register_buffer("scale", pca.scale.detach().float().cpu().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(((x - self.mean) @ self.components) * self.scale, p=2.0, dim=1, eps=1e-12)
+
+
+class Stage1Graph(nn.Module):
+    """Image -> embedding, centroid probabilities, nearest cluster and its probability."""
+
+    output_names = ("embedding", "probabilities", "cluster", "confidence")
+
+    def __init__(self, trained: TrainedClusters, temperature: float = CONFIDENCE_TEMPERATURE) -> None:
+        super().__init__()
+        self.model = trained.model.cpu().eval()
+        self.whiten = _Whitening(trained.pca)
+        self.register_buffer("centroids", trained.centroids.detach().float().cpu().clone())
+        self.temperature = float(temperature)
+
+    def forward(self, image: torch.Tensor):
+        x = self.whiten(self.model.features(image))
+        c = self.centroids
+        sq = (x.pow(2).sum(1, keepdim=True) - 2 * x @ c.T + c.pow(2).sum(1)).clamp_min(0)
+        prob = torch.softmax(-sq / self.temperature, dim=1)
+        cluster = torch.argmin(sq, dim=1)
+        return x, prob, cluster, prob.gather(1, cluster.view(-1, 1)).squeeze(1)
+
+
+class Stage2Graph(nn.Module):
+    """Image -> the part's global embedding, abnormality score and flag (banks in the graph)."""
+
+    output_names = ("embedding", "score", "abnormal")
+
+    def __init__(self, trained: TrainedClusters, anomaly: PartAnomaly) -> None:
+        super().__init__()
+        kind = anomaly.score_kind
+        if kind not in ("global", "patch", "global+patch"):
+            raise ValueError(f"unknown stage-2 score {kind!r}")
+        self.model = trained.model.cpu().eval()
+        self.whiten = _Whitening(anomaly.pca if anomaly.pca is not None else trained.pca)
+        self.use_global = kind in ("global", "global+patch")
+        self.use_patch = kind in ("patch", "global+patch")
+        if self.use_global:
+            self.register_buffer("bank", anomaly.bank.detach().float().cpu().clone())
+            self.knn = max(1, min(int(anomaly.knn), len(anomaly.bank)))
+        if self.use_patch:
+            if anomaly.patch_bank is None:
+                raise ValueError("the part's anomaly file has no patch bank for its patch score")
+            self.register_buffer("patch_bank", anomaly.patch_bank.detach().float().cpu().clone())
+            self.patch_knn = max(1, min(int(anomaly.patch_knn), len(anomaly.patch_bank)))
+        # combine_scores' scales: the median of each score over the training images
+        self.scales = ([float(t.float().median().clamp_min(1e-12)) for t in anomaly.train_parts]
+                       if self.use_global and self.use_patch else [])
+        self.threshold = float(anomaly.threshold)
+
+    def forward(self, image: torch.Tensor):
+        model, net = self.model, self.model.backbone
+        x = model.preprocess(image)
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        mid = net.layer3(net.layer2(net.layer1(x)))
+        pooled = torch.flatten(net.avgpool(net.layer4(mid)), 1)
+        emb = self.whiten(pooled)
+        parts = []
+        if self.use_global:
+            top = (emb @ self.bank.T).topk(self.knn, dim=1).values
+            parts.append((1.0 - top).mean(dim=1))
+        if self.use_patch:
+            patches = F.normalize(mid.flatten(2).transpose(1, 2), dim=2)
+            top = (patches @ self.patch_bank.T).topk(self.patch_knn, dim=2).values
+            parts.append((1.0 - top).mean(dim=2).amax(dim=1))
+        if len(parts) == 1:
+            score = parts[0]
+        else:
+            score = sum(p / s for p, s in zip(parts, self.scales)) / len(parts)
+        return emb, score, score >= self.threshold
+
+
+def export_onnx(run: str | Path, out_dir: str | Path | None = None, opset: int = DEFAULT_OPSET,
+                parts: Sequence[str] | None = None, exporter: str = "auto") -> list[Path]:
+    """Write ``stage1.onnx``, ``stage2_<PART>.onnx``, ``manifest.json`` and ``README.md``.
+
+    ``out_dir`` defaults to ``RUN/onnx``; ``parts`` limits stage 2 to those body parts (default
+    all). ``exporter``: ``dynamo`` (torch.export + onnxscript), ``legacy`` (TorchScript), or
+    ``auto`` (dynamo, then legacy if dynamo fails). Returns the paths written. Raises
+    FileNotFoundError when ``run`` has no trained model, ValueError for an unknown part.
+    """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    run = check_run(run)
+    cfg = load_run_config(run)
+    out = Path(out_dir) if out_dir is not None else run / "onnx"
+    predictor = Predictor(run)
+    chosen = dict(predictor.parts)
+    if parts:
+        unknown = sorted(set(parts) - set(chosen))
+        if unknown:
+            raise ValueError(f"{run}: no stage-2 model for {', '.join(unknown)} "
+                             f"(parts: {', '.join(sorted(chosen)) or 'none'})")
+        chosen = {p: chosen[p] for p in parts}
+    size = cfg.data.size
+    example = torch.rand(2, 1, size, size)
+    written: list[Path] = []
+    manifest = _manifest_header(run, cfg, opset)
+    if predictor.stage1 is not None:
+        path = out / "stage1.onnx"
+        manifest["exporter"] = _export(Stage1Graph(predictor.stage1), example, path, opset, exporter)
+        written.append(path)
+        k = int(predictor.stage1.centroids.shape[0])
+        manifest["stage1"] = {
+            "file": path.name, "outputs": list(Stage1Graph.output_names),
+            "embedding_dim": int(predictor.stage1.pca.output_dim), "k": k,
+            "confidence_temperature": CONFIDENCE_TEMPERATURE,
+            "clusters": {str(c): predictor.names.get(c, f"cluster-{c}") for c in range(k)}}
+    manifest["stage2"] = {}
+    for part, (trained, anomaly) in chosen.items():
+        path = out / f"stage2_{_safe(part)}.onnx"
+        graph = Stage2Graph(trained, anomaly)
+        manifest["exporter"] = _export(graph, example, path, opset, exporter)
+        written.append(path)
+        manifest["stage2"][part] = {
+            "file": path.name, "outputs": list(Stage2Graph.output_names),
+            "threshold": anomaly.threshold, "threshold_method": anomaly.threshold_method,
+            "score_kind": anomaly.score_kind, "knn": getattr(graph, "knn", None),
+            "patch_knn": getattr(graph, "patch_knn", None), "score_scales": graph.scales or None,
+            "bank_size": int(len(anomaly.bank)),
+            "patch_bank_size": None if anomaly.patch_bank is None else int(len(anomaly.patch_bank))}
+    written.append(atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n"))
+    written.append(atomic_write_text(out / "README.md", _readme(manifest)))
+    return written
+
+
+def _export(graph: nn.Module, example: torch.Tensor, path: Path, opset: int, exporter: str) -> str:
+    """Export ``graph`` with a dynamic batch axis; returns the exporter that worked."""
+    graph.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(graph.output_names)
+    big = sum(b.numel() * b.element_size() for b in graph.buffers()) > _SINGLE_FILE_LIMIT
+    # a temp file then a rename, unless the weights go to an external file named after the graph
+    tmp = path if big else path.with_name(f".{path.name}.tmp")
+    errors = []
+    for kind in (("dynamo", "legacy") if exporter == "auto" else (exporter,)):
+        try:
+            with torch.no_grad():
+                if kind == "dynamo":
+                    torch.onnx.export(graph, (example,), str(tmp), dynamo=True, input_names=["image"],
+                                      output_names=names, opset_version=opset, verbose=False,
+                                      dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
+                                      external_data=big)
+                else:
+                    torch.onnx.export(graph, (example,), str(tmp), dynamo=False, input_names=["image"],
+                                      output_names=names, opset_version=opset,
+                                      dynamic_axes={n: {0: "batch"} for n in ["image", *names]})
+        except Exception as err:  # noqa: BLE001 - try the next exporter, report all if none works
+            errors.append(f"{kind}: {type(err).__name__}: {err}")
+            log.debug("ONNX export of %s with the %s exporter failed: %s", path.name, kind, err)
+            continue
+        if big:
+            log.warning("%s: over %d bytes of weights, stored beside it in %s.data",
+                        path, _SINGLE_FILE_LIMIT, path.name)
+        else:
+            tmp.replace(path)
+        return kind
+    raise RuntimeError(f"cannot export {path}: " + " | ".join(errors))
+
+
+def _manifest_header(run: Path, cfg, opset: int) -> dict:
+    d = cfg.data
+    return {
+        "format": "bonecluster-onnx/1", "run": str(run), "opset": opset,
+        "input": {"name": "image", "dtype": "float32", "shape": ["batch", 1, d.size, d.size],
+                  "range": [0.0, 1.0], "size": d.size, "fit": d.fit,
+                  "intensity_percentiles": [d.pct_low, d.pct_high],
+                  "preprocessing": (f"decode; scale intensities to the {d.pct_low}..{d.pct_high} percentiles; "
+                                    f"{d.fit} to {d.size}x{d.size} uint8; divide by 255 "
+                                    "(grey mean/std normalisation and Sobel are inside the graphs)")},
+        "study_score": cfg.stage2.study_score,
+    }
+
+
+def _readme(m: dict) -> str:
+    lines = [
+        "# bonecluster ONNX export", "",
+        f"Exported from `{m['run']}` (opset {m['opset']}, {m.get('exporter', '-')} exporter).", "",
+        f"Input `image`: float32 (N, 1, {m['input']['size']}, {m['input']['size']}) in [0, 1]: "
+        f"{m['input']['preprocessing']}.", "",
+    ]
+    if "stage1" in m:
+        s1 = m["stage1"]
+        lines += [f"## {s1['file']}", "",
+                  f"- `embedding` (N, {s1['embedding_dim']}): PCA-whitened, L2-normalised features",
+                  f"- `probabilities` (N, {s1['k']}): softmax(-squared distance to centroid / "
+                  f"{s1['confidence_temperature']})",
+                  "- `cluster` (N,) int64: nearest centroid; `confidence` (N,): its probability", "",
+                  "Clusters: " + ", ".join(f"{k} = {v}" for k, v in s1["clusters"].items()), ""]
+    for part, s in m["stage2"].items():
+        lines += [f"## {s['file']} ({part})", "",
+                  "- `embedding`: the part's PCA-whitened, L2-normalised global features",
+                  f"- `score` (N,): {s['score_kind']} kNN abnormality score (global knn={s['knn']}, "
+                  f"patch knn={s['patch_knn']}, scales={s['score_scales']})",
+                  f"- `abnormal` (N,) bool: score >= {s['threshold']:.6g} ({s['threshold_method']})", ""]
+    lines += [f"A study's score is the {m['study_score']} of its images' scores, flagged at the same threshold.",
+              "See `manifest.json` for the same facts in machine-readable form.", ""]
+    return "\n".join(lines)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
