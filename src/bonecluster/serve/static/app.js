@@ -1,0 +1,208 @@
+// bonecluster viewer: plain JavaScript, no framework, talks only to this server's JSON API.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+async function api(url, options) {
+  const response = await fetch(url, options);
+  let body = null;
+  try { body = await response.json(); } catch (_) { body = null; }
+  if (!response.ok) {
+    let detail = body && body.detail;
+    if (Array.isArray(detail)) detail = detail.map((d) => d.msg).join("; ");
+    throw new Error(detail || `${response.status} ${response.statusText}`);
+  }
+  return body;
+}
+
+function pct(x) { return `${(100 * x).toFixed(0)}%`; }
+
+// ------------------------------------------------------------------ tabs
+
+let clustersLoaded = false;
+
+function showTab(name) {
+  for (const tab of document.querySelectorAll(".tab")) tab.classList.toggle("active", tab.dataset.tab === name);
+  $("panel-predict").hidden = name !== "predict";
+  $("panel-clusters").hidden = name !== "clusters";
+  if (name === "clusters" && !clustersLoaded) loadClusters();
+}
+
+// ------------------------------------------------------------------ predict
+
+async function upload(file) {
+  if (!file) return;
+  $("status").textContent = `Analysing ${file.name} ...`;
+  $("status").className = "status";
+  const form = new FormData();
+  form.append("file", file, file.name);
+  try {
+    const result = await api("/api/predict", { method: "POST", body: form });
+    render(result);
+    $("status").textContent = "";
+  } catch (err) {
+    $("result").hidden = true;
+    $("status").textContent = `Could not analyse ${file.name}: ${err.message}`;
+    $("status").className = "status error";
+  }
+}
+
+function render(r) {
+  $("filename").textContent = r.path;
+  $("image").src = r.image_url;
+  const heat = $("heatmap");
+  if (r.heatmap_url) {
+    heat.src = r.heatmap_url;
+    heat.hidden = !$("show-heatmap").checked;
+    $("heatmap-note").textContent = `Grad-CAM of the stage-2 kNN distance (${r.heatmap_layer}): ` +
+      "warm regions push the abnormality score up.";
+  } else {
+    heat.removeAttribute("src");
+    heat.hidden = true;
+    $("heatmap-note").textContent = "No heatmap: no stage-2 model scored this image.";
+  }
+
+  if (r.cluster_name !== null) {
+    $("part").textContent = r.cluster_name;
+    $("confidence").textContent = `cluster ${r.cluster}, confidence ${pct(r.confidence)}`;
+  } else {
+    $("part").textContent = "-";
+    $("confidence").textContent = "this run has no stage-1 model";
+  }
+
+  const fill = $("gauge-fill"), mark = $("gauge-mark");
+  if (r.score !== null) {
+    const top = Math.max(2 * r.threshold, 1.15 * r.score, 1e-6);
+    fill.style.width = pct(Math.min(r.score / top, 1));
+    fill.className = r.abnormal ? "fill abnormal" : "fill normal";
+    mark.style.left = pct(r.threshold / top);
+    mark.hidden = false;
+    $("verdict").textContent = r.abnormal ? "Flagged abnormal" : "Within normal range";
+    $("verdict").className = r.abnormal ? "value abnormal-text" : "value normal-text";
+    $("score").textContent = `score ${r.score.toFixed(3)} / threshold ${r.threshold.toFixed(3)} (${r.part} model)`;
+    $("stage2-cluster").textContent = r.stage2_cluster === null ? "" :
+      `stage-2 cluster ${r.stage2_cluster}: ${r.stage2_cluster_name}`;
+  } else {
+    fill.style.width = "0";
+    mark.hidden = true;
+    $("verdict").textContent = "-";
+    $("verdict").className = "value";
+    $("score").textContent = `no stage-2 model for "${r.cluster_name ?? "?"}"`;
+    $("stage2-cluster").textContent = "";
+  }
+
+  const grid = $("neighbours");
+  grid.replaceChildren();
+  for (const n of r.neighbours) {
+    const caption = `${n.cluster_name} \u00b7 ${n.similarity.toFixed(2)}`;
+    grid.append(el("figure", { class: "thumb", title: `training image ${n.index}` +
+        (n.body_part ? ` (labelled ${n.body_part})` : "") },
+      el("img", { src: n.url, alt: `training image ${n.index}`, loading: "lazy" }),
+      el("figcaption", { text: caption })));
+  }
+  if (!r.neighbours.length) grid.append(el("p", { class: "muted", text: "No training images available." }));
+  $("result").hidden = false;
+}
+
+// ------------------------------------------------------------------ clusters
+
+let listing = null;
+
+async function loadClusters(keep) {
+  $("clusters-status").textContent = "Loading clusters ...";
+  try {
+    listing = await api("/api/clusters?per_cluster=24");
+    clustersLoaded = true;
+    const select = $("stage-select");
+    const chosen = keep || select.value;
+    select.replaceChildren(...listing.stages.map((s) => el("option", { value: s.key, text: s.title })));
+    if (chosen && listing.stages.some((s) => s.key === chosen)) select.value = chosen;
+    $("clusters-status").textContent = listing.stages.length ? "" : "This run has no clusters.";
+    renderGallery();
+  } catch (err) {
+    $("clusters-status").textContent = `Could not load clusters: ${err.message}`;
+    $("clusters-status").className = "status error";
+  }
+}
+
+function renderGallery() {
+  const stage = listing.stages.find((s) => s.key === $("stage-select").value);
+  const gallery = $("gallery");
+  gallery.replaceChildren();
+  if (!stage) return;
+  $("stage-info").textContent = `${stage.clusters.length} clusters` +
+    (stage.threshold !== undefined ? `, threshold ${stage.threshold.toFixed(3)}` : "") +
+    (stage.images_available ? "" : " (training images unavailable)");
+  for (const c of stage.clusters) gallery.append(clusterCard(stage, c));
+}
+
+function clusterCard(stage, c) {
+  const input = el("input", { type: "text", maxlength: "64", value: c.name, "aria-label": `name of cluster ${c.id}` });
+  const note = el("span", { class: "muted small" });
+  const save = el("button", { type: "submit", text: "Save name" });
+  const form = el("form", { class: "rename" }, input, save, note);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    save.disabled = true;
+    note.textContent = "saving ...";
+    try {
+      const r = await api(c.rename_url, { method: "POST", headers: { "Content-Type": "application/json" },
+                                          body: JSON.stringify({ name: input.value }) });
+      c.name = r.name;
+      input.value = r.name;
+      note.textContent = "saved";
+    } catch (err) {
+      note.textContent = err.message;
+    } finally {
+      save.disabled = false;
+    }
+  });
+  const thumbs = el("div", { class: "grid small-grid" });
+  for (const index of c.images) {
+    const url = listing.image_url_template.replace("{index}", String(index));
+    thumbs.append(el("img", { src: url, alt: `training image ${index}`, title: `training image ${index}`,
+                              loading: "lazy", class: "mini" }));
+  }
+  const size = c.size === null ? "" : `${c.size} images` + (c.size > c.images.length ? `, first ${c.images.length} shown` : "");
+  return el("article", { class: "cluster" },
+    el("header", {}, el("strong", { text: `#${c.id}` }), form, el("span", { class: "muted small", text: size })),
+    thumbs);
+}
+
+// ------------------------------------------------------------------ start
+
+function start() {
+  for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => showTab(tab.dataset.tab));
+  $("file").addEventListener("change", (event) => upload(event.target.files[0]));
+  const drop = $("drop");
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    upload(event.dataTransfer.files[0]);
+  });
+  $("show-heatmap").addEventListener("change", (event) => {
+    $("heatmap").hidden = !event.target.checked || !$("heatmap").getAttribute("src");
+  });
+  $("opacity").addEventListener("input", (event) => { $("heatmap").style.opacity = event.target.value / 100; });
+  $("heatmap").style.opacity = $("opacity").value / 100;
+  $("stage-select").addEventListener("change", renderGallery);
+  api("/health").then((h) => {
+    $("run").textContent = `run ${h.run} \u00b7 ${h.n_training_images} training images \u00b7 ` +
+      `${h.parts.length} stage-2 part model(s)`;
+  }).catch(() => { $("run").textContent = "server not reachable"; });
+}
+
+document.addEventListener("DOMContentLoaded", start);

@@ -1,0 +1,121 @@
+"""The viewer page in a real headless browser: Playwright driving the system Chromium.
+
+It never downloads a browser: it uses the ``chromium`` on PATH (Debian's package) and is skipped,
+with the reason, when Playwright or that executable is missing. ``BONECLUSTER_SCREENSHOT=1``
+also writes the screenshot to docs/viewer.png (on a somewhat larger run, for a readable picture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_serve import train_tiny_run
+
+REPO = Path(__file__).resolve().parents[2]
+SCREENSHOT = os.environ.get("BONECLUSTER_SCREENSHOT") == "1"
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python package) is not installed")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium executable on PATH or at /usr/bin/chromium "
+                                                          "(apt-get install chromium); no browser is downloaded")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, single_torch_thread):
+    import uvicorn
+
+    from bonecluster.serve import create_app
+
+    root = tmp_path_factory.mktemp("browser")
+    # the screenshot run: bigger phantoms at the cpu preset's 64 px, so the page is worth looking at
+    extra = ["--set", "data.size=64", "--set", "train.epochs=6"] if SCREENSHOT else []
+    run, phantoms = train_tiny_run(root, n=84 if SCREENSHOT else 42, size=256 if SCREENSHOT else 64, extra=extra)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # a free port, held from the start: no race with other processes
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(run), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", run, phantoms
+    srv.should_exit = True
+    thread.join(15)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+def test_upload_shows_part_score_heatmap_and_neighbours(server, browser, tmp_path):
+    url, run, phantoms = server
+    image = sorted(phantoms.glob("train/XR_WRIST/**/*.png"))[0]
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("request", lambda r: problems.append(f"external request {r.url}") if not r.url.startswith(url) else None)
+    page.goto(url + "/")
+    sync_api.expect(page.locator("#run")).to_contain_text("training images")
+    page.set_input_files("#file", str(image))
+    sync_api.expect(page.locator("#result")).to_be_visible(timeout=60_000)
+
+    part = page.locator("#part").inner_text()
+    assert part and part != "-"
+    sync_api.expect(page.locator("#confidence")).to_contain_text("confidence")
+    sync_api.expect(page.locator("#score")).to_contain_text("threshold")
+    assert page.locator("#verdict").inner_text() in ("Flagged abnormal", "Within normal range")
+    fill = page.locator("#gauge-fill").evaluate("e => e.getBoundingClientRect().width")
+    assert fill > 0
+    page.wait_for_function("() => { const h = document.getElementById('heatmap');"
+                           " return h.complete && h.naturalWidth === 256 && !h.hidden; }")
+    page.wait_for_function("() => document.getElementById('image').naturalWidth === 256")
+    page.wait_for_function("() => { const i = [...document.querySelectorAll('#neighbours img')];"
+                           " return i.length === 8 && i.every(x => x.complete && x.naturalWidth > 0); }")
+    assert page.locator("#neighbours figcaption").count() == 8
+
+    shot = tmp_path / "viewer.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if SCREENSHOT:
+        (REPO / "docs").mkdir(exist_ok=True)
+        shutil.copyfile(shot, REPO / "docs" / "viewer.png")
+    assert not problems, problems
+    page.close()
+
+
+def test_cluster_browser_names_a_cluster(server, browser):
+    url, run, _ = server
+    page = browser.new_page()
+    page.goto(url + "/")
+    page.click("#tab-clusters")
+    sync_api.expect(page.locator("#gallery article")).to_have_count(7)  # stage 1, k = 7
+    page.wait_for_function("() => { const i = [...document.querySelectorAll('#gallery img')];"
+                           " return i.length > 0 && i.every(x => x.complete && x.naturalWidth > 0); }")
+    page.select_option("#stage-select", "stage2/HAND")
+    sync_api.expect(page.locator("#gallery article")).to_have_count(2)
+    card = page.locator("#gallery article").nth(1)
+    card.locator("input").fill("HAND <healed fracture>")
+    card.locator("button").click()
+    sync_api.expect(card.locator(".rename span")).to_have_text("saved")
+    assert json.loads((run / "stage2" / "HAND" / "names.json").read_text())["1"] == "HAND <healed fracture>"
+    card.locator("input").fill("   ")
+    card.locator("button").click()
+    sync_api.expect(card.locator(".rename span")).to_contain_text("cannot be empty")
+    page.close()
