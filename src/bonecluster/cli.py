@@ -52,13 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_predict(sub)
+    _add_export(sub)
     _add_name(sub)
     _add_demo(sub)
+    _add_serve(sub)
     return p
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu", help="config preset: cpu (default) or paper")
+    p.add_argument("--preset", default="cpu", help="config preset: cpu (default), cpu-real or paper")
     p.add_argument("--config", help="a YAML config file applied after the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set data.size=96 (repeatable)")
@@ -132,6 +135,10 @@ def _print_prepare_summary(ds) -> None:
 # ----------------------------------------------------------------------------- train
 
 
+# The values of config key `method` (kept in step with bonecluster.config.METHODS by a test).
+METHOD_CHOICES = ("deepcluster", "sela", "simclr", "simclr-deepcluster", "simclr-scan")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="deep-cluster the images: stage 1 body parts, stage 2 abnormality")
     p.add_argument("data", nargs="+", help="MURA root, CSV manifest, or folder of images/DICOMs")
@@ -139,6 +146,13 @@ def _add_train(sub) -> None:
     p.add_argument("--stages", default="1,2", help="comma-separated stages to train (default 1,2)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--method", choices=METHOD_CHOICES,
+                   help="clustering method (config key `method`; default deepcluster, the paper's): "
+                        "sela = balanced Sinkhorn pseudo-labels, simclr = SimCLR pre-training then k-means, "
+                        "simclr-deepcluster = SimCLR then DeepCluster, simclr-scan = SimCLR then SCAN")
+    p.add_argument("--labels-fraction", type=float, metavar="F",
+                   help="few-label mode: stage 2 also fits a probe on the labels of this fraction of each "
+                        "part's labelled training studies, reported apart (stage2.labels_fraction; default 0 = off)")
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -147,8 +161,16 @@ def cmd_train(args) -> int:
     from bonecluster.pipeline import train
 
     stages = [int(s) for s in args.stages.split(",") if s.strip()]
-    summary = train(args.data, args.out, _load_config(args), stages=stages, resume=args.resume,
-                    progress=not args.quiet)
+    cfg = _load_config(args)
+    if args.method:
+        from bonecluster.config import apply_override
+
+        cfg = apply_override(cfg, f"method={args.method}")
+    if args.labels_fraction is not None:
+        from bonecluster.config import apply_override
+
+        cfg = apply_override(cfg, f"stage2.labels_fraction={args.labels_fraction}")
+    summary = train(args.data, args.out, cfg, stages=stages, resume=args.resume, progress=not args.quiet)
     if summary["is_main"]:  # under torchrun only rank 0 reports
         if "stage1" in summary:
             _print_stage1(summary["stage1"])
@@ -163,6 +185,10 @@ def _print_stage2(parts: dict) -> None:
     for part, s in parts.items():
         print(f"  {part:<10} {s['n_images']:>6} images  threshold {s['threshold']:.4f} ({s['threshold_method']})"
               f"  flagged {s['flagged_share']:.0%} of training images")
+        if "few_labels" in s:
+            f = s["few_labels"]
+            print(f"  {'':<10} few-label probe on {f['images']} labelled images ({f['studies']} of "
+                  f"{f['labelled_studies']} labelled studies)")
 
 
 def _print_stage1(s: dict) -> None:
@@ -210,6 +236,72 @@ def _print_metrics(metrics: dict) -> None:
         print(f"stage 2 {part:<9} {m['n_images']:>6} images {m['n_studies']:>5} studies  AUROC {auc}")
 
 
+# ----------------------------------------------------------------------------- predict
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="cluster, body part and abnormality of new images (json or csv)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image or DICOM files, folders (searched recursively), MURA roots or CSV manifests")
+    p.add_argument("--format", dest="out_format", choices=["json", "csv"], default="json",
+                   help="json (default: images, studies and skipped files) or csv (one row per image)")
+    p.add_argument("--out", metavar="FILE", help="write here (atomically) instead of to stdout")
+    p.add_argument("--cache", metavar="DIR", help="keep decoded images here for reuse (default: a temp folder)")
+    p.add_argument("--parts-from-clusters", action="store_true",
+                   help="score stage 2 with the stage-1 cluster name even where the metadata has a body part")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args) -> int:
+    from bonecluster.io import atomic_write_text
+    from bonecluster.predict import predict_paths
+
+    report = predict_paths(args.run, args.inputs, progress=not args.quiet, cache=args.cache,
+                           use_metadata_parts=not args.parts_from_clusters)
+    text = report.render(args.out_format)
+    if args.out:
+        atomic_write_text(args.out, text)
+    else:
+        sys.stdout.write(text)
+    s = report.summary()
+    print(f"predicted {s['images']} images ({s['abnormal_images']} flagged abnormal), {s['studies']} studies "
+          f"({s['abnormal_studies']} flagged), skipped {s['skipped']} file(s)"
+          + (f"; written to {args.out}" if args.out else ""), file=sys.stderr)
+    for item in report.skipped[:20]:
+        print(f"  skipped {item.path}: {item.reason}", file=sys.stderr)
+    if len(report.skipped) > 20:
+        print(f"  ... and {len(report.skipped) - 20} more (all listed under \"skipped\" in the json output)",
+              file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write the run's models as ONNX (with manifest.json)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--format", dest="out_format", choices=["onnx"], default="onnx", help="onnx (the only one)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default RUN/onnx)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--part", dest="parts", action="append", metavar="PART",
+                   help="export only this stage-2 body part (repeatable; default all)")
+    p.add_argument("--exporter", choices=["auto", "dynamo", "legacy"], default="auto",
+                   help="torch.onnx exporter: dynamo, legacy (TorchScript), auto (dynamo, else legacy)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from bonecluster.export import export_onnx
+
+    paths = export_onnx(args.run, args.out, opset=args.opset, parts=args.parts, exporter=args.exporter)
+    for path in paths:
+        print(path)
+    return 0
+
+
 # ----------------------------------------------------------------------------- name
 
 
@@ -255,3 +347,22 @@ def cmd_demo(args) -> int:
     print(f"total {summary['seconds']:.0f} s; run folder: {args.out}")
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="web viewer: upload a radiograph, browse and name the clusters")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=50, help="largest upload in MB (default 50)")
+
+    def cmd_serve(args) -> int:
+        from bonecluster.serve import serve
+
+        serve(args.run, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+        return 0
+
+    p.set_defaults(func=cmd_serve)
