@@ -161,15 +161,12 @@ def cmd_train(args) -> int:
     from bonecluster.pipeline import train
 
     stages = [int(s) for s in args.stages.split(",") if s.strip()]
-    cfg = _load_config(args)
+    # The flags are overrides applied last, after any --set.
     if args.method:
-        from bonecluster.config import apply_override
-
-        cfg = apply_override(cfg, f"method={args.method}")
+        args.overrides.append(f"method={args.method}")
     if args.labels_fraction is not None:
-        from bonecluster.config import apply_override
-
-        cfg = apply_override(cfg, f"stage2.labels_fraction={args.labels_fraction}")
+        args.overrides.append(f"stage2.labels_fraction={args.labels_fraction}")
+    cfg = _load_config(args)
     summary = train(args.data, args.out, cfg, stages=stages, resume=args.resume, progress=not args.quiet)
     if summary["is_main"]:  # under torchrun only rank 0 reports
         if "stage1" in summary:
@@ -358,11 +355,11 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-upload-mb", type=float, default=50, help="largest upload in MB (default 50)")
-
-    def cmd_serve(args) -> int:
-        from bonecluster.serve import serve
-
-        serve(args.run, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
-        return 0
-
     p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from bonecluster.serve import serve
+
+    serve(args.run, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    return 0

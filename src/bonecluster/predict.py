@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -287,24 +288,13 @@ def study_predictions(images: Sequence[ImagePrediction], how: str = "mean") -> l
 
 def _read_inputs(inputs, skips, data_cfg) -> list:
     """Records of every input; a missing or unreadable input is skipped, not fatal."""
-    from bonecluster.data import DataError, ReaderLimits, read_records
+    from bonecluster.data import ReaderLimits, read_sources
 
-    seen: set[str] = set()
-    records = []
-    for src in inputs:
-        src_path = Path(src)
-        try:
-            found = read_records(src_path, skips, ReaderLimits(data_cfg.max_csv_row_chars))
-        except DataError as err:
-            skips.add(src_path, str(err).removeprefix(f"{src_path}: "))
-            continue
-        if not found and src_path.is_file() and src_path.suffix.lower() != ".csv":
-            skips.add(src_path, "not an image or DICOM file")
-        for rec in found:
-            key = str(Path(rec.path).resolve())
-            if key not in seen:
-                seen.add(key)
-                records.append(rec)
+    records = read_sources(list(inputs), skips, ReaderLimits(data_cfg.max_csv_row_chars), skip_bad_sources=True)
+    found = {os.path.realpath(r.path) for r in records}
+    for src in map(Path, inputs):  # a single file that yields no record is not an image
+        if src.is_file() and src.suffix.lower() != ".csv" and os.path.realpath(src) not in found:
+            skips.add(src, "not an image or DICOM file")
     return records
 
 

@@ -517,8 +517,13 @@ def load_image(
     path: str | os.PathLike, pre: Preprocess = Preprocess(), limits: Limits = Limits()
 ) -> np.ndarray:
     """The full chain for one file -> uint8 (pre.size, pre.size). Raises SkipError."""
+    return fit_to_square(decode_scaled(path, pre, limits), pre.size, pre.fit)
+
+
+def decode_scaled(path: str | os.PathLike, pre: Preprocess = Preprocess(), limits: Limits = Limits()) -> np.ndarray:
+    """Decode and scale intensities by ``pre``'s percentiles, before any resizing (the viewer
+    makes two sizes from it). Raises SkipError."""
     grey = read_grey(path, limits)
     if grey.size == 0:
         raise SkipError("image has no pixels")
-    scaled = scale_percentiles(grey, pre.pct_low, pre.pct_high)
-    return fit_to_square(scaled, pre.size, pre.fit)
+    return scale_percentiles(grey, pre.pct_low, pre.pct_high)

@@ -136,14 +136,25 @@ def read_records(source: str | Path, skips: SkipLog | None = None,
 
 
 def read_sources(sources: list[str | Path], skips: SkipLog | None = None,
-                 limits: ReaderLimits = ReaderLimits()) -> list[Record]:
-    """Read several sources; an image named twice (same resolved path) is kept once."""
+                 limits: ReaderLimits = ReaderLimits(), skip_bad_sources: bool = False) -> list[Record]:
+    """Read several sources; an image named twice (same resolved path) is kept once.
+
+    ``skip_bad_sources``: a source that cannot be read at all (missing, unreadable CSV...) is
+    recorded in ``skips`` and the others go on, instead of raising DataError.
+    """
     if not sources:
         raise DataError("no data source given")
     seen: set[str] = set()
     out: list[Record] = []
     for src in sources:
-        for rec in read_records(src, skips, limits):
+        try:
+            found = read_records(src, skips, limits)
+        except DataError as err:
+            if not skip_bad_sources or skips is None:
+                raise
+            skips.add(Path(src), str(err).removeprefix(f"{Path(src)}: "))
+            continue
+        for rec in found:
             key = os.path.realpath(rec.path)
             if key not in seen:
                 seen.add(key)

@@ -58,12 +58,12 @@ from starlette.requests import ClientDisconnect
 from bonecluster import __version__
 from bonecluster.cluster import assign
 from bonecluster.data.cache import PreparedDataset, store_dir_for
-from bonecluster.data.decode import Limits, fit_to_square, read_grey, scale_percentiles
+from bonecluster.data.decode import Limits, decode_scaled, fit_to_square
 from bonecluster.data.records import Record, SkipError
 from bonecluster.gradcam import colourise, grad_cam, knn_distance_target
 from bonecluster.pipeline import NAMES, load_cluster_names, name_cluster, save_cluster_names
 from bonecluster.predict import Predictor
-from bonecluster.stage2 import embed_images
+from bonecluster.stage2 import embed_images, group_by_part
 
 log = logging.getLogger("bonecluster")
 
@@ -168,16 +168,18 @@ class ViewerState:
         (see stage2.group_by_part); a part whose regrouping does not match its model's image count
         (data or names changed since training) gets None and no gallery.
         """
-        out: dict[str, np.ndarray | None] = {}
+        groups: dict[str, np.ndarray] = {}
         s1 = self.stage1_assignments()
+        if self.pixels is not None:
+            names = None if s1 is None else [self.predictor.names.get(int(c), f"cluster-{int(c)}") for c in s1]
+            try:
+                groups = group_by_part(self.data, names)
+            except ValueError:  # images without a part and no stage 1 to name them
+                groups = {}
+        out: dict[str, np.ndarray | None] = {}
         for part, (trained, _) in self.predictor.parts.items():
-            positions = None
-            if self.pixels is not None:
-                names = [r.body_part or (self.predictor.names.get(int(s1[i]), f"cluster-{int(s1[i])}")
-                                         if s1 is not None else None) for i, r in enumerate(self.data.records)]
-                found = np.array([i for i, n in enumerate(names) if n == part], np.int64)
-                positions = found if len(found) == len(trained.assignments) else None
-            out[part] = positions
+            found = groups.get(part)
+            out[part] = found if found is not None and len(found) == len(trained.assignments) else None
         return out
 
     def train_embeddings(self) -> torch.Tensor | None:
@@ -204,10 +206,7 @@ class ViewerState:
 
     def analyse(self, path: Path, filename: str) -> _Result:
         """Decode, predict, explain and find neighbours for one uploaded file (raises SkipError)."""
-        grey = read_grey(path, self.limits)
-        if grey.size == 0:
-            raise SkipError("image has no pixels")
-        scaled = scale_percentiles(grey, self.pre.pct_low, self.pre.pct_high)
+        scaled = decode_scaled(path, self.pre, self.limits)
         small = fit_to_square(scaled, self.pre.size, self.pre.fit)
         display = fit_to_square(scaled, DISPLAY_SIZE, self.pre.fit)
         with self.lock, torch.no_grad():
