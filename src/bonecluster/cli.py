@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except _user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_describe(err)}", file=sys.stderr)
         return 1
 
 
@@ -31,7 +31,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from bonecluster.data import DataError
     from bonecluster.io import WriteError
 
-    return (DataError, WriteError, ValueError, FileNotFoundError, RuntimeError)
+    # OSError: a full disk, a read-only folder, a missing file... one line naming the path.
+    return (DataError, WriteError, ValueError, OSError, RuntimeError)
+
+
+def _describe(err: BaseException) -> str:
+    """The error as one line; a bare OSError as ``PATH: reason`` (not ``[Errno N] ...``)."""
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -73,6 +81,47 @@ def _load_config(args):
     return load_config(args.preset, args.config, args.overrides)
 
 
+# Input-limit flags -> DataConfig fields (see DataConfig.LIMITS); each is sugar for --set data.FIELD=...
+_LIMIT_FLAGS = (("max_pixels", "pixel_cap"), ("max_frames", "max_frames"), ("max_file_mb", "max_file_mb"),
+                ("max_csv_row_chars", "max_csv_row_chars"))
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive {'integer' if kind is int else 'number'}, "
+                                             f"got {text!r}")
+        return value
+    return parse
+
+
+def _add_limit_options(p: argparse.ArgumentParser, default: str = "") -> None:
+    """The input limits; over one, a file or CSV row is skipped with a warning naming it and the limit."""
+    default = default or "default %s"
+    g = p.add_argument_group("input limits", "a file or CSV row over a limit is skipped with a warning "
+                             "naming it and the limit (flags win over --set data.FIELD=...)")
+    g.add_argument("--max-pixels", type=_positive(int), metavar="N",
+                   help="skip images with more than N pixels (width x height), checked before decoding; "
+                        f"data.pixel_cap, {default % '64000000'}")
+    g.add_argument("--max-frames", type=_positive(int), metavar="N",
+                   help=f"skip DICOMs with more than N frames; data.max_frames, {default % '16'}")
+    g.add_argument("--max-file-mb", type=_positive(float), metavar="MB",
+                   help="skip files over MB megabytes (2^20 bytes) unread, and deflated DICOMs that inflate "
+                        f"past it; data.max_file_mb, {default % '512'}")
+    g.add_argument("--max-csv-row-chars", type=_positive(int), metavar="N",
+                   help="skip CSV rows longer than N characters (a longer manifest header is an error); "
+                        f"data.max_csv_row_chars, {default % '65536'}")
+
+
+def _limit_values(args) -> dict:
+    """The limit flags given, as {DataConfig field: value} for DataConfig.with_limits."""
+    return {field: getattr(args, dest) for dest, field in _LIMIT_FLAGS if getattr(args, dest, None) is not None}
+
+
 # ----------------------------------------------------------------------------- phantom
 
 
@@ -106,6 +155,7 @@ def _add_prepare(sub) -> None:
     p.add_argument("--fit", choices=["squash", "letterbox"], help="how to make images square")
     p.add_argument("--workers", type=int, help="decoding processes (default: one per core)")
     _add_config_options(p)
+    _add_limit_options(p)
     p.set_defaults(func=cmd_prepare)
 
 
@@ -114,6 +164,7 @@ def cmd_prepare(args) -> int:
     from bonecluster.data import prepare_sources, write_skipped_csv
 
     cfg = _load_config(args)
+    cfg.data = cfg.data.with_limits(**_limit_values(args))  # the flags win over --set; all limits checked
     for key, value in (("size", args.size), ("fit", args.fit), ("workers", args.workers)):
         if value is not None:
             cfg = apply_override(cfg, f"data.{key}={value}")
@@ -154,6 +205,7 @@ def _add_train(sub) -> None:
                    help="few-label mode: stage 2 also fits a probe on the labels of this fraction of each "
                         "part's labelled training studies, reported apart (stage2.labels_fraction; default 0 = off)")
     _add_config_options(p)
+    _add_limit_options(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -167,6 +219,7 @@ def cmd_train(args) -> int:
     if args.labels_fraction is not None:
         args.overrides.append(f"stage2.labels_fraction={args.labels_fraction}")
     cfg = _load_config(args)
+    cfg.data = cfg.data.with_limits(**_limit_values(args))  # the flags win over --set; all limits checked
     summary = train(args.data, args.out, cfg, stages=stages, resume=args.resume, progress=not args.quiet)
     if summary["is_main"]:  # under torchrun only rank 0 reports
         if "stage1" in summary:
@@ -208,13 +261,15 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--json", help="where to write the metrics (default RUN/metrics.json)")
     p.add_argument("--report", metavar="DIR", help="also write DIR/report.html (self-contained, opens offline)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_limit_options(p, default="default: the run's (%s unless changed)")
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args) -> int:
     from bonecluster.evaluate import comparison_table, evaluate
 
-    metrics = evaluate(args.run, args.data, args.json, args.report, progress=not args.quiet)
+    metrics = evaluate(args.run, args.data, args.json, args.report, progress=not args.quiet,
+                       limits=_limit_values(args))
     _print_metrics(metrics)
     print(comparison_table(metrics))
     print(f"skipped files: {metrics['skipped_files']}; metrics: {args.json or Path(args.run) / 'metrics.json'}")
@@ -248,6 +303,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--parts-from-clusters", action="store_true",
                    help="score stage 2 with the stage-1 cluster name even where the metadata has a body part")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_limit_options(p, default="default: the run's (%s unless changed)")
     p.set_defaults(func=cmd_predict)
 
 
@@ -256,7 +312,7 @@ def cmd_predict(args) -> int:
     from bonecluster.predict import predict_paths
 
     report = predict_paths(args.run, args.inputs, progress=not args.quiet, cache=args.cache,
-                           use_metadata_parts=not args.parts_from_clusters)
+                           use_metadata_parts=not args.parts_from_clusters, limits=_limit_values(args))
     text = report.render(args.out_format)
     if args.out:
         atomic_write_text(args.out, text)
@@ -355,11 +411,19 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-upload-mb", type=float, default=50, help="largest upload in MB (default 50)")
+    p.add_argument("--max-decodes", type=_positive(int), default=2, metavar="N",
+                   help="uploads decoded at once; more wait their turn (default 2)")
+    p.add_argument("--max-pixels", type=_positive(int), metavar="N",
+                   help="refuse uploads with more than N pixels (width x height), checked before decoding; "
+                        "default: the run's data.pixel_cap")
+    p.add_argument("--max-frames", type=_positive(int), metavar="N",
+                   help="refuse DICOM uploads with more than N frames; default: the run's data.max_frames")
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args) -> int:
     from bonecluster.serve import serve
 
-    serve(args.run, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    serve(args.run, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+          max_decodes=args.max_decodes, limits=_limit_values(args))
     return 0

@@ -7,39 +7,83 @@ The resolved config is written into every run folder (``config.yaml``), as timm 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from bonecluster.augment import AugmentConfig
 from bonecluster.data.decode import Limits, Preprocess
+from bonecluster.data.readers import ReaderLimits
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
 @dataclass
 class DataConfig:
-    """Decoding and caching. ``size`` is the square side the network sees."""
+    """Decoding and caching. ``size`` is the square side the network sees.
+
+    The input limits (``LIMITS``) bound what one file or CSV row may cost; over a limit the file
+    or row is skipped with a warning naming it and the limit. Each has a CLI flag on the commands
+    that read data (``--max-pixels``, ``--max-frames``, ``--max-file-mb``,
+    ``--max-csv-row-chars``), sugar for ``--set data.<field>=...``.
+    """
 
     size: int = 64
     fit: str = "squash"            # "squash" or "letterbox" (keeps aspect, pads)
     pct_low: float = 0.5           # robust intensity scaling percentiles
     pct_high: float = 99.5
-    pixel_cap: int = 64_000_000    # decompression-bomb guard (width * height)
-    max_frames: int = 16           # DICOM frame count limit
-    max_csv_row_chars: int = 65_536
+    pixel_cap: int = 64_000_000    # decompression-bomb guard: width*height above it is skipped (--max-pixels)
+    max_frames: int = 16           # DICOMs with more frames are skipped (--max-frames)
+    max_file_mb: float = 512       # files over this many MB (2**20 bytes) are skipped unread (--max-file-mb)
+    max_csv_row_chars: int = 65_536  # longer CSV rows are skipped, a longer header is an error (--max-csv-row-chars)
     cache: str = ""                # decode-once cache folder; "" = <run or output folder>/cache
     workers: int = 0               # decoding processes; 0 = one per core (at most 8)
+
+    # The input-limit fields, each with its CLI flag.
+    LIMITS: ClassVar[dict[str, str]] = {"pixel_cap": "--max-pixels", "max_frames": "--max-frames",
+                                        "max_file_mb": "--max-file-mb",
+                                        "max_csv_row_chars": "--max-csv-row-chars"}
 
     def preprocess(self) -> Preprocess:
         return Preprocess(size=self.size, fit=self.fit, pct_low=self.pct_low, pct_high=self.pct_high)
 
     def limits(self) -> Limits:
-        return Limits(pixel_cap=self.pixel_cap, max_frames=self.max_frames)
+        """The decoding limits (pixel cap, frame count, file size in bytes); ValueError when one
+        is not positive."""
+        self.check_limits()
+        return Limits(pixel_cap=self.pixel_cap, max_frames=self.max_frames,
+                      max_file_bytes=int(self.max_file_mb * 2**20))
+
+    def reader_limits(self) -> ReaderLimits:
+        """The CSV limits for the readers."""
+        self.check_limits()
+        return ReaderLimits(max_csv_row_chars=self.max_csv_row_chars)
+
+    def check_limits(self) -> None:
+        """ValueError naming the config key and its flag when a limit is not positive."""
+        for name, flag in self.LIMITS.items():
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if name == "max_file_mb":
+                ok, what = number and math.isfinite(value) and value * 2**20 >= 1, "number"
+            else:
+                ok, what = number and isinstance(value, int) and value > 0, "integer"
+            if not ok:
+                raise ValueError(f"data.{name} ({flag}) must be a positive {what}, got {value!r}")
+
+    def with_limits(self, **values: Any) -> "DataConfig":
+        """A copy with some input limits replaced (e.g. a run's config, for ``predict``)."""
+        unknown = sorted(set(values) - set(self.LIMITS))
+        if unknown:
+            raise ValueError(f"not an input limit: {', '.join(unknown)} (limits: {', '.join(self.LIMITS)})")
+        out = merge(self, values, "data.")
+        out.check_limits()
+        return out
 
 
 @dataclass

@@ -131,6 +131,8 @@ class DeepClusterEngine:
             raise ValueError(f"{len(data)} images cannot make {self.cfg.cluster.k} clusters")
         self._write_config()
         start, previous, history = self._resume_state() if resume else (0, None, [])
+        if resume and self.dist.is_main:  # a kill between checkpoint and metrics leaves metrics.csv behind
+            _write_metrics(self.out / METRICS, history)
         collapsed = False
         epochs = range(start, self.total_epochs)
         for epoch in self._bar(epochs, "epochs", total=len(epochs)):

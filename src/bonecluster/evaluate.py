@@ -55,11 +55,13 @@ BINARY = ("sensitivity", "specificity", "precision")
 
 
 def evaluate(run: str | Path, sources: Sequence[str | Path], json_path: str | Path | None = None,
-             report_dir: str | Path | None = None, progress: bool = True) -> dict:
+             report_dir: str | Path | None = None, progress: bool = True, limits: dict | None = None) -> dict:
     """Predict with the run on ``sources``, score against their labels, and write
-    ``metrics.json`` (default RUN/metrics.json) and, with ``report_dir``, ``report.html``."""
+    ``metrics.json`` (default RUN/metrics.json) and, with ``report_dir``, ``report.html``.
+    ``limits``: input-limit overrides of the run's config, e.g. ``{"pixel_cap": 4_000_000}``."""
     run = Path(run)
     cfg = config_from_dict(read_yaml(run / "config.yaml"))
+    cfg.data = cfg.data.with_limits(**(limits or {}))
     data = prepare_sources(sources, cfg.data, cache=cfg.data.cache or run / "cache", progress=progress)
     predictor = Predictor(run)
     preds, embeddings = predictor.predict_with_embeddings(data)

@@ -26,7 +26,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -232,7 +232,8 @@ def load_run_config(run: str | Path):
 
 def predict_paths(run: str | Path, inputs: Sequence[str | Path], progress: bool = True,
                   cache: str | Path | None = None, use_metadata_parts: bool = True,
-                  batch_size: int = 256, device: str | torch.device = "cpu") -> PredictionReport:
+                  batch_size: int = 256, device: str | torch.device = "cpu",
+                  limits: Mapping[str, Any] | None = None) -> PredictionReport:
     """Predict every image under ``inputs`` with the run folder ``run``.
 
     ``inputs``: image files, DICOM files, folders (searched recursively), MURA roots or CSV
@@ -241,13 +242,16 @@ def predict_paths(run: str | Path, inputs: Sequence[str | Path], progress: bool 
     missing input is skipped too. ``cache``: where decoded pixels go (default a temporary folder,
     removed afterwards). ``use_metadata_parts``: stage 2 takes the body part from the metadata
     (MURA folders, DICOM BodyPartExamined, a manifest) when there is one, else the stage-1 cluster
-    name. Raises FileNotFoundError when ``run`` is not a run folder and DataError when no image
-    could be read.
+    name. ``limits``: input limits that replace the run's (``{"pixel_cap": N}``, keys from
+    :attr:`bonecluster.config.DataConfig.LIMITS`). Raises FileNotFoundError when ``run`` is not a
+    run folder and DataError when no image could be read.
     """
     from bonecluster.data import DataError, SkipLog, prepare
 
     run = check_run(run)
     cfg = load_run_config(run)
+    if limits:
+        cfg.data = cfg.data.with_limits(**limits)
     predictor = Predictor(run, device)
     if not inputs:
         raise DataError("no input given")
@@ -288,9 +292,9 @@ def study_predictions(images: Sequence[ImagePrediction], how: str = "mean") -> l
 
 def _read_inputs(inputs, skips, data_cfg) -> list:
     """Records of every input; a missing or unreadable input is skipped, not fatal."""
-    from bonecluster.data import ReaderLimits, read_sources
+    from bonecluster.data import read_sources
 
-    records = read_sources(list(inputs), skips, ReaderLimits(data_cfg.max_csv_row_chars), skip_bad_sources=True)
+    records = read_sources(list(inputs), skips, data_cfg.reader_limits(), skip_bad_sources=True)
     found = {os.path.realpath(r.path) for r in records}
     for src in map(Path, inputs):  # a single file that yields no record is not an image
         if src.is_file() and src.suffix.lower() != ".csv" and os.path.realpath(src) not in found:

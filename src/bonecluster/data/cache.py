@@ -17,7 +17,10 @@ file is decoded again (its new row is appended; the old one is simply no longer 
 Crash safety: a batch of pixel rows is written and flushed *before* its index lines, so an
 index line never points at pixels that were not written. On open, a torn last index line and
 pixel bytes past the last indexed row are cut off; a killed ``prepare`` therefore resumes
-where it stopped and ends with the same bytes a clean run writes.
+where it stopped and ends with the same bytes a clean run writes. A write that fails (full
+disk, file-size limit, read-only folder) is rolled back to the last complete batch and raised as
+:class:`bonecluster.io.WriteError` naming the file. A cache that is complete can be read from a
+read-only folder (the lock is then taken shared on the existing ``.lock``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import numpy as np
 
 from bonecluster.data.decode import Limits, Preprocess, load_image
 from bonecluster.data.records import Record, SkipError, Skipped, SkipLog
-from bonecluster.io import atomic_write_text
+from bonecluster.io import WriteError, atomic_write_text, remove_stale_temps
 
 FORMAT_VERSION = 1
 
@@ -73,7 +76,8 @@ class PixelStore:
     # -- opening and repair ---------------------------------------------------------------
 
     def open(self) -> "PixelStore":
-        self.folder.mkdir(parents=True, exist_ok=True)
+        _mkdir(self.folder)
+        remove_stale_temps(self.folder)  # e.g. a meta.json temp of a killed first prepare
         self._check_or_write_meta()
         self._load_index_and_repair()
         return self
@@ -104,41 +108,68 @@ class PixelStore:
                     good_bytes += len(line)
                     entries[entry["path"]] = entry
                     n_rows = max(n_rows, entry["row"] + 1)
-            os.truncate(self.index_path, good_bytes)
+            if good_bytes < self.index_path.stat().st_size:
+                _truncate(self.index_path, good_bytes)
         pixel_bytes = self.pixels_path.stat().st_size if self.pixels_path.exists() else 0
         if pixel_bytes < n_rows * self.row_bytes:
             raise RuntimeError(f"{self.pixels_path}: shorter than its index says; delete the cache folder")
         if pixel_bytes > n_rows * self.row_bytes:
-            os.truncate(self.pixels_path, n_rows * self.row_bytes)
+            _truncate(self.pixels_path, n_rows * self.row_bytes)
         self.entries, self.n_rows = entries, n_rows
 
     # -- lookups and appends --------------------------------------------------------------
 
-    def lookup(self, key: FileKey) -> dict | None:
-        """The index entry for this exact file version, or None when it must be decoded."""
-        entry = self.entries.get(key.path)
-        if entry and entry["mtime_ns"] == key.mtime_ns and entry["bytes"] == key.bytes:
-            return entry
-        return None
+    def lookup(self, key: FileKey, limits: Limits | None = None) -> dict | None:
+        """The index entry for this exact file version, or None when it must be decoded.
 
-    def append(self, results: Sequence[tuple[FileKey, np.ndarray | str]]) -> None:
-        """Append decoded images (uint8 (S, S)) or skip reasons, pixels first, then index."""
-        lines = []
-        with open(self.pixels_path, "ab") as pix:
-            for key, result in results:
-                entry = asdict(key)
-                if isinstance(result, str):
-                    entry.update(row=-1, reason=result)
-                else:
-                    pix.write(np.ascontiguousarray(result, dtype=np.uint8).tobytes())
-                    entry["row"] = self.n_rows
-                    self.n_rows += 1
-                self.entries[key.path] = entry
-                lines.append(json.dumps(entry) + "\n")
-            pix.flush()
-        with open(self.index_path, "a", encoding="utf-8") as idx:
-            idx.write("".join(lines))
-            idx.flush()
+        A skip is reused only if it was recorded under the same ``limits``: raising a limit
+        (say ``--max-pixels``) retries the files that the old one refused.
+        """
+        entry = self.entries.get(key.path)
+        if not entry or entry["mtime_ns"] != key.mtime_ns or entry["bytes"] != key.bytes:
+            return None
+        if entry["row"] < 0 and limits is not None and entry.get("limits") != asdict(limits):
+            return None
+        return entry
+
+    def append(self, results: Sequence[tuple[FileKey, np.ndarray | str]], limits: Limits | None = None) -> None:
+        """Append decoded images (uint8 (S, S)) or skip reasons, pixels first, then index.
+
+        On a write error both files are cut back to the previous batch (what a reopen would do)
+        and WriteError names the file; the store then holds only complete entries.
+        """
+        lines, entries, n_rows = [], {}, self.n_rows
+        index_bytes = self.index_path.stat().st_size if self.index_path.exists() else 0
+        path = self.pixels_path
+        try:
+            with open(self.pixels_path, "ab") as pix:
+                for key, result in results:
+                    entry = asdict(key)
+                    if isinstance(result, str):
+                        entry.update(row=-1, reason=result)
+                        if limits is not None:
+                            entry["limits"] = asdict(limits)
+                    else:
+                        pix.write(np.ascontiguousarray(result, dtype=np.uint8).tobytes())
+                        entry["row"] = n_rows
+                        n_rows += 1
+                    entries[key.path] = entry
+                    lines.append(json.dumps(entry) + "\n")
+                pix.flush()
+            path = self.index_path
+            with open(self.index_path, "a", encoding="utf-8") as idx:
+                idx.write("".join(lines))
+                idx.flush()
+        except OSError as err:
+            for done, size in ((self.index_path, index_bytes), (self.pixels_path, self.n_rows * self.row_bytes)):
+                try:
+                    if done.exists() and done.stat().st_size > size:
+                        os.truncate(done, size)
+                except OSError:
+                    pass  # the next open cuts the tail instead
+            raise WriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
+        self.entries.update(entries)
+        self.n_rows = n_rows
 
     def rows(self) -> np.ndarray:
         if self.n_rows == 0:
@@ -147,14 +178,39 @@ class PixelStore:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """One writer at a time per store (a second prepare waits)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        """One writer at a time per store (a second prepare waits).
+
+        In a folder this process cannot write, an existing lock is taken shared: reading a
+        complete cache works, and a write that is then needed fails with WriteError.
+        """
+        _mkdir(self.folder)
+        lock_path = self.folder / ".lock"
+        try:
+            lock, how = open(lock_path, "a"), fcntl.LOCK_EX
+        except OSError as err:
+            if not lock_path.exists():
+                raise WriteError(err.errno, f"cannot write {lock_path}: {err.strerror or err}") from err
+            lock, how = open(lock_path, "r"), fcntl.LOCK_SH
+        with lock:
+            fcntl.flock(lock, how)
             try:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _mkdir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WriteError(err.errno, f"cannot write {err.filename or folder}: {err.strerror or err}") from err
+
+
+def _truncate(path: Path, size: int) -> None:
+    try:
+        os.truncate(path, size)
+    except OSError as err:
+        raise WriteError(err.errno, f"cannot repair {path} (cut to {size} bytes): {err.strerror or err}") from err
 
 
 # ----------------------------------------------------------------------------- prepared view
@@ -255,7 +311,7 @@ def prepare(records: Sequence[Record], cache: str | Path, pre: Preprocess = Prep
     store = PixelStore(store_dir_for(cache, pre), pre)
     with store.locked():
         store.open()
-        todo, keys = _plan(records, store, skips)
+        todo, keys = _plan(records, store, skips, limits)
         n_reused = sum(1 for k in keys if k is not None) - len(todo)
         n_decoded = _decode_into(store, todo, pre, limits, workers, progress, batch)
         kept, rows = _collect(records, keys, store, skips)
@@ -267,7 +323,8 @@ def prepare(records: Sequence[Record], cache: str | Path, pre: Preprocess = Prep
                            seconds=time.perf_counter() - t0)
 
 
-def _plan(records, store: PixelStore, skips: SkipLog) -> tuple[list[FileKey], list[FileKey | None]]:
+def _plan(records, store: PixelStore, skips: SkipLog, limits: Limits
+          ) -> tuple[list[FileKey], list[FileKey | None]]:
     """Keys of every record (None when the file vanished) and the ones still to decode."""
     keys: list[FileKey | None] = []
     todo: dict[str, FileKey] = {}
@@ -279,7 +336,7 @@ def _plan(records, store: PixelStore, skips: SkipLog) -> tuple[list[FileKey], li
             skips.add(rec.path, f"cannot read file ({err.strerror or err})")
             continue
         keys.append(key)
-        if store.lookup(key) is None:
+        if store.lookup(key, limits) is None:
             todo.setdefault(key.path, key)
     return list(todo.values()), keys
 
@@ -291,27 +348,29 @@ def _decode_into(store: PixelStore, todo: list[FileKey], pre: Preprocess, limits
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     jobs = ((k.path, pre, limits) for k in todo)
     bar = _progress(len(todo), progress, "decode")
-    if workers <= 1:
-        results = map(_decode_one, jobs)
-        _append_in_batches(store, todo, results, batch, bar)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = pool.map(_decode_one, jobs, chunksize=16)
-            _append_in_batches(store, todo, results, batch, bar)
-    bar.close()
+    try:
+        if workers <= 1:
+            results = map(_decode_one, jobs)
+            _append_in_batches(store, todo, results, batch, bar, limits)
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                results = pool.map(_decode_one, jobs, chunksize=16)
+                _append_in_batches(store, todo, results, batch, bar, limits)
+    finally:
+        bar.close()  # ends the bar's line, so an error message starts on its own
     return len(todo)
 
 
-def _append_in_batches(store, todo, results, batch, bar) -> None:
+def _append_in_batches(store, todo, results, batch, bar, limits: Limits) -> None:
     pending = []
     for key, result in zip(todo, results):
         pending.append((key, result))
         if len(pending) >= batch:
-            store.append(pending)
+            store.append(pending, limits)
             bar.update(len(pending))
             pending = []
     if pending:
-        store.append(pending)
+        store.append(pending, limits)
         bar.update(len(pending))
 
 

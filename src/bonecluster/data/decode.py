@@ -7,22 +7,39 @@ Every problem that is about the *file* (missing, empty, truncated, not an image,
 undecodable DICOM) is raised as :class:`~bonecluster.data.records.SkipError` with a short
 reason, so one bad file is logged and skipped instead of stopping a run. Bad *arguments*
 (a programming error) raise ValueError.
+
+Hostile input: :class:`Limits` bounds what one file may cost. The byte size is checked before
+reading, the pixel count before any pixel is decoded (for DICOM also the size the embedded
+JPEG/JPEG 2000 codestream declares, which may differ from Rows x Columns), the frame count
+before decoding, and a deflated DICOM's inflated size while inflating. The decoders never get
+more bytes than the file has for one read, so a corrupt length field cannot reserve gigabytes.
+tests/unit/test_fuzz_readers.py fuzzes these entry points with mutated files.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import stat
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import (JPEG2000, DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
+                         JPEGExtended12Bit, RLELossless)
+
+try:  # to find where a deflated DICOM's compressed dataset starts (pydicom 2.x and 3.x)
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+except ImportError:  # pragma: no cover - a later pydicom; deflated files are then refused
+    _read_file_meta_info = read_preamble = None
 
 from bonecluster.data.records import SkipError
 
@@ -79,12 +96,16 @@ _HEAD_BYTES = 132  # 128-byte DICOM preamble + "DICM"
 
 @dataclass(frozen=True)
 class Limits:
-    """Guards against files that would exhaust memory or time.
+    """Guards against files that would exhaust memory or time; over a limit is a SkipError.
 
     ``pixel_cap``: width*height above this is refused before pixels are decoded
-    (decompression-bomb guard). ``max_frames``: DICOMs with more frames are refused;
+    (decompression-bomb guard; for DICOM both Rows x Columns and the size an embedded
+    JPEG/JPEG 2000 codestream declares). ``max_frames``: DICOMs with more frames are refused;
     multi-frame files below it use their first frame. ``max_file_bytes``: bigger files
-    are refused without being read.
+    are refused without being read, and a deflated DICOM whose dataset inflates beyond it
+    is refused while inflating. The CLI flags ``--max-pixels``, ``--max-frames`` and
+    ``--max-file-mb`` set them (config ``data.pixel_cap``, ``data.max_frames``,
+    ``data.max_file_mb``).
     """
 
     pixel_cap: int = 64_000_000  # for PIL formats, PIL's Image.MAX_IMAGE_PIXELS also applies
@@ -198,8 +219,31 @@ def _stat_file(path: str | os.PathLike, limits: Limits) -> None:
         raise SkipError("empty file (0 bytes)")
     if st.st_size > limits.max_file_bytes:
         raise SkipError(
-            f"file too large: {st.st_size} bytes exceeds limit {limits.max_file_bytes}"
+            f"file too large: {st.st_size} bytes exceeds the file size limit of "
+            f"{limits.max_file_bytes} bytes"
         )
+
+
+class _ClampedReader:
+    """A binary file whose ``read(n)`` never asks for more than what is left in the file.
+
+    The decoders trust length fields: pydicom reads each element with ``read(length)``, and
+    Pillow skips the rest of a PNG IDAT chunk with ``read(length)``. A buffered file reserves
+    ``length`` bytes before reading, so one corrupt 4-byte length asked for up to 4 GiB
+    (MemoryError under ``ulimit -v`` or strict overcommit). Everything else goes to the file.
+    """
+
+    def __init__(self, fh):
+        self._fh = fh
+        self._size = os.fstat(fh.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self._fh.read()
+        return self._fh.read(min(size, max(0, self._size - self._fh.tell())))
+
+    def __getattr__(self, name: str):
+        return getattr(self._fh, name)
 
 
 def read_grey(path: str | os.PathLike, limits: Limits = Limits()) -> np.ndarray:
@@ -214,9 +258,10 @@ def read_grey(path: str | os.PathLike, limits: Limits = Limits()) -> np.ndarray:
         with open(path, "rb") as fh:
             head = fh.read(_HEAD_BYTES)
             fh.seek(0)
+            src = _ClampedReader(fh)
             if Path(path).suffix.lower() in DICOM_SUFFIXES or _has_dicm(head):
-                return _read_dicom(fh, limits)
-            return _read_pil(fh, head, limits)
+                return _read_dicom(src, limits)
+            return _read_pil(src, head, limits)
     except OSError as e:
         # Only open/read/seek of the file itself get here; decoders' own OSErrors
         # are converted inside _read_pil/_read_dicom.
@@ -319,10 +364,19 @@ def _why(e: BaseException) -> str:
 
 def _read_dicom(fh, limits: Limits) -> np.ndarray:
     """A DICOM file -> float32 (H, W) after modality LUT, VOI LUT/window, MONOCHROME1 flip."""
-    ds = _dcmread(fh)
-    _check_dicom_header(ds, limits)
-    arr = _dicom_first_frame(ds)
-    return _dicom_to_grey(arr, ds)
+    try:
+        _check_deflated_size(fh, limits)
+        ds = _dcmread(fh)
+        _check_dicom_header(ds, limits)
+        _check_encapsulated_size(ds, limits)
+        arr = _dicom_first_frame(ds)
+        return _dicom_to_grey(arr, ds)
+    except SkipError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        # pydicom converts element values lazily, so a malformed element (an unknown VR, a bad
+        # number) raises on first use, wherever that is; it is still the file's fault.
+        raise SkipError(f"unreadable DICOM: {_why(e)}") from None
 
 
 def _dcmread(fh) -> pydicom.Dataset:
@@ -332,6 +386,45 @@ def _dcmread(fh) -> pydicom.Dataset:
         raise SkipError(f"unreadable DICOM: not a DICOM file ({_why(e)})") from None
     except Exception as e:
         raise SkipError(f"unreadable DICOM: {_why(e)}") from None
+
+
+def _check_deflated_size(fh, limits: Limits) -> None:
+    """SkipError when a Deflated Explicit VR Little Endian dataset inflates past max_file_bytes.
+
+    pydicom inflates the whole dataset with one zlib.decompress, so a small deflated file of
+    zeros (a "zip bomb": about 1000:1) would otherwise expand into gigabytes before any other
+    limit is looked at. Here the inflated bytes are only counted, 64 KiB at a time.
+    Leaves ``fh`` at offset 0. Anything unparsable is left for pydicom to report.
+    """
+    try:
+        if read_preamble is None:
+            if DeflatedExplicitVRLittleEndian.encode() in fh.read(4096):
+                raise SkipError("unsupported DICOM transfer syntax: deflated (with this pydicom version)")
+            return
+        try:
+            read_preamble(fh, False)
+            syntax = _read_file_meta_info(fh).get("TransferSyntaxUID")
+        except Exception:  # noqa: BLE001 - pydicom says what is wrong when it reads the file
+            return
+        if syntax != DeflatedExplicitVRLittleEndian:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflated = 0
+        while not inflater.eof:  # bytes after the end of the stream are pydicom's to judge
+            data = inflater.unconsumed_tail or fh.read(2**16)
+            if not data:
+                break
+            try:
+                inflated += len(inflater.decompress(data, 2**16))
+            except zlib.error as e:
+                raise SkipError(f"unreadable DICOM: corrupt deflated dataset ({_why(e)})") from None
+            if inflated > limits.max_file_bytes:
+                raise SkipError(
+                    f"file too large: the deflated DICOM dataset inflates to over "
+                    f"{limits.max_file_bytes} bytes, the file size limit"
+                )
+    finally:
+        fh.seek(0)
 
 
 def _dicom_int(ds: pydicom.Dataset, keyword: str, default: int | None = None) -> int:
@@ -366,6 +459,36 @@ def _check_dicom_header(ds: pydicom.Dataset, limits: Limits) -> None:
     rows, cols = _dicom_int(ds, "Rows"), _dicom_int(ds, "Columns")
     _check_pixel_count(cols, rows, limits)
     _check_transfer_syntax(ds)
+
+
+# Transfer syntaxes whose frames pydicom hands to Pillow, which decodes a codestream at the size
+# the codestream declares (not Rows x Columns).
+_PILLOW_SYNTAXES = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000Lossless, JPEG2000})
+
+
+def _check_encapsulated_size(ds: pydicom.Dataset, limits: Limits) -> None:
+    """For compressed pixel data, the pixel cap also applies to the size frame 0's JPEG or
+    JPEG 2000 codestream declares: Rows x Columns may say 16 x 16 while the codestream says
+    60000 x 60000, and the decoder allocates what the codestream says."""
+    uid = ds.file_meta.TransferSyntaxUID
+    if not uid.is_encapsulated or uid == RLELossless:  # RLE output is bounded by Rows x Columns
+        return
+    try:
+        frames = _dicom_int(ds, "NumberOfFrames", 1)
+        frame = get_frame(ds.PixelData, 0, number_of_frames=frames)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(frame), formats=("JPEG", "JPEG2000")) as img:
+                width, height = img.size
+    except SkipError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SkipError(_pil_bomb_reason(e, limits)) from None
+    except Exception as e:
+        if uid in _PILLOW_SYNTAXES:
+            raise SkipError(f"unreadable DICOM pixel data ({uid.name}): {_why(e)}") from None
+        return  # a codestream only another plugin decodes (pylibjpeg/gdcm): it reports problems itself
+    _check_pixel_count(width, height, limits)
 
 
 def _check_transfer_syntax(ds: pydicom.Dataset) -> None:

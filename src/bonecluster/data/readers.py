@@ -33,9 +33,20 @@ class DataError(Exception):
 
 @dataclass(frozen=True)
 class ReaderLimits:
-    """Input limits for manifests (documented defaults; see docs/RELIABILITY.md later)."""
+    """Input limits for CSV files (manifests and MURA-v1.1's CSVs).
+
+    ``max_csv_row_chars``: a row (one line, not counting its line ending) longer than this is
+    skipped with a warning naming ``file:line``; a header that long makes the manifest a
+    DataError. Lines are read at most this long, so a file without line breaks cannot fill
+    memory. CLI ``--max-csv-row-chars``, config ``data.max_csv_row_chars``.
+    """
 
     max_csv_row_chars: int = 65_536
+
+    def __post_init__(self) -> None:
+        value = self.max_csv_row_chars
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"max_csv_row_chars must be a positive int, got {value!r}")
 
 
 # MURA: .../XR_WRIST/patient00001/study1_positive/image1.png
@@ -127,7 +138,7 @@ def read_records(source: str | Path, skips: SkipLog | None = None,
     skips = skips if skips is not None else SkipLog()
     kind = detect_kind(source)
     if kind == "mura-csv":
-        return read_mura_csv(source, skips)
+        return read_mura_csv(source, skips, limits)
     if kind == "mura":
         return read_mura_tree(source, skips)
     if kind == "manifest":
@@ -181,18 +192,19 @@ def read_mura_tree(root: str | Path, skips: SkipLog) -> list[Record]:
     return records
 
 
-def read_mura_csv(root: str | Path, skips: SkipLog) -> list[Record]:
+def read_mura_csv(root: str | Path, skips: SkipLog,
+                  limits: ReaderLimits = ReaderLimits()) -> list[Record]:
     """Use MURA-v1.1's ``*_image_paths.csv`` and ``*_labeled_studies.csv`` (no headers).
 
     Paths in them start with ``MURA-v1.1/``, so they resolve against root's parent; when that
     fails they are tried relative to root itself (a renamed root folder).
     """
     root = Path(root)
-    study_labels = _read_mura_study_labels(root, skips)
+    study_labels = _read_mura_study_labels(root, skips, limits)
     records = []
     for csv_path in sorted(root.glob("*_image_paths.csv")):
         split = csv_path.name.split("_image_paths")[0]
-        for lineno, row in _csv_rows(csv_path, skips):
+        for lineno, row in _csv_rows(csv_path, skips, limits):
             if not row or not row[0].strip():
                 continue
             rel = row[0].strip()
@@ -210,10 +222,10 @@ def read_mura_csv(root: str | Path, skips: SkipLog) -> list[Record]:
     return records
 
 
-def _read_mura_study_labels(root: Path, skips: SkipLog) -> dict[str, bool]:
+def _read_mura_study_labels(root: Path, skips: SkipLog, limits: ReaderLimits) -> dict[str, bool]:
     labels: dict[str, bool] = {}
     for csv_path in sorted(root.glob("*_labeled_studies.csv")):
-        for lineno, row in _csv_rows(csv_path, skips):
+        for lineno, row in _csv_rows(csv_path, skips, limits):
             try:
                 study, label = row[0].strip(), parse_abnormal(row[1])
             except (IndexError, ValueError) as err:
@@ -286,7 +298,15 @@ def _manifest_record(base: Path, cells: dict[str, str]) -> Record:
 
 def _csv_rows(csv_path: Path, skips: SkipLog, limits: ReaderLimits = ReaderLimits(),
               header: bool = False):
-    """Yield (line number, cells); oversize or undecodable rows are skipped, not fatal."""
+    """Yield (line number, cells), one line per row (\\n, \\r\\n or \\r endings).
+
+    A row longer than ``limits.max_csv_row_chars`` characters (its line ending not counted) and
+    a row the csv module cannot parse are skipped into ``skips`` as ``file:line``; with
+    ``header``, such a first line raises DataError instead (there is no manifest without it).
+    Text that is not UTF-8 raises DataError. No more than the limit (plus a line ending) is
+    ever held in memory for one line.
+    """
+    limit = limits.max_csv_row_chars
     try:
         handle = open(csv_path, newline="", encoding="utf-8-sig", errors="strict")
     except OSError as err:
@@ -296,29 +316,42 @@ def _csv_rows(csv_path: Path, skips: SkipLog, limits: ReaderLimits = ReaderLimit
         while True:
             lineno += 1
             try:
-                line = handle.readline(limits.max_csv_row_chars + 1)
+                line = handle.readline(limit + 2)  # room for the row and a "\r\n"
+                if not line:
+                    return
+                too_long = len(line.rstrip("\r\n")) > limit
+                if too_long:
+                    _discard_rest_of_line(handle, line)
             except UnicodeDecodeError as err:
                 raise DataError(f"{csv_path}: not UTF-8 text near line {lineno} ({err.reason})") from err
-            if not line:
-                return
-            if len(line) > limits.max_csv_row_chars and not line.endswith("\n"):
-                _discard_rest_of_line(handle)
-                skips.add(f"{csv_path}:{lineno}",
-                          f"malformed row: longer than {limits.max_csv_row_chars} characters")
+            if too_long:
+                why = f"longer than {limit} characters (limit max_csv_row_chars)"
+                if header and lineno == 1:
+                    raise DataError(f"{csv_path}:1: header line {why}")
+                skips.add(f"{csv_path}:{lineno}", f"malformed row: {why}")
                 continue
             try:
                 cells = next(csv.reader([line]))
             except (csv.Error, StopIteration) as err:
+                if header and lineno == 1:
+                    raise DataError(f"{csv_path}:1: unreadable header line ({err})") from err
                 skips.add(f"{csv_path}:{lineno}", f"malformed row: {err}")
                 continue
             yield lineno, cells
 
 
-def _discard_rest_of_line(handle, chunk: int = 65_536) -> None:
-    while True:
-        part = handle.readline(chunk)
-        if not part or part.endswith("\n"):
-            return
+def _discard_rest_of_line(handle, line: str, chunk: int = 65_536) -> None:
+    """After reading the start ``line`` of an over-long line, read past its end.
+
+    readline(size) may stop between the "\\r" and "\\n" of a "\\r\\n"; that "\\n" belongs to
+    this line, not to an empty line after it (which would shift every later line number).
+    """
+    while line and not line.endswith(("\n", "\r")):
+        line = handle.readline(chunk)
+    if line.endswith("\r"):
+        at = handle.tell()
+        if handle.read(1) != "\n":
+            handle.seek(at)
 
 
 # ----------------------------------------------------------------------------- plain folder
