@@ -15,9 +15,8 @@ import pytest
 from PIL import Image
 
 from bonecluster.cli import main
-from bonecluster.data.phantoms import generate_phantoms
 from bonecluster.predict import ImagePrediction, Predictor
-from tests.integration.test_engine import TINY
+from tests.integration.conftest import train_tiny_run  # noqa: F401 - test_browser imports it from here
 from tests.unit.dicom_utils import dicom_dataset, write_dicom
 
 with warnings.catch_warnings():  # starlette suggests httpx2; httpx is what the project pins
@@ -25,22 +24,12 @@ with warnings.catch_warnings():  # starlette suggests httpx2; httpx is what the 
     from fastapi.testclient import TestClient
 
 CAP = 256 * 1024  # upload limit of the test app: the phantoms are a few KB
-SETS = [a for s in TINY + ["train.epochs=2", "stage2.k=2", "stage2.epochs=1", "stage2.min_images=4",
-                           "data.workers=1"] for a in ("--set", s)]
 PARTS = ["ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST"]
 
 
-def train_tiny_run(root: Path, n: int = 42, size: int = 64, extra: list[str] | None = None) -> tuple[Path, Path]:
-    """Phantoms and a two-stage run trained on them in seconds: (run folder, phantom root)."""
-    generate_phantoms(root / "ph", n=n, size=size, seed=5, progress=False, workers=1)
-    run = root / "run"
-    assert main(["train", str(root / "ph"), "--out", str(run), "--quiet", *SETS, *(extra or [])]) == 0
-    return run, root / "ph"
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, single_torch_thread):
-    return train_tiny_run(tmp_path_factory.mktemp("serve"))
+def tiny(tiny_serve_run, single_torch_thread):
+    return tiny_serve_run  # trained once per session (conftest.py), shared with test_serve_load.py
 
 
 @pytest.fixture(scope="module")
@@ -352,3 +341,26 @@ def test_cli_parses_serve_defaults(tiny):
     assert (args.host, args.port, args.max_upload_mb) == ("127.0.0.1", 8000, 50)
     assert main(["serve", str(tiny[0]), "--max-upload-mb", "0"]) == 1
     assert main(["serve", str(tiny[0] / "missing")]) == 1
+
+
+def test_pixel_cap_override_refuses_an_upload_the_run_would_take(tiny, phantom_png):
+    """``limits`` (serve --max-pixels) tightens the run's pixel cap for uploads."""
+    from bonecluster.serve import create_app
+
+    side = Image.open(phantom_png).size
+    app = create_app(tiny[0], max_upload_bytes=CAP, limits={"pixel_cap": side[0] * side[1] - 1})
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        reason = _json_error(_post(c, phantom_png.read_bytes()), 422)
+    assert "exceeds pixel cap" in reason
+    with pytest.raises(ValueError, match="pixel_cap"):
+        create_app(tiny[0], limits={"pixel_cap": 0})
+
+
+def test_serve_cli_passes_limit_flags(monkeypatch, tiny):
+    import bonecluster.serve
+    from bonecluster.cli import main
+
+    seen = {}
+    monkeypatch.setattr(bonecluster.serve, "serve", lambda run, **kw: seen.update(kw))
+    assert main(["serve", str(tiny[0]), "--max-pixels", "1000", "--max-frames", "2", "--max-decodes", "3"]) == 0
+    assert seen["limits"] == {"pixel_cap": 1000, "max_frames": 2} and seen["max_decodes"] == 3

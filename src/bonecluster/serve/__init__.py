@@ -21,8 +21,11 @@ def __getattr__(name: str):
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 50,
-          log_level: str = "info") -> None:
-    """Load ``run`` and serve the viewer with uvicorn until interrupted (Ctrl-C)."""
+          log_level: str = "info", max_decodes: int = 2, limits: dict | None = None) -> None:
+    """Load ``run`` and serve the viewer with uvicorn until interrupted (Ctrl-C).
+
+    ``max_decodes`` and ``limits``: see :func:`bonecluster.serve.app.create_app`.
+    """
     import logging
 
     try:
@@ -43,7 +46,8 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload
     if host not in LOOPBACK:
         logging.getLogger("bonecluster").warning(
             "serving on %s: anyone who can reach this address can upload images and rename clusters", host)
-    app = create_app(run, max_upload_bytes=int(max_upload_mb * 2**20), allowed_hosts=hosts)
+    app = create_app(run, max_upload_bytes=int(max_upload_mb * 2**20), allowed_hosts=hosts,
+                     max_decodes=max_decodes, limits=limits)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {run} at http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -23,13 +23,19 @@ Safety: images are only ever read from the run's decode-once cache by integer in
 random id from memory, and static files from a fixed list, so no request names a file path.
 Uploads are counted while they stream in and refused above ``max_upload_bytes`` (413); they are
 decoded only by the project's decoders (Pillow restricted to PNG/JPEG/TIFF/BMP, pydicom) under the
-run's pixel cap; nothing a user sends is unpickled. Non-images get 415, broken or oversized
+run's pixel cap; nothing a user sends is unpickled. Decoding a large image takes memory (about 16
+bytes per pixel at its peak: ~1 GB at the default 64 MP pixel cap, from a PNG of under 200 KB), so
+at most ``max_decodes`` uploads are decoded at once and one at a time is in the models; uploads
+waiting for either hold no worker thread, so browsing stays responsive while uploads queue
+(benchmarks/bench_serve.py puts the viewer under load). Non-images get 415, broken or oversized
 images 422, malformed requests 400/422, each with a JSON ``detail``. Model files are read with
 ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import io
 import logging
 import secrets
@@ -58,7 +64,7 @@ from starlette.requests import ClientDisconnect
 from bonecluster import __version__
 from bonecluster.cluster import assign
 from bonecluster.data.cache import PreparedDataset, store_dir_for
-from bonecluster.data.decode import Limits, decode_scaled, fit_to_square
+from bonecluster.data.decode import decode_scaled, fit_to_square
 from bonecluster.data.records import Record, SkipError
 from bonecluster.gradcam import colourise, grad_cam, knn_distance_target
 from bonecluster.pipeline import NAMES, load_cluster_names, name_cluster, save_cluster_names
@@ -68,6 +74,7 @@ from bonecluster.stage2 import embed_images, group_by_part
 log = logging.getLogger("bonecluster")
 
 DEFAULT_MAX_UPLOAD = 50 * 2**20
+DEFAULT_MAX_DECODES = 2   # uploads decoded at once: each may take ~16 bytes per pixel up to the pixel cap
 NEIGHBOURS = 8
 DISPLAY_SIZE = 256        # side of the image and heatmap the page shows
 NAME_MAX = 64             # as pipeline.name_cluster allows
@@ -108,14 +115,16 @@ class _OneImage:
 class ViewerState:
     """A run folder's models, training images and recent results, shared by the routes."""
 
-    def __init__(self, run: str | Path, max_upload_bytes: int, max_results: int):
+    def __init__(self, run: str | Path, max_upload_bytes: int, max_results: int,
+                 max_decodes: int = DEFAULT_MAX_DECODES, limits: dict | None = None):
         self.run = Path(run)
         self.predictor = Predictor(self.run)
         any_model = self.predictor.stage1 or next(iter(self.predictor.parts.values()))[0]
         self.cfg = any_model.cfg
         self.max_upload_bytes = max_upload_bytes
-        self.limits = Limits(pixel_cap=self.cfg.data.pixel_cap, max_frames=self.cfg.data.max_frames,
-                             max_file_bytes=max(1, max_upload_bytes))
+        # The run's pixel and frame limits (or ``limits``' overrides); the upload cap bounds the file.
+        data_cfg = self.cfg.data.with_limits(**(limits or {}))
+        self.limits = dataclasses.replace(data_cfg.limits(), max_file_bytes=max(1, max_upload_bytes))
         self.data = self._load_data()
         self.pre = self.data.pre if self.data is not None else self.cfg.data.preprocess()
         self.pixels = self._open_pixels()
@@ -125,6 +134,8 @@ class ViewerState:
         self.results: OrderedDict[str, _Result] = OrderedDict()
         self.max_results = max_results
         self._train_embeddings: torch.Tensor | None = None
+        self.max_decodes = max_decodes
+        self._gates: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore, asyncio.Lock] | None = None
 
     # -- the run's training images ------------------------------------------------------------
 
@@ -204,11 +215,28 @@ class ViewerState:
 
     # -- one upload ---------------------------------------------------------------------------
 
+    def gates(self) -> tuple[asyncio.Semaphore, asyncio.Lock]:
+        """The running event loop's (decode slots, model turn): asyncio primitives, so that an
+        upload waiting for its turn holds no worker thread (made anew if the loop changes)."""
+        loop = asyncio.get_running_loop()
+        if self._gates is None or self._gates[0] is not loop:
+            self._gates = (loop, asyncio.Semaphore(self.max_decodes), asyncio.Lock())
+        return self._gates[1], self._gates[2]
+
     def analyse(self, path: Path, filename: str) -> _Result:
         """Decode, predict, explain and find neighbours for one uploaded file (raises SkipError)."""
+        return self.predict_decoded(*self.decode(path), filename)
+
+    def decode(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """One uploaded file at the models' size and at the page's, uint8 (raises SkipError).
+
+        The full-size intermediates (~16 bytes per pixel at the peak) are freed on return.
+        """
         scaled = decode_scaled(path, self.pre, self.limits)
-        small = fit_to_square(scaled, self.pre.size, self.pre.fit)
-        display = fit_to_square(scaled, DISPLAY_SIZE, self.pre.fit)
+        return fit_to_square(scaled, self.pre.size, self.pre.fit), fit_to_square(scaled, DISPLAY_SIZE, self.pre.fit)
+
+    def predict_decoded(self, small: np.ndarray, display: np.ndarray, filename: str) -> _Result:
+        """Predict, explain and find neighbours for one decoded upload (one model pass at a time)."""
         with self.lock, torch.no_grad():
             pred, emb = self.predictor.predict_with_embeddings(_OneImage(small, [Record(filename)]),
                                                                use_metadata_parts=False)
@@ -325,16 +353,20 @@ class ViewerState:
 
 
 def create_app(run: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, max_results: int = 64,
-               allowed_hosts: Sequence[str] | None = None) -> FastAPI:
+               allowed_hosts: Sequence[str] | None = None, max_decodes: int = DEFAULT_MAX_DECODES,
+               limits: dict | None = None) -> FastAPI:
     """The viewer for ``run`` (a trained run folder).
 
     ``max_upload_bytes``: larger request bodies get 413. ``max_results``: recent uploads kept in
     memory. ``allowed_hosts``: Host header values answered (default 127.0.0.1 and localhost, a
-    guard against DNS rebinding; ``["*"]`` for any).
+    guard against DNS rebinding; ``["*"]`` for any). ``max_decodes``: uploads decoded at once
+    (each can take ~16 bytes per pixel up to the run's pixel cap; more wait their turn).
+    ``limits``: input-limit overrides of the run's config, e.g. ``{"pixel_cap": 4_000_000}``
+    (see :class:`bonecluster.config.DataConfig`).
     """
-    if max_upload_bytes < 1 or max_results < 1:
-        raise ValueError("max_upload_bytes and max_results must be positive")
-    state = ViewerState(run, max_upload_bytes, max_results)
+    if max_upload_bytes < 1 or max_results < 1 or max_decodes < 1:
+        raise ValueError("max_upload_bytes, max_results and max_decodes must be positive")
+    state = ViewerState(run, max_upload_bytes, max_results, max_decodes, limits)
     page = _static_text("index.html")
     assets = {name: _static_text(name) for name in STATIC}
 
@@ -376,14 +408,18 @@ def create_app(run: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, max_
                   "properties": {"file": {"type": "string", "format": "binary",
                                           "description": "PNG, JPEG (also TIFF/BMP) or DICOM"}}}}}}})
     async def predict(request: Request) -> JSONResponse:
+        decode_slots, model_turn = state.gates()
         with tempfile.TemporaryDirectory(prefix="bonecluster-upload-") as tmp:
             path, filename = await _receive_upload(request, state.max_upload_bytes, Path(tmp))
             try:
-                result = await run_in_threadpool(state.analyse, path, filename)
+                async with decode_slots:  # bounds the memory of concurrent decodes
+                    small, display = await run_in_threadpool(state.decode, path)
             except SkipError as err:
                 reason = str(err)
                 status = 415 if reason.startswith(("not an image", "unreadable DICOM: not a DICOM")) else 422
                 raise HTTPException(status, f"cannot use this file: {reason}") from None
+        async with model_turn:  # one model pass at a time, without a worker thread per waiter
+            result = await run_in_threadpool(state.predict_decoded, small, display, filename)
         rid = state.remember(result)
         body = {"id": rid, **result.prediction, "image_url": f"/api/results/{rid}/image.png",
                 "heatmap_url": f"/api/results/{rid}/heatmap.png" if result.heatmap_png else None}
