@@ -1,7 +1,12 @@
-"""Fixtures shared by the integration tests: one tiny trained run for the viewer's tests."""
+"""Fixtures shared by the integration tests: one tiny trained run for the viewer's tests, and a
+real uvicorn server for it on a free local port."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,3 +40,26 @@ def tiny_serve_run(tmp_path_factory) -> tuple[Path, Path]:
         return train_tiny_run(tmp_path_factory.mktemp("serve"))
     finally:
         torch.set_num_threads(previous)
+
+
+@contextmanager
+def serve_in_thread(app):
+    """Serve ``app`` with uvicorn in a daemon thread on a free 127.0.0.1 port; yields its URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # a free port, held from the start: no race with other processes
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(15)
+        sock.close()

@@ -10,14 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_serve import train_tiny_run
+from tests.integration.conftest import serve_in_thread, train_tiny_run
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = os.environ.get("BONECLUSTER_SCREENSHOT") == "1"
@@ -30,29 +27,14 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium executable
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, single_torch_thread):
-    import uvicorn
-
     from bonecluster.serve import create_app
 
     root = tmp_path_factory.mktemp("browser")
     # the screenshot run: bigger phantoms at the cpu preset's 64 px, so the page is worth looking at
     extra = ["--set", "data.size=64", "--set", "train.epochs=6"] if SCREENSHOT else []
     run, phantoms = train_tiny_run(root, n=84 if SCREENSHOT else 42, size=256 if SCREENSHOT else 64, extra=extra)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # a free port, held from the start: no race with other processes
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(run), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", run, phantoms
-    srv.should_exit = True
-    thread.join(15)
-    sock.close()
+    with serve_in_thread(create_app(run)) as url:
+        yield url, run, phantoms
 
 
 @pytest.fixture(scope="module")

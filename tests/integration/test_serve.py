@@ -16,7 +16,6 @@ from PIL import Image
 
 from bonecluster.cli import main
 from bonecluster.predict import ImagePrediction, Predictor
-from tests.integration.conftest import train_tiny_run  # noqa: F401 - test_browser imports it from here
 from tests.unit.dicom_utils import dicom_dataset, write_dicom
 
 with warnings.catch_warnings():  # starlette suggests httpx2; httpx is what the project pins

@@ -7,15 +7,15 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.integration.conftest import serve_in_thread
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -90,27 +90,6 @@ def test_load_mix_gets_no_5xx_and_every_upload_answered_correctly(run_copy, tmp_
         assert names == expected, key
 
 
-@contextmanager
-def _uvicorn(app):
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # a free port, held from the start
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        srv.should_exit = True
-        thread.join(15)
-        sock.close()
-
-
 def test_concurrent_uploads_are_decoded_at_most_max_decodes_at_once(tiny_serve_run, monkeypatch,
                                                                     single_torch_thread):
     """Regression: each upload used to be decoded as soon as it arrived, one per worker thread (up
@@ -141,7 +120,7 @@ def test_concurrent_uploads_are_decoded_at_most_max_decodes_at_once(tiny_serve_r
     statuses: list[int] = []
     finished: list[float] = []
 
-    with _uvicorn(app) as base:
+    with serve_in_thread(app) as base:
         def upload():
             r = httpx.post(base + "/api/predict", files={"file": ("hand.png", png, "image/png")}, timeout=60)
             statuses.append(r.status_code)
