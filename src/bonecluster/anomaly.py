@@ -131,7 +131,8 @@ def _groups(groups: torch.Tensor | None, n: int) -> torch.Tensor:
 
 def _available(groups: torch.Tensor, n: int) -> int:
     """Bank rows left for the query with the largest group."""
-    return n - int(torch.bincount(groups - groups.min()).max()) if n else 0
+    # unique, not bincount: group ids may be large (hashes), and bincount allocates max - min + 1
+    return n - int(torch.unique(groups, return_counts=True)[1].max()) if n else 0
 
 
 @dataclass

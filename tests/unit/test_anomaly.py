@@ -54,6 +54,15 @@ def test_leave_one_group_out_skips_the_whole_study():
         knn_scores(bank[:2], bank[:2], exclude_self=True, groups=torch.tensor([5, 5]))
 
 
+def test_group_ids_may_be_large_hashes():
+    """Study ids hashed to 63-bit integers give the same scores as small ids, without allocating
+    an array as long as the id range (bincount would need exabytes here)."""
+    bank = normalise(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]))
+    big = torch.tensor([2**62, 2**62, -(2**61), 7])
+    small = knn_scores(bank, bank, k=1, exclude_self=True, groups=torch.tensor([0, 0, 1, 2]))
+    assert knn_scores(bank, bank, k=1, exclude_self=True, groups=big).tolist() == small.tolist()
+
+
 def test_patch_scores_take_the_worst_position_exactly():
     e0, e1, e2 = torch.eye(3)
     bank = torch.stack([e0, e1])                                  # two training patches
