@@ -60,7 +60,7 @@ def kmeans_restart_spread(run: Path, eval_src: list[str], restarts: int) -> dict
     as the engine does. None for methods whose final clusters are not plain k-means."""
     import numpy as np
 
-    from bonecluster.cluster import assign, kmeans
+    from bonecluster.cluster import assign, kmeans_best_of
     from bonecluster.data import prepare_sources
     from bonecluster.data.cache import PreparedDataset
     from bonecluster.engine import TrainedClusters
@@ -78,9 +78,9 @@ def kmeans_restart_spread(run: Path, eval_src: list[str], restarts: int) -> dict
     x_eval = embed_images(trained, held_out.images())
     scores = []
     for r in range(restarts):
-        runs = [kmeans(x_train, cfg.cluster.k, niter=cfg.cluster.niter, seed=7919 * (r + 1) + 104_729 * i,
-                       init=cfg.cluster.init, backend=cfg.cluster.backend) for i in range(max(cfg.cluster.n_init, 1))]
-        best = min(runs, key=lambda km: km.inertia)
+        seeds = [7919 * (r + 1) + 104_729 * i for i in range(max(cfg.cluster.n_init, 1))]
+        best = kmeans_best_of(x_train, cfg.cluster.k, seeds, niter=cfg.cluster.niter, init=cfg.cluster.init,
+                              backend=cfg.cluster.backend)
         clusters = assign(x_eval, best.centroids)[0].numpy()
         scores.append(hungarian_accuracy(clusters[labelled], parts[labelled]))
     return {"restarts": restarts, "mean": float(np.mean(scores)), "std": float(np.std(scores)),

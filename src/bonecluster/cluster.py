@@ -24,6 +24,7 @@ import math
 import operator
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ __all__ = [
     "preprocess_features",
     "KMeansResult",
     "kmeans",
+    "kmeans_best_of",
     "assign",
     "faiss_available",
 ]
@@ -275,6 +277,19 @@ def kmeans(
         n_splits=n_splits,
         backend=backend,
     )
+
+
+def kmeans_best_of(x: torch.Tensor, k: int, seeds: Sequence[int], **kwargs) -> KMeansResult:
+    """k-means (:func:`kmeans`, same ``kwargs``) once per seed; the run of lowest inertia wins
+    (the first of equals). DeepCluster's engine uses it for ``cluster.n_init`` restarts."""
+    best = None
+    for seed in seeds:
+        run = kmeans(x, k, seed=seed, **kwargs)
+        if best is None or run.inertia < best.inertia:
+            best = run
+    if best is None:
+        raise ValueError("kmeans_best_of needs at least one seed")
+    return best
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor, batch_size: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:

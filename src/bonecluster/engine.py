@@ -47,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bonecluster import distributed as dist
 from bonecluster.augment import RadiographAugment
-from bonecluster.cluster import KMeansResult, PCAWhitening, kmeans, l2_normalise, preprocess_features
+from bonecluster.cluster import KMeansResult, PCAWhitening, kmeans_best_of, l2_normalise, preprocess_features
 from bonecluster.config import METHODS, Config, config_from_dict, to_dict, to_yaml
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import batch_loader, to_float
@@ -269,12 +269,8 @@ class DeepClusterEngine:
         km = None
         if self.dist.is_main:
             # Restart r uses its own seed; r = 0 is the single run of n_init = 1. Lowest inertia wins.
-            for r in range(max(c.n_init, 1)):
-                seed = self.cfg.seed + seed_offset + r * 1_000_003
-                run = kmeans(x, c.k, niter=c.niter, seed=seed, init=c.init, backend=c.backend,
-                             device=self.device)
-                if km is None or run.inertia < km.inertia:
-                    km = run
+            seeds = [self.cfg.seed + seed_offset + r * 1_000_003 for r in range(max(c.n_init, 1))]
+            km = kmeans_best_of(x, c.k, seeds, niter=c.niter, init=c.init, backend=c.backend, device=self.device)
             if self.cfg.method == "sela":
                 km = _balanced(x, km, c.k, c.sinkhorn_epsilon)
         labels = km.assignments.to(self.device) if km else torch.empty(len(feats), dtype=torch.int64,

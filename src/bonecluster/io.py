@@ -26,6 +26,11 @@ class WriteError(OSError):
     def __str__(self) -> str:  # "cannot write PATH: REASON", without OSError's "[Errno N]"
         return self.strerror or super().__str__()
 
+    @classmethod
+    def of(cls, path: str | Path, err: OSError, doing: str = "write") -> "WriteError":
+        """``cannot <doing> PATH: reason`` for the OSError ``err``, keeping its errno."""
+        return cls(err.errno, f"cannot {doing} {path}: {err.strerror or err}")
+
 
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
@@ -37,7 +42,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner_tag()}.", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
     except OSError as err:
-        raise WriteError(err.errno, f"cannot write {path}: {err.strerror}") from err
+        raise WriteError.of(path, err) from err
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -47,7 +52,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     except BaseException as err:
         _remove_quietly(tmp)
         if isinstance(err, OSError) and not isinstance(err, WriteError):
-            raise WriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
+            raise WriteError.of(path, err) from err
         raise
 
 

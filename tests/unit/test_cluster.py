@@ -19,6 +19,7 @@ from bonecluster.cluster import (
     faiss_available,
     fit_pca_whitening,
     kmeans,
+    kmeans_best_of,
     l2_normalise,
     preprocess_features,
 )
@@ -324,3 +325,14 @@ def test_kmeans_rejects_bad_data():
         kmeans(torch.tensor([[0.0, 1.0], [float("inf"), 0.0], [1.0, 1.0]]), 2)
     with pytest.raises(TypeError, match="floating point"):
         kmeans(torch.ones(5, 2, dtype=torch.int64), 2)
+
+
+def test_kmeans_best_of_keeps_the_lowest_inertia_run():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g)
+    runs = [kmeans(x, 5, niter=3, seed=s, backend="torch") for s in (1, 2, 3)]
+    best = kmeans_best_of(x, 5, [1, 2, 3], niter=3, backend="torch")
+    assert best.inertia == min(r.inertia for r in runs)
+    assert torch.equal(best.assignments, min(runs, key=lambda r: r.inertia).assignments)
+    with pytest.raises(ValueError):
+        kmeans_best_of(x, 5, [])

@@ -167,7 +167,7 @@ class PixelStore:
                         os.truncate(done, size)
                 except OSError:
                     pass  # the next open cuts the tail instead
-            raise WriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
+            raise WriteError.of(path, err) from err
         self.entries.update(entries)
         self.n_rows = n_rows
 
@@ -189,7 +189,7 @@ class PixelStore:
             lock, how = open(lock_path, "a"), fcntl.LOCK_EX
         except OSError as err:
             if not lock_path.exists():
-                raise WriteError(err.errno, f"cannot write {lock_path}: {err.strerror or err}") from err
+                raise WriteError.of(lock_path, err) from err
             lock, how = open(lock_path, "r"), fcntl.LOCK_SH
         with lock:
             fcntl.flock(lock, how)
@@ -203,14 +203,14 @@ def _mkdir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise WriteError(err.errno, f"cannot write {err.filename or folder}: {err.strerror or err}") from err
+        raise WriteError.of(err.filename or folder, err) from err
 
 
 def _truncate(path: Path, size: int) -> None:
     try:
         os.truncate(path, size)
     except OSError as err:
-        raise WriteError(err.errno, f"cannot repair {path} (cut to {size} bytes): {err.strerror or err}") from err
+        raise WriteError.of(f"{path} (cut to {size} bytes)", err, doing="repair") from err
 
 
 # ----------------------------------------------------------------------------- prepared view

@@ -380,12 +380,11 @@ def _read_dicom(fh, limits: Limits) -> np.ndarray:
 
 
 def _dcmread(fh) -> pydicom.Dataset:
+    """Other pydicom errors become "unreadable DICOM" in :func:`_read_dicom`."""
     try:
         return pydicom.dcmread(fh, force=False)
     except InvalidDicomError as e:
         raise SkipError(f"unreadable DICOM: not a DICOM file ({_why(e)})") from None
-    except Exception as e:
-        raise SkipError(f"unreadable DICOM: {_why(e)}") from None
 
 
 def _check_deflated_size(fh, limits: Limits) -> None:

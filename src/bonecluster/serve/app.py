@@ -223,10 +223,6 @@ class ViewerState:
             self._gates = (loop, asyncio.Semaphore(self.max_decodes), asyncio.Lock())
         return self._gates[1], self._gates[2]
 
-    def analyse(self, path: Path, filename: str) -> _Result:
-        """Decode, predict, explain and find neighbours for one uploaded file (raises SkipError)."""
-        return self.predict_decoded(*self.decode(path), filename)
-
     def decode(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         """One uploaded file at the models' size and at the page's, uint8 (raises SkipError).
 
