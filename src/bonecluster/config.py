@@ -101,6 +101,10 @@ class ClusterConfig:
     """Features -> PCA-whitening -> L2 -> k-means (DeepCluster eq. 6)."""
 
     k: int = 7
+    # Clusters of the training rounds' pseudo-labels; 0 = k. Over-clustering (train_k > k, as
+    # DeepCluster's 10,000 clusters for 1,000 ImageNet classes) stops a round that merged two
+    # groups from teaching the network to merge them; the final clustering always uses k.
+    train_k: int = 0
     pca_dim: int = 256             # capped by the number of images and the feature size
     niter: int = 20
     init: str = "k-means++"        # or "random"
@@ -113,6 +117,11 @@ class ClusterConfig:
     top_layer_init: str = "random"
     centroid_temperature: float = 0.1  # logits = cosine(feature, centroid) / T for "centroids"
     sinkhorn_epsilon: float = 0.05 # entropy weight of the balanced assignment (method sela)
+
+    @property
+    def round_k(self) -> int:
+        """Clusters per training round (``train_k``, or ``k`` when it is 0)."""
+        return self.train_k or self.k
 
 
 @dataclass

@@ -96,14 +96,14 @@ class DeepClusterEngine:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+        _check_choices(cfg)
         torch.manual_seed(cfg.seed)  # the backbone's initial weights depend on the seed only
-        self.model: DeepClusterNet = build_model(cfg.model, num_clusters=cfg.cluster.k).to(self.device)
+        self.model: DeepClusterNet = build_model(cfg.model, num_clusters=cfg.cluster.round_k).to(self.device)
         self.optimizer = self._backbone_optimizer()
         self.augment = RadiographAugment(cfg.train.augment)
         self.use_amp = cfg.train.amp and amp_enabled(self.device)
         self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
-        _check_choices(cfg)
         self.pretrain_epochs = cfg.selfsup.epochs if cfg.method.startswith("simclr") else 0
         self.cluster_epochs = 0 if cfg.method in ("simclr", "simclr-scan") else cfg.train.epochs
         if self.pretrain_epochs:
@@ -127,8 +127,9 @@ class DeepClusterEngine:
         clustering, as an interrupted job would (used to test resuming).
         """
         t_start = time.perf_counter()
-        if len(data) < self.cfg.cluster.k:
-            raise ValueError(f"{len(data)} images cannot make {self.cfg.cluster.k} clusters")
+        most = max(self.cfg.cluster.k, self.cfg.cluster.round_k)
+        if len(data) < most:
+            raise ValueError(f"{len(data)} images cannot make {most} clusters")
         self._write_config()
         start, previous, history = self._resume_state() if resume else (0, None, [])
         if resume and self.dist.is_main:  # a kill between checkpoint and metrics leaves metrics.csv behind
@@ -162,10 +163,10 @@ class DeepClusterEngine:
         t0 = time.perf_counter()
         feats = self._extract(data)
         t1 = time.perf_counter()
-        km, pca = self._cluster(feats, seed_offset=epoch)
+        km, pca = self._cluster(feats, seed_offset=epoch, k=self.cfg.cluster.round_k)
         kmeans_s = time.perf_counter() - t1
         labels = km.assignments.cpu()
-        sizes = torch.bincount(labels, minlength=self.cfg.cluster.k)
+        sizes = torch.bincount(labels, minlength=self.cfg.cluster.round_k)
         largest = sizes.max().item() / len(labels)
         centroid_top = self.cfg.cluster.top_layer_init == "centroids" or self.cfg.method == "sela"
         top = self._centroid_top_layer(feats, km, pca) if centroid_top else None
@@ -262,17 +263,19 @@ class DeepClusterEngine:
                     torch.distributed.all_reduce(stat)
                     stat.div_(self.dist.world_size)
 
-    def _cluster(self, feats: torch.Tensor, seed_offset: int) -> tuple[KMeansResult, PCAWhitening]:
-        """PCA-whiten + L2 + k-means on rank 0; every rank receives the assignments."""
+    def _cluster(self, feats: torch.Tensor, seed_offset: int, k: int | None = None) -> tuple[KMeansResult, PCAWhitening]:
+        """PCA-whiten + L2 + k-means into ``k`` clusters (default ``cluster.k``) on rank 0; every
+        rank receives the assignments."""
         c = self.cfg.cluster
+        k = k or c.k
         x, pca = preprocess_features(feats, dim=c.pca_dim)
         km = None
         if self.dist.is_main:
             # Restart r uses its own seed; r = 0 is the single run of n_init = 1. Lowest inertia wins.
             seeds = [self.cfg.seed + seed_offset + r * 1_000_003 for r in range(max(c.n_init, 1))]
-            km = kmeans_best_of(x, c.k, seeds, niter=c.niter, init=c.init, backend=c.backend, device=self.device)
+            km = kmeans_best_of(x, k, seeds, niter=c.niter, init=c.init, backend=c.backend, device=self.device)
             if self.cfg.method == "sela":
-                km = _balanced(x, km, c.k, c.sinkhorn_epsilon)
+                km = _balanced(x, km, k, c.sinkhorn_epsilon)
         labels = km.assignments.to(self.device) if km else torch.empty(len(feats), dtype=torch.int64,
                                                                        device=self.device)
         labels = dist.broadcast(labels, self.dist)
@@ -371,8 +374,8 @@ class DeepClusterEngine:
             weight = weight / (c.centroid_temperature * norm)
             bias = -weight @ pca.mean.to(self.device)
         else:
-            weight = torch.empty(c.k, self.model.feature_dim, device=self.device)
-            bias = torch.empty(c.k, device=self.device)
+            weight = torch.empty(c.round_k, self.model.feature_dim, device=self.device)
+            bias = torch.empty(c.round_k, device=self.device)
         return dist.broadcast(weight, self.dist), dist.broadcast(bias, self.dist)
 
     def _lr(self, epoch: int) -> float:
@@ -389,7 +392,7 @@ class DeepClusterEngine:
         """One pass of uniformly-sampled images; returns (mean loss, images seen, seconds)."""
         t = self.cfg.train
         gen = _epoch_generator(self.cfg.seed, epoch)
-        self.model.reset_top_layer(self.cfg.cluster.k, generator=gen)  # always drawn: keeps `gen` aligned
+        self.model.reset_top_layer(self.cfg.cluster.round_k, generator=gen)  # always drawn: keeps `gen` aligned
         if top is not None:
             with torch.no_grad():
                 self.model.top_layer.weight.copy_(top[0])
@@ -550,6 +553,8 @@ def _check_choices(cfg: Config) -> None:
             raise ValueError(f"config {key}={value!r}: choose one of {', '.join(allowed)}")
     if cfg.cluster.n_init < 1 or cfg.train.warmup_epochs < 0 or cfg.train.images_per_epoch < 0:
         raise ValueError("cluster.n_init must be >= 1, train.warmup_epochs and train.images_per_epoch >= 0")
+    if cfg.cluster.train_k < 0:
+        raise ValueError(f"cluster.train_k must be >= 0 (0 = cluster.k), got {cfg.cluster.train_k}")
     if cfg.cluster.centroid_temperature <= 0:
         raise ValueError("cluster.centroid_temperature must be > 0")
 

@@ -43,8 +43,12 @@ PROBE = "probe.pt"  # few-label mode, see bonecluster.fewlabel
 
 
 def stage2_config(cfg: Config) -> Config:
-    """Stage 1's engine settings with the stage-2 replacements (k and epochs)."""
-    return replace(cfg, cluster=replace(cfg.cluster, k=cfg.stage2.k),
+    """Stage 1's engine settings with the stage-2 replacements (k and epochs).
+
+    Stage 1's over-clustering (``cluster.train_k``) is not carried over: a part has a few hundred
+    images, and its rounds cluster into ``stage2.k``.
+    """
+    return replace(cfg, cluster=replace(cfg.cluster, k=cfg.stage2.k, train_k=0),
                    train=replace(cfg.train, epochs=cfg.stage2.epochs))
 
 

@@ -100,6 +100,23 @@ def test_simclr_pretraining_resumes_to_identical_assignments(phantoms, tmp_path)
     assert [r["loss"] for r in read_metrics(tmp_path / "part" / "metrics.csv")] == [r["loss"] for r in full_rows]
 
 
+def test_over_clustered_rounds_train_on_train_k_and_end_with_k_clusters(phantoms, tmp_path):
+    cfg = _cfg(2, "cluster.train_k=12")
+    data = _data(phantoms, tmp_path, cfg)
+    res = DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(data)
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert all(len(r["cluster_sizes"].split("|")) == 12 for r in rows)   # the rounds: train_k
+    assert load_torch(tmp_path / "run" / CHECKPOINT)["assignments"].max() >= 7
+    trained = TrainedClusters.load(tmp_path / "run")
+    assert trained.centroids.shape[0] == 7 and res.assignments.max() < 7  # the final clustering: k
+    assert trained.model.top_layer.out_features == 12
+
+
+def test_negative_train_k_is_a_clear_error():
+    with pytest.raises(ValueError, match="cluster.train_k"):
+        DeepClusterEngine(_cfg(1, "cluster.train_k=-1"), "unused", progress=False)
+
+
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="method='kmeans'"):
         DeepClusterEngine(_cfg(1, "method=kmeans"), "unused", progress=False)
