@@ -102,8 +102,9 @@ class ClusterConfig:
 
     k: int = 7
     # Clusters of the training rounds' pseudo-labels; 0 = k. Over-clustering (train_k > k, as
-    # DeepCluster's 10,000 clusters for 1,000 ImageNet classes) stops a round that merged two
-    # groups from teaching the network to merge them; the final clustering always uses k.
+    # DeepCluster's 10,000 clusters for 1,000 ImageNet classes) is meant to stop a round that
+    # merged two groups from teaching the network to merge them; the final clustering always uses
+    # k. On phantoms train_k = 30 measured no better than k (docs/BENCHMARKS.md).
     train_k: int = 0
     pca_dim: int = 256             # capped by the number of images and the feature size
     niter: int = 20
