@@ -117,6 +117,12 @@ class Tally:
             if len(self.failures) < 50:
                 self.failures.append(message)
 
+    def wrong_answer(self, message: str) -> None:
+        """A 200 whose body is wrong: a failure that also counts as an unexpected answer."""
+        self.fail(message)
+        with self.lock:
+            self.unexpected += 1
+
 
 # ----------------------------------------------------------------------------- the server
 
@@ -510,9 +516,7 @@ class Client(threading.Thread):
                 if url and self.budget.take("result"):
                     r = self.send("result", "GET", url)
                     if r is not None and r.status_code == 200 and not r.content.startswith(PNG_MAGIC):
-                        self.tally.fail(f"result {url}: not a PNG")
-                        with self.tally.lock:
-                            self.tally.unexpected += 1
+                        self.tally.wrong_answer(f"result {url}: not a PNG")
 
     def do_oversize(self) -> None:
         cap = self.ctx["health"]["max_upload_bytes"]
@@ -559,9 +563,7 @@ class Client(threading.Thread):
             except (ValueError, KeyError, TypeError):
                 n = -1
             if n != self.ctx["n_stages"]:
-                self.tally.fail(f"clusters: {n} stages listed, the baseline listed {self.ctx['n_stages']}")
-                with self.tally.lock:
-                    self.tally.unexpected += 1
+                self.tally.wrong_answer(f"clusters: {n} stages listed, the baseline listed {self.ctx['n_stages']}")
 
     def do_image(self) -> None:
         gallery = self.ctx["gallery"]
@@ -569,9 +571,7 @@ class Client(threading.Thread):
             return self.do_clusters()
         r = self.send("image", "GET", f"/api/images/{self.rng.choice(gallery)}.png")
         if r is not None and r.status_code == 200 and not r.content.startswith(PNG_MAGIC):
-            self.tally.fail("image: not a PNG")
-            with self.tally.lock:
-                self.tally.unexpected += 1
+            self.tally.wrong_answer("image: not a PNG")
 
     def do_rename(self) -> None:
         names = self.ctx["names"]
@@ -580,9 +580,7 @@ class Client(threading.Thread):
         url, name = self.rng.choice(names)
         r = self.send("rename", "POST", url, json={"name": name})
         if r is not None and r.status_code == 200 and r.json().get("name") != name:
-            self.tally.fail(f"rename {url}: answered {r.json().get('name')!r}, sent {name!r}")
-            with self.tally.lock:
-                self.tally.unexpected += 1
+            self.tally.wrong_answer(f"rename {url}: answered {r.json().get('name')!r}, sent {name!r}")
 
     def do_result(self) -> None:  # only follows an upload; drawn on its own it is an upload
         self.do_upload()

@@ -13,6 +13,7 @@ traceback, no temp file, nothing half-written, and every earlier output byte for
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -132,6 +133,18 @@ def _make_writable(folder: Path) -> None:
         p.chmod(p.stat().st_mode | stat.S_IWUSR)
 
 
+@contextlib.contextmanager
+def _read_only(*folders: Path):
+    """The folders (and all they hold) are read-only inside the block, writable again after it."""
+    try:
+        for folder in folders:
+            _make_read_only(folder)
+        yield
+    finally:
+        for folder in folders:
+            _make_writable(folder)
+
+
 # ----------------------------------------------------------------------------- fixtures
 
 
@@ -230,17 +243,12 @@ def test_prepare_into_read_only_folders(phantoms, tmp_path, read_only_works):
     cache = tmp_path / "cache"
     _ok(["prepare", str(phantoms), "--out", str(cache), "--size", "32", "--workers", "1"])
     before = _snapshot(cache)
-    _make_read_only(ro)
-    _make_read_only(cache)
-    try:
+    with _read_only(ro, cache):
         r = _cli(["prepare", str(phantoms), "--out", str(ro / "cache"), "--size", "32"], read_only=True)
         _assert_clear_error(r, ro / "cache", "Permission denied")
         # a complete cache is read from a read-only folder; writing dataset.json then fails
         r = _cli(["prepare", str(phantoms), "--out", str(cache), "--size", "32"], read_only=True)
         _assert_clear_error(r, cache / "dataset.json", "Permission denied")
-    finally:
-        _make_writable(ro)
-        _make_writable(cache)
     assert list(ro.iterdir()) == []
     assert _snapshot(cache) == before
     _assert_nothing_half_written(cache)
@@ -249,13 +257,10 @@ def test_prepare_into_read_only_folders(phantoms, tmp_path, read_only_works):
 def test_train_into_a_read_only_run_folder(phantoms, trained, tmp_path, read_only_works):
     old = _copy_run(trained, tmp_path / "old")
     before = _snapshot(old)
-    _make_read_only(old)
-    try:
+    with _read_only(old):
         r = _cli(["train", str(phantoms), "--out", str(old), "--stages", "1", "--quiet", "--resume", *SETS],
                  read_only=True)
         _assert_clear_error(r, old / "config.yaml", "Permission denied")
-    finally:
-        _make_writable(old)
     assert _snapshot(old) == before
     _assert_nothing_half_written(old)
 
@@ -265,17 +270,12 @@ def test_evaluate_a_read_only_run_into_read_only_folders(phantoms, trained, tmp_
     ro.mkdir()
     run = _copy_run(trained, tmp_path / "run")
     before = _snapshot(run)
-    _make_read_only(ro)
-    _make_read_only(run)
-    try:
+    with _read_only(ro, run):
         # the run (and its complete cache) is only read; metrics.json goes elsewhere, report.html cannot
         r = _cli(["evaluate", str(run), str(phantoms), "--json", str(out / "metrics.json"),
                   "--report", str(ro / "report"), "--quiet"], read_only=True)
         _assert_clear_error(r, ro / "report" / "report.html", "Permission denied")
         assert "stage1" in json.loads((out / "metrics.json").read_text())
-    finally:
-        _make_writable(ro)
-        _make_writable(run)
     assert list(ro.iterdir()) == []
     assert _snapshot(run) == before
     _assert_nothing_half_written(run)
