@@ -6,6 +6,11 @@ F of the part's labelled training *studies* is picked without looking at labels
 probe on the part model's features (:class:`FewLabelProbe`). Its probability (threshold 0.5) is
 scored apart from the label-free result (``metrics.json``'s ``stage2_few_labels``).
 
+The probe then self-trains on the part's *unlabelled* training images (:func:`self_train`,
+``stage2.probe_self_train`` rounds): MURA labels whole studies, so each unlabelled study's images
+share one pseudo-label, taken from their mean probability; the probe is refitted on its labels
+plus those pseudo-labels. No label outside the chosen subset is read.
+
 Files: ``RUN/stage2/<PART>/probe.pt`` (the probe and the audit of the labels it used).
 """
 
@@ -215,6 +220,8 @@ class FewLabelProbe:
     n_labelled_images: int
     n_seen: int                    # studies whose label was read (see LabelSubset)
     n_abnormal: int                # abnormal images among those used
+    self_train_rounds: int = 0     # rounds of self-training on the unlabelled images (see self_train)
+    pseudo_prevalence: float | None = None   # abnormal share given to the unlabelled studies
 
     @property
     def n_labels(self) -> int:
@@ -251,7 +258,9 @@ class FewLabelProbe:
                 "studies": self.n_studies, "abnormal_images": self.n_abnormal,
                 "labelled_studies": self.n_labelled_studies, "labelled_images": self.n_labelled_images,
                 "studies_seen": self.n_seen, "features": self.features, "C": self.C,
-                "cv_auroc": None if self.cv_auroc is None else round(self.cv_auroc, 4)}
+                "cv_auroc": None if self.cv_auroc is None else round(self.cv_auroc, 4),
+                "self_train_rounds": self.self_train_rounds,
+                "pseudo_prevalence": None if self.pseudo_prevalence is None else round(self.pseudo_prevalence, 4)}
 
     def save(self, path: Path) -> None:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -262,7 +271,8 @@ class FewLabelProbe:
     def load(cls, path: Path) -> "FewLabelProbe":
         d = load_torch(path)
         d["label_positions"] = [int(i) for i in d["label_positions"]]
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        # Probes saved before self-training existed lack its two fields; their defaults fit them.
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 def fit_probe_weights(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0
@@ -304,15 +314,70 @@ def fit_probe_weights(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: in
     return model.coef_.ravel(), float(model.intercept_[0]), float(best_c), best_auc
 
 
+def study_prevalence(labels: np.ndarray, groups: np.ndarray) -> float:
+    """Share of abnormal studies among the labelled ones (a study is abnormal if any image is)."""
+    abnormal: dict = {}
+    for g, t in zip(groups, np.asarray(labels, bool)):
+        abnormal[g] = abnormal.get(g, False) or bool(t)
+    return float(np.mean(list(abnormal.values())))
+
+
+def study_mean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each entry replaced by the mean over the entries of its group: (N,) -> (N,)."""
+    _, inverse = np.unique(groups, return_inverse=True)
+    sums = np.bincount(inverse, weights=values)
+    return (sums / np.bincount(inverse))[inverse]
+
+
+def self_train(x: np.ndarray, y: np.ndarray, unlabelled: np.ndarray, unlabelled_mirror: np.ndarray | None,
+               unlabelled_groups: np.ndarray, coef: np.ndarray, intercept: float, C: float, prevalence: float,
+               rounds: int) -> tuple[np.ndarray, float]:
+    """Refit a logistic probe on its labels plus pseudo-labels of unlabelled images (self-training).
+
+    Args:
+        x, y: ``(n, D)`` standardised labelled rows (mirrors included) and their labels.
+        unlabelled: ``(m, D)`` standardised rows of the images whose labels were not given;
+            ``unlabelled_mirror`` the same rows of their mirrors (or None).
+        unlabelled_groups: ``(m,)`` study ids of those images.
+        coef, intercept, C: the probe fitted on the labels alone.
+        prevalence: the share of unlabelled images pseudo-labelled abnormal.
+    Each round scores the unlabelled images (mean over the image and its mirror), averages the
+    probability over each study (MURA labels whole studies, so its images share one label), and
+    labels the top ``prevalence`` share abnormal and the rest normal. The probe is refitted with
+    the same C on both, the pseudo-labelled rows weighing as much in total as the labelled ones,
+    so the few true labels are not drowned. Returns the new (coef, intercept).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    views = [unlabelled] if unlabelled_mirror is None else [unlabelled, unlabelled_mirror]
+    x_fit = np.concatenate([x, *views])
+    weight = np.concatenate([np.ones(len(y)), np.full(len(views) * len(unlabelled),
+                                                      len(y) / (len(views) * len(unlabelled)))])
+    for _ in range(rounds):
+        prob = np.mean([1 / (1 + np.exp(-(v @ coef + intercept))) for v in views], axis=0)
+        prob = study_mean(prob, unlabelled_groups)
+        pseudo = prob >= np.quantile(prob, 1 - prevalence)
+        if pseudo.all() or not pseudo.any():   # every study tied: nothing to learn from
+            break
+        y_fit = np.concatenate([np.asarray(y, bool), *([pseudo] * len(views))])
+        model = LogisticRegression(C=C, class_weight="balanced", max_iter=5000).fit(x_fit, y_fit, sample_weight=weight)
+        coef, intercept = model.coef_.ravel(), float(model.intercept_[0])
+    return coef, intercept
+
+
 def fit_probe(features_all: torch.Tensor, subset: LabelSubset, labels: np.ndarray, groups: np.ndarray,
               spec: str, fraction: float, seed: int, paths: list[str],
-              mirrored_all: torch.Tensor | None = None) -> FewLabelProbe:
+              mirrored_all: torch.Tensor | None = None, all_groups: np.ndarray | None = None,
+              self_train_rounds: int = 0) -> FewLabelProbe:
     """Fit the probe on ``features_all[subset.positions]`` with ``labels`` (one per position).
 
     ``features_all`` (N, D) covers all the part's training images: they set the standardisation
     (and the optional PCA) without labels. Only the subset's rows and ``labels`` are supervised.
     ``mirrored_all`` (N, D), for ``flip``: the features of the left-right mirrored images; the
     subset's mirrored rows join the fit with the same labels (same images, no new label).
+    ``self_train_rounds`` > 0 then self-trains (:func:`self_train`) on the other N - n images,
+    grouped by ``all_groups`` (N,) study ids; their share of abnormal pseudo-labels is the labelled
+    studies' abnormal share, kept within [0.1, 0.9].
     """
     _, pca_dim, _ = parse_probe_features(spec)
     x_all = features_all.double()
@@ -326,20 +391,34 @@ def fit_probe(features_all: torch.Tensor, subset: LabelSubset, labels: np.ndarra
         _, _, v = torch.linalg.svd(z_all - z_all.mean(0), full_matrices=False)
         projection = v[:d].T.contiguous()
         z_all = z_all @ projection
+    z_mirror_all = None
+    if mirrored_all is not None:
+        z_mirror_all = (mirrored_all.double() - mean) / scale
+        if projection is not None:
+            z_mirror_all = z_mirror_all @ projection
     rows = torch.as_tensor(subset.positions)
     x = z_all[rows].numpy()
-    if mirrored_all is not None:
-        z_mirror = (mirrored_all.double()[rows] - mean) / scale
-        if projection is not None:
-            z_mirror = z_mirror @ projection
-        x = np.concatenate([x, z_mirror.numpy()])
+    n_abnormal = int(np.asarray(labels, bool).sum())
+    prevalence = float(np.clip(study_prevalence(labels, groups), 0.1, 0.9))
+    if z_mirror_all is not None:
+        x = np.concatenate([x, z_mirror_all[rows].numpy()])
         labels, groups = np.concatenate([labels, labels]), np.concatenate([groups, groups])
     coef, intercept, c, cv_auc = fit_probe_weights(x, labels, groups, seed)
+    others = np.setdiff1d(np.arange(len(z_all)), subset.positions)
+    if self_train_rounds > 0 and len(others) > 0:
+        if all_groups is None:
+            raise ValueError("self-training needs the study id of every training image (all_groups)")
+        coef, intercept = self_train(x, labels, z_all[others].numpy(),
+                                     None if z_mirror_all is None else z_mirror_all[others].numpy(),
+                                     np.asarray(all_groups)[others], coef, intercept, c, prevalence,
+                                     self_train_rounds)
+    else:
+        self_train_rounds, prevalence = 0, None
     return FewLabelProbe(spec, mean.float(), scale.float(), None if projection is None else projection.float(),
                          torch.as_tensor(coef, dtype=torch.float32), intercept, c, cv_auc, float(fraction), int(seed),
                          [int(i) for i in subset.positions], list(paths), len(subset.studies),
-                         subset.n_labelled_studies, subset.n_labelled_images, subset.n_seen,
-                         int(np.asarray(labels, bool)[:len(subset.positions)].sum()))
+                         subset.n_labelled_studies, subset.n_labelled_images, subset.n_seen, n_abnormal,
+                         int(self_train_rounds), prevalence)
 
 
 def train_part_probe(trained: TrainedClusters, data: PreparedDataset, anomaly: PartAnomaly, cfg: Config,
@@ -362,4 +441,5 @@ def train_part_probe(trained: TrainedClusters, data: PreparedDataset, anomaly: P
     keys = study_keys(data.records)
     groups = np.array([keys[i] for i in subset.positions])
     return fit_probe(feats, subset, labels, groups, s2.probe_features, s2.labels_fraction, s2.labels_seed,
-                     [data.records[i].path for i in subset.positions], mirrored)
+                     [data.records[i].path for i in subset.positions], mirrored, np.array(keys),
+                     s2.probe_self_train)

@@ -197,6 +197,8 @@ def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_nam
     s2cfg = stage2_config(cfg)
     labels_to_choose(cfg.stage2.labels_fraction, 0)   # fail early on a fraction outside [0, 1]
     parse_probe_features(cfg.stage2.probe_features)
+    if cfg.stage2.probe_self_train < 0:
+        raise ValueError(f"stage2.probe_self_train must be >= 0 (rounds; 0 = off), got {cfg.stage2.probe_self_train}")
     summary = {}
     for part, positions in group_by_part(data, stage1_names).items():
         if len(positions) < max(cfg.stage2.min_images, cfg.stage2.k):

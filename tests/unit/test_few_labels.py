@@ -147,3 +147,74 @@ def test_flip_mirrors_join_the_fit_without_new_labels():
     probe = fit_probe(x, sub, y[used], np.array([f"s{i}" for i in used]), "global+flip", 0.2, 0, [],
                       mirrored_all=x.flip(1))
     assert probe.n_labels == 40 and probe.n_abnormal == int(y[used].sum())
+
+
+def _studies(n=300, d=30, sep=1.5, seed=0, per=3):
+    """Images in studies of ``per``; a study's images share its label (odd/even study id)."""
+    g = torch.Generator().manual_seed(seed)
+    study = torch.arange(n) // per
+    y = (study % 2 == 0).numpy()
+    x = torch.randn(n, d, generator=g)
+    x[:, 0] += torch.where(torch.from_numpy(y), sep, -sep)
+    return x, y, np.array([f"s{int(s)}" for s in study])
+
+
+def _fit_studies(x, y, groups, labelled_studies, rounds):
+    used = np.flatnonzero(np.isin(groups, [f"s{i}" for i in labelled_studies]))
+    sub = LabelSubset(used, sorted(set(groups[used])), len(set(groups)), len(y), len(labelled_studies))
+    return fit_probe(x, sub, y[used], groups[used], "global", 0.1, 0, [], all_groups=groups,
+                     self_train_rounds=rounds)
+
+
+def test_study_mean_and_prevalence():
+    from bonecluster.fewlabel import study_mean, study_prevalence
+
+    groups = np.array(["a", "b", "a", "c", "b"])
+    assert np.allclose(study_mean(np.array([1.0, 2.0, 3.0, 4.0, 6.0]), groups), [2.0, 4.0, 2.0, 4.0, 4.0])
+    # a study is abnormal when any of its images is: a (yes), b (no), c (yes)
+    assert study_prevalence(np.array([True, False, False, True, False]), groups) == 2 / 3
+
+
+def test_self_training_on_unlabelled_studies_sharpens_the_probe():
+    from sklearn.metrics import roc_auc_score
+
+    x, y, groups = _studies()
+    labelled = range(0, 100, 9)          # 12 of 100 studies, 36 of 300 images
+    plain, selftrained = (_fit_studies(x, y, groups, labelled, rounds) for rounds in (0, 3))
+    auc_plain = roc_auc_score(y, plain.predict_proba(x).numpy())
+    auc_self = roc_auc_score(y, selftrained.predict_proba(x).numpy())
+    assert auc_self > auc_plain + 0.03 and auc_self > 0.95
+    assert plain.self_train_rounds == 0 and plain.pseudo_prevalence is None
+    assert selftrained.self_train_rounds == 3 and selftrained.pseudo_prevalence == 0.5
+    assert selftrained.n_labels == 36 and selftrained.audit()["self_train_rounds"] == 3
+
+
+def test_self_training_reads_no_label_outside_the_subset():
+    x, y, groups = _studies()
+    labelled = list(range(0, 100, 9))
+    other = y.copy()
+    outside = ~np.isin(groups, [f"s{i}" for i in labelled])
+    other[outside] = ~other[outside]     # every label the probe was not given is flipped
+    a, b = _fit_studies(x, y, groups, labelled, 3), _fit_studies(x, other, groups, labelled, 3)
+    assert torch.equal(a.coef, b.coef) and a.intercept == b.intercept
+
+
+def test_self_training_needs_study_ids():
+    x, y, groups = _studies()
+    used = np.arange(0, 60)
+    sub = LabelSubset(used, sorted(set(groups[used])), 100, 300, 20)
+    with pytest.raises(ValueError, match="all_groups"):
+        fit_probe(x, sub, y[used], groups[used], "global", 0.2, 0, [], self_train_rounds=2)
+
+
+def test_probe_saved_before_self_training_still_loads(tmp_path):
+    x, y = _toy()
+    probe = _fit(x, y, np.arange(0, 200, 5))
+    probe.save(tmp_path / "probe.pt")
+    raw = torch.load(tmp_path / "probe.pt", weights_only=True)
+    for key in ("self_train_rounds", "pseudo_prevalence"):
+        del raw[key]
+    torch.save(raw, tmp_path / "old.pt")
+    old = FewLabelProbe.load(tmp_path / "old.pt")
+    assert old.self_train_rounds == 0 and old.pseudo_prevalence is None
+    assert torch.allclose(old.predict_proba(x), probe.predict_proba(x))
