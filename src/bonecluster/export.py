@@ -153,7 +153,8 @@ def export_onnx(run: str | Path, out_dir: str | Path | None = None, opset: int =
     ``out_dir`` defaults to ``RUN/onnx``; ``parts`` limits stage 2 to those body parts (default
     all). ``exporter``: ``dynamo`` (torch.export + onnxscript), ``legacy`` (TorchScript), or
     ``auto`` (dynamo, then legacy if dynamo fails). Returns the paths written. Raises
-    FileNotFoundError when ``run`` has no trained model, ValueError for an unknown part.
+    FileNotFoundError when ``run`` has no trained model, ValueError for an unknown part or for
+    a part whose score is refined (``stage2.refine_rounds``), which the graphs do not carry.
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
@@ -168,6 +169,11 @@ def export_onnx(run: str | Path, out_dir: str | Path | None = None, opset: int =
             raise ValueError(f"{run}: no stage-2 model for {', '.join(unknown)} "
                              f"(parts: {', '.join(sorted(chosen)) or 'none'})")
         chosen = {p: chosen[p] for p in parts}
+    refined = sorted(p for p, (_, anomaly) in chosen.items() if anomaly.refiner is not None)
+    if refined:   # checked before anything is written, so no half export is left behind
+        raise ValueError(f"{run}: the stage-2 score of {', '.join(refined)} is refined by a HOG model "
+                         "(stage2.refine_rounds > 0), which the ONNX graphs do not carry; export the other "
+                         "parts with --part, or retrain with stage2.refine_rounds=0")
     size = cfg.data.size
     example = torch.rand(2, 1, size, size)
     written: list[Path] = []

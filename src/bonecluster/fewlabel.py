@@ -6,10 +6,11 @@ F of the part's labelled training *studies* is picked without looking at labels
 probe on the part model's features (:class:`FewLabelProbe`). Its probability (threshold 0.5) is
 scored apart from the label-free result (``metrics.json``'s ``stage2_few_labels``).
 
-The probe then self-trains on the part's *unlabelled* training images (:func:`self_train`,
-``stage2.probe_self_train`` rounds): MURA labels whole studies, so each unlabelled study's images
-share one pseudo-label, taken from their mean probability; the probe is refitted on its labels
-plus those pseudo-labels. No label outside the chosen subset is read.
+The probe then self-trains on the part's *unlabelled* training images
+(:func:`bonecluster.selftrain.self_train`, ``stage2.probe_self_train`` rounds). MURA labels whole
+studies, so each unlabelled study's images share one pseudo-label, taken from their mean
+probability; the probe is refitted on its labels plus those pseudo-labels. No label outside the
+chosen subset is read.
 
 Files: ``RUN/stage2/<PART>/probe.pt`` (the probe and the audit of the labels it used).
 """
@@ -27,6 +28,8 @@ import torch
 from bonecluster.config import Config
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.engine import TrainedClusters, load_torch, save_torch
+from bonecluster.descriptors import hog_features
+from bonecluster.selftrain import self_train
 from bonecluster.stage2 import PartAnomaly, part_features
 
 log = logging.getLogger("bonecluster")
@@ -126,40 +129,6 @@ def parse_probe_features(spec: str) -> tuple[tuple[str, ...], int, bool]:
     if not kinds:
         raise ValueError(f"stage2.probe_features {spec!r} names no features")
     return tuple(kinds), pca, flip
-
-
-@torch.no_grad()
-def hog_features(images: np.ndarray, cell: int = 8, bins: int = 9, batch_size: int = 512) -> torch.Tensor:
-    """Histograms of oriented gradients (Dalal & Triggs 2005) of uint8 (N, S, S) images: (N, D).
-
-    Unsigned orientations in ``bins`` bins (linear vote between the two nearest), magnitude
-    weighted, summed over ``cell`` x ``cell`` pixel cells; 2 x 2-cell blocks, L2-Hys normalised
-    (clip 0.2). A fixed, label-free descriptor of the film itself (64 px: 7 x 7 blocks x 36 = 1764).
-    """
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).float().div_(255)
-        x = x.unsqueeze(1)
-        gx = torch.nn.functional.pad(x, (1, 1, 0, 0), mode="replicate")
-        gy = torch.nn.functional.pad(x, (0, 0, 1, 1), mode="replicate")
-        gx = gx[..., :, 2:] - gx[..., :, :-2]
-        gy = gy[..., 2:, :] - gy[..., :-2, :]
-        mag = torch.sqrt(gx ** 2 + gy ** 2)
-        pos = torch.remainder(torch.atan2(gy, gx), np.pi) / np.pi * bins - 0.5   # bin centres at 0..bins-1
-        low = torch.floor(pos)
-        frac = pos - low
-        hist = torch.zeros(x.shape[0], bins, *x.shape[2:])
-        hist.scatter_add_(1, torch.remainder(low, bins).long(), mag * (1 - frac))
-        hist.scatter_add_(1, torch.remainder(low + 1, bins).long(), mag * frac)
-        cells = torch.nn.functional.avg_pool2d(hist, cell) * cell * cell            # (n, bins, h, w)
-        blocks = torch.cat([cells[:, :, i:cells.shape[2] - 1 + i, j:cells.shape[3] - 1 + j]
-                            for i in (0, 1) for j in (0, 1)], dim=1)               # (n, 4 bins, h-1, w-1)
-        blocks = blocks.permute(0, 2, 3, 1)
-        blocks = blocks / torch.sqrt(blocks.pow(2).sum(-1, keepdim=True) + 1e-6)
-        blocks = blocks.clamp_max(0.2)
-        blocks = blocks / torch.sqrt(blocks.pow(2).sum(-1, keepdim=True) + 1e-6)
-        out.append(blocks.flatten(1))
-    return torch.cat(out)
 
 
 def probe_matrix(trained: TrainedClusters, images: np.ndarray, kinds, unsupervised: torch.Tensor | None,
@@ -322,49 +291,6 @@ def study_prevalence(labels: np.ndarray, groups: np.ndarray) -> float:
     return float(np.mean(list(abnormal.values())))
 
 
-def study_mean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Each entry replaced by the mean over the entries of its group: (N,) -> (N,)."""
-    _, inverse = np.unique(groups, return_inverse=True)
-    sums = np.bincount(inverse, weights=values)
-    return (sums / np.bincount(inverse))[inverse]
-
-
-def self_train(x: np.ndarray, y: np.ndarray, unlabelled: np.ndarray, unlabelled_mirror: np.ndarray | None,
-               unlabelled_groups: np.ndarray, coef: np.ndarray, intercept: float, C: float, prevalence: float,
-               rounds: int) -> tuple[np.ndarray, float]:
-    """Refit a logistic probe on its labels plus pseudo-labels of unlabelled images (self-training).
-
-    Args:
-        x, y: ``(n, D)`` standardised labelled rows (mirrors included) and their labels.
-        unlabelled: ``(m, D)`` standardised rows of the images whose labels were not given;
-            ``unlabelled_mirror`` the same rows of their mirrors (or None).
-        unlabelled_groups: ``(m,)`` study ids of those images.
-        coef, intercept, C: the probe fitted on the labels alone.
-        prevalence: the share of unlabelled images pseudo-labelled abnormal.
-    Each round scores the unlabelled images (mean over the image and its mirror), averages the
-    probability over each study (MURA labels whole studies, so its images share one label), and
-    labels the top ``prevalence`` share abnormal and the rest normal. The probe is refitted with
-    the same C on both, the pseudo-labelled rows weighing as much in total as the labelled ones,
-    so the few true labels are not drowned. Returns the new (coef, intercept).
-    """
-    from sklearn.linear_model import LogisticRegression
-
-    views = [unlabelled] if unlabelled_mirror is None else [unlabelled, unlabelled_mirror]
-    x_fit = np.concatenate([x, *views])
-    weight = np.concatenate([np.ones(len(y)), np.full(len(views) * len(unlabelled),
-                                                      len(y) / (len(views) * len(unlabelled)))])
-    for _ in range(rounds):
-        prob = np.mean([1 / (1 + np.exp(-(v @ coef + intercept))) for v in views], axis=0)
-        prob = study_mean(prob, unlabelled_groups)
-        pseudo = prob >= np.quantile(prob, 1 - prevalence)
-        if pseudo.all() or not pseudo.any():   # every study tied: nothing to learn from
-            break
-        y_fit = np.concatenate([np.asarray(y, bool), *([pseudo] * len(views))])
-        model = LogisticRegression(C=C, class_weight="balanced", max_iter=5000).fit(x_fit, y_fit, sample_weight=weight)
-        coef, intercept = model.coef_.ravel(), float(model.intercept_[0])
-    return coef, intercept
-
-
 def fit_probe(features_all: torch.Tensor, subset: LabelSubset, labels: np.ndarray, groups: np.ndarray,
               spec: str, fraction: float, seed: int, paths: list[str],
               mirrored_all: torch.Tensor | None = None, all_groups: np.ndarray | None = None,
@@ -375,7 +301,8 @@ def fit_probe(features_all: torch.Tensor, subset: LabelSubset, labels: np.ndarra
     (and the optional PCA) without labels. Only the subset's rows and ``labels`` are supervised.
     ``mirrored_all`` (N, D), for ``flip``: the features of the left-right mirrored images; the
     subset's mirrored rows join the fit with the same labels (same images, no new label).
-    ``self_train_rounds`` > 0 then self-trains (:func:`self_train`) on the other N - n images,
+    ``self_train_rounds`` > 0 then self-trains (:func:`bonecluster.selftrain.self_train`) on the
+    other N - n images,
     grouped by ``all_groups`` (N,) study ids; their share of abnormal pseudo-labels is the labelled
     studies' abnormal share, kept within [0.1, 0.9].
     """
@@ -408,10 +335,12 @@ def fit_probe(features_all: torch.Tensor, subset: LabelSubset, labels: np.ndarra
     if self_train_rounds > 0 and len(others) > 0:
         if all_groups is None:
             raise ValueError("self-training needs the study id of every training image (all_groups)")
-        coef, intercept = self_train(x, labels, z_all[others].numpy(),
-                                     None if z_mirror_all is None else z_mirror_all[others].numpy(),
-                                     np.asarray(all_groups)[others], coef, intercept, c, prevalence,
-                                     self_train_rounds)
+        views = [z_all[others].numpy()] + ([] if z_mirror_all is None else [z_mirror_all[others].numpy()])
+        probe_prob = np.mean([1 / (1 + np.exp(-(v @ coef + intercept))) for v in views], axis=0)
+        fitted = self_train(views, np.asarray(all_groups)[others], probe_prob, prevalence, c, self_train_rounds,
+                            labelled_x=x, labelled_y=labels)
+        if fitted is not None:
+            coef, intercept = fitted
     else:
         self_train_rounds, prevalence = 0, None
     return FewLabelProbe(spec, mean.float(), scale.float(), None if projection is None else projection.float(),

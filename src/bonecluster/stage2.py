@@ -10,11 +10,15 @@ and its ``layer3`` feature map, one L2-normalised vector per position. An image'
 threshold is chosen without labels (see :mod:`bonecluster.anomaly`). Training images are scored
 leaving out their study.
 
+Optionally (``stage2.refine_rounds`` > 0, off by default) that kNN score only seeds a label-free
+refinement: study-level pseudo-labels of the training images fit a HOG logistic model, which then
+becomes the part's score (:class:`bonecluster.selftrain.ScoreRefiner`).
+
 Files, per part::
 
     RUN/stage2/<PART>/            the engine run (config, metrics.csv, checkpoint.pt, model.pt)
     RUN/stage2/<PART>/anomaly.pt  banks (global (N, d) and patch (P, c)), PCA, training scores,
-                                  score scales, threshold, settings
+                                  score scales, threshold, settings, the optional refiner
     RUN/stage2/<PART>/probe.pt    few-label mode only: the logistic probe and the audit of the
                                   training labels it used (count, positions, paths)
 Few-label mode lives in :mod:`bonecluster.fewlabel`.
@@ -35,6 +39,7 @@ from bonecluster.cluster import PCAWhitening, fit_pca_whitening, l2_normalise
 from bonecluster.config import Config
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.engine import DeepClusterEngine, TrainedClusters, load_torch, save_torch
+from bonecluster.selftrain import ScoreRefiner
 
 log = logging.getLogger("bonecluster")
 
@@ -108,7 +113,8 @@ class PartAnomaly:
     """A body part's banks, score scales and label-free threshold.
 
     ``pca`` None (files written before ``stage2.score`` existed) means the part model's own
-    PCA-whitening and the plain global score.
+    PCA-whitening and the plain global score. With a ``refiner`` the score is the refiner's
+    (the kNN score only seeded it), and ``train_scores`` and ``threshold`` are on its scale.
     """
 
     bank: torch.Tensor                 # (N, d) global training embeddings
@@ -121,9 +127,18 @@ class PartAnomaly:
     patch_bank: torch.Tensor | None = None  # (P, c) training patches
     patch_knn: int = 1
     train_parts: tuple = ()            # per-score training scores (for combine_scores' scales)
+    refiner: ScoreRefiner | None = None
 
     def score(self, trained: TrainedClusters, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
         """Abnormality scores of new images (uint8 (M, S, S)) with the part model ``trained``."""
+        if len(images) == 0:
+            return torch.zeros(0)
+        if self.refiner is not None:
+            return self.refiner.score(images)
+        return self.knn_score(trained, images, batch_size)
+
+    def knn_score(self, trained: TrainedClusters, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+        """The kNN score (``stage2.score``) of new images: the score itself, or the refiner's seed."""
         if len(images) == 0:
             return torch.zeros(0)
         pooled, patches = part_features(trained, images, batch_size)
@@ -143,15 +158,17 @@ class PartAnomaly:
                           "score_kind": self.score_kind,
                           "pca": None if self.pca is None else self.pca.state_dict(),
                           "patch_bank": self.patch_bank, "patch_knn": self.patch_knn,
-                          "train_parts": list(self.train_parts)})
+                          "train_parts": list(self.train_parts),
+                          "refiner": None if self.refiner is None else self.refiner.state_dict()})
 
     @classmethod
     def load(cls, path: Path) -> "PartAnomaly":
         d = load_torch(path)
-        pca = d.get("pca")
+        pca, refiner = d.get("pca"), d.get("refiner")
         return cls(d["bank"], d["train_scores"], float(d["threshold"]), d["threshold_method"], int(d["knn"]),
                    d.get("score_kind", "global"), None if pca is None else PCAWhitening.from_state_dict(pca),
-                   d.get("patch_bank"), int(d.get("patch_knn", 1)), tuple(d.get("train_parts", ())))
+                   d.get("patch_bank"), int(d.get("patch_knn", 1)), tuple(d.get("train_parts", ())),
+                   None if refiner is None else ScoreRefiner.from_state_dict(refiner))
 
 
 def study_groups(data: PreparedDataset) -> torch.Tensor:
@@ -164,7 +181,8 @@ def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, cfg: Confi
     s2 = cfg.stage2
     if s2.score not in SCORES:
         raise ValueError(f"stage2.score must be one of {SCORES}, got {s2.score!r}")
-    pooled, patches = part_features(trained, data.images(), cfg.train.feature_batch_size)
+    images = data.images()
+    pooled, patches = part_features(trained, images, cfg.train.feature_batch_size)
     groups = study_groups(data)
     if len(torch.unique(groups)) < 2:   # one study only: leave out the image, not the study
         groups = torch.arange(len(groups))
@@ -184,9 +202,17 @@ def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, cfg: Confi
         parts.append(patch_knn_scores(patch_bank, patches, k=s2.patch_knn, bank_images=owner,
                                       exclude_self=True, groups=groups))
     scores = parts[0] if len(parts) == 1 else combine_scores(parts, parts)[0]
+    refiner = None
+    if s2.refine_rounds > 0:
+        refiner = ScoreRefiner.fit(images, scores.numpy(), groups.numpy(), s2.refine_rounds, s2.refine_share,
+                                   s2.refine_C)
+        if refiner is None:
+            log.warning("stage 2: the kNN score ranks every training study of this part alike; no refinement")
+        else:
+            scores = refiner.score(images)
     t = label_free_threshold(scores.numpy(), s2.fallback_quantile, seed=cfg.seed)
     return PartAnomaly(bank, scores, t.value, t.method, s2.knn, s2.score, pca, patch_bank, s2.patch_knn,
-                       tuple(parts) if len(parts) > 1 else ())
+                       tuple(parts) if len(parts) > 1 else (), refiner)
 
 
 def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_names: list[str] | None = None,
@@ -197,8 +223,12 @@ def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_nam
     s2cfg = stage2_config(cfg)
     labels_to_choose(cfg.stage2.labels_fraction, 0)   # fail early on a fraction outside [0, 1]
     parse_probe_features(cfg.stage2.probe_features)
-    if cfg.stage2.probe_self_train < 0:
-        raise ValueError(f"stage2.probe_self_train must be >= 0 (rounds; 0 = off), got {cfg.stage2.probe_self_train}")
+    if cfg.stage2.probe_self_train < 0 or cfg.stage2.refine_rounds < 0:
+        raise ValueError("stage2.probe_self_train and stage2.refine_rounds are rounds (0 = off) and must be >= 0, "
+                         f"got {cfg.stage2.probe_self_train} and {cfg.stage2.refine_rounds}")
+    if not 0.0 < cfg.stage2.refine_share < 1.0 or cfg.stage2.refine_C <= 0:
+        raise ValueError(f"stage2.refine_share must be in (0, 1) and stage2.refine_C > 0, got "
+                         f"{cfg.stage2.refine_share} and {cfg.stage2.refine_C}")
     summary = {}
     for part, positions in group_by_part(data, stage1_names).items():
         if len(positions) < max(cfg.stage2.min_images, cfg.stage2.k):

@@ -167,7 +167,8 @@ def _fit_studies(x, y, groups, labelled_studies, rounds):
 
 
 def test_study_mean_and_prevalence():
-    from bonecluster.fewlabel import study_mean, study_prevalence
+    from bonecluster.fewlabel import study_prevalence
+    from bonecluster.selftrain import study_mean
 
     groups = np.array(["a", "b", "a", "c", "b"])
     assert np.allclose(study_mean(np.array([1.0, 2.0, 3.0, 4.0, 6.0]), groups), [2.0, 4.0, 2.0, 4.0, 4.0])

@@ -1,0 +1,128 @@
+"""Self-training of a logistic model on study-level pseudo-labels.
+
+MURA labels whole studies: every image of a study shares its label. A weak ranking of images
+(a few-label probe, or the label-free kNN score) becomes much less noisy once it is averaged over
+each study's images, and a strongly regularised linear model fitted to those averaged
+pseudo-labels generalises the signal to images it has not seen. Repeating the two steps is
+classic self-training (Yarowsky 1995; "pseudo-labelling", Lee 2013), here with the study as the
+unit of agreement.
+
+* :func:`study_mean` — each image's value replaced by its study's mean.
+* :func:`self_train` — rounds of (study-mean ranking -> top share abnormal -> refit).
+* :class:`ScoreRefiner` — the label-free use (``stage2.refine_rounds``): the part's kNN score
+  seeds the pseudo-labels and a HOG logistic model, fitted without any label, becomes the score.
+
+Self-training amplifies whatever its seed ranks high. Seeded by a score that is better than
+chance it sharpens it; seeded by one that is worse, it makes it worse (docs/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bonecluster.descriptors import hog_features
+
+
+def study_mean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each entry replaced by the mean over the entries of its group: (N,) -> (N,)."""
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    sums = np.bincount(inverse, weights=np.asarray(values, float))
+    return (sums / np.bincount(inverse))[inverse]
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
+
+
+def self_train(views: list[np.ndarray], groups: np.ndarray, initial: np.ndarray, share: float, C: float,
+               rounds: int, labelled_x: np.ndarray | None = None, labelled_y: np.ndarray | None = None,
+               ) -> tuple[np.ndarray, float] | None:
+    """Fit an L2 logistic model to study-level pseudo-labels, ``rounds`` times.
+
+    Args:
+        views: ``(m, D)`` feature rows of the unlabelled images, one array per view of them (the
+            images, and optionally their mirrors); every view takes the image's pseudo-label.
+        groups: ``(m,)`` study ids.
+        initial: ``(m,)`` the seed ranking (any score, higher = more abnormal).
+        share: the share of images pseudo-labelled abnormal (the top of the study-mean ranking).
+        C: inverse L2 strength of the logistic model (class-balanced).
+        labelled_x, labelled_y: optional ``(n, D)`` rows with true labels (few-label mode). They
+            keep weight 1 each and the pseudo-labelled rows weigh as much in total, so a few
+            true labels are not drowned; without them every row weighs 1.
+    Returns:
+        (coef ``(D,)``, intercept) of the last fit, or None when the ranking has no top to split
+        off (every study tied), so there is nothing to learn.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"share must be in (0, 1), got {share}")
+    m = len(groups)
+    x_fit = np.concatenate(([] if labelled_x is None else [labelled_x]) + list(views))
+    y_true = np.zeros(0, bool) if labelled_y is None else np.asarray(labelled_y, bool)
+    pseudo_weight = len(y_true) / (len(views) * m) if len(y_true) else 1.0
+    weight = np.concatenate([np.ones(len(y_true)), np.full(len(views) * m, pseudo_weight)])
+    ranking, fitted = np.asarray(initial, float), None
+    for _ in range(rounds):
+        ranking = study_mean(ranking, groups)
+        pseudo = ranking >= np.quantile(ranking, 1 - share)
+        if pseudo.all() or not pseudo.any():
+            break
+        y_fit = np.concatenate([y_true, *([pseudo] * len(views))])
+        model = LogisticRegression(C=C, class_weight="balanced", max_iter=5000).fit(x_fit, y_fit, sample_weight=weight)
+        fitted = model.coef_.ravel(), float(model.intercept_[0])
+        ranking = np.mean([_sigmoid(v @ fitted[0] + fitted[1]) for v in views], axis=0)
+    return fitted
+
+
+@dataclass
+class ScoreRefiner:
+    """A HOG logistic model fitted without labels to study-level pseudo-labels of a seed score.
+
+    ``score(images)`` is ``sigmoid(((hog(images) - mean) / scale) @ coef + intercept)``: a
+    probability-like abnormality score in (0, 1). Tensors and plain values only, so it loads with
+    ``weights_only=True``.
+    """
+
+    mean: torch.Tensor      # (D,) HOG mean of the part's training images
+    scale: torch.Tensor     # (D,) their standard deviation (1 where constant)
+    coef: torch.Tensor      # (D,)
+    intercept: float
+    rounds: int
+    share: float
+    C: float
+
+    @classmethod
+    def fit(cls, images: np.ndarray, seed_scores: np.ndarray, groups: np.ndarray, rounds: int, share: float,
+            C: float) -> "ScoreRefiner | None":
+        """Refine ``seed_scores`` (N,) of the uint8 (N, S, S) training ``images``; None when the
+        seed ranks every study alike (nothing to learn)."""
+        hog = hog_features(images).double()
+        mean = hog.mean(0)
+        scale = hog.std(0).nan_to_num(1.0)
+        scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
+        z = ((hog - mean) / scale).numpy()
+        fitted = self_train([z], groups, seed_scores, share, C, rounds)
+        if fitted is None:
+            return None
+        return cls(mean.float(), scale.float(), torch.as_tensor(fitted[0], dtype=torch.float32), fitted[1],
+                   int(rounds), float(share), float(C))
+
+    def score(self, images: np.ndarray) -> torch.Tensor:
+        """(M,) refined scores of uint8 (M, S, S) images."""
+        if len(images) == 0:
+            return torch.zeros(0)
+        z = (hog_features(images) - self.mean) / self.scale
+        return torch.sigmoid(z @ self.coef + self.intercept)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "scale": self.scale, "coef": self.coef, "intercept": self.intercept,
+                "rounds": self.rounds, "share": self.share, "C": self.C}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "ScoreRefiner":
+        return cls(d["mean"], d["scale"], d["coef"], float(d["intercept"]), int(d["rounds"]), float(d["share"]),
+                   float(d["C"]))

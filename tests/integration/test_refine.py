@@ -1,0 +1,72 @@
+"""Label-free score refinement (`stage2.refine_rounds`) end to end: train, files, evaluate, export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bonecluster.cli import main
+from bonecluster.data import PreparedDataset
+from bonecluster.data.phantoms import generate_phantoms
+from bonecluster.engine import TrainedClusters
+from bonecluster.stage2 import ANOMALY, PartAnomaly, group_by_part
+from tests.integration.test_engine import TINY
+
+SETS = [a for s in TINY + ["stage2.k=2", "stage2.epochs=1", "stage2.min_images=4", "stage2.refine_rounds=2"]
+        for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Stage 2 alone on 168 phantoms with a two-round refinement of every part's score."""
+    root = tmp_path_factory.mktemp("refine")
+    generate_phantoms(root / "ph", n=168, size=64, seed=5, progress=False, workers=1)
+    generate_phantoms(root / "ph", n=42, size=64, seed=5, split="valid", progress=False, workers=1)
+    assert main(["train", str(root / "ph" / "train"), "--out", str(root / "run"), "--stages", "2", "--quiet",
+                 *SETS]) == 0
+    return root
+
+
+def test_refined_parts_score_with_their_hog_model(run):
+    data = PreparedDataset.load(run / "run" / "data.json")
+    parts = group_by_part(data)
+    assert len(parts) == 7
+    for part, positions in parts.items():
+        folder = run / "run" / "stage2" / part
+        raw = torch.load(folder / ANOMALY, weights_only=True)   # plain tensors and values
+        assert raw["refiner"]["rounds"] == 2 and raw["refiner"]["share"] == 0.5
+        anomaly = PartAnomaly.load(folder / ANOMALY)
+        images = data.subset(positions).images()
+        trained = TrainedClusters.load(folder)
+        scores = anomaly.score(trained, images)
+        assert torch.equal(scores, anomaly.refiner.score(images))
+        assert torch.allclose(anomaly.train_scores, scores, atol=1e-6)   # training scores are the refiner's
+        assert bool(((scores > 0) & (scores < 1)).all()) and 0 < anomaly.threshold < 1
+        # the kNN score that seeded it is still there, on its own scale
+        assert not torch.allclose(anomaly.knn_score(trained, images), scores)
+
+
+def test_evaluate_scores_the_refined_parts(run):
+    out = run / "out"
+    assert main(["evaluate", str(run / "run"), str(run / "ph" / "valid"), "--json", str(out / "m.json"),
+                 "--quiet"]) == 0
+    m = json.loads((out / "m.json").read_text())
+    assert len(m["stage2"]["per_part"]) == 7 and 0 <= m["stage2"]["macro"]["auroc"] <= 1
+
+
+def test_export_refuses_refined_parts_and_writes_nothing(run, capsys):
+    target = run / "onnx"
+    assert main(["export", str(run / "run"), "--out", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert "stage2.refine_rounds" in err and "HAND" in err
+    assert not target.exists()
+
+
+def test_bad_refinement_settings_fail_before_training(run, tmp_path, capsys):
+    for bad in ("stage2.refine_rounds=-1", "stage2.refine_share=1.0", "stage2.refine_C=0"):
+        assert main(["train", str(run / "ph" / "train"), "--out", str(tmp_path / "r"), "--stages", "2",
+                     "--quiet", *SETS, "--set", bad]) != 0
+        assert "refine" in capsys.readouterr().err
+        assert not (tmp_path / "r" / "stage2").exists()
