@@ -8,39 +8,48 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
-@torch.no_grad()
-def hog_features(images: np.ndarray, cell: int = 8, bins: int = 9, batch_size: int = 512) -> torch.Tensor:
-    """Histograms of oriented gradients (Dalal & Triggs 2005) of uint8 (N, S, S) images: (N, D).
+def hog(x: torch.Tensor, cell: int = 8, bins: int = 9) -> torch.Tensor:
+    """Histograms of oriented gradients (Dalal & Triggs 2005): float (N, 1, S, S) in [0, 1] -> (N, D).
 
     Unsigned orientations in ``bins`` bins (linear vote between the two nearest), magnitude
     weighted, summed over ``cell`` x ``cell`` pixel cells; 2 x 2-cell blocks, L2-Hys normalised
     (clip 0.2). A fixed, label-free descriptor of the film itself (64 px: 7 x 7 blocks x 36 = 1764).
+    Plain tensor operations only (the votes are one-hot masks, not a scatter), so the ONNX
+    export carries it (:mod:`bonecluster.export`).
     """
+    gx = F.pad(x, (1, 1, 0, 0), mode="replicate")
+    gy = F.pad(x, (0, 0, 1, 1), mode="replicate")
+    gx = gx[..., :, 2:] - gx[..., :, :-2]
+    gy = gy[..., 2:, :] - gy[..., :-2, :]
+    mag = torch.sqrt(gx ** 2 + gy ** 2)
+    pos = torch.remainder(torch.atan2(gy, gx), math.pi) / math.pi * bins - 0.5   # bin centres at 0..bins-1
+    low = torch.floor(pos)
+    frac = pos - low
+    centres = torch.arange(bins, dtype=x.dtype, device=x.device).view(1, bins, 1, 1)
+    hist = ((torch.remainder(low, bins) == centres) * (mag * (1 - frac))
+            + (torch.remainder(low + 1, bins) == centres) * (mag * frac))      # (n, bins, S, S)
+    cells = F.avg_pool2d(hist, cell) * cell * cell                              # (n, bins, h, w)
+    h, w = cells.shape[2], cells.shape[3]
+    blocks = torch.cat([cells[:, :, i:h - 1 + i, j:w - 1 + j] for i in (0, 1) for j in (0, 1)], dim=1)
+    blocks = blocks.permute(0, 2, 3, 1)                                         # (n, h-1, w-1, 4 bins)
+    blocks = blocks / torch.sqrt(blocks.pow(2).sum(-1, keepdim=True) + 1e-6)
+    blocks = blocks.clamp_max(0.2)
+    blocks = blocks / torch.sqrt(blocks.pow(2).sum(-1, keepdim=True) + 1e-6)
+    return blocks.flatten(1)
+
+
+@torch.no_grad()
+def hog_features(images: np.ndarray, cell: int = 8, bins: int = 9, batch_size: int = 512) -> torch.Tensor:
+    """:func:`hog` of uint8 (N, S, S) images, in batches: (N, D) float32 on the CPU."""
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).float().div_(255)
-        x = x.unsqueeze(1)
-        gx = torch.nn.functional.pad(x, (1, 1, 0, 0), mode="replicate")
-        gy = torch.nn.functional.pad(x, (0, 0, 1, 1), mode="replicate")
-        gx = gx[..., :, 2:] - gx[..., :, :-2]
-        gy = gy[..., 2:, :] - gy[..., :-2, :]
-        mag = torch.sqrt(gx ** 2 + gy ** 2)
-        pos = torch.remainder(torch.atan2(gy, gx), np.pi) / np.pi * bins - 0.5   # bin centres at 0..bins-1
-        low = torch.floor(pos)
-        frac = pos - low
-        hist = torch.zeros(x.shape[0], bins, *x.shape[2:])
-        hist.scatter_add_(1, torch.remainder(low, bins).long(), mag * (1 - frac))
-        hist.scatter_add_(1, torch.remainder(low + 1, bins).long(), mag * frac)
-        cells = torch.nn.functional.avg_pool2d(hist, cell) * cell * cell            # (n, bins, h, w)
-        blocks = torch.cat([cells[:, :, i:cells.shape[2] - 1 + i, j:cells.shape[3] - 1 + j]
-                            for i in (0, 1) for j in (0, 1)], dim=1)               # (n, 4 bins, h-1, w-1)
-        blocks = blocks.permute(0, 2, 3, 1)
-        blocks = blocks / torch.sqrt(blocks.pow(2).sum(-1, keepdim=True) + 1e-6)
-        blocks = blocks.clamp_max(0.2)
-        blocks = blocks / torch.sqrt(blocks.pow(2).sum(-1, keepdim=True) + 1e-6)
-        out.append(blocks.flatten(1))
-    return torch.cat(out)
+        out.append(hog(x.unsqueeze(1), cell, bins))
+    return torch.cat(out) if out else torch.zeros(0, 0)

@@ -34,6 +34,11 @@ graph, its kNN banks are constants):
   medians of the training scores, in the manifest's ``score_scales``);
 * ``abnormal`` (N,) bool: ``score >= threshold``.
 
+A part whose score is refined (``stage2.refine_rounds``, the manifest's ``refined``) outputs the
+refiner's score instead: the mean over the image and its left-right mirror of
+``sigmoid(((HOG(view) - mean) / scale) @ coef + intercept)``, the HOG descriptor computed in the
+graph (:func:`bonecluster.descriptors.hog`); the kNN score that seeded it is not output.
+
 The patch score compares every position with every bank patch: memory grows as
 N x positions x bank patches, so feed large banks small batches.
 """
@@ -53,6 +58,7 @@ from torch import nn
 from bonecluster.engine import TrainedClusters
 from bonecluster.io import atomic_write_text
 from bonecluster.predict import CONFIDENCE_TEMPERATURE, Predictor, check_run, load_run_config
+from bonecluster.selftrain import refined_score
 from bonecluster.stage2 import PartAnomaly
 
 log = logging.getLogger("bonecluster")
@@ -123,6 +129,12 @@ class Stage2Graph(nn.Module):
         self.scales = ([float(t.float().median().clamp_min(1e-12)) for t in anomaly.train_parts]
                        if self.use_global and self.use_patch else [])
         self.threshold = float(anomaly.threshold)
+        self.refined = anomaly.refiner is not None
+        if self.refined:
+            r = anomaly.refiner
+            for name in ("mean", "scale", "coef"):
+                self.register_buffer(f"refine_{name}", getattr(r, name).detach().float().cpu().clone())
+            self.refine_intercept = float(r.intercept)
 
     def forward(self, image: torch.Tensor):
         model, net = self.model, self.model.backbone
@@ -139,7 +151,10 @@ class Stage2Graph(nn.Module):
             patches = F.normalize(mid.flatten(2).transpose(1, 2), dim=2)
             top = (patches @ self.patch_bank.T).topk(self.patch_knn, dim=2).values
             parts.append((1.0 - top).mean(dim=2).amax(dim=1))
-        if len(parts) == 1:
+        if self.refined:   # the kNN score only seeded the refiner
+            score = refined_score(image, self.refine_mean, self.refine_scale, self.refine_coef,
+                                  self.refine_intercept)
+        elif len(parts) == 1:
             score = parts[0]
         else:
             score = sum(p / s for p, s in zip(parts, self.scales)) / len(parts)
@@ -153,8 +168,7 @@ def export_onnx(run: str | Path, out_dir: str | Path | None = None, opset: int =
     ``out_dir`` defaults to ``RUN/onnx``; ``parts`` limits stage 2 to those body parts (default
     all). ``exporter``: ``dynamo`` (torch.export + onnxscript), ``legacy`` (TorchScript), or
     ``auto`` (dynamo, then legacy if dynamo fails). Returns the paths written. Raises
-    FileNotFoundError when ``run`` has no trained model, ValueError for an unknown part or for
-    a part whose score is refined (``stage2.refine_rounds``), which the graphs do not carry.
+    FileNotFoundError when ``run`` has no trained model, ValueError for an unknown part.
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
@@ -169,11 +183,6 @@ def export_onnx(run: str | Path, out_dir: str | Path | None = None, opset: int =
             raise ValueError(f"{run}: no stage-2 model for {', '.join(unknown)} "
                              f"(parts: {', '.join(sorted(chosen)) or 'none'})")
         chosen = {p: chosen[p] for p in parts}
-    refined = sorted(p for p, (_, anomaly) in chosen.items() if anomaly.refiner is not None)
-    if refined:   # checked before anything is written, so no half export is left behind
-        raise ValueError(f"{run}: the stage-2 score of {', '.join(refined)} is refined by a HOG model "
-                         "(stage2.refine_rounds > 0), which the ONNX graphs do not carry; export the other "
-                         "parts with --part, or retrain with stage2.refine_rounds=0")
     size = cfg.data.size
     example = torch.rand(2, 1, size, size)
     written: list[Path] = []
@@ -197,7 +206,7 @@ def export_onnx(run: str | Path, out_dir: str | Path | None = None, opset: int =
         manifest["stage2"][part] = {
             "file": path.name, "outputs": list(Stage2Graph.output_names),
             "threshold": anomaly.threshold, "threshold_method": anomaly.threshold_method,
-            "score_kind": anomaly.score_kind, "knn": getattr(graph, "knn", None),
+            "score_kind": anomaly.score_kind, "refined": graph.refined, "knn": getattr(graph, "knn", None),
             "patch_knn": getattr(graph, "patch_knn", None), "score_scales": graph.scales or None,
             "bank_size": int(len(anomaly.bank)),
             "patch_bank_size": None if anomaly.patch_bank is None else int(len(anomaly.patch_bank))}
@@ -270,10 +279,13 @@ def _readme(m: dict) -> str:
                   "- `cluster` (N,) int64: nearest centroid; `confidence` (N,): its probability", "",
                   "Clusters: " + ", ".join(f"{k} = {v}" for k, v in s1["clusters"].items()), ""]
     for part, s in m["stage2"].items():
+        score = (f"HOG logistic score refined without labels from the {s['score_kind']} kNN score, mean "
+                 "over the image and its mirror" if s.get("refined") else
+                 f"{s['score_kind']} kNN abnormality score (global knn={s['knn']}, patch knn={s['patch_knn']}, "
+                 f"scales={s['score_scales']})")
         lines += [f"## {s['file']} ({part})", "",
                   "- `embedding`: the part's PCA-whitened, L2-normalised global features",
-                  f"- `score` (N,): {s['score_kind']} kNN abnormality score (global knn={s['knn']}, "
-                  f"patch knn={s['patch_knn']}, scales={s['score_scales']})",
+                  f"- `score` (N,): {score}",
                   f"- `abnormal` (N,) bool: score >= {s['threshold']:.6g} ({s['threshold_method']})", ""]
     lines += [f"A study's score is the {m['study_score']} of its images' scores, flagged at the same threshold.",
               "See `manifest.json` for the same facts in machine-readable form.", ""]

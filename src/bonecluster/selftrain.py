@@ -10,7 +10,8 @@ unit of agreement.
 * :func:`study_mean` — each image's value replaced by its study's mean.
 * :func:`self_train` — rounds of (study-mean ranking -> top share abnormal -> refit).
 * :class:`ScoreRefiner` — the label-free use (``stage2.refine_rounds``): the part's kNN score
-  seeds the pseudo-labels and a HOG logistic model, fitted without any label, becomes the score.
+  seeds the pseudo-labels and a HOG logistic model, fitted without any label on each image and
+  its left-right mirror, becomes the score.
 
 Self-training amplifies whatever its seed ranks high. Seeded by a score that is better than
 chance it sharpens it; seeded by one that is worse, it makes it worse (docs/RESULTS.md).
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bonecluster.descriptors import hog_features
+from bonecluster.descriptors import hog, hog_features
 
 
 def study_mean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -31,6 +32,10 @@ def study_mean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     _, inverse = np.unique(np.asarray(groups), return_inverse=True)
     sums = np.bincount(inverse, weights=np.asarray(values, float))
     return (sums / np.bincount(inverse))[inverse]
+
+
+def _mirror(images: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(images[:, :, ::-1])
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -78,13 +83,25 @@ def self_train(views: list[np.ndarray], groups: np.ndarray, initial: np.ndarray,
     return fitted
 
 
+def refined_score(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor,
+                  intercept: float | torch.Tensor) -> torch.Tensor:
+    """Mean over the image and its left-right mirror of ``sigmoid(((hog - mean) / scale) @ coef + b)``.
+
+    ``x``: float (N, 1, S, S) in [0, 1] -> (N,). Shared by :class:`ScoreRefiner` and the ONNX graph.
+    """
+    return torch.stack([torch.sigmoid(((hog(v) - mean) / scale) @ coef + intercept)
+                        for v in (x, x.flip(-1))]).mean(0)
+
+
 @dataclass
 class ScoreRefiner:
     """A HOG logistic model fitted without labels to study-level pseudo-labels of a seed score.
 
-    ``score(images)`` is ``sigmoid(((hog(images) - mean) / scale) @ coef + intercept)``: a
-    probability-like abnormality score in (0, 1). Tensors and plain values only, so it loads with
-    ``weights_only=True``.
+    ``score(images)`` is the mean, over the image and its left-right mirror, of
+    ``sigmoid(((hog(view) - mean) / scale) @ coef + intercept)``: a probability-like
+    abnormality score in (0, 1). Left and right limbs both occur, so the mirror is another view
+    with the same label; fitting and scoring both views is what the few-label probe's ``flip``
+    does too. Tensors and plain values only, so it loads with ``weights_only=True``.
     """
 
     mean: torch.Tensor      # (D,) HOG mean of the part's training images
@@ -104,8 +121,8 @@ class ScoreRefiner:
         mean = hog.mean(0)
         scale = hog.std(0).nan_to_num(1.0)
         scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
-        z = ((hog - mean) / scale).numpy()
-        fitted = self_train([z], groups, seed_scores, share, C, rounds)
+        views = [((v - mean) / scale).numpy() for v in (hog, hog_features(_mirror(images)).double())]
+        fitted = self_train(views, groups, seed_scores, share, C, rounds)
         if fitted is None:
             return None
         return cls(mean.float(), scale.float(), torch.as_tensor(fitted[0], dtype=torch.float32), fitted[1],
@@ -115,8 +132,13 @@ class ScoreRefiner:
         """(M,) refined scores of uint8 (M, S, S) images."""
         if len(images) == 0:
             return torch.zeros(0)
-        z = (hog_features(images) - self.mean) / self.scale
-        return torch.sigmoid(z @ self.coef + self.intercept)
+        return torch.cat([self.score_tensor(torch.from_numpy(np.ascontiguousarray(images[i:i + 512])).float()
+                                            .div_(255).unsqueeze(1)) for i in range(0, len(images), 512)])
+
+    @torch.no_grad()
+    def score_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) refined scores of float (N, 1, S, S) images in [0, 1]: the ONNX graph's form."""
+        return refined_score(x, self.mean, self.scale, self.coef, self.intercept)
 
     def state_dict(self) -> dict:
         return {"mean": self.mean, "scale": self.scale, "coef": self.coef, "intercept": self.intercept,

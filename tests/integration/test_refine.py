@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,12 +57,21 @@ def test_evaluate_scores_the_refined_parts(run):
     assert len(m["stage2"]["per_part"]) == 7 and 0 <= m["stage2"]["macro"]["auroc"] <= 1
 
 
-def test_export_refuses_refined_parts_and_writes_nothing(run, capsys):
+def test_onnx_export_carries_the_refiner(run, capsys):
+    ort = pytest.importorskip("onnxruntime")
     target = run / "onnx"
-    assert main(["export", str(run / "run"), "--out", str(target)]) == 1
-    err = capsys.readouterr().err
-    assert "stage2.refine_rounds" in err and "HAND" in err
-    assert not target.exists()
+    assert main(["export", str(run / "run"), "--out", str(target), "--part", "HAND"]) == 0
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["stage2"]["HAND"]["refined"] is True
+    assert "refined without labels" in (target / "README.md").read_text()
+    data = PreparedDataset.load(run / "run" / "data.json")
+    images = data.subset(group_by_part(data)["HAND"]).images()[:6]
+    anomaly = PartAnomaly.load(run / "run" / "stage2" / "HAND" / ANOMALY)
+    session = ort.InferenceSession(str(target / manifest["stage2"]["HAND"]["file"]))
+    _, score, abnormal = session.run(None, {"image": (images[:, None] / 255.0).astype(np.float32)})
+    expected = anomaly.refiner.score(images).numpy()
+    assert np.allclose(score, expected, atol=1e-5)
+    assert (abnormal == (expected >= anomaly.threshold)).mean() >= 5 / 6   # a score on the threshold may flip
 
 
 def test_bad_refinement_settings_fail_before_training(run, tmp_path, capsys):

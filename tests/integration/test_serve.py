@@ -104,7 +104,8 @@ def test_predict_png_returns_prediction_heatmap_and_neighbours(client, phantom_p
     assert d["part"] in PARTS and d["score"] >= 0 and d["threshold"] > 0
     assert d["abnormal"] == (d["score"] >= d["threshold"])
     assert d["stage2_cluster"] in (0, 1) and d["stage2_cluster_name"] == f"cluster-{d['stage2_cluster']}"
-    assert d["heatmap_target"] == "knn-distance" and d["heatmap_layer"].startswith("layer")
+    # the default refinement makes the score a HOG model; the map explains the kNN seed
+    assert d["heatmap_target"] == "knn-distance-seed" and d["heatmap_layer"].startswith("layer")
     heat = _is_png(client.get(d["heatmap_url"]))
     assert heat.mode == "RGBA" and heat.size == (256, 256)
     assert _is_png(client.get(d["image_url"])).size == (256, 256)
