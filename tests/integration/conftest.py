@@ -28,6 +28,20 @@ def train_tiny_run(root: Path, n: int = 42, size: int = 64, extra: list[str] | N
     return run, root / "ph"
 
 
+STAGE2_SETS = TINY + ["stage2.k=2", "stage2.epochs=1", "stage2.min_images=4"]
+
+
+def train_stage2_only(root: Path, *args: str) -> Path:
+    """Stage 2 alone on 168 training phantoms (about 8 studies per part) plus 42 validation ones,
+    trained in seconds into ``root/run``; ``args`` are extra ``train`` arguments. Returns root."""
+    generate_phantoms(root / "ph", n=168, size=64, seed=5, progress=False, workers=1)
+    generate_phantoms(root / "ph", n=42, size=64, seed=5, split="valid", progress=False, workers=1)
+    sets = [a for s in STAGE2_SETS for a in ("--set", s)]
+    assert main(["train", str(root / "ph" / "train"), "--out", str(root / "run"), "--stages", "2", "--quiet",
+                 *sets, *args]) == 0
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_serve_run(tmp_path_factory) -> tuple[Path, Path]:
     """The viewer tests' run (trained once per session, one torch thread): (run folder, phantoms).

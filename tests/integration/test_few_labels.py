@@ -12,24 +12,15 @@ import torch
 from bonecluster.cli import main
 from bonecluster.config import config_from_dict, read_yaml
 from bonecluster.data import PreparedDataset
-from bonecluster.data.phantoms import generate_phantoms
 from bonecluster.engine import TrainedClusters
 from bonecluster.fewlabel import FewLabelProbe, train_part_probe
 from bonecluster.stage2 import ANOMALY, PROBE, PartAnomaly, group_by_part
-from tests.integration.test_engine import TINY
-
-SETS = [a for s in TINY + ["stage2.k=2", "stage2.epochs=1", "stage2.min_images=4"] for a in ("--set", s)]
-
+from tests.integration.conftest import train_stage2_only
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Stage 2 alone on 168 phantoms (about 8 studies per part), the labels of 20% of the studies."""
-    root = tmp_path_factory.mktemp("few")
-    generate_phantoms(root / "ph", n=168, size=64, seed=5, progress=False, workers=1)
-    generate_phantoms(root / "ph", n=42, size=64, seed=5, split="valid", progress=False, workers=1)
-    assert main(["train", str(root / "ph" / "train"), "--out", str(root / "run"), "--stages", "2", "--quiet",
-                 "--labels-fraction", "0.2", *SETS]) == 0
-    return root
+    return train_stage2_only(tmp_path_factory.mktemp("few"), "--labels-fraction", "0.2")
 
 
 def test_probe_files_audit_exactly_the_fraction(run):

@@ -10,24 +10,17 @@ import torch
 
 from bonecluster.cli import main
 from bonecluster.data import PreparedDataset
-from bonecluster.data.phantoms import generate_phantoms
 from bonecluster.engine import TrainedClusters
 from bonecluster.stage2 import ANOMALY, PartAnomaly, group_by_part
-from tests.integration.test_engine import TINY
+from tests.integration.conftest import STAGE2_SETS, train_stage2_only
 
-SETS = [a for s in TINY + ["stage2.k=2", "stage2.epochs=1", "stage2.min_images=4", "stage2.refine_rounds=2"]
-        for a in ("--set", s)]
+REFINE = ["--set", "stage2.refine_rounds=2"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Stage 2 alone on 168 phantoms with a two-round refinement of every part's score."""
-    root = tmp_path_factory.mktemp("refine")
-    generate_phantoms(root / "ph", n=168, size=64, seed=5, progress=False, workers=1)
-    generate_phantoms(root / "ph", n=42, size=64, seed=5, split="valid", progress=False, workers=1)
-    assert main(["train", str(root / "ph" / "train"), "--out", str(root / "run"), "--stages", "2", "--quiet",
-                 *SETS]) == 0
-    return root
+    return train_stage2_only(tmp_path_factory.mktemp("refine"), *REFINE)
 
 
 def test_refined_parts_score_with_their_hog_model(run):
@@ -76,7 +69,8 @@ def test_onnx_export_carries_the_refiner(run, capsys):
 
 def test_bad_refinement_settings_fail_before_training(run, tmp_path, capsys):
     for bad in ("stage2.refine_rounds=-1", "stage2.refine_share=1.0", "stage2.refine_C=0"):
+        sets = [a for s in STAGE2_SETS + [bad] for a in ("--set", s)]
         assert main(["train", str(run / "ph" / "train"), "--out", str(tmp_path / "r"), "--stages", "2",
-                     "--quiet", *SETS, "--set", bad]) != 0
+                     "--quiet", *sets]) != 0
         assert "refine" in capsys.readouterr().err
         assert not (tmp_path / "r" / "stage2").exists()
