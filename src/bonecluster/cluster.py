@@ -143,6 +143,15 @@ def l2_normalise(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return F.normalize(x, p=2.0, dim=1, eps=eps)
 
 
+def study_means(x: torch.Tensor, studies: torch.Tensor) -> torch.Tensor:
+    """L2-normalised mean of each study's rows: ``(N, d)`` and study numbers ``(N,)`` in
+    ``0..S-1`` -> ``(S, d)``. What ``cluster.by_study`` clusters (every view of a study pooled)."""
+    studies = studies.to(x.device)
+    n = int(studies.max()) + 1 if len(studies) else 0
+    sums = torch.zeros(n, x.shape[1], device=x.device, dtype=x.dtype).index_add_(0, studies, x)
+    return l2_normalise(sums / torch.bincount(studies, minlength=n).clamp_min(1)[:, None].to(x.dtype))
+
+
 def preprocess_features(x: torch.Tensor, dim: int = 256, eps: float = 1e-5) -> tuple[torch.Tensor, PCAWhitening]:
     """DeepCluster's ``preprocess_features``: PCA-whiten to ``dim`` then L2-normalise.
 

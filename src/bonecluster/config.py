@@ -118,6 +118,12 @@ class ClusterConfig:
     top_layer_init: str = "random"
     centroid_temperature: float = 0.1  # logits = cosine(feature, centroid) / T for "centroids"
     sinkhorn_epsilon: float = 0.05 # entropy weight of the balanced assignment (method sela)
+    # Cluster studies, not images: every round (and the final clustering) runs k-means on the
+    # L2-normalised mean embedding of each study, and each image takes its study's cluster. A study
+    # shows one body part in several views, so pseudo-labels that agree within a study teach the
+    # network the part, not the view (patient metadata as positives: Vu et al. 2021, MedAug).
+    # Images without a study id are their own study; no label is read. Stage 2 clusters images.
+    by_study: bool = False
 
     @property
     def round_k(self) -> int:

@@ -47,9 +47,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bonecluster import distributed as dist
 from bonecluster.augment import RadiographAugment
-from bonecluster.cluster import KMeansResult, PCAWhitening, kmeans_best_of, l2_normalise, preprocess_features
+from bonecluster.cluster import (KMeansResult, PCAWhitening, kmeans_best_of, l2_normalise, preprocess_features,
+                                 study_means)
 from bonecluster.config import METHODS, Config, config_from_dict, to_dict, to_yaml
 from bonecluster.data.cache import PreparedDataset
+from bonecluster.data.records import study_index
 from bonecluster.data.loader import batch_loader, to_float
 from bonecluster.device import amp_enabled, pick_device
 from bonecluster.io import atomic_open, atomic_write_text
@@ -106,6 +108,7 @@ class DeepClusterEngine:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.pretrain_epochs = cfg.selfsup.epochs if cfg.method.startswith("simclr") else 0
         self.cluster_epochs = 0 if cfg.method in ("simclr", "simclr-scan") else cfg.train.epochs
+        self._studies: torch.Tensor | None = None   # (N,) study numbers when cluster.by_study (set by fit)
         if self.pretrain_epochs:
             s = cfg.selfsup
             self.head = ProjectionHead(self.model.feature_dim, s.hidden_dim, s.proj_dim).to(self.device)
@@ -131,6 +134,7 @@ class DeepClusterEngine:
         if len(data) < most:
             raise ValueError(f"{len(data)} images cannot make {most} clusters")
         self._write_config()
+        self._studies = _study_groups(data, self.cfg, self.dist.is_main)
         start, previous, history = self._resume_state() if resume else (0, None, [])
         if resume and self.dist.is_main:  # a kill between checkpoint and metrics leaves metrics.csv behind
             _write_metrics(self.out / METRICS, history)
@@ -271,11 +275,16 @@ class DeepClusterEngine:
         x, pca = preprocess_features(feats, dim=c.pca_dim)
         km = None
         if self.dist.is_main:
+            studies = self._studies
+            points = x if studies is None else study_means(x, studies)
             # Restart r uses its own seed; r = 0 is the single run of n_init = 1. Lowest inertia wins.
             seeds = [self.cfg.seed + seed_offset + r * 1_000_003 for r in range(max(c.n_init, 1))]
-            km = kmeans_best_of(x, k, seeds, niter=c.niter, init=c.init, backend=c.backend, device=self.device)
+            km = kmeans_best_of(points, k, seeds, niter=c.niter, init=c.init, backend=c.backend, device=self.device)
             if self.cfg.method == "sela":
-                km = _balanced(x, km, k, c.sinkhorn_epsilon)
+                km = _balanced(points, km, k, c.sinkhorn_epsilon)
+            if studies is not None:   # every image takes its study's cluster
+                km = KMeansResult(km.centroids, km.assignments[studies.to(km.assignments.device)], km.inertia,
+                                  km.n_splits, km.backend)
         labels = km.assignments.to(self.device) if km else torch.empty(len(feats), dtype=torch.int64,
                                                                        device=self.device)
         labels = dist.broadcast(labels, self.dist)
@@ -584,6 +593,23 @@ class _Contrastive(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.model.features(x))
+
+
+def _study_groups(data: PreparedDataset, cfg: Config, announce: bool) -> torch.Tensor | None:
+    """(N,) study number of each image for ``cluster.by_study``, or None (off, or no study has
+    two images, which makes it the same as clustering images)."""
+    if not cfg.cluster.by_study:
+        return None
+    studies = torch.from_numpy(study_index(data.records))
+    n_studies = int(studies.max()) + 1 if len(studies) else 0
+    if n_studies == len(studies):
+        return None
+    if n_studies < max(cfg.cluster.k, cfg.cluster.round_k):
+        raise ValueError(f"cluster.by_study: {n_studies} studies cannot make "
+                         f"{max(cfg.cluster.k, cfg.cluster.round_k)} clusters")
+    if announce:
+        log.info("clustering %d studies (%d images) instead of images", n_studies, len(studies))
+    return studies
 
 
 def _balanced(x: torch.Tensor, km: KMeansResult, k: int, epsilon: float) -> KMeansResult:

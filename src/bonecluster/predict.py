@@ -31,9 +31,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from bonecluster.cluster import assign
+from bonecluster.cluster import assign, study_means
 from bonecluster.engine import FINAL_MODEL, TrainedClusters
 from bonecluster.data.cache import PreparedDataset
+from bonecluster.data.records import study_index
 from bonecluster.stage2 import ANOMALY, PartAnomaly, embed_images
 
 # Softmax temperature over negative squared distances to the stage-1 centroids. Embeddings are
@@ -94,7 +95,8 @@ class Predictor:
         """Predictions plus the stage-1 embeddings (N, d) they came from (None without stage 1)."""
         images = data.images()
         n = len(data.records)
-        clusters, confidence, embeddings = self._stage1(images) if self.stage1 else ([None] * n, [None] * n, None)
+        clusters, confidence, embeddings = (self._stage1(images, data.records) if self.stage1
+                                            else ([None] * n, [None] * n, None))
         names = [None if c is None else self.names.get(int(c), f"cluster-{int(c)}") for c in clusters]
         parts = [(r.body_part if use_metadata_parts and r.body_part else nm) for r, nm in zip(data.records, names)]
         scores = self._stage2(images, parts)
@@ -108,13 +110,22 @@ class Predictor:
                                        None if score is None else bool(score >= threshold), rec.study))
         return out, embeddings
 
-    def _stage1(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _stage1(self, images: np.ndarray, records) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Clusters, confidences and embeddings (N, d). A run trained with ``cluster.by_study``
+        assigns studies as it clustered them: each image takes the cluster (and confidence) of its
+        study's mean embedding; the embeddings stay per image."""
         x = embed_images(self.stage1, images)
+        points, studies = x, None
+        if self.stage1.cfg.cluster.by_study:
+            studies = torch.from_numpy(study_index(records))
+            points = study_means(x, studies)
         centroids = self.stage1.centroids.float()
-        labels, _ = assign(x, centroids)
-        sq = (x.pow(2).sum(1, keepdim=True) - 2 * x @ centroids.T + centroids.pow(2).sum(1)).clamp_min(0)
-        prob = torch.softmax(-sq / CONFIDENCE_TEMPERATURE, dim=1)
-        return labels.numpy(), prob.gather(1, labels.view(-1, 1)).squeeze(1).numpy(), x.numpy()
+        labels, _ = assign(points, centroids)
+        sq = (points.pow(2).sum(1, keepdim=True) - 2 * points @ centroids.T + centroids.pow(2).sum(1)).clamp_min(0)
+        prob = torch.softmax(-sq / CONFIDENCE_TEMPERATURE, dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
+        if studies is not None:
+            labels, prob = labels[studies], prob[studies]
+        return labels.numpy(), prob.numpy(), x.numpy()
 
     def _stage2(self, images: np.ndarray, parts: list[str]) -> dict[int, float]:
         scores: dict[int, float] = {}

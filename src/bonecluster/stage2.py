@@ -38,6 +38,7 @@ from bonecluster.anomaly import combine_scores, knn_scores, label_free_threshold
 from bonecluster.cluster import PCAWhitening, fit_pca_whitening, l2_normalise
 from bonecluster.config import Config
 from bonecluster.data.cache import PreparedDataset
+from bonecluster.data.records import study_index
 from bonecluster.engine import DeepClusterEngine, TrainedClusters, load_torch, save_torch
 from bonecluster.selftrain import ScoreRefiner
 
@@ -50,10 +51,11 @@ PROBE = "probe.pt"  # few-label mode, see bonecluster.fewlabel
 def stage2_config(cfg: Config) -> Config:
     """Stage 1's engine settings with the stage-2 replacements (k and epochs).
 
-    Stage 1's over-clustering (``cluster.train_k``) is not carried over: a part has a few hundred
-    images, and its rounds cluster into ``stage2.k``.
+    Stage 1's over-clustering (``cluster.train_k``) and study-level clustering
+    (``cluster.by_study``) are not carried over: a part has a few hundred images, and its rounds
+    cluster images into ``stage2.k``.
     """
-    return replace(cfg, cluster=replace(cfg.cluster, k=cfg.stage2.k, train_k=0),
+    return replace(cfg, cluster=replace(cfg.cluster, k=cfg.stage2.k, train_k=0, by_study=False),
                    train=replace(cfg.train, epochs=cfg.stage2.epochs))
 
 
@@ -173,8 +175,7 @@ class PartAnomaly:
 
 def study_groups(data: PreparedDataset) -> torch.Tensor:
     """(N,) study ids of a dataset's images (an image without a study is its own group)."""
-    ids: dict[str, int] = {}
-    return torch.tensor([ids.setdefault(r.study or f"image:{r.path}", len(ids)) for r in data.records])
+    return torch.from_numpy(study_index(data.records))
 
 
 def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, cfg: Config) -> PartAnomaly:

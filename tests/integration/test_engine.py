@@ -112,6 +112,34 @@ def test_over_clustered_rounds_train_on_train_k_and_end_with_k_clusters(phantoms
     assert trained.model.top_layer.out_features == 12
 
 
+def test_study_level_clustering_gives_a_study_one_cluster_in_every_round(phantoms, tmp_path):
+    from dataclasses import replace
+
+    from bonecluster.data.records import study_index
+
+    from bonecluster.pipeline import save_cluster_names
+    from bonecluster.predict import Predictor
+
+    cfg = _cfg(2, "cluster.by_study=true")
+    data = _data(phantoms, tmp_path, cfg)
+    studies = study_index(data.records)
+    assert studies.max() + 1 < len(data)   # the phantoms come in studies of several views
+    res = DeepClusterEngine(cfg, tmp_path / "run" / "stage1", progress=False).fit(data)
+    ckpt = load_torch(tmp_path / "run" / "stage1" / CHECKPOINT)
+    save_cluster_names(tmp_path / "run" / "stage1", {})
+    predicted = np.array([p.cluster for p in Predictor(tmp_path / "run").predict(data)])
+    for labels in (res.assignments, ckpt["assignments"].numpy(), predicted):   # final, last round, predict
+        for s in np.unique(studies):
+            assert len(set(labels[studies == s])) == 1
+    assert len(set(res.assignments)) > 1
+    np.testing.assert_array_equal(predicted, res.assignments)   # predict assigns studies as training did
+    # without studies (every image its own) the option changes nothing
+    flat = replace(data, records=[replace(r, study=None) for r in data.records])
+    on = DeepClusterEngine(cfg, tmp_path / "on", progress=False).fit(flat)
+    off = DeepClusterEngine(_cfg(2), tmp_path / "off", progress=False).fit(flat)
+    np.testing.assert_array_equal(on.assignments, off.assignments)
+
+
 def test_negative_train_k_is_a_clear_error():
     with pytest.raises(ValueError, match="cluster.train_k"):
         DeepClusterEngine(_cfg(1, "cluster.train_k=-1"), "unused", progress=False)

@@ -35,6 +35,15 @@ class Record:
         return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
 
 
+def study_index(records) -> "np.ndarray":
+    """(N,) int64 study number of each record, numbered in order of first appearance; a record
+    without a study id is its own study. Only equality of ids is used, never a label."""
+    import numpy as np
+
+    ids: dict[str, int] = {}
+    return np.array([ids.setdefault(r.study or f"image:{r.path}", len(ids)) for r in records], np.int64)
+
+
 def normalise_body_part(value: str | None) -> str | None:
     """Map 'XR_WRIST', 'wrist' or ' Wrist ' to 'WRIST'; '' and None to None.
 
