@@ -596,8 +596,8 @@ class _Contrastive(torch.nn.Module):
 
 
 def _study_groups(data: PreparedDataset, cfg: Config, announce: bool) -> torch.Tensor | None:
-    """(N,) study number of each image for ``cluster.by_study``, or None (off, or no study has
-    two images, which makes it the same as clustering images)."""
+    """(N,) study number of each image for ``cluster.by_study``, or None: off, no study has two
+    images (the same as clustering images), or fewer studies than clusters (with a warning)."""
     if not cfg.cluster.by_study:
         return None
     studies = torch.from_numpy(study_index(data.records))
@@ -605,8 +605,10 @@ def _study_groups(data: PreparedDataset, cfg: Config, announce: bool) -> torch.T
     if n_studies == len(studies):
         return None
     if n_studies < max(cfg.cluster.k, cfg.cluster.round_k):
-        raise ValueError(f"cluster.by_study: {n_studies} studies cannot make "
-                         f"{max(cfg.cluster.k, cfg.cluster.round_k)} clusters")
+        if announce:
+            log.warning("cluster.by_study: %d studies cannot make %d clusters; clustering the %d images instead",
+                        n_studies, max(cfg.cluster.k, cfg.cluster.round_k), len(studies))
+        return None
     if announce:
         log.info("clustering %d studies (%d images) instead of images", n_studies, len(studies))
     return studies

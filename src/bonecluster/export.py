@@ -19,7 +19,9 @@ inside the graph. N is dynamic.
   space the k-means centroids live in);
 * ``probabilities`` (N, k) float32: softmax over ``-||embedding - centroid||^2 / T`` with
   T = :data:`bonecluster.predict.CONFIDENCE_TEMPERATURE`;
-* ``cluster`` (N,) int64: the nearest centroid (names in the manifest's ``clusters``);
+* ``cluster`` (N,) int64: the nearest centroid (names in the manifest's ``clusters``); for a run
+  trained with ``cluster.by_study`` this is the image alone, and ``predict`` assigns the study's
+  mean embedding instead (the manifest then carries the ``centroids`` to do the same);
 * ``confidence`` (N,) float32: ``probabilities[cluster]`` (what ``bonecluster predict`` reports).
 
 ``stage2_<PART>.onnx`` outputs (the scoring of :class:`bonecluster.stage2.PartAnomaly` is in the
@@ -196,7 +198,12 @@ def export_onnx(run: str | Path, out_dir: str | Path | None = None, opset: int =
             "file": path.name, "outputs": list(Stage1Graph.output_names),
             "embedding_dim": int(predictor.stage1.pca.output_dim), "k": k,
             "confidence_temperature": CONFIDENCE_TEMPERATURE,
-            "clusters": {str(c): predictor.names.get(c, f"cluster-{c}") for c in range(k)}}
+            "clusters": {str(c): predictor.names.get(c, f"cluster-{c}") for c in range(k)},
+            # A by-study run assigns a study by its mean embedding (as predict does), which a
+            # one-image graph cannot see: the centroids let a caller do it from `embedding`.
+            "by_study": bool(predictor.stage1.cfg.cluster.by_study)}
+        if manifest["stage1"]["by_study"]:
+            manifest["stage1"]["centroids"] = predictor.stage1.centroids.float().tolist()
     manifest["stage2"] = {}
     for part, (trained, anomaly) in chosen.items():
         path = out / f"stage2_{_safe(part)}.onnx"
@@ -278,6 +285,11 @@ def _readme(m: dict) -> str:
                   f"{s1['confidence_temperature']})",
                   "- `cluster` (N,) int64: nearest centroid; `confidence` (N,): its probability", "",
                   "Clusters: " + ", ".join(f"{k} = {v}" for k, v in s1["clusters"].items()), ""]
+        if s1.get("by_study"):
+            lines += ["This run clusters studies (`cluster.by_study`): `bonecluster predict` gives every image of a "
+                      "study the cluster of the study's mean `embedding` (averaged, then L2-normalised) under the "
+                      "nearest of the manifest's `centroids`. The graph's own `cluster` is that of the image alone.",
+                      ""]
     for part, s in m["stage2"].items():
         score = (f"HOG logistic score refined without labels from the {s['score_kind']} kNN score, mean "
                  "over the image and its mirror" if s.get("refined") else

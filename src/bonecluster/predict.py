@@ -110,13 +110,14 @@ class Predictor:
                                        None if score is None else bool(score >= threshold), rec.study))
         return out, embeddings
 
-    def _stage1(self, images: np.ndarray, records) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _stage1(self, images: np.ndarray, records=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Clusters, confidences and embeddings (N, d). A run trained with ``cluster.by_study``
         assigns studies as it clustered them: each image takes the cluster (and confidence) of its
-        study's mean embedding; the embeddings stay per image."""
+        study's mean embedding; the embeddings stay per image. Without ``records`` every image is
+        its own study."""
         x = embed_images(self.stage1, images)
         points, studies = x, None
-        if self.stage1.cfg.cluster.by_study:
+        if self.stage1.cfg.cluster.by_study and records is not None:
             studies = torch.from_numpy(study_index(records))
             points = study_means(x, studies)
         centroids = self.stage1.centroids.float()

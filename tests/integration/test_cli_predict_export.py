@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import dataclasses
 import json
 import shutil
 
@@ -207,12 +208,26 @@ def test_export_onnx_matches_torch(run, phantoms, tmp_path, capsys):
 
     s1 = ort.InferenceSession(str(out / "stage1.onnx"), providers=["CPUExecutionProvider"])
     emb, prob, cluster, conf = s1.run(["embedding", "probabilities", "cluster", "confidence"], {"image": x})
-    preds = predictor.predict(data.subset(np.arange(5)))
+    five = data.subset(np.arange(5))
+    alone = dataclasses.replace(five, records=[dataclasses.replace(r, study=None) for r in five.records])
+    preds = predictor.predict(alone)   # the graph sees one image at a time
     torch_emb = embed_images(predictor.stage1, images).numpy()
     assert np.abs(emb - torch_emb).max() < 1e-4
     assert np.abs(conf - np.array([p.confidence for p in preds])).max() < 1e-4
     assert cluster.tolist() == [p.cluster for p in preds]
     assert np.allclose(prob.sum(1), 1, atol=1e-5)
+    # the run clusters studies: the manifest's centroids assign a study's mean embedding as predict does
+    assert manifest["stage1"]["by_study"] is cfg.cluster.by_study is True
+    from bonecluster.data.records import study_index
+
+    studies = study_index(five.records)
+    centroids = np.array(manifest["stage1"]["centroids"])
+    by_study = predictor.predict(five)
+    for s in np.unique(studies):
+        mean = emb[studies == s].mean(0)
+        mean /= np.linalg.norm(mean)
+        nearest = int(np.argmin(((centroids - mean) ** 2).sum(1)))
+        assert all(p.cluster == nearest for p, t in zip(by_study, studies) if t == s)
 
     s2 = ort.InferenceSession(str(out / "stage2_HAND.onnx"), providers=["CPUExecutionProvider"])
     _, score, abnormal = s2.run(["embedding", "score", "abnormal"], {"image": x})

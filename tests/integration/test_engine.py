@@ -136,8 +136,19 @@ def test_study_level_clustering_gives_a_study_one_cluster_in_every_round(phantom
     # without studies (every image its own) the option changes nothing
     flat = replace(data, records=[replace(r, study=None) for r in data.records])
     on = DeepClusterEngine(cfg, tmp_path / "on", progress=False).fit(flat)
-    off = DeepClusterEngine(_cfg(2), tmp_path / "off", progress=False).fit(flat)
+    off = DeepClusterEngine(_cfg(2, "cluster.by_study=false"), tmp_path / "off", progress=False).fit(flat)
     np.testing.assert_array_equal(on.assignments, off.assignments)
+
+
+def test_too_few_studies_fall_back_to_images_with_a_warning(phantoms, tmp_path, caplog):
+    from dataclasses import replace
+
+    cfg = _cfg(1, "cluster.by_study=true")
+    data = _data(phantoms, tmp_path, cfg)
+    few = replace(data, records=[replace(r, study=f"s{i % 5}") for i, r in enumerate(data.records)])
+    with caplog.at_level("WARNING", logger="bonecluster"):
+        res = DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(few)
+    assert "5 studies cannot make 7 clusters" in caplog.text and len(set(res.assignments)) > 5
 
 
 def test_negative_train_k_is_a_clear_error():
