@@ -45,11 +45,19 @@ def hog(x: torch.Tensor, cell: int = 8, bins: int = 9) -> torch.Tensor:
     return blocks.flatten(1)
 
 
+def mirror(images: np.ndarray) -> np.ndarray:
+    """Left-right mirrored uint8 (N, S, S) images (a left limb seen as a right one)."""
+    return np.ascontiguousarray(images[:, :, ::-1])
+
+
+def float_batches(images: np.ndarray, batch_size: int = 512):
+    """uint8 (N, S, S) images as float (n, 1, S, S) batches in [0, 1], the graphs' input form."""
+    for start in range(0, len(images), batch_size):
+        yield torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).float().div_(255).unsqueeze(1)
+
+
 @torch.no_grad()
 def hog_features(images: np.ndarray, cell: int = 8, bins: int = 9, batch_size: int = 512) -> torch.Tensor:
     """:func:`hog` of uint8 (N, S, S) images, in batches: (N, D) float32 on the CPU."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).float().div_(255)
-        out.append(hog(x.unsqueeze(1), cell, bins))
+    out = [hog(x, cell, bins) for x in float_batches(images, batch_size)]
     return torch.cat(out) if out else torch.zeros(0, 0)

@@ -28,8 +28,9 @@ import torch
 from bonecluster.config import Config
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.engine import TrainedClusters, load_torch, save_torch
-from bonecluster.descriptors import hog_features
-from bonecluster.selftrain import self_train
+from bonecluster.data.records import study_key
+from bonecluster.descriptors import hog_features, mirror
+from bonecluster.selftrain import probability, self_train, standardisation
 from bonecluster.stage2 import PartAnomaly, part_features
 
 log = logging.getLogger("bonecluster")
@@ -41,8 +42,8 @@ PROBE_THRESHOLD = 0.5                                 # flag = probe probability
 
 
 def study_keys(records) -> list[str]:
-    """A study id per record (an image without a study is its own study), as in study_groups."""
-    return [r.study or f"image:{r.path}" for r in records]
+    """A study id per record (an image without a study is its own study), as in study_index."""
+    return [study_key(r) for r in records]
 
 
 @dataclass
@@ -218,7 +219,7 @@ class FewLabelProbe:
             unsupervised = anomaly.score(trained, images, batch_size)
         prob = self.predict_proba(probe_matrix(trained, images, kinds, unsupervised, batch_size))
         if flip:   # trained on both orientations: average the two views' probabilities
-            mirrored = np.ascontiguousarray(images[:, :, ::-1])
+            mirrored = mirror(images)
             prob = (prob + self.predict_proba(probe_matrix(trained, mirrored, kinds, unsupervised, batch_size))) / 2
         return prob
 
@@ -244,6 +245,14 @@ class FewLabelProbe:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
+def study_labels(labels: np.ndarray, groups: np.ndarray) -> dict:
+    """{study: abnormal} from image labels; a study is abnormal if any of its images is."""
+    out: dict = {}
+    for g, t in zip(groups, np.asarray(labels, bool)):
+        out[g] = out.get(g, False) or bool(t)
+    return out
+
+
 def fit_probe_weights(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0
                       ) -> tuple[np.ndarray, float, float, float | None]:
     """L2 logistic regression (balanced classes) on standardised ``x``; C by grouped CV.
@@ -260,10 +269,7 @@ def fit_probe_weights(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: in
     from sklearn.model_selection import StratifiedGroupKFold
 
     y = np.asarray(y, bool)
-    study_class = {}
-    for g, t in zip(groups, y):
-        study_class[g] = study_class.get(g, False) or bool(t)
-    per_class = np.bincount(np.fromiter(study_class.values(), int), minlength=2)
+    per_class = np.bincount(np.fromiter(study_labels(y, groups).values(), int), minlength=2)
     folds = int(min(5, per_class.min()))
     best_c, best_auc, best_loss = PROBE_DEFAULT_C, None, np.inf
     if folds >= 2:
@@ -284,11 +290,8 @@ def fit_probe_weights(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: in
 
 
 def study_prevalence(labels: np.ndarray, groups: np.ndarray) -> float:
-    """Share of abnormal studies among the labelled ones (a study is abnormal if any image is)."""
-    abnormal: dict = {}
-    for g, t in zip(groups, np.asarray(labels, bool)):
-        abnormal[g] = abnormal.get(g, False) or bool(t)
-    return float(np.mean(list(abnormal.values())))
+    """Share of abnormal studies among the labelled ones."""
+    return float(np.mean(list(study_labels(labels, groups).values())))
 
 
 def fit_probe(features_all: torch.Tensor, subset: LabelSubset, labels: np.ndarray, groups: np.ndarray,
@@ -302,15 +305,12 @@ def fit_probe(features_all: torch.Tensor, subset: LabelSubset, labels: np.ndarra
     ``mirrored_all`` (N, D), for ``flip``: the features of the left-right mirrored images; the
     subset's mirrored rows join the fit with the same labels (same images, no new label).
     ``self_train_rounds`` > 0 then self-trains (:func:`bonecluster.selftrain.self_train`) on the
-    other N - n images,
-    grouped by ``all_groups`` (N,) study ids; their share of abnormal pseudo-labels is the labelled
-    studies' abnormal share, kept within [0.1, 0.9].
+    other N - n images, grouped by ``all_groups`` (N,) study ids; their share of abnormal
+    pseudo-labels is the labelled studies' abnormal share, kept within [0.1, 0.9].
     """
     _, pca_dim, _ = parse_probe_features(spec)
     x_all = features_all.double()
-    mean = x_all.mean(0)
-    scale = x_all.std(0).nan_to_num(1.0)
-    scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
+    mean, scale = standardisation(x_all)
     z_all = (x_all - mean) / scale
     projection = None
     if pca_dim:
@@ -336,8 +336,8 @@ def fit_probe(features_all: torch.Tensor, subset: LabelSubset, labels: np.ndarra
         if all_groups is None:
             raise ValueError("self-training needs the study id of every training image (all_groups)")
         views = [z_all[others].numpy()] + ([] if z_mirror_all is None else [z_mirror_all[others].numpy()])
-        probe_prob = np.mean([1 / (1 + np.exp(-(v @ coef + intercept))) for v in views], axis=0)
-        fitted = self_train(views, np.asarray(all_groups)[others], probe_prob, prevalence, c, self_train_rounds,
+        fitted = self_train(views, np.asarray(all_groups)[others], probability(views, coef, intercept), prevalence,
+                            c, self_train_rounds,
                             labelled_x=x, labelled_y=labels)
         if fitted is not None:
             coef, intercept = fitted
@@ -365,7 +365,7 @@ def train_part_probe(trained: TrainedClusters, data: PreparedDataset, anomaly: P
         return None
     images = data.images()
     feats = probe_matrix(trained, images, kinds, anomaly.train_scores, cfg.train.feature_batch_size)
-    mirrored = (probe_matrix(trained, np.ascontiguousarray(images[:, :, ::-1]), kinds, anomaly.train_scores,
+    mirrored = (probe_matrix(trained, mirror(images), kinds, anomaly.train_scores,
                              cfg.train.feature_batch_size) if flip else None)
     keys = study_keys(data.records)
     groups = np.array([keys[i] for i in subset.positions])

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bonecluster.descriptors import hog, hog_features
+from bonecluster.descriptors import float_batches, hog, hog_features, mirror
 
 
 def study_mean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -34,12 +34,15 @@ def study_mean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return (sums / np.bincount(inverse))[inverse]
 
 
-def _mirror(images: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(images[:, :, ::-1])
+def probability(views: list[np.ndarray], coef: np.ndarray, intercept: float) -> np.ndarray:
+    """A logistic model's probability, averaged over the views of each row: (m,)."""
+    return np.mean([1.0 / (1.0 + np.exp(-np.clip(v @ coef + intercept, -500, 500))) for v in views], axis=0)
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
+def standardisation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column mean and standard deviation of ``x`` (N, D); a constant column gets scale 1."""
+    scale = x.std(0).nan_to_num(1.0)
+    return x.mean(0), torch.where(scale > 1e-8, scale, torch.ones_like(scale))
 
 
 def self_train(views: list[np.ndarray], groups: np.ndarray, initial: np.ndarray, share: float, C: float,
@@ -79,7 +82,7 @@ def self_train(views: list[np.ndarray], groups: np.ndarray, initial: np.ndarray,
         y_fit = np.concatenate([y_true, *([pseudo] * len(views))])
         model = LogisticRegression(C=C, class_weight="balanced", max_iter=5000).fit(x_fit, y_fit, sample_weight=weight)
         fitted = model.coef_.ravel(), float(model.intercept_[0])
-        ranking = np.mean([_sigmoid(v @ fitted[0] + fitted[1]) for v in views], axis=0)
+        ranking = probability(views, *fitted)
     return fitted
 
 
@@ -117,11 +120,9 @@ class ScoreRefiner:
             C: float) -> "ScoreRefiner | None":
         """Refine ``seed_scores`` (N,) of the uint8 (N, S, S) training ``images``; None when the
         seed ranks every study alike (nothing to learn)."""
-        hog = hog_features(images).double()
-        mean = hog.mean(0)
-        scale = hog.std(0).nan_to_num(1.0)
-        scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
-        views = [((v - mean) / scale).numpy() for v in (hog, hog_features(_mirror(images)).double())]
+        feats = hog_features(images).double()
+        mean, scale = standardisation(feats)
+        views = [((v - mean) / scale).numpy() for v in (feats, hog_features(mirror(images)).double())]
         fitted = self_train(views, groups, seed_scores, share, C, rounds)
         if fitted is None:
             return None
@@ -132,8 +133,7 @@ class ScoreRefiner:
         """(M,) refined scores of uint8 (M, S, S) images."""
         if len(images) == 0:
             return torch.zeros(0)
-        return torch.cat([self.score_tensor(torch.from_numpy(np.ascontiguousarray(images[i:i + 512])).float()
-                                            .div_(255).unsqueeze(1)) for i in range(0, len(images), 512)])
+        return torch.cat([self.score_tensor(x) for x in float_batches(images)])
 
     @torch.no_grad()
     def score_tensor(self, x: torch.Tensor) -> torch.Tensor:

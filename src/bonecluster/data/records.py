@@ -35,13 +35,18 @@ class Record:
         return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
 
 
+def study_key(record: Record) -> str:
+    """The record's study id; a record without one is its own study."""
+    return record.study or f"image:{record.path}"
+
+
 def study_index(records) -> "np.ndarray":
-    """(N,) int64 study number of each record, numbered in order of first appearance; a record
-    without a study id is its own study. Only equality of ids is used, never a label."""
+    """(N,) int64 study number of each record (:func:`study_key`), numbered in order of first
+    appearance. Only equality of ids is used, never a label."""
     import numpy as np
 
     ids: dict[str, int] = {}
-    return np.array([ids.setdefault(r.study or f"image:{r.path}", len(ids)) for r in records], np.int64)
+    return np.array([ids.setdefault(study_key(r), len(ids)) for r in records], np.int64)
 
 
 def normalise_body_part(value: str | None) -> str | None:
