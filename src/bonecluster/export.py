@@ -37,9 +37,10 @@ graph, its kNN banks are constants):
 * ``abnormal`` (N,) bool: ``score >= threshold``.
 
 A part whose score is refined (``stage2.refine_rounds``, the manifest's ``refined``) outputs the
-refiner's score instead: the mean over the image and its left-right mirror of
-``sigmoid(((HOG(view) - mean) / scale) @ coef + intercept)``, the HOG descriptor computed in the
-graph (:func:`bonecluster.descriptors.hog`); the kNN score that seeded it is not output.
+refiner's score instead: the mean over its E logistic models and over the image and its left-right
+mirror of ``sigmoid(((HOG(view) - mean) / scale) @ coef[e] + intercept[e])``, the HOG descriptor
+computed in the graph (:func:`bonecluster.descriptors.hog`); the kNN score that seeded it is not
+output.
 
 The patch score compares every position with every bank patch: memory grows as
 N x positions x bank patches, so feed large banks small batches.
@@ -134,9 +135,8 @@ class Stage2Graph(nn.Module):
         self.refined = anomaly.refiner is not None
         if self.refined:
             r = anomaly.refiner
-            for name in ("mean", "scale", "coef"):
+            for name in ("mean", "scale", "coef", "intercept"):
                 self.register_buffer(f"refine_{name}", getattr(r, name).detach().float().cpu().clone())
-            self.refine_intercept = float(r.intercept)
 
     def forward(self, image: torch.Tensor):
         model, net = self.model, self.model.backbone
@@ -292,7 +292,7 @@ def _readme(m: dict) -> str:
                       ""]
     for part, s in m["stage2"].items():
         score = (f"HOG logistic score refined without labels from the {s['score_kind']} kNN score, mean "
-                 "over the image and its mirror" if s.get("refined") else
+                 "over the refiner's models and over the image and its mirror" if s.get("refined") else
                  f"{s['score_kind']} kNN abnormality score (global knn={s['knn']}, patch knn={s['patch_knn']}, "
                  f"scales={s['score_scales']})")
         lines += [f"## {s['file']} ({part})", "",

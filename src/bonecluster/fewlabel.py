@@ -9,8 +9,10 @@ scored apart from the label-free result (``metrics.json``'s ``stage2_few_labels`
 The probe then self-trains on the part's *unlabelled* training images
 (:func:`bonecluster.selftrain.self_train`, ``stage2.probe_self_train`` rounds). MURA labels whole
 studies, so each unlabelled study's images share one pseudo-label, taken from their mean
-probability; the probe is refitted on its labels plus those pseudo-labels. No label outside the
-chosen subset is read.
+probability; the probe is refitted on its labels plus those pseudo-labels. The share of
+unlabelled studies called abnormal is unknown (a few labelled studies estimate it poorly), so one
+probe is self-trained per share in ``stage2.probe_pseudo_share`` (0.3 to 0.7 by default) and their
+probabilities are averaged. No label outside the chosen subset is read.
 
 Files: ``RUN/stage2/<PART>/probe.pt`` (the probe and the audit of the labels it used).
 """
@@ -168,7 +170,8 @@ class FewLabelProbe:
 
     Inputs are standardised with the mean and spread of *all* the part's training images (no
     labels needed), optionally projected on their top principal components, then
-    ``p = sigmoid(z @ coef + intercept)``. ``C`` is chosen by study-grouped, stratified
+    ``p = mean_e sigmoid(z @ coef[e] + intercept[e])`` over its E models (one per self-training
+    share; E = 1 without self-training). ``C`` is chosen by study-grouped, stratified
     cross-validation on the labelled subset only (AUROC of out-of-fold probabilities).
     Everything is tensors and plain values, so the file loads with ``weights_only=True``.
     """
@@ -177,8 +180,8 @@ class FewLabelProbe:
     mean: torch.Tensor             # (D,)
     scale: torch.Tensor            # (D,)
     projection: torch.Tensor | None  # (D, d) or None
-    coef: torch.Tensor             # (d,)
-    intercept: float
+    coef: torch.Tensor             # (E, d), one row per model
+    intercept: torch.Tensor        # (E,)
     C: float
     cv_auroc: float | None
     fraction: float
@@ -191,17 +194,24 @@ class FewLabelProbe:
     n_seen: int                    # studies whose label was read (see LabelSubset)
     n_abnormal: int                # abnormal images among those used
     self_train_rounds: int = 0     # rounds of self-training on the unlabelled images (see self_train)
-    pseudo_prevalence: float | None = None   # abnormal share given to the unlabelled studies
+    pseudo_shares: tuple = ()      # (E,) abnormal share given to the unlabelled studies, per model
+
+    def __post_init__(self) -> None:
+        # Probes saved before the share ensemble hold one model: coef (d,) and a float intercept.
+        self.intercept = torch.as_tensor(self.intercept, dtype=torch.float32).reshape(-1)
+        self.coef = torch.as_tensor(self.coef).float().reshape(len(self.intercept), -1)
+        self.pseudo_shares = tuple(float(v) for v in self.pseudo_shares)
 
     @property
     def n_labels(self) -> int:
         return len(self.label_positions)
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) raw features -> (N,) probability of abnormal, the mean over the E models."""
         z = (x.float() - self.mean) / self.scale
         if self.projection is not None:
             z = z @ self.projection
-        return torch.sigmoid(z @ self.coef + self.intercept)
+        return torch.sigmoid(z @ self.coef.T + self.intercept).mean(dim=1)
 
     def score(self, trained: TrainedClusters, images: np.ndarray, anomaly: PartAnomaly | None = None,
               unsupervised: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
@@ -229,8 +239,7 @@ class FewLabelProbe:
                 "labelled_studies": self.n_labelled_studies, "labelled_images": self.n_labelled_images,
                 "studies_seen": self.n_seen, "features": self.features, "C": self.C,
                 "cv_auroc": None if self.cv_auroc is None else round(self.cv_auroc, 4),
-                "self_train_rounds": self.self_train_rounds,
-                "pseudo_prevalence": None if self.pseudo_prevalence is None else round(self.pseudo_prevalence, 4)}
+                "self_train_rounds": self.self_train_rounds, "pseudo_shares": [round(v, 4) for v in self.pseudo_shares]}
 
     def save(self, path: Path) -> None:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -297,7 +306,7 @@ def study_prevalence(labels: np.ndarray, groups: np.ndarray) -> float:
 def fit_probe(features_all: torch.Tensor, subset: LabelSubset, labels: np.ndarray, groups: np.ndarray,
               spec: str, fraction: float, seed: int, paths: list[str],
               mirrored_all: torch.Tensor | None = None, all_groups: np.ndarray | None = None,
-              self_train_rounds: int = 0) -> FewLabelProbe:
+              self_train_rounds: int = 0, pseudo_share: float | tuple | str = "prevalence") -> FewLabelProbe:
     """Fit the probe on ``features_all[subset.positions]`` with ``labels`` (one per position).
 
     ``features_all`` (N, D) covers all the part's training images: they set the standardisation
@@ -305,8 +314,9 @@ def fit_probe(features_all: torch.Tensor, subset: LabelSubset, labels: np.ndarra
     ``mirrored_all`` (N, D), for ``flip``: the features of the left-right mirrored images; the
     subset's mirrored rows join the fit with the same labels (same images, no new label).
     ``self_train_rounds`` > 0 then self-trains (:func:`bonecluster.selftrain.self_train`) on the
-    other N - n images, grouped by ``all_groups`` (N,) study ids; their share of abnormal
-    pseudo-labels is the labelled studies' abnormal share, kept within [0.1, 0.9].
+    other N - n images, grouped by ``all_groups`` (N,) study ids, once per share in
+    ``pseudo_share`` (the share of them pseudo-labelled abnormal; ``"prevalence"`` = the labelled
+    studies' abnormal share, kept within [0.1, 0.9]); the probe keeps one model per share.
     """
     _, pca_dim, _ = parse_probe_features(spec)
     x_all = features_all.double()
@@ -326,28 +336,46 @@ def fit_probe(features_all: torch.Tensor, subset: LabelSubset, labels: np.ndarra
     rows = torch.as_tensor(subset.positions)
     x = z_all[rows].numpy()
     n_abnormal = int(np.asarray(labels, bool).sum())
-    prevalence = float(np.clip(study_prevalence(labels, groups), 0.1, 0.9))
+    shares = pseudo_shares(pseudo_share, labels, groups)
     if z_mirror_all is not None:
         x = np.concatenate([x, z_mirror_all[rows].numpy()])
         labels, groups = np.concatenate([labels, labels]), np.concatenate([groups, groups])
     coef, intercept, c, cv_auc = fit_probe_weights(x, labels, groups, seed)
+    fits, self_trained = [(coef, intercept)], False
     others = np.setdiff1d(np.arange(len(z_all)), subset.positions)
     if self_train_rounds > 0 and len(others) > 0:
         if all_groups is None:
             raise ValueError("self-training needs the study id of every training image (all_groups)")
         views = [z_all[others].numpy()] + ([] if z_mirror_all is None else [z_mirror_all[others].numpy()])
-        fitted = self_train(views, np.asarray(all_groups)[others], probability(views, coef, intercept), prevalence,
-                            c, self_train_rounds,
-                            labelled_x=x, labelled_y=labels)
-        if fitted is not None:
-            coef, intercept = fitted
-    else:
-        self_train_rounds, prevalence = 0, None
+        start = probability(views, coef, intercept)
+        trained = [(share, self_train(views, np.asarray(all_groups)[others], start, share, c, self_train_rounds,
+                                      labelled_x=x, labelled_y=labels)) for share in shares]
+        trained = [(share, fitted) for share, fitted in trained if fitted is not None]
+        if trained:
+            shares, fits = tuple(share for share, _ in trained), [fitted for _, fitted in trained]
+            self_trained = True
+    if not self_trained:
+        self_train_rounds, shares = 0, ()
     return FewLabelProbe(spec, mean.float(), scale.float(), None if projection is None else projection.float(),
-                         torch.as_tensor(coef, dtype=torch.float32), intercept, c, cv_auc, float(fraction), int(seed),
-                         [int(i) for i in subset.positions], list(paths), len(subset.studies),
+                         torch.as_tensor(np.stack([f[0] for f in fits]), dtype=torch.float32),
+                         torch.as_tensor([f[1] for f in fits], dtype=torch.float32), c, cv_auc, float(fraction),
+                         int(seed), [int(i) for i in subset.positions], list(paths), len(subset.studies),
                          subset.n_labelled_studies, subset.n_labelled_images, subset.n_seen, n_abnormal,
-                         int(self_train_rounds), prevalence)
+                         int(self_train_rounds), shares)
+
+
+def pseudo_shares(setting: float | tuple | str, labels: np.ndarray, groups: np.ndarray) -> tuple[float, ...]:
+    """The self-training shares of ``stage2.probe_pseudo_share``: one share, several, or
+    ``"prevalence"`` (the labelled studies' abnormal share, kept within [0.1, 0.9])."""
+    if setting == "prevalence":
+        return (float(np.clip(study_prevalence(labels, groups), 0.1, 0.9)),)
+    if isinstance(setting, str):
+        raise ValueError(f"stage2.probe_pseudo_share must be 'prevalence', a share or a list of shares, "
+                         f"got {setting!r}")
+    shares = tuple(float(v) for v in np.atleast_1d(setting))
+    if not shares or not all(0.0 < v < 1.0 for v in shares):
+        raise ValueError(f"stage2.probe_pseudo_share: every share must be in (0, 1), got {setting!r}")
+    return shares
 
 
 def train_part_probe(trained: TrainedClusters, data: PreparedDataset, anomaly: PartAnomaly, cfg: Config,
@@ -371,4 +399,4 @@ def train_part_probe(trained: TrainedClusters, data: PreparedDataset, anomaly: P
     groups = np.array([keys[i] for i in subset.positions])
     return fit_probe(feats, subset, labels, groups, s2.probe_features, s2.labels_fraction, s2.labels_seed,
                      [data.records[i].path for i in subset.positions], mirrored, np.array(keys),
-                     s2.probe_self_train)
+                     s2.probe_self_train, s2.probe_pseudo_share)

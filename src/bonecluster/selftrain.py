@@ -10,8 +10,11 @@ unit of agreement.
 * :func:`study_mean` — each image's value replaced by its study's mean.
 * :func:`self_train` — rounds of (study-mean ranking -> top share abnormal -> refit).
 * :class:`ScoreRefiner` — the label-free use (``stage2.refine_rounds``): the part's kNN score
-  seeds the pseudo-labels and a HOG logistic model, fitted without any label on each image and
-  its left-right mirror, becomes the score.
+  seeds the pseudo-labels and HOG logistic models, fitted without any label on each image and
+  its left-right mirror, become the score. The share of studies called abnormal is unknown
+  without labels, so one model is fitted per share in ``stage2.refine_share`` (0.3 to 0.7 by
+  default) and their probabilities are averaged: a bagging-style ensemble over the unknown
+  prevalence, steadier than any one share (docs/RESULTS.md).
 
 Self-training amplifies whatever its seed ranks high. Seeded by a score that is better than
 chance it sharpens it; seeded by one that is worse, it makes it worse (docs/RESULTS.md).
@@ -20,6 +23,7 @@ chance it sharpens it; seeded by one that is worse, it makes it worse (docs/RESU
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -87,47 +91,54 @@ def self_train(views: list[np.ndarray], groups: np.ndarray, initial: np.ndarray,
 
 
 def refined_score(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor,
-                  intercept: float | torch.Tensor) -> torch.Tensor:
-    """Mean over the image and its left-right mirror of ``sigmoid(((hog - mean) / scale) @ coef + b)``.
+                  intercept: torch.Tensor) -> torch.Tensor:
+    """Mean over E logistic models and over the image and its left-right mirror of
+    ``sigmoid(((hog(view) - mean) / scale) @ coef[e] + intercept[e])``.
 
-    ``x``: float (N, 1, S, S) in [0, 1] -> (N,). Shared by :class:`ScoreRefiner` and the ONNX graph.
+    ``x``: float (N, 1, S, S) in [0, 1]; ``coef`` (E, D); ``intercept`` (E,) -> (N,). Shared by
+    :class:`ScoreRefiner` and the ONNX graph.
     """
-    return torch.stack([torch.sigmoid(((hog(v) - mean) / scale) @ coef + intercept)
+    return torch.stack([torch.sigmoid(((hog(v) - mean) / scale) @ coef.T + intercept).mean(1)
                         for v in (x, x.flip(-1))]).mean(0)
 
 
 @dataclass
 class ScoreRefiner:
-    """A HOG logistic model fitted without labels to study-level pseudo-labels of a seed score.
+    """HOG logistic models fitted without labels to study-level pseudo-labels of a seed score.
 
-    ``score(images)`` is the mean, over the image and its left-right mirror, of
-    ``sigmoid(((hog(view) - mean) / scale) @ coef + intercept)``: a probability-like
-    abnormality score in (0, 1). Left and right limbs both occur, so the mirror is another view
-    with the same label; fitting and scoring both views is what the few-label probe's ``flip``
-    does too. Tensors and plain values only, so it loads with ``weights_only=True``.
+    One model per pseudo-label share (the share of training studies called abnormal, which is
+    unknown without labels). ``score(images)`` is the mean, over the models and over the image
+    and its left-right mirror, of ``sigmoid(((hog(view) - mean) / scale) @ coef[e] +
+    intercept[e])``: a probability-like abnormality score in (0, 1). Left and right limbs both
+    occur, so the mirror is another view with the same label; fitting and scoring both views is
+    what the few-label probe's ``flip`` does too. Tensors and plain values only, so it loads with
+    ``weights_only=True``.
     """
 
     mean: torch.Tensor      # (D,) HOG mean of the part's training images
     scale: torch.Tensor     # (D,) their standard deviation (1 where constant)
-    coef: torch.Tensor      # (D,)
-    intercept: float
+    coef: torch.Tensor      # (E, D), one row per model
+    intercept: torch.Tensor  # (E,)
     rounds: int
-    share: float
+    shares: tuple           # (E,) the pseudo-label share of each model
     C: float
 
     @classmethod
-    def fit(cls, images: np.ndarray, seed_scores: np.ndarray, groups: np.ndarray, rounds: int, share: float,
-            C: float) -> "ScoreRefiner | None":
-        """Refine ``seed_scores`` (N,) of the uint8 (N, S, S) training ``images``; None when the
-        seed ranks every study alike (nothing to learn)."""
+    def fit(cls, images: np.ndarray, seed_scores: np.ndarray, groups: np.ndarray, rounds: int,
+            shares: float | Sequence[float], C: float) -> "ScoreRefiner | None":
+        """Refine ``seed_scores`` (N,) of the uint8 (N, S, S) training ``images``, one model per
+        share; None when the seed ranks every study alike (nothing to learn)."""
+        shares = tuple(float(s) for s in np.atleast_1d(shares))
         feats = hog_features(images).double()
         mean, scale = standardisation(feats)
         views = [((v - mean) / scale).numpy() for v in (feats, hog_features(mirror(images)).double())]
-        fitted = self_train(views, groups, seed_scores, share, C, rounds)
-        if fitted is None:
+        fits = [(share, self_train(views, groups, seed_scores, share, C, rounds)) for share in shares]
+        fits = [(share, fitted) for share, fitted in fits if fitted is not None]
+        if not fits:
             return None
-        return cls(mean.float(), scale.float(), torch.as_tensor(fitted[0], dtype=torch.float32), fitted[1],
-                   int(rounds), float(share), float(C))
+        coef = torch.as_tensor(np.stack([f[0] for _, f in fits]), dtype=torch.float32)
+        intercept = torch.as_tensor([f[1] for _, f in fits], dtype=torch.float32)
+        return cls(mean.float(), scale.float(), coef, intercept, int(rounds), tuple(s for s, _ in fits), float(C))
 
     def score(self, images: np.ndarray) -> torch.Tensor:
         """(M,) refined scores of uint8 (M, S, S) images."""
@@ -142,9 +153,14 @@ class ScoreRefiner:
 
     def state_dict(self) -> dict:
         return {"mean": self.mean, "scale": self.scale, "coef": self.coef, "intercept": self.intercept,
-                "rounds": self.rounds, "share": self.share, "C": self.C}
+                "rounds": self.rounds, "shares": list(self.shares), "C": self.C}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> "ScoreRefiner":
-        return cls(d["mean"], d["scale"], d["coef"], float(d["intercept"]), int(d["rounds"]), float(d["share"]),
-                   float(d["C"]))
+        # Files written before the share ensemble hold one model: coef (D,), a float intercept
+        # and "share".
+        coef = torch.as_tensor(d["coef"]).float()
+        intercept = torch.as_tensor(d["intercept"], dtype=torch.float32).reshape(-1)
+        shares = d["shares"] if "shares" in d else [d["share"]]
+        return cls(d["mean"], d["scale"], coef.reshape(len(intercept), -1), intercept, int(d["rounds"]),
+                   tuple(float(s) for s in shares), float(d["C"]))

@@ -10,9 +10,10 @@ and its ``layer3`` feature map, one L2-normalised vector per position. An image'
 threshold is chosen without labels (see :mod:`bonecluster.anomaly`). Training images are scored
 leaving out their study.
 
-Optionally (``stage2.refine_rounds`` > 0, off by default) that kNN score only seeds a label-free
-refinement: study-level pseudo-labels of the training images fit a HOG logistic model, which then
-becomes the part's score (:class:`bonecluster.selftrain.ScoreRefiner`).
+With ``stage2.refine_rounds`` > 0 (the default) that kNN score only seeds a label-free
+refinement: study-level pseudo-labels of the training images fit HOG logistic models (one per
+share in ``stage2.refine_share``), whose mean probability then becomes the part's score
+(:class:`bonecluster.selftrain.ScoreRefiner`).
 
 Files, per part::
 
@@ -219,17 +220,19 @@ def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, cfg: Confi
 def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_names: list[str] | None = None,
                  resume: bool = False, progress: bool = True) -> dict:
     """Train one model per part into RUN/stage2/<PART>; returns a summary per part."""
-    from bonecluster.fewlabel import labels_to_choose, parse_probe_features
+    from bonecluster.fewlabel import labels_to_choose, parse_probe_features, pseudo_shares
 
     s2cfg = stage2_config(cfg)
     labels_to_choose(cfg.stage2.labels_fraction, 0)   # fail early on a fraction outside [0, 1]
     parse_probe_features(cfg.stage2.probe_features)
+    pseudo_shares(cfg.stage2.probe_pseudo_share, np.array([True, False]), np.array([0, 1]))   # fail early
     if cfg.stage2.probe_self_train < 0 or cfg.stage2.refine_rounds < 0:
         raise ValueError("stage2.probe_self_train and stage2.refine_rounds are rounds (0 = off) and must be >= 0, "
                          f"got {cfg.stage2.probe_self_train} and {cfg.stage2.refine_rounds}")
-    if not 0.0 < cfg.stage2.refine_share < 1.0 or cfg.stage2.refine_C <= 0:
-        raise ValueError(f"stage2.refine_share must be in (0, 1) and stage2.refine_C > 0, got "
-                         f"{cfg.stage2.refine_share} and {cfg.stage2.refine_C}")
+    shares = np.atleast_1d(cfg.stage2.refine_share)
+    if not len(shares) or not ((shares > 0.0) & (shares < 1.0)).all() or cfg.stage2.refine_C <= 0:
+        raise ValueError(f"stage2.refine_share must be one share or a list of shares, each in (0, 1), and "
+                         f"stage2.refine_C > 0, got {cfg.stage2.refine_share} and {cfg.stage2.refine_C}")
     summary = {}
     for part, positions in group_by_part(data, stage1_names).items():
         if len(positions) < max(cfg.stage2.min_images, cfg.stage2.k):

@@ -46,6 +46,9 @@ def test_probe_files_audit_exactly_the_fraction(run):
         # every image of a picked study, no other
         assert probe.n_labels == sum(r.study in {records[i].study for i in probe.label_positions} for r in records)
         assert summary[part]["few_labels"]["images"] == probe.n_labels
+        # self-trained once per default share (0.3 to 0.7), one model row each
+        assert summary[part]["few_labels"]["pseudo_shares"] == [0.3, 0.4, 0.5, 0.6, 0.7]
+        assert probe.coef.shape[0] == 5 == len(probe.intercept)
     assert probes >= 5   # a part whose pick holds one class only is skipped with a warning
 
 
@@ -68,7 +71,7 @@ def test_labels_outside_the_pick_do_not_change_the_probe(run):
     trained, anomaly = TrainedClusters.load(folder), PartAnomaly.load(folder / ANOMALY)
     again = train_part_probe(trained, flipped, anomaly, cfg, part)
     assert again.label_positions == saved.label_positions
-    assert torch.allclose(again.coef, saved.coef, atol=1e-6) and again.intercept == pytest.approx(saved.intercept)
+    assert torch.allclose(again.coef, saved.coef, atol=1e-6) and torch.allclose(again.intercept, saved.intercept)
 
 
 def test_evaluate_reports_few_labels_apart(run, capsys):
@@ -102,3 +105,14 @@ def test_evaluate_reports_few_labels_apart(run, capsys):
             probe.rename(probe.with_suffix(".pt"))
     m0 = json.loads((out / "m0.json").read_text())
     assert "stage2_few_labels" not in m0 and m0["stage2"] == s2
+
+
+def test_a_bad_pseudo_share_fails_before_training(run, tmp_path, capsys):
+    from tests.integration.conftest import STAGE2_SETS
+
+    for bad in ("stage2.probe_pseudo_share=1.5", "stage2.probe_pseudo_share=half"):
+        sets = [a for s in STAGE2_SETS + [bad] for a in ("--set", s)]
+        assert main(["train", str(run / "ph" / "train"), "--out", str(tmp_path / "r"), "--stages", "2",
+                     "--labels-fraction", "0.2", "--quiet", *sets]) != 0
+        assert "probe_pseudo_share" in capsys.readouterr().err
+        assert not (tmp_path / "r" / "stage2").exists()

@@ -30,7 +30,9 @@ def test_refined_parts_score_with_their_hog_model(run):
     for part, positions in parts.items():
         folder = run / "run" / "stage2" / part
         raw = torch.load(folder / ANOMALY, weights_only=True)   # plain tensors and values
-        assert raw["refiner"]["rounds"] == 2 and raw["refiner"]["share"] == 0.5
+        # one HOG model per default share (0.3 to 0.7), rows of coef
+        assert raw["refiner"]["rounds"] == 2 and raw["refiner"]["shares"] == [0.3, 0.4, 0.5, 0.6, 0.7]
+        assert raw["refiner"]["coef"].shape[0] == 5 == raw["refiner"]["intercept"].shape[0]
         anomaly = PartAnomaly.load(folder / ANOMALY)
         images = data.subset(positions).images()
         trained = TrainedClusters.load(folder)
@@ -68,7 +70,8 @@ def test_onnx_export_carries_the_refiner(run, capsys):
 
 
 def test_bad_refinement_settings_fail_before_training(run, tmp_path, capsys):
-    for bad in ("stage2.refine_rounds=-1", "stage2.refine_share=1.0", "stage2.refine_C=0"):
+    for bad in ("stage2.refine_rounds=-1", "stage2.refine_share=1.0", "stage2.refine_share=[0.5,0]",
+                "stage2.refine_share=[]", "stage2.refine_C=0"):
         sets = [a for s in STAGE2_SETS + [bad] for a in ("--set", s)]
         assert main(["train", str(run / "ph" / "train"), "--out", str(tmp_path / "r"), "--stages", "2",
                      "--quiet", *sets]) != 0

@@ -113,7 +113,7 @@ def test_probe_ignores_labels_it_was_not_given():
     mask[used] = False
     other[mask] = ~other[mask]   # every label outside the subset flipped
     a, b = _fit(x, y, used), _fit(x, other, used)
-    assert torch.equal(a.coef, b.coef) and a.intercept == b.intercept
+    assert torch.equal(a.coef, b.coef) and torch.equal(a.intercept, b.intercept)
 
 
 def test_probe_roundtrip_loads_weights_only(tmp_path):
@@ -185,8 +185,9 @@ def test_self_training_on_unlabelled_studies_sharpens_the_probe():
     auc_plain = roc_auc_score(y, plain.predict_proba(x).numpy())
     auc_self = roc_auc_score(y, selftrained.predict_proba(x).numpy())
     assert auc_self > auc_plain + 0.03 and auc_self > 0.95
-    assert plain.self_train_rounds == 0 and plain.pseudo_prevalence is None
-    assert selftrained.self_train_rounds == 3 and selftrained.pseudo_prevalence == 0.5
+    assert plain.self_train_rounds == 0 and plain.pseudo_shares == () and plain.coef.shape[0] == 1
+    # the default share setting of fit_probe: the labelled studies' abnormal share (6 of 12)
+    assert selftrained.self_train_rounds == 3 and selftrained.pseudo_shares == (0.5,)
     assert selftrained.n_labels == 36 and selftrained.audit()["self_train_rounds"] == 3
 
 
@@ -197,7 +198,7 @@ def test_self_training_reads_no_label_outside_the_subset():
     outside = ~np.isin(groups, [f"s{i}" for i in labelled])
     other[outside] = ~other[outside]     # every label the probe was not given is flipped
     a, b = _fit_studies(x, y, groups, labelled, 3), _fit_studies(x, other, groups, labelled, 3)
-    assert torch.equal(a.coef, b.coef) and a.intercept == b.intercept
+    assert torch.equal(a.coef, b.coef) and torch.equal(a.intercept, b.intercept)
 
 
 def test_self_training_needs_study_ids():
@@ -213,9 +214,29 @@ def test_probe_saved_before_self_training_still_loads(tmp_path):
     probe = _fit(x, y, np.arange(0, 200, 5))
     probe.save(tmp_path / "probe.pt")
     raw = torch.load(tmp_path / "probe.pt", weights_only=True)
-    for key in ("self_train_rounds", "pseudo_prevalence"):
+    for key in ("self_train_rounds", "pseudo_shares"):
         del raw[key]
+    raw["coef"], raw["intercept"] = raw["coef"][0], float(raw["intercept"][0])   # one model, as then
     torch.save(raw, tmp_path / "old.pt")
     old = FewLabelProbe.load(tmp_path / "old.pt")
-    assert old.self_train_rounds == 0 and old.pseudo_prevalence is None
+    assert old.self_train_rounds == 0 and old.pseudo_shares == () and old.coef.shape == probe.coef.shape
     assert torch.allclose(old.predict_proba(x), probe.predict_proba(x))
+
+
+def test_one_self_trained_probe_per_share_averaged():
+    from bonecluster.fewlabel import pseudo_shares
+
+    x, y, groups = _studies()
+    used = np.flatnonzero(np.isin(groups, [f"s{i}" for i in range(0, 100, 9)]))
+    sub = LabelSubset(used, sorted(set(groups[used])), len(set(groups)), len(y), 12)
+    fit = lambda share: fit_probe(x, sub, y[used], groups[used], "global", 0.1, 0, [], all_groups=groups,
+                                  self_train_rounds=2, pseudo_share=share)
+    ensemble, singles = fit([0.3, 0.7]), [fit(0.3), fit(0.7)]
+    assert ensemble.pseudo_shares == (0.3, 0.7) and ensemble.coef.shape == (2, x.shape[1])
+    expected = torch.stack([p.predict_proba(x) for p in singles]).mean(0)
+    assert torch.allclose(ensemble.predict_proba(x), expected, atol=1e-6)
+    assert ensemble.audit()["pseudo_shares"] == [0.3, 0.7]
+    assert pseudo_shares("prevalence", np.array([True, False, False]), np.array(["a", "b", "c"])) == (1 / 3,)
+    for bad in ("half", [], [0.5, 1.0]):
+        with pytest.raises(ValueError, match="probe_pseudo_share"):
+            pseudo_shares(bad, y[:2], groups[:2])

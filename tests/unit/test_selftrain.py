@@ -100,7 +100,7 @@ def _bars(n=120, seed=0):
 def test_score_refiner_fits_scores_and_roundtrips(tmp_path):
     images, y, groups = _bars()
     seed = _noisy_seed(y, 0.65, seed=3)
-    refiner = ScoreRefiner.fit(images, seed, groups, rounds=3, share=0.5, C=0.01)
+    refiner = ScoreRefiner.fit(images, seed, groups, rounds=3, shares=0.5, C=0.01)
     scores = refiner.score(images)
     assert scores.shape == (120,) and bool(((scores > 0) & (scores < 1)).all())
     assert roc_auc_score(y, scores.numpy()) > roc_auc_score(y, seed) + 0.15
@@ -109,3 +109,24 @@ def test_score_refiner_fits_scores_and_roundtrips(tmp_path):
     assert torch.equal(back.score(images[:5]), refiner.score(images[:5])) and back.rounds == 3
     assert refiner.score(images[:0]).shape == (0,)
     assert ScoreRefiner.fit(images, np.ones(120), groups, 2, 0.5, 0.01) is None
+
+
+def test_several_shares_average_one_model_per_share():
+    images, y, groups = _bars()
+    seed = _noisy_seed(y, 0.65, seed=3)
+    ensemble = ScoreRefiner.fit(images, seed, groups, rounds=2, shares=[0.3, 0.5, 0.7], C=0.01)
+    singles = [ScoreRefiner.fit(images, seed, groups, rounds=2, shares=s, C=0.01) for s in (0.3, 0.5, 0.7)]
+    assert ensemble.shares == (0.3, 0.5, 0.7) and ensemble.coef.shape == (3, singles[0].coef.shape[1])
+    expected = torch.stack([r.score(images) for r in singles]).mean(0)
+    assert torch.allclose(ensemble.score(images), expected, atol=1e-6)
+    assert not torch.allclose(singles[0].score(images), singles[2].score(images))   # the shares differ
+
+
+def test_a_one_model_refiner_file_from_before_the_ensemble_still_loads():
+    images, y, groups = _bars()
+    refiner = ScoreRefiner.fit(images, _noisy_seed(y, 0.65, seed=3), groups, rounds=2, shares=0.5, C=0.01)
+    old = {"mean": refiner.mean, "scale": refiner.scale, "coef": refiner.coef[0], "rounds": 2, "share": 0.5,
+           "intercept": float(refiner.intercept[0]), "C": 0.01}
+    back = ScoreRefiner.from_state_dict(old)
+    assert back.shares == (0.5,) and back.coef.shape == refiner.coef.shape
+    assert torch.allclose(back.score(images), refiner.score(images), atol=1e-6)
