@@ -32,7 +32,7 @@ from bonecluster.data.cache import PreparedDataset
 from bonecluster.engine import TrainedClusters, load_torch, save_torch
 from bonecluster.data.records import study_key
 from bonecluster.descriptors import hog_features, mirror
-from bonecluster.selftrain import probability, self_train, standardisation
+from bonecluster.selftrain import probability, self_train_per_share, standardisation
 from bonecluster.stage2 import PartAnomaly, part_features
 
 log = logging.getLogger("bonecluster")
@@ -341,24 +341,21 @@ def fit_probe(features_all: torch.Tensor, subset: LabelSubset, labels: np.ndarra
         x = np.concatenate([x, z_mirror_all[rows].numpy()])
         labels, groups = np.concatenate([labels, labels]), np.concatenate([groups, groups])
     coef, intercept, c, cv_auc = fit_probe_weights(x, labels, groups, seed)
-    fits, self_trained = [(coef, intercept)], False
+    fitted = None
     others = np.setdiff1d(np.arange(len(z_all)), subset.positions)
     if self_train_rounds > 0 and len(others) > 0:
         if all_groups is None:
             raise ValueError("self-training needs the study id of every training image (all_groups)")
         views = [z_all[others].numpy()] + ([] if z_mirror_all is None else [z_mirror_all[others].numpy()])
-        start = probability(views, coef, intercept)
-        trained = [(share, self_train(views, np.asarray(all_groups)[others], start, share, c, self_train_rounds,
-                                      labelled_x=x, labelled_y=labels)) for share in shares]
-        trained = [(share, fitted) for share, fitted in trained if fitted is not None]
-        if trained:
-            shares, fits = tuple(share for share, _ in trained), [fitted for _, fitted in trained]
-            self_trained = True
-    if not self_trained:
-        self_train_rounds, shares = 0, ()
+        fitted = self_train_per_share(views, np.asarray(all_groups)[others], probability(views, coef, intercept),
+                                      shares, c, self_train_rounds, labelled_x=x, labelled_y=labels)
+    if fitted is None:   # the labelled-only probe
+        self_train_rounds, shares, coef, intercept = 0, (), coef[None], np.array([intercept])
+    else:
+        shares, coef, intercept = fitted
     return FewLabelProbe(spec, mean.float(), scale.float(), None if projection is None else projection.float(),
-                         torch.as_tensor(np.stack([f[0] for f in fits]), dtype=torch.float32),
-                         torch.as_tensor([f[1] for f in fits], dtype=torch.float32), c, cv_auc, float(fraction),
+                         torch.as_tensor(coef, dtype=torch.float32),
+                         torch.as_tensor(intercept, dtype=torch.float32), c, cv_auc, float(fraction),
                          int(seed), [int(i) for i in subset.positions], list(paths), len(subset.studies),
                          subset.n_labelled_studies, subset.n_labelled_images, subset.n_seen, n_abnormal,
                          int(self_train_rounds), shares)

@@ -9,6 +9,7 @@ unit of agreement.
 
 * :func:`study_mean` — each image's value replaced by its study's mean.
 * :func:`self_train` — rounds of (study-mean ranking -> top share abnormal -> refit).
+* :func:`self_train_per_share` — the same once per share (the share is unknown).
 * :class:`ScoreRefiner` — the label-free use (``stage2.refine_rounds``): the part's kNN score
   seeds the pseudo-labels and HOG logistic models, fitted without any label on each image and
   its left-right mirror, become the score. The share of studies called abnormal is unknown
@@ -90,6 +91,25 @@ def self_train(views: list[np.ndarray], groups: np.ndarray, initial: np.ndarray,
     return fitted
 
 
+def self_train_per_share(views: list[np.ndarray], groups: np.ndarray, initial: np.ndarray,
+                         shares: Sequence[float], C: float, rounds: int, labelled_x: np.ndarray | None = None,
+                         labelled_y: np.ndarray | None = None) -> tuple[tuple[float, ...], np.ndarray, np.ndarray] | None:
+    """:func:`self_train` once per pseudo-label share, all from the same ``initial`` ranking.
+
+    The share of abnormal studies is unknown without labels; averaging the models' probabilities
+    over a range of shares (bagging over the prevalence) is steadier than betting on one.
+    Returns (the shares that gave a model, coef ``(E, D)``, intercepts ``(E,)``), or None when no
+    share did (every study tied).
+    """
+    fits = [(float(share), self_train(views, groups, initial, share, C, rounds, labelled_x, labelled_y))
+            for share in shares]
+    fits = [(share, fitted) for share, fitted in fits if fitted is not None]
+    if not fits:
+        return None
+    return (tuple(share for share, _ in fits), np.stack([f[0] for _, f in fits]),
+            np.array([f[1] for _, f in fits], float))
+
+
 def refined_score(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor,
                   intercept: torch.Tensor) -> torch.Tensor:
     """Mean over E logistic models and over the image and its left-right mirror of
@@ -132,13 +152,12 @@ class ScoreRefiner:
         feats = hog_features(images).double()
         mean, scale = standardisation(feats)
         views = [((v - mean) / scale).numpy() for v in (feats, hog_features(mirror(images)).double())]
-        fits = [(share, self_train(views, groups, seed_scores, share, C, rounds)) for share in shares]
-        fits = [(share, fitted) for share, fitted in fits if fitted is not None]
-        if not fits:
+        fitted = self_train_per_share(views, groups, seed_scores, shares, C, rounds)
+        if fitted is None:
             return None
-        coef = torch.as_tensor(np.stack([f[0] for _, f in fits]), dtype=torch.float32)
-        intercept = torch.as_tensor([f[1] for _, f in fits], dtype=torch.float32)
-        return cls(mean.float(), scale.float(), coef, intercept, int(rounds), tuple(s for s, _ in fits), float(C))
+        shares, coef, intercept = fitted
+        return cls(mean.float(), scale.float(), torch.as_tensor(coef, dtype=torch.float32),
+                   torch.as_tensor(intercept, dtype=torch.float32), int(rounds), shares, float(C))
 
     def score(self, images: np.ndarray) -> torch.Tensor:
         """(M,) refined scores of uint8 (M, S, S) images."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from bonecluster.selftrain import ScoreRefiner, self_train, study_mean
+from bonecluster.selftrain import ScoreRefiner, self_train, self_train_per_share, study_mean
 
 
 def _studies(n=300, d=30, sep=1.0, seed=0, per=3):
@@ -77,6 +77,15 @@ def test_ties_and_bad_shares():
     for share in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match="share"):
             self_train([x], groups, np.arange(30.0), share=share, C=1.0, rounds=1)
+
+
+def test_one_model_per_share_in_order():
+    x, y, groups = _studies(n=60)
+    assert self_train_per_share([x], groups, np.zeros(60), [0.3, 0.7], C=1.0, rounds=2) is None
+    shares, coef, intercept = self_train_per_share([x], groups, _noisy_seed(y, 0.7), [0.7, 0.3], C=1.0, rounds=2)
+    assert shares == (0.7, 0.3) and coef.shape == (2, x.shape[1]) and intercept.shape == (2,)
+    alone = self_train([x], groups, _noisy_seed(y, 0.7), share=0.3, C=1.0, rounds=2)
+    assert np.allclose(coef[1], alone[0]) and np.isclose(intercept[1], alone[1])
 
 
 def _bars(n=120, seed=0):
