@@ -185,7 +185,7 @@ class Stage2Config:
     # the part's score. The abnormal share is unknown without labels, so refine_share may list
     # several: one model per share, their probabilities averaged. It amplifies the seed's
     # direction. On held-out MURA humerus, over nine DeepCluster training seeds, the kNN score's
-    # image AUROC of 0.53 became 0.651 with one share (0.5) and 0.677 with the 0.3-0.7 ensemble
+    # image AUROC of 0.53 became 0.651 with one share (0.5) and 0.678 with the 0.3-0.7 ensemble
     # (worst seed 0.522 -> 0.587); the SimCLR score's went from 0.486 to 0.457 (docs/RESULTS.md),
     # so the cpu-real preset (SimCLR) switches it off.
     refine_rounds: int = 4
