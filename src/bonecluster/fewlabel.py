@@ -32,7 +32,8 @@ from bonecluster.data.cache import PreparedDataset
 from bonecluster.engine import TrainedClusters, load_torch, save_torch
 from bonecluster.data.records import study_key
 from bonecluster.descriptors import hog_features, mirror
-from bonecluster.selftrain import probability, self_train_per_share, standardisation
+from bonecluster.selftrain import (mean_probability, model_rows, probability, self_train_per_share, share_list,
+                                   standardisation)
 from bonecluster.stage2 import PartAnomaly, part_features
 
 log = logging.getLogger("bonecluster")
@@ -198,8 +199,7 @@ class FewLabelProbe:
 
     def __post_init__(self) -> None:
         # Probes saved before the share ensemble hold one model: coef (d,) and a float intercept.
-        self.intercept = torch.as_tensor(self.intercept, dtype=torch.float32).reshape(-1)
-        self.coef = torch.as_tensor(self.coef).float().reshape(len(self.intercept), -1)
+        self.coef, self.intercept = model_rows(self.coef, self.intercept)
         self.pseudo_shares = tuple(float(v) for v in self.pseudo_shares)
 
     @property
@@ -211,7 +211,7 @@ class FewLabelProbe:
         z = (x.float() - self.mean) / self.scale
         if self.projection is not None:
             z = z @ self.projection
-        return torch.sigmoid(z @ self.coef.T + self.intercept).mean(dim=1)
+        return mean_probability(z, self.coef, self.intercept)
 
     def score(self, trained: TrainedClusters, images: np.ndarray, anomaly: PartAnomaly | None = None,
               unsupervised: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
@@ -350,29 +350,24 @@ def fit_probe(features_all: torch.Tensor, subset: LabelSubset, labels: np.ndarra
         fitted = self_train_per_share(views, np.asarray(all_groups)[others], probability(views, coef, intercept),
                                       shares, c, self_train_rounds, labelled_x=x, labelled_y=labels)
     if fitted is None:   # the labelled-only probe
-        self_train_rounds, shares, coef, intercept = 0, (), coef[None], np.array([intercept])
+        self_train_rounds, shares = 0, ()
     else:
         shares, coef, intercept = fitted
     return FewLabelProbe(spec, mean.float(), scale.float(), None if projection is None else projection.float(),
-                         torch.as_tensor(coef, dtype=torch.float32),
-                         torch.as_tensor(intercept, dtype=torch.float32), c, cv_auc, float(fraction),
+                         *model_rows(coef, intercept), c, cv_auc, float(fraction),
                          int(seed), [int(i) for i in subset.positions], list(paths), len(subset.studies),
                          subset.n_labelled_studies, subset.n_labelled_images, subset.n_seen, n_abnormal,
                          int(self_train_rounds), shares)
 
 
-def pseudo_shares(setting: float | tuple | str, labels: np.ndarray, groups: np.ndarray) -> tuple[float, ...]:
+def pseudo_shares(setting: float | tuple | str, labels: np.ndarray | None = None,
+                  groups: np.ndarray | None = None) -> tuple[float, ...]:
     """The self-training shares of ``stage2.probe_pseudo_share``: one share, several, or
-    ``"prevalence"`` (the labelled studies' abnormal share, kept within [0.1, 0.9])."""
+    ``"prevalence"`` (the labelled studies' abnormal share, kept within [0.1, 0.9]; only then are
+    ``labels`` and their study ``groups`` read)."""
     if setting == "prevalence":
         return (float(np.clip(study_prevalence(labels, groups), 0.1, 0.9)),)
-    if isinstance(setting, str):
-        raise ValueError(f"stage2.probe_pseudo_share must be 'prevalence', a share or a list of shares, "
-                         f"got {setting!r}")
-    shares = tuple(float(v) for v in np.atleast_1d(setting))
-    if not shares or not all(0.0 < v < 1.0 for v in shares):
-        raise ValueError(f"stage2.probe_pseudo_share: every share must be in (0, 1), got {setting!r}")
-    return shares
+    return share_list(setting, "stage2.probe_pseudo_share ('prevalence' or shares)")
 
 
 def train_part_probe(trained: TrainedClusters, data: PreparedDataset, anomaly: PartAnomaly, cfg: Config,

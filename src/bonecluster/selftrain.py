@@ -44,6 +44,29 @@ def probability(views: list[np.ndarray], coef: np.ndarray, intercept: float) -> 
     return np.mean([1.0 / (1.0 + np.exp(-np.clip(v @ coef + intercept, -500, 500))) for v in views], axis=0)
 
 
+def share_list(setting: float | Sequence[float], key: str) -> tuple[float, ...]:
+    """One pseudo-label share or a list of them -> a tuple, each in (0, 1); ValueError naming the
+    config ``key`` otherwise."""
+    if isinstance(setting, str):
+        raise ValueError(f"{key} must be a share or a list of shares, each in (0, 1), got {setting!r}")
+    shares = tuple(float(v) for v in np.atleast_1d(setting))
+    if not shares or not all(0.0 < v < 1.0 for v in shares):
+        raise ValueError(f"{key}: every share must be in (0, 1), got {setting!r}")
+    return shares
+
+
+def model_rows(coef, intercept) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logistic models as float32 rows: coef ``(E, D)`` and intercept ``(E,)``. One model given
+    as coef ``(D,)`` and a number (files written before the share ensembles) becomes E = 1."""
+    intercept = torch.as_tensor(intercept, dtype=torch.float32).reshape(-1)
+    return torch.as_tensor(coef).float().reshape(len(intercept), -1), intercept
+
+
+def mean_probability(z: torch.Tensor, coef: torch.Tensor, intercept: torch.Tensor) -> torch.Tensor:
+    """Mean over E logistic models of ``sigmoid(z @ coef[e] + intercept[e])``: z ``(N, D)`` -> ``(N,)``."""
+    return torch.sigmoid(z @ coef.T + intercept).mean(dim=1)
+
+
 def standardisation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Column mean and standard deviation of ``x`` (N, D); a constant column gets scale 1."""
     scale = x.std(0).nan_to_num(1.0)
@@ -118,8 +141,7 @@ def refined_score(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, coef
     ``x``: float (N, 1, S, S) in [0, 1]; ``coef`` (E, D); ``intercept`` (E,) -> (N,). Shared by
     :class:`ScoreRefiner` and the ONNX graph.
     """
-    return torch.stack([torch.sigmoid(((hog(v) - mean) / scale) @ coef.T + intercept).mean(1)
-                        for v in (x, x.flip(-1))]).mean(0)
+    return torch.stack([mean_probability((hog(v) - mean) / scale, coef, intercept) for v in (x, x.flip(-1))]).mean(0)
 
 
 @dataclass
@@ -148,7 +170,7 @@ class ScoreRefiner:
             shares: float | Sequence[float], C: float) -> "ScoreRefiner | None":
         """Refine ``seed_scores`` (N,) of the uint8 (N, S, S) training ``images``, one model per
         share; None when the seed ranks every study alike (nothing to learn)."""
-        shares = tuple(float(s) for s in np.atleast_1d(shares))
+        shares = share_list(shares, "stage2.refine_share")
         feats = hog_features(images).double()
         mean, scale = standardisation(feats)
         views = [((v - mean) / scale).numpy() for v in (feats, hog_features(mirror(images)).double())]
@@ -156,8 +178,7 @@ class ScoreRefiner:
         if fitted is None:
             return None
         shares, coef, intercept = fitted
-        return cls(mean.float(), scale.float(), torch.as_tensor(coef, dtype=torch.float32),
-                   torch.as_tensor(intercept, dtype=torch.float32), int(rounds), shares, float(C))
+        return cls(mean.float(), scale.float(), *model_rows(coef, intercept), int(rounds), shares, float(C))
 
     def score(self, images: np.ndarray) -> torch.Tensor:
         """(M,) refined scores of uint8 (M, S, S) images."""
@@ -176,10 +197,7 @@ class ScoreRefiner:
 
     @classmethod
     def from_state_dict(cls, d: dict) -> "ScoreRefiner":
-        # Files written before the share ensemble hold one model: coef (D,), a float intercept
-        # and "share".
-        coef = torch.as_tensor(d["coef"]).float()
-        intercept = torch.as_tensor(d["intercept"], dtype=torch.float32).reshape(-1)
+        # Files written before the share ensemble hold one model and "share".
         shares = d["shares"] if "shares" in d else [d["share"]]
-        return cls(d["mean"], d["scale"], coef.reshape(len(intercept), -1), intercept, int(d["rounds"]),
+        return cls(d["mean"], d["scale"], *model_rows(d["coef"], d["intercept"]), int(d["rounds"]),
                    tuple(float(s) for s in shares), float(d["C"]))

@@ -41,7 +41,7 @@ from bonecluster.config import Config
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.records import study_index
 from bonecluster.engine import DeepClusterEngine, TrainedClusters, load_torch, save_torch
-from bonecluster.selftrain import ScoreRefiner
+from bonecluster.selftrain import ScoreRefiner, share_list
 
 log = logging.getLogger("bonecluster")
 
@@ -225,14 +225,14 @@ def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_nam
     s2cfg = stage2_config(cfg)
     labels_to_choose(cfg.stage2.labels_fraction, 0)   # fail early on a fraction outside [0, 1]
     parse_probe_features(cfg.stage2.probe_features)
-    pseudo_shares(cfg.stage2.probe_pseudo_share, np.array([True, False]), np.array([0, 1]))   # fail early
+    if cfg.stage2.probe_pseudo_share != "prevalence":   # fail early on bad shares
+        pseudo_shares(cfg.stage2.probe_pseudo_share)
     if cfg.stage2.probe_self_train < 0 or cfg.stage2.refine_rounds < 0:
         raise ValueError("stage2.probe_self_train and stage2.refine_rounds are rounds (0 = off) and must be >= 0, "
                          f"got {cfg.stage2.probe_self_train} and {cfg.stage2.refine_rounds}")
-    shares = np.atleast_1d(cfg.stage2.refine_share)
-    if not len(shares) or not ((shares > 0.0) & (shares < 1.0)).all() or cfg.stage2.refine_C <= 0:
-        raise ValueError(f"stage2.refine_share must be one share or a list of shares, each in (0, 1), and "
-                         f"stage2.refine_C > 0, got {cfg.stage2.refine_share} and {cfg.stage2.refine_C}")
+    share_list(cfg.stage2.refine_share, "stage2.refine_share")
+    if cfg.stage2.refine_C <= 0:
+        raise ValueError(f"stage2.refine_C must be > 0, got {cfg.stage2.refine_C}")
     summary = {}
     for part, positions in group_by_part(data, stage1_names).items():
         if len(positions) < max(cfg.stage2.min_images, cfg.stage2.k):
