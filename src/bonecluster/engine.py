@@ -475,7 +475,9 @@ class DeepClusterEngine:
         path = self.out / CHECKPOINT
         if not path.exists():
             raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-        state = load_torch(path, map_location=self.device)
+        # Loaded onto the CPU: the RNG states and assignments must stay there, and load_state_dict
+        # copies the weights (and the optimiser's moments) onto the model's own device.
+        state = load_torch(path, map_location="cpu")
         if state["config"] != to_dict(self.cfg):
             log.warning("resuming %s with a config that differs from the checkpoint's", path)
         self.model.load_state_dict(state["model"])
@@ -521,7 +523,7 @@ class TrainedClusters:
 
     @classmethod
     def load(cls, out: str | Path, device: str | torch.device = "cpu") -> "TrainedClusters":
-        state = load_torch(Path(out) / FINAL_MODEL, map_location=device)
+        state = load_torch(Path(out) / FINAL_MODEL, map_location="cpu")  # only the network moves to `device`
         model = DeepClusterNet(**state["hparams"])
         model.load_state_dict(state["model"])
         return cls(model.to(device).eval(), PCAWhitening.from_state_dict(state["pca"]),

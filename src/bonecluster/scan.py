@@ -73,10 +73,11 @@ def scan_cluster(clean: Tensor, views: Tensor, k: int, n_neighbours: int = 20, e
     device = clean.device
     n = len(clean)
     neighbours = mine_neighbours(clean, min(n_neighbours, n - 1))
-    classifiers = [torch.nn.Linear(clean.shape[1], k).to(device) for _ in range(heads)]
-    for head in classifiers:  # seeded init, independent of the global RNG
+    classifiers = [torch.nn.Linear(clean.shape[1], k) for _ in range(heads)]
+    for head in classifiers:  # seeded init on the CPU (``gen`` is a CPU generator), independent of the global RNG
         torch.nn.init.normal_(head.weight, 0.0, 0.01, generator=gen)
         torch.nn.init.zeros_(head.bias)
+        head.to(device)
     params = [p for head in classifiers for p in head.parameters()]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=1e-4)
     losses = torch.zeros(heads)

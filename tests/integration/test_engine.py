@@ -68,6 +68,18 @@ def test_interrupted_run_resumes_to_identical_assignments(phantoms, tmp_path):
     assert [r["loss"] for r in part_rows] == [r["loss"] for r in full_rows]
 
 
+
+def test_a_trained_run_loads_onto_any_device_with_its_bookkeeping_on_the_cpu(phantoms, tmp_path):
+    """Only the network moves to the requested device; the assignments (numpy) and centroids stay
+    on the CPU. "meta" stands in for CUDA on a machine without one: loading the whole file onto
+    the device, as an H100 run once did, breaks ``.numpy()`` on both."""
+    cfg = _cfg(1)
+    DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(_data(phantoms, tmp_path, cfg))
+    trained = TrainedClusters.load(tmp_path / "run", device="meta")
+    assert next(trained.model.parameters()).device.type == "meta"
+    assert isinstance(trained.assignments, np.ndarray) and trained.centroids.device.type == "cpu"
+
+
 SIMCLR = ["selfsup.epochs=2", "selfsup.batch_size=16", "selfsup.hidden_dim=32", "selfsup.proj_dim=16",
           "scan.epochs=5", "scan.views=2", "scan.neighbours=5", "scan.batch_size=16"]
 
