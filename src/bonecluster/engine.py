@@ -104,7 +104,7 @@ class DeepClusterEngine:
         self.optimizer = self._backbone_optimizer()
         self.augment = RadiographAugment(cfg.train.augment)
         self.use_amp = cfg.train.amp and amp_enabled(self.device)
-        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = torch.bfloat16 if self.use_amp and _native_bf16(self.device) else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.pretrain_epochs = cfg.selfsup.epochs if cfg.method.startswith("simclr") else 0
         self.cluster_epochs = 0 if cfg.method in ("simclr", "simclr-scan") else cfg.train.epochs
@@ -463,6 +463,7 @@ class DeepClusterEngine:
                 "optimizer": self.optimizer.state_dict(),
                 "assignments": assignments.cpu() if assignments is not None else torch.empty(0, dtype=torch.int64),
                 "history": history, "config": to_dict(self.cfg), "rng": _rng_state(),
+                "scaler": self.scaler.state_dict(),  # float16 AMP's loss scale ({} when off)
             }
             if self.pretrain_epochs:
                 state["pretrain"] = {"head": self.head.state_dict(),
@@ -485,6 +486,8 @@ class DeepClusterEngine:
         if self.pretrain_epochs and "pretrain" in state:
             self.head.load_state_dict(state["pretrain"]["head"])
             self.pretrain_optimizer.load_state_dict(state["pretrain"]["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         log.info("resuming %s after epoch %d", self.out, state["epoch"])
         previous = state["assignments"].cpu()
@@ -493,8 +496,8 @@ class DeepClusterEngine:
     def _save_final(self, km: KMeansResult, pca: PCAWhitening) -> None:
         if self.dist.is_main:
             save_torch(self.out / FINAL_MODEL, {
-                "model": self.model.state_dict(), "hparams": self.model.hparams(),
-                "pca": pca.state_dict(), "centroids": km.centroids.cpu(),
+                "model": _on_cpu(self.model.state_dict()), "hparams": self.model.hparams(),
+                "pca": _on_cpu(pca.state_dict()), "centroids": km.centroids.cpu(),
                 "assignments": km.assignments.cpu(), "config": to_dict(self.cfg),
             })
 
@@ -658,7 +661,21 @@ def _set_rng_state(state: dict) -> None:
     keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        # A checkpoint written with more GPUs visible than now restores the ones that are here.
+        for index, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), index)
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """bfloat16 autocast only where the GPU does it in hardware (Ampere on); emulated bf16 on a
+    V100 or T4 is slow, so those train in float16 with a loss scaler."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies, so that ``model.pt`` from a GPU run loads with a plain ``torch.load`` anywhere."""
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def _write_metrics(path: Path, history: list[dict]) -> None:

@@ -29,6 +29,8 @@ def test_train_stop_resume_and_load_on_cuda(phantoms, tmp_path):  # noqa: F811
     trained = TrainedClusters.load(tmp_path / "run", device="cuda")
     assert next(trained.model.parameters()).is_cuda
     np.testing.assert_array_equal(trained.assignments, resumed.assignments)
+    final = torch.load(tmp_path / "run" / "model.pt", weights_only=True)  # no map_location: must be CPU tensors
+    assert all(not v.is_cuda for v in [*final["model"].values(), *final["pca"].values()])
 
 
 @pytest.mark.parametrize("method", ["sela", "simclr-scan"])
