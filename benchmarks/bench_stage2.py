@@ -36,7 +36,7 @@ from bonecluster.config import apply_override, config_from_dict, load_config, re
 from bonecluster.data import prepare_sources
 from bonecluster.engine import TrainedClusters
 from bonecluster.metrics import auroc
-from bonecluster.stage2 import fit_part_anomaly, group_by_part
+from bonecluster.stage2 import fit_part_anomaly, group_by_part, saved_extra_seeds
 
 
 def main() -> None:
@@ -71,7 +71,8 @@ def main() -> None:
         if part not in valid_groups or not (folder / "model.pt").exists():
             continue
         trained = TrainedClusters.load(folder)
-        anomaly = fit_part_anomaly(trained, train.subset(pos), cfg)
+        # the run's other seed networks (stage2.networks) by their stored scores; --set stage2.networks=1 drops them
+        anomaly = fit_part_anomaly(trained, train.subset(pos), cfg, saved_extra_seeds(folder, len(pos), cfg))
         vpos = valid_groups[part]
         truth = np.array([valid.records[i].abnormal for i in vpos], bool)
         scores = anomaly.score(trained, valid.images()[vpos]).numpy()

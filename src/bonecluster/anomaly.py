@@ -120,6 +120,20 @@ def combine_scores(train: list[torch.Tensor], queries: list[torch.Tensor]) -> tu
     return combined_train, combined_queries
 
 
+def mean_rank(scores: list[torch.Tensor]) -> torch.Tensor:
+    """Average several scorings of the same N images by their ranks (ties share the mean rank).
+
+    (N,) each -> (N,) in (0, 1]. Scores from different networks live on different scales;
+    ranks make them comparable without any label.
+    """
+    if not scores or any(s.shape != scores[0].shape or s.ndim != 1 for s in scores):
+        raise ValueError("give one or more (N,) score tensors of the same length")
+    from scipy.stats import rankdata
+
+    n = len(scores[0])
+    return torch.from_numpy(np.mean([rankdata(s.double().numpy()) / n for s in scores], axis=0)).float()
+
+
 def _groups(groups: torch.Tensor | None, n: int) -> torch.Tensor:
     if groups is None:
         return torch.arange(n)

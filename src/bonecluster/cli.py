@@ -387,10 +387,11 @@ def _add_demo(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from bonecluster.demo import run_demo
-
+    from bonecluster.demo import DEMO_OVERRIDES, run_demo
     from bonecluster.evaluate import comparison_table
 
+    args.overrides[:0] = DEMO_OVERRIDES
+    print(f"demo settings (before --set): {' '.join(DEMO_OVERRIDES)}")
     summary = run_demo(args.out, _load_config(args), n=args.n, seed=args.seed)
     _print_stage1(summary["stage1"])
     _print_stage2(summary["stage2"])

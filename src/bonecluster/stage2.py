@@ -35,18 +35,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bonecluster.anomaly import combine_scores, knn_scores, label_free_threshold, patch_knn_scores
+from bonecluster.anomaly import combine_scores, knn_scores, label_free_threshold, mean_rank, patch_knn_scores
 from bonecluster.cluster import PCAWhitening, fit_pca_whitening, l2_normalise
 from bonecluster.config import Config
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.records import study_index
-from bonecluster.engine import DeepClusterEngine, TrainedClusters, load_torch, save_torch
+from bonecluster.engine import CHECKPOINT, FINAL_MODEL, DeepClusterEngine, TrainedClusters, load_torch, save_torch
 from bonecluster.selftrain import ScoreRefiner, share_list
 
 log = logging.getLogger("bonecluster")
 
 ANOMALY = "anomaly.pt"
 PROBE = "probe.pt"  # few-label mode, see bonecluster.fewlabel
+SEED_SCORES = "seed_scores.pt"   # an extra seed network's kNN scores (stage2.networks)
 
 
 def stage2_config(cfg: Config) -> Config:
@@ -179,15 +180,46 @@ def study_groups(data: PreparedDataset) -> torch.Tensor:
     return torch.from_numpy(study_index(data.records))
 
 
-def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, cfg: Config) -> PartAnomaly:
+def _knn_groups(data: PreparedDataset) -> torch.Tensor:
+    """Study ids for leave-one-study-out kNN; image ids when there is one study only."""
+    groups = study_groups(data)
+    return torch.arange(len(groups)) if len(torch.unique(groups)) < 2 else groups
+
+
+def knn_seed_scores(trained: TrainedClusters, data: PreparedDataset, cfg: Config) -> torch.Tensor:
+    """(N,) label-free kNN scores of a part's training images under one network (the refiner's seed)."""
+    return _knn_fit(trained, data, cfg, data.images(), _knn_groups(data))[0]
+
+
+def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, cfg: Config,
+                     extra_seeds: tuple[torch.Tensor, ...] = ()) -> PartAnomaly:
+    """The part's scorer. ``extra_seeds``: (N,) kNN scores of the same images under other networks
+    (``stage2.networks``); with them the refinement starts from the mean rank of all seeds."""
     s2 = cfg.stage2
     if s2.score not in SCORES:
         raise ValueError(f"stage2.score must be one of {SCORES}, got {s2.score!r}")
     images = data.images()
+    groups = _knn_groups(data)
+    scores, parts, pca, bank, patch_bank = _knn_fit(trained, data, cfg, images, groups)
+    refiner = None
+    if s2.refine_rounds > 0:
+        seed = mean_rank([scores, *extra_seeds]) if extra_seeds else scores
+        refiner = ScoreRefiner.fit(images, seed.numpy(), groups.numpy(), s2.refine_rounds, s2.refine_share,
+                                   s2.refine_C)
+        if refiner is None:
+            log.warning("stage 2: the kNN score ranks every training study of this part alike; no refinement")
+        else:
+            scores = refiner.score(images)
+    t = label_free_threshold(scores.numpy(), s2.fallback_quantile, seed=cfg.seed)
+    return PartAnomaly(bank, scores, t.value, t.method, s2.knn, s2.score, pca, patch_bank, s2.patch_knn,
+                       tuple(parts) if len(parts) > 1 else (), refiner)
+
+
+def _knn_fit(trained: TrainedClusters, data: PreparedDataset, cfg: Config, images: np.ndarray,
+             groups: torch.Tensor) -> tuple:
+    """The kNN score of the training images: (scores (N,), its parts, PCA, global bank, patch bank)."""
+    s2 = cfg.stage2
     pooled, patches = part_features(trained, images, cfg.train.feature_batch_size)
-    groups = study_groups(data)
-    if len(torch.unique(groups)) < 2:   # one study only: leave out the image, not the study
-        groups = torch.arange(len(groups))
     pca = fit_pca_whitening(pooled, dim=s2.pca_dim)
     bank = l2_normalise(pca.transform(pooled))
     parts, patch_bank = [], None
@@ -204,17 +236,7 @@ def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, cfg: Confi
         parts.append(patch_knn_scores(patch_bank, patches, k=s2.patch_knn, bank_images=owner,
                                       exclude_self=True, groups=groups))
     scores = parts[0] if len(parts) == 1 else combine_scores(parts, parts)[0]
-    refiner = None
-    if s2.refine_rounds > 0:
-        refiner = ScoreRefiner.fit(images, scores.numpy(), groups.numpy(), s2.refine_rounds, s2.refine_share,
-                                   s2.refine_C)
-        if refiner is None:
-            log.warning("stage 2: the kNN score ranks every training study of this part alike; no refinement")
-        else:
-            scores = refiner.score(images)
-    t = label_free_threshold(scores.numpy(), s2.fallback_quantile, seed=cfg.seed)
-    return PartAnomaly(bank, scores, t.value, t.method, s2.knn, s2.score, pca, patch_bank, s2.patch_knn,
-                       tuple(parts) if len(parts) > 1 else (), refiner)
+    return scores, parts, pca, bank, patch_bank
 
 
 def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_names: list[str] | None = None,
@@ -233,6 +255,11 @@ def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_nam
     share_list(cfg.stage2.refine_share, "stage2.refine_share")
     if cfg.stage2.refine_C <= 0:
         raise ValueError(f"stage2.refine_C must be > 0, got {cfg.stage2.refine_C}")
+    if not isinstance(cfg.stage2.networks, int) or cfg.stage2.networks < 1:
+        raise ValueError(f"stage2.networks must be a whole number >= 1, got {cfg.stage2.networks!r}")
+    if cfg.stage2.networks > 1 and cfg.stage2.refine_rounds == 0:
+        log.warning("stage 2: stage2.networks=%d is ignored without refinement (stage2.refine_rounds=0): "
+                    "the extra networks only seed it; one network per part", cfg.stage2.networks)
     summary = {}
     for part, positions in group_by_part(data, stage1_names).items():
         if len(positions) < max(cfg.stage2.min_images, cfg.stage2.k):
@@ -248,7 +275,8 @@ def _train_part(subset: PreparedDataset, out: Path, cfg: Config, resume: bool, p
     resume = resume and (out / "checkpoint.pt").exists()
     fit = engine.fit(subset, resume=resume)
     trained = TrainedClusters.load(out, engine.device)
-    anomaly = fit_part_anomaly(trained, subset, cfg)
+    extra_seeds, extra_seconds = _extra_seed_scores(subset, out, cfg, resume, progress)
+    anomaly = fit_part_anomaly(trained, subset, cfg, extra_seeds)
     probe = None
     if cfg.stage2.labels_fraction > 0:
         from bonecluster.fewlabel import train_part_probe  # imports this module: load it lazily
@@ -261,9 +289,62 @@ def _train_part(subset: PreparedDataset, out: Path, cfg: Config, resume: bool, p
         elif (out / PROBE).exists():   # an earlier run's probe must not outlive a run without one
             (out / PROBE).unlink()
     flagged = float((anomaly.train_scores >= anomaly.threshold).float().mean())
-    summary = {"n_images": len(subset), "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 1),
+    summary = {"n_images": len(subset), "epochs_run": fit.epochs_run, "networks": 1 + len(extra_seeds),
+               "seconds": round(fit.seconds + extra_seconds, 1),
                "threshold": round(anomaly.threshold, 5), "threshold_method": anomaly.threshold_method,
                "flagged_share": round(flagged, 4)}
     if probe is not None:
         summary["few_labels"] = probe.audit()
     return summary
+
+
+def _extra_seed_scores(subset: PreparedDataset, out: Path, cfg: Config, resume: bool,
+                       progress: bool) -> tuple[tuple[torch.Tensor, ...], float]:
+    """Train networks 1..``stage2.networks``-1 of a part (seeds seed+1, ...) and return their kNN
+    scores of the part's training images, with the seconds spent. Each keeps only its scores
+    (``seed-net-I/seed_scores.pt``, written atomically); its checkpoint and model are deleted, so a
+    run folder does not grow by whole networks. ``--resume`` reuses finished scores."""
+    scores, seconds = [], 0.0
+    for i in range(1, _seed_networks(cfg)):
+        folder = out / f"seed-net-{i}"
+        saved = _saved_seed_scores(folder, len(subset)) if resume else None
+        if saved is not None:
+            scores.append(saved)
+            continue
+        net_cfg = replace(cfg, seed=cfg.seed + i)
+        engine = DeepClusterEngine(net_cfg, folder, progress=progress)
+        fit = engine.fit(subset, resume=resume and (folder / CHECKPOINT).exists())
+        seconds += fit.seconds
+        score = knn_seed_scores(TrainedClusters.load(folder, engine.device), subset, net_cfg)
+        if engine.dist.is_main:
+            save_torch(folder / SEED_SCORES, {"scores": score, "n_images": len(subset), "seed": net_cfg.seed})
+            for name in (CHECKPOINT, FINAL_MODEL):
+                (folder / name).unlink(missing_ok=True)
+        scores.append(score)
+    return tuple(scores), seconds
+
+
+def _saved_seed_scores(folder: Path, n_images: int) -> torch.Tensor | None:
+    if not (folder / SEED_SCORES).exists():
+        return None
+    saved = load_torch(folder / SEED_SCORES)
+    return saved["scores"] if saved["n_images"] == n_images else None
+
+
+def saved_extra_seeds(part_folder: str | Path, n_images: int, cfg: Config) -> tuple[torch.Tensor, ...]:
+    """The extra seed networks' kNN scores stored in a trained part folder (for re-fitting its
+    scorer with other settings, as ``benchmarks/bench_stage2.py`` does); raises when one is missing."""
+    extra = []
+    for i in range(1, _seed_networks(cfg)):
+        score = _saved_seed_scores(Path(part_folder) / f"seed-net-{i}", n_images)
+        if score is None:
+            raise FileNotFoundError(f"{Path(part_folder) / f'seed-net-{i}' / SEED_SCORES}: missing or for other "
+                                    f"images; retrain stage 2 or set stage2.networks=1")
+        extra.append(score)
+    return tuple(extra)
+
+
+def _seed_networks(cfg: Config) -> int:
+    """Networks per part that seed the refinement; one when it is off."""
+    return cfg.stage2.networks if cfg.stage2.refine_rounds > 0 else 1
+

@@ -17,7 +17,8 @@ from bonecluster.data.phantoms import generate_phantoms
 from bonecluster.engine import CHECKPOINT, DeepClusterEngine, TrainedClusters, load_torch, read_metrics
 
 TINY = ["data.size=32", "train.batch_size=16", "train.feature_batch_size=64", "cluster.pca_dim=16",
-        "cluster.backend=torch", "train.lr=0.01"]
+        "cluster.backend=torch", "train.lr=0.01",
+        "stage2.networks=1"]   # one network per part keeps the suite fast; test_seed_networks.py tests more
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from bonecluster.anomaly import combine_scores, knn_scores, label_free_threshold, normalise, patch_knn_scores
+from bonecluster.anomaly import (combine_scores, knn_scores, label_free_threshold, mean_rank, normalise,
+                                 patch_knn_scores)
 
 
 def test_knn_scores_exact_small_case():
@@ -91,3 +92,18 @@ def test_combine_scores_divides_by_training_medians():
     queries = [torch.tensor([4.0]), torch.tensor([10.0])]
     t, q = combine_scores(train, queries)
     assert t.tolist() == pytest.approx([0.5, 1.0, 1.5]) and q.tolist() == pytest.approx([(2.0 + 0.5) / 2])
+
+
+def test_mean_rank_averages_ranks_not_values():
+    # ranks/3: [1, 2, 3] -> [1/3, 2/3, 1]; [30, 10, 20] -> [1, 1/3, 2/3]; scale does not matter
+    got = mean_rank([torch.tensor([1.0, 2.0, 3.0]), torch.tensor([30.0, 10.0, 20.0])])
+    assert torch.allclose(got, torch.tensor([2 / 3, 1 / 2, 5 / 6]))
+    # ties share the mean rank; one scoring alone becomes its ranks
+    assert torch.allclose(mean_rank([torch.tensor([5.0, 5.0, 1.0, 9.0])]), torch.tensor([2.5, 2.5, 1, 4]) / 4)
+
+
+def test_mean_rank_rejects_mismatched_scores():
+    for bad in ([], [torch.zeros(3), torch.zeros(4)], [torch.zeros(2, 2)]):
+        with pytest.raises(ValueError, match="same length"):
+            mean_rank(bad)
+
