@@ -93,12 +93,26 @@ def _curves(metrics_csv: Path) -> str:
     epochs = [int(r["epoch"]) for r in rows]
     fig, axes = _figure(9, 3, ncols=2)
     axes[0].plot(epochs, [float(r["loss"]) for r in rows], marker="o")
-    axes[0].set(xlabel="epoch", ylabel="cross-entropy on pseudo-labels", title="loss")
+    axes[0].set(xlabel="epoch", ylabel="training loss", title="loss")
+    lr = [(e, float(r["lr"])) for e, r in zip(epochs, rows) if r.get("lr")]
+    if lr:   # the learning rate explains the loss's late rise, see CURVES_NOTE
+        twin = axes[0].twinx()
+        twin.plot(*zip(*lr), linestyle="--", color="tab:gray")
+        twin.set_ylabel("learning rate (dashed)", color="tab:gray")
     nmi = [(e, float(r["nmi_prev"])) for e, r in zip(epochs, rows) if r["nmi_prev"] != ""]
     if nmi:
         axes[1].plot(*zip(*nmi), marker="o", color="tab:green")
     axes[1].set(xlabel="epoch", ylabel="NMI(t, t-1)", title="stability of the clusters", ylim=(0, 1))
-    return _img(fig)
+    return _img(fig) + CURVES_NOTE
+
+
+CURVES_NOTE = (
+    "<p class='note'>Loss: cross-entropy on the epoch's pseudo-labels (DeepCluster epochs; SimCLR "
+    "pre-training epochs, if any, show its contrastive loss). DeepCluster gives the classifier a fresh, "
+    "random top layer every epoch, so when the learning rate has decayed close to 0 that layer can no "
+    "longer be fitted and the loss rises in the last epochs, although the clusters no longer change "
+    "(NMI near 1). NMI(t, t-1) compares each epoch's clusters with the previous epoch's: near 1 means "
+    "the grouping has settled.</p>")
 
 
 def _tsne(data, preds, embeddings, seed) -> str:

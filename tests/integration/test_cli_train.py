@@ -101,6 +101,7 @@ def test_evaluate_writes_the_documented_metrics_schema(phantoms, tmp_path, capsy
     for title in ("clusters against body parts", "training curves", "t-SNE", "sample images per cluster",
                   "ROC curves", "confusion matrices", "Skipped files", "Resolved config"):
         assert title in page, title
+    assert "fresh, random top layer" in page   # the curves say why the loss rises at the end
     assert page.count("data:image/png;base64,") >= 5 + 7  # five figures, a thumbnail or more per cluster
     assert "http://" not in page and "https://" not in page  # opens offline
     m = json.loads((tmp_path / "m.json").read_text())
