@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# GPU checks in one go, for a machine with a CUDA GPU and bonecluster installed (pip install -e .[test]).
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [SHARED_DATA_DIR]
+#
+# 1. the CUDA tests alone (tests/integration/test_cuda.py), then the whole suite on CUDA
+#    (train.device=auto picks it; the viewer's browser test is left out);
+# 2. training speed, engine against a plain loop (benchmarks/bench_train.py);
+# 3. with SHARED_DATA_DIR (../shared/data layout): the `paper` preset on held-out real films
+#    (stage 1, 50 epochs) and stage 2 on humerus studies with the default three seed networks.
+# Each step has its own time cap and log under OUT_DIR (default gpu-check); a failing step does not
+# stop the next. Written after the first H100 session (docs/BENCHMARKS.md, "Training speed").
+set -u
+OUT=${1:-gpu-check}
+DATA=${2:-}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_check: no CUDA GPU visible to $PY; nothing to check" >&2
+  exit 2
+fi
+export PYTHONUNBUFFERED=1
+N=$(( $(nproc) > 16 ? 14 : $(nproc) - 2 ))
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n $N")
+step() {  # name, seconds, command...
+  local name=$1 t=$2; shift 2
+  echo "== $name (cap ${t}s)"
+  timeout "$t" "$@" > "$OUT/$name.log" 2>&1
+  echo "   rc=$? $(tail -n 1 "$OUT/$name.log")"
+}
+step cuda-tests 300 $PY -m pytest -q -p no:cacheprovider tests/integration/test_cuda.py
+OMP_NUM_THREADS=1 step suite 600 $PY -m pytest -q -p no:cacheprovider $XDIST tests \
+  --ignore=tests/integration/test_browser.py
+OMP_NUM_THREADS=8 step bench-train 150 $PY benchmarks/bench_train.py --json "$OUT/bench_train.json"
+if [ -n "$DATA" ]; then
+  step real-paper 900 $PY benchmarks/bench_real.py --split "$DATA/fracture-parts/manifest.csv" --holdout 0.3 \
+    --train "$DATA/mura-humerus-64" --stages 1 --preset paper --set train.epochs=50 \
+    --work "$OUT/real-paper" --json "$OUT/real_paper.json"
+  step real-humerus 600 $PY benchmarks/bench_real.py --split "$DATA/mura-humerus-64" --holdout 0.3 --stages 2 \
+    --work "$OUT/real-humerus" --json "$OUT/real_humerus.json"
+fi
+echo "logs in $OUT"
