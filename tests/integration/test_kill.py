@@ -376,6 +376,62 @@ def test_killed_train_resumes_to_identical_assignments(phantoms, clean_run, tmp_
     assert landed["previous checkpoint loaded"] >= 1, landed  # a kill mid-write kept the previous one
 
 
+# ----------------------------------------------------------------------------- stage-2 seed networks
+
+SEED_NET_SETS = TRAIN_SETS + ["stage2.k=2", "stage2.epochs=2", "stage2.min_images=4", "stage2.networks=2",
+                              "stage2.refine_rounds=1"]
+
+
+def _stage2_cmd(phantoms: Path, run: Path, resume: bool) -> list[str]:
+    sets = [a for s in SEED_NET_SETS for a in ("--set", s)]
+    return _cli("train", str(phantoms), "--out", str(run), "--stages", "2", "--quiet",
+                *(["--resume"] if resume else []), *sets)
+
+
+def _stage2_scores(run: Path) -> dict:
+    """Every part's stored training scores (the refined ones) and its extra network's seed."""
+    return {part.name: (load_torch(part / "anomaly.pt")["train_scores"].tolist(),
+                        load_torch(part / "seed-net-1" / "seed_scores.pt")["scores"].tolist())
+            for part in sorted((run / "stage2").iterdir()) if part.is_dir()}
+
+
+@pytest.fixture(scope="module")
+def part_phantoms(tmp_path_factory) -> Path:
+    """16 films a part (about 6 studies): enough for the refinement to depend on both seeds."""
+    root = tmp_path_factory.mktemp("kill_stage2_ph")
+    generate_phantoms(root / "ph", n=112, size=64, seed=3, progress=False, workers=1)
+    return root / "ph"
+
+
+def test_killed_seed_network_training_resumes_to_identical_scores(part_phantoms, tmp_path):
+    """stage2.networks=2: kills while an extra network trains, and after its scores are written
+    (its checkpoint then deleted), are resumed to exactly the scores of an uninterrupted run."""
+    phantoms = part_phantoms
+    clean = tmp_path / "clean"
+    _run(_stage2_cmd(phantoms, clean, resume=False), tmp_path / "log.txt")
+    expected = _stage2_scores(clean)
+    assert len(expected) == 7
+    run, landed = tmp_path / "run", []
+    stage2 = run / "stage2"
+    points = {"extra network mid-training": lambda: any(stage2.glob("*/seed-net-1/checkpoint.pt")),
+              "extra network's scores written": lambda: any(stage2.glob("*/seed-net-1/seed_scores.pt"))}
+    for name, ready in points.items():
+        proc = _start(_stage2_cmd(phantoms, run, resume=stage2.exists()), tmp_path / "log.txt")
+        _poll(proc, ready)
+        if _kill(proc):
+            landed.append(name)
+        for part in stage2.glob("*/seed-net-1"):   # nothing half-written under a final name
+            if (part / "seed_scores.pt").exists():
+                load_torch(part / "seed_scores.pt")
+            if (part / CHECKPOINT).exists():
+                load_torch(part / CHECKPOINT)
+    _run(_stage2_cmd(phantoms, run, resume=True), tmp_path / "log.txt")
+    assert landed, "no kill landed while stage 2 ran"
+    print("seed-network kills landed:", ", ".join(landed))
+    assert _stage2_scores(run) == expected
+    assert not list(stage2.glob("*/seed-net-1/" + CHECKPOINT)) and _temps(run) == []
+
+
 # ----------------------------------------------------------------------------- temp files
 
 
