@@ -190,6 +190,7 @@ class Stage2Config:
     # so the cpu-real preset (SimCLR) switches it off.
     refine_rounds: int = 4
     refine_share: float | tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
+    refine_C: float = 0.003
     # Stage-2 networks per part that seed the refinement (seeds seed, seed+1, ...): their kNN
     # scores of the training images are averaged by rank before the first fit. One DeepCluster
     # network is a noisy seed; on held-out humerus, 3 networks gave 0.700 +- 0.026 over 84 triplets
@@ -198,7 +199,6 @@ class Stage2Config:
     # (RUN/stage2/PART/seed-net-I/seed_scores.pt). Ignored when refine_rounds is 0. `bonecluster
     # demo` uses 1 to stay within its 10 minutes.
     networks: int = 3
-    refine_C: float = 0.003
     # Few-label mode (off at 0): a logistic probe on the part model's features may use the labels
     # of this fraction of each part's labelled training *studies* (seeded random choice, see
     # bonecluster.fewlabel.choose_label_subset). Reported apart from the unsupervised result.

@@ -272,7 +272,7 @@ def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_nam
 
 def _train_part(subset: PreparedDataset, out: Path, cfg: Config, resume: bool, progress: bool) -> dict:
     engine = DeepClusterEngine(cfg, out, progress=progress)
-    resume = resume and (out / "checkpoint.pt").exists()
+    resume = resume and (out / CHECKPOINT).exists()
     fit = engine.fit(subset, resume=resume)
     trained = TrainedClusters.load(out, engine.device)
     extra_seeds, extra_seconds = _extra_seed_scores(subset, out, cfg, resume, progress)
@@ -306,7 +306,7 @@ def _extra_seed_scores(subset: PreparedDataset, out: Path, cfg: Config, resume: 
     run folder does not grow by whole networks. ``--resume`` reuses finished scores."""
     scores, seconds = [], 0.0
     for i in range(1, _seed_networks(cfg)):
-        folder = out / f"seed-net-{i}"
+        folder = _seed_net_folder(out, i)
         saved = _saved_seed_scores(folder, len(subset)) if resume else None
         if saved is not None:
             scores.append(saved)
@@ -336,12 +336,18 @@ def saved_extra_seeds(part_folder: str | Path, n_images: int, cfg: Config) -> tu
     scorer with other settings, as ``benchmarks/bench_stage2.py`` does); raises when one is missing."""
     extra = []
     for i in range(1, _seed_networks(cfg)):
-        score = _saved_seed_scores(Path(part_folder) / f"seed-net-{i}", n_images)
+        folder = _seed_net_folder(Path(part_folder), i)
+        score = _saved_seed_scores(folder, n_images)
         if score is None:
-            raise FileNotFoundError(f"{Path(part_folder) / f'seed-net-{i}' / SEED_SCORES}: missing or for other "
-                                    f"images; retrain stage 2 or set stage2.networks=1")
+            raise FileNotFoundError(f"{folder / SEED_SCORES}: missing or for other images; retrain stage 2 "
+                                    "or set stage2.networks=1")
         extra.append(score)
     return tuple(extra)
+
+
+def _seed_net_folder(part_folder: Path, i: int) -> Path:
+    """Where extra seed network ``i`` (1, 2, ...) of a part trains and keeps its scores."""
+    return part_folder / f"seed-net-{i}"
 
 
 def _seed_networks(cfg: Config) -> int:
