@@ -34,7 +34,7 @@ class DataConfig:
     """
 
     size: int = 64
-    fit: str = "squash"            # "squash" or "letterbox" (keeps aspect, pads)
+    fit: str = "squash"            # "squash", "letterbox" (keeps aspect, pads) or "deskew" (straightens, crops, letterboxes)
     pct_low: float = 0.5           # robust intensity scaling percentiles
     pct_high: float = 99.5
     pixel_cap: int = 64_000_000    # decompression-bomb guard: width*height above it is skipped (--max-pixels)

@@ -15,6 +15,7 @@ from bonecluster.data.decode import (
     IMAGE_SUFFIXES,
     Limits,
     Preprocess,
+    deskew_film,
     fit_to_square,
     is_dicom,
     load_image,
@@ -263,6 +264,52 @@ def test_fit_letterbox_keeps_aspect_and_centres():
     np.testing.assert_array_equal(tall, out.T)
 
 
+def tilted_film(angle: float) -> np.ndarray:
+    """A 200 x 120 portrait film (with a brighter bone band) rotated ``angle`` degrees inside a
+    black canvas, as exported films often are."""
+    film = np.zeros((300, 400), np.uint8)
+    film[50:250, 100:220] = 120
+    film[60:240, 150:170] = 230
+    return np.asarray(Image.fromarray(film).rotate(angle, resample=Image.Resampling.BILINEAR, expand=True))
+
+
+@pytest.mark.parametrize("angle", [-44.0, -30.0, -5.0, 3.0, 20.0, 40.0])
+def test_deskew_straightens_and_crops_a_tilted_film(angle):
+    out = deskew_film(tilted_film(angle))
+    # back to an upright 200 x 120 portrait (a pixel of blur at each edge), filling the crop
+    assert abs(out.shape[0] - 200) <= 4 and abs(out.shape[1] - 120) <= 4
+    assert (out > 8).mean() > 0.97
+    # the bone band runs down the film again: its columns are the brightest ones
+    profile = out[20:-20].mean(axis=0)
+    band = np.flatnonzero(profile > 175)          # halfway between film (120) and bone (230)
+    assert abs(len(band) - 20) <= 3 and abs(band.mean() - out.shape[1] / 2) <= 3
+
+
+def test_deskew_keeps_a_film_turned_by_a_right_angle_as_it_is():
+    # a quarter turn is how the film was taken (landscape), not a tilt: only the crop happens
+    out = deskew_film(tilted_film(90.0))
+    assert out.shape == (120, 200)
+
+
+def test_deskew_leaves_full_frame_and_empty_images_alone():
+    full = np.full((30, 50), 100, np.uint8)
+    np.testing.assert_array_equal(deskew_film(full), full)
+    black = np.zeros((30, 50), np.uint8)
+    np.testing.assert_array_equal(deskew_film(black), black)
+    line = np.zeros((30, 50), np.uint8)
+    line[10, 5:45] = 200                        # all film pixels on one line: no hull, only the crop
+    assert deskew_film(line).shape == (1, 40)
+
+
+def test_fit_deskew_letterboxes_the_straightened_film():
+    out = fit_to_square(tilted_film(25.0), 64, "deskew")
+    assert out.shape == (64, 64) and out.dtype == np.uint8
+    cols = np.flatnonzero((out > 8).any(axis=0))
+    assert len(cols) in range(36, 42)          # 120/200 of 64 = 38 columns of film, centred
+    assert abs((cols[0] + cols[-1]) / 2 - 31.5) <= 1.5
+    assert np.flatnonzero((out > 8).any(axis=1)).size >= 62
+
+
 def test_fit_upscale_and_bad_arguments():
     out = fit_to_square(np.array([[0, 255]], np.uint8), 8, "squash")
     assert out.shape == (8, 8) and np.all(np.diff(out[0].astype(int)) >= 0)
@@ -291,6 +338,7 @@ def test_preprocess_key_changes_with_every_field():
     variants = [
         Preprocess(size=64),
         Preprocess(fit="letterbox"),
+        Preprocess(fit="deskew"),
         Preprocess(pct_low=1.0),
         Preprocess(pct_high=99.0),
         Preprocess(pct_low=0.5000001),
