@@ -9,7 +9,7 @@
 
 Input of every graph: ``image``, float32 ``(N, 1, S, S)``, the image as the network sees it
 after the cache: decoded, intensity-scaled to the ``pct_low``..``pct_high`` percentiles,
-squashed (or letterboxed) to S x S uint8 (``data.size``, ``data.fit``), then divided by 255, so
+squashed (or letterboxed, or deskewed) to S x S uint8 (``data.size``, ``data.fit``), then divided by 255, so
 values lie in [0, 1]. The model's own normalisation (grey mean/std) and the Sobel filter are
 inside the graph. N is dynamic.
 

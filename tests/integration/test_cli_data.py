@@ -57,3 +57,25 @@ def test_console_script_runs(tmp_path):
     exe = shutil.which("bonecluster") or str(__import__("pathlib").Path(sys.executable).parent / "bonecluster")
     r = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "prepare" in r.stdout and "phantom" in r.stdout
+
+
+def test_prepare_with_deskew_caches_the_straightened_film(tmp_path, capsys):
+    from PIL import Image
+
+    from bonecluster.data.decode import Preprocess, load_image
+
+    film = np.zeros((120, 160), np.uint8)
+    film[20:100, 50:100] = 150
+    film[25:95, 70:80] = 240                                  # a bone down the film
+    tilted = Image.fromarray(film).rotate(25, resample=Image.Resampling.BILINEAR, expand=True)
+    (tmp_path / "d").mkdir()
+    tilted.save(tmp_path / "d" / "tilted.png")
+    assert main(["prepare", str(tmp_path / "d"), "--size", "32", "--fit", "deskew", "--out", str(tmp_path / "c"),
+                 "--workers", "1"]) == 0
+    cached = PreparedDataset.load(tmp_path / "c" / "dataset.json").images()[0]
+    path = tmp_path / "d" / "tilted.png"
+    np.testing.assert_array_equal(cached, load_image(path, Preprocess(32, "deskew")))
+    # upright again: the film is a centred portrait band, the bone its brightest column
+    cols = np.flatnonzero((cached > 8).any(axis=0))
+    assert 18 <= len(cols) <= 22 and not (load_image(path, Preprocess(32, "letterbox")) == cached).all()
+    assert cached.mean(axis=0).argmax() in range(14, 18)

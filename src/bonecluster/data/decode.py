@@ -47,6 +47,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "Limits",
     "Preprocess",
+    "deskew_film",
     "fit_to_square",
     "is_dicom",
     "load_image",
