@@ -134,6 +134,18 @@ def mean_rank(scores: list[torch.Tensor]) -> torch.Tensor:
     return torch.from_numpy(np.mean([rankdata(s.double().numpy()) / n for s in scores], axis=0)).float()
 
 
+def percentile_of(reference: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Share of ``reference`` scores (R,) at or below each of ``x`` (M,): (M,) in [0, 1].
+
+    Puts new images' scores on the scale of a part's training images, so that scores of
+    different kinds can be averaged without labels (the reference need not be sorted).
+    """
+    if reference.ndim != 1 or len(reference) == 0:
+        raise ValueError("the reference must be a non-empty (R,) tensor")
+    ref = torch.sort(reference.double().flatten()).values
+    return (torch.searchsorted(ref, x.double().flatten(), right=True).double() / len(ref)).float()
+
+
 def _groups(groups: torch.Tensor | None, n: int) -> torch.Tensor:
     if groups is None:
         return torch.arange(n)

@@ -25,8 +25,9 @@ Definitions (values are fractions in [0, 1]):
   ``kappa_study`` is Cohen's kappa between study labels and study flags (a study's score is the
   mean of its images' scores, MURA's convention, or the max with ``stage2.study_score=max``).
 - ``stage2_few_labels`` (only for a run trained with ``stage2.labels_fraction`` > 0): the same
-  figures for the few-label probe's probability of abnormal, thresholded at 0.5, on the same
-  images. The probe used the labels of ``labels_used`` training images, that fraction of the
+  figures for the few-label score (the probe's probability mixed with the label-free score,
+  ``stage2.probe_mix``; flagged at the probe's own threshold, see ``FewLabelProbe.with_mix``), on
+  the same images. The probe used the labels of ``labels_used`` training images, that fraction of the
   part's labelled training studies; ``stage2`` stays the label-free result.
 - The preprint's "specificity" is TP/(TP+FP), i.e. precision; we report both under their names.
 """
@@ -48,7 +49,7 @@ from bonecluster.io import atomic_write_text
 from bonecluster.metrics import (auroc, binary_scores, cluster_scores, cohen_kappa, macro,
                                  per_class_binary, study_level)
 from bonecluster.predict import ImagePrediction, Predictor
-from bonecluster.fewlabel import PROBE_THRESHOLD, FewLabelProbe
+from bonecluster.fewlabel import FewLabelProbe
 from bonecluster.stage2 import PROBE
 
 BINARY = ("sensitivity", "specificity", "precision")
@@ -85,7 +86,7 @@ def load_probes(run: str | Path, parts) -> dict[str, FewLabelProbe]:
 
 def few_label_predictions(predictor: Predictor, data: PreparedDataset, preds: list[ImagePrediction]
                           ) -> tuple[list[ImagePrediction] | None, dict[str, FewLabelProbe]]:
-    """The predictions with the few-label probe's probability as score (threshold 0.5) for the
+    """The predictions with the few-label score (and the probe's threshold) for the
     images of parts that have a probe (others: no score). (None, {}) when no part has one."""
     probes = load_probes(predictor.run, predictor.parts)
     if not probes:
@@ -100,7 +101,7 @@ def few_label_predictions(predictor: Predictor, data: PreparedDataset, preds: li
         unsupervised = torch.tensor([preds[i].score for i in idx], dtype=torch.float32)
         prob = probe.score(trained, images[idx], anomaly, unsupervised=unsupervised)
         for i, s in zip(idx.tolist(), prob.tolist()):
-            few[i] = replace(preds[i], score=s, threshold=PROBE_THRESHOLD, abnormal=bool(s >= PROBE_THRESHOLD))
+            few[i] = replace(preds[i], score=s, threshold=probe.threshold, abnormal=bool(s >= probe.threshold))
     return few, probes
 
 
@@ -206,6 +207,6 @@ def comparison_table(metrics: dict) -> str:
         used = few.get("labels_used", {})
         lines.append(f"few-label rows: a probe fitted on {used.get('images', '?')} training images' labels "
                      f"({used.get('studies', '?')} studies, labels_fraction {few.get('labels_fraction')}); "
-                     "threshold 0.5")
+                     "flagged at the share of training images the probe flags at 0.5")
     lines.append("percent, macro over body parts; the preprint's 'specificity' is TP/(TP+FP) = precision")
     return "\n".join(lines)

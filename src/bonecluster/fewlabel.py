@@ -14,6 +14,11 @@ unlabelled studies called abnormal is unknown (a few labelled studies estimate i
 probe is self-trained per share in ``stage2.probe_pseudo_share`` (0.3 to 0.7 by default) and their
 probabilities are averaged. No label outside the chosen subset is read.
 
+The few-label score mixes in the label-free score (``stage2.probe_mix`` w, 0.25 by default):
+``(1 - w) * percentile(probe probability) + w * percentile(label-free score)``, each percentile
+among the part's training images (:meth:`FewLabelProbe.with_mix`). It is flagged abnormal at the
+value that flags as many training images as the probe's own 0.5 does.
+
 Files: ``RUN/stage2/<PART>/probe.pt`` (the probe and the audit of the labels it used).
 """
 
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +39,7 @@ from bonecluster.data.records import study_key
 from bonecluster.descriptors import hog_features, mirror
 from bonecluster.selftrain import (mean_probability, model_rows, probability, self_train_per_share, share_list,
                                    standardisation)
+from bonecluster.anomaly import percentile_of
 from bonecluster.stage2 import PartAnomaly, part_features
 
 log = logging.getLogger("bonecluster")
@@ -196,6 +202,10 @@ class FewLabelProbe:
     n_abnormal: int                # abnormal images among those used
     self_train_rounds: int = 0     # rounds of self-training on the unlabelled images (see self_train)
     pseudo_shares: tuple = ()      # (E,) abnormal share given to the unlabelled studies, per model
+    mix: float = 0.0               # weight of the label-free score in score() (see with_mix)
+    threshold: float = PROBE_THRESHOLD   # flag = score() >= threshold
+    train_probabilities: torch.Tensor | None = None   # (N,) the probe's probabilities of the training images
+    train_unsupervised: torch.Tensor | None = None    # (N,) their label-free scores
 
     def __post_init__(self) -> None:
         # Probes saved before the share ensemble hold one model: coef (d,) and a float intercept.
@@ -215,23 +225,63 @@ class FewLabelProbe:
 
     def score(self, trained: TrainedClusters, images: np.ndarray, anomaly: PartAnomaly | None = None,
               unsupervised: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
-        """Probability of abnormal for new images (uint8 (M, S, S)) with the part model ``trained``.
+        """The few-label score of new images (uint8 (M, S, S)) with the part model ``trained``:
+        (M,) in [0, 1], abnormal at ``self.threshold``. Without a mix it is the probe's probability.
 
-        A probe that uses the unsupervised score needs it: pass ``unsupervised`` (M,) or the
-        part's ``anomaly`` to compute it.
+        A probe that uses the unsupervised score, or mixes it in, needs it: pass ``unsupervised``
+        (M,) or the part's ``anomaly`` to compute it.
         """
         if len(images) == 0:
             return torch.zeros(0)
-        kinds, _, flip = parse_probe_features(self.features)
-        if "score" in kinds and unsupervised is None:
+        kinds, _, _ = parse_probe_features(self.features)
+        if ("score" in kinds or self.mix > 0) and unsupervised is None:
             if anomaly is None:
                 raise ValueError("this probe uses the unsupervised score: pass anomaly or unsupervised")
             unsupervised = anomaly.score(trained, images, batch_size)
+        prob = self.probability(trained, images, unsupervised, batch_size)
+        return self.mixed(prob, unsupervised) if self.mix > 0 else prob
+
+    def probability(self, trained: TrainedClusters, images: np.ndarray, unsupervised: torch.Tensor | None,
+                    batch_size: int = 256) -> torch.Tensor:
+        """The probe's own probability of abnormal (M,) for uint8 (M, S, S) images."""
+        kinds, _, flip = parse_probe_features(self.features)
         prob = self.predict_proba(probe_matrix(trained, images, kinds, unsupervised, batch_size))
         if flip:   # trained on both orientations: average the two views' probabilities
             mirrored = mirror(images)
             prob = (prob + self.predict_proba(probe_matrix(trained, mirrored, kinds, unsupervised, batch_size))) / 2
         return prob
+
+    def mixed(self, probability: torch.Tensor, unsupervised: torch.Tensor) -> torch.Tensor:
+        """(1 - mix) * percentile of the probability + mix * percentile of the label-free score,
+        both among the training images': (M,) in [0, 1]."""
+        return ((1 - self.mix) * percentile_of(self.train_probabilities, probability)
+                + self.mix * percentile_of(self.train_unsupervised, unsupervised.float()))
+
+    def with_mix(self, mix: float, train_probabilities: torch.Tensor, train_unsupervised: torch.Tensor
+                 ) -> "FewLabelProbe":
+        """This probe scoring with ``mix`` of the label-free score (0 = the probability alone).
+
+        ``train_probabilities`` and ``train_unsupervised`` (N,): the probe's probabilities and the
+        label-free scores of the part's N training images, the reference of both percentiles. The
+        threshold flags the same share of training images as the probe's 0.5 does, so the mix
+        changes which images are flagged, not how many (no label is read to set it).
+        """
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError(f"stage2.probe_mix must be in [0, 1], got {mix}")
+        if mix == 0:
+            return replace(self, mix=0.0, threshold=PROBE_THRESHOLD, train_probabilities=None,
+                           train_unsupervised=None)
+        probs, unsup = train_probabilities.float().flatten(), train_unsupervised.float().flatten()
+        if len(probs) != len(unsup) or len(probs) == 0:
+            raise ValueError(f"one probability and one label-free score per training image, "
+                             f"got {len(probs)} and {len(unsup)}")
+        mixed = replace(self, mix=float(mix), train_probabilities=probs, train_unsupervised=unsup)
+        flagged = float((probs >= PROBE_THRESHOLD).float().mean())
+        train_scores = mixed.mixed(probs, unsup).double().numpy()
+        # flag the top `flagged` share of the training images' mixed scores; none when the probe flags none
+        mixed.threshold = (float(np.quantile(train_scores, 1 - flagged, method="higher")) if flagged > 0
+                           else float(np.nextafter(np.float32(1.0), np.float32(2.0))))   # above any float32 score
+        return mixed
 
     def audit(self) -> dict:
         return {"labels_fraction": self.fraction, "labels_seed": self.seed, "images": self.n_labels,
@@ -239,7 +289,8 @@ class FewLabelProbe:
                 "labelled_studies": self.n_labelled_studies, "labelled_images": self.n_labelled_images,
                 "studies_seen": self.n_seen, "features": self.features, "C": self.C,
                 "cv_auroc": None if self.cv_auroc is None else round(self.cv_auroc, 4),
-                "self_train_rounds": self.self_train_rounds, "pseudo_shares": [round(v, 4) for v in self.pseudo_shares]}
+                "self_train_rounds": self.self_train_rounds, "pseudo_shares": [round(v, 4) for v in self.pseudo_shares],
+                "mix": self.mix, "threshold": round(self.threshold, 6)}
 
     def save(self, path: Path) -> None:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -389,6 +440,12 @@ def train_part_probe(trained: TrainedClusters, data: PreparedDataset, anomaly: P
                              cfg.train.feature_batch_size) if flip else None)
     keys = study_keys(data.records)
     groups = np.array([keys[i] for i in subset.positions])
-    return fit_probe(feats, subset, labels, groups, s2.probe_features, s2.labels_fraction, s2.labels_seed,
-                     [data.records[i].path for i in subset.positions], mirrored, np.array(keys),
-                     s2.probe_self_train, s2.probe_pseudo_share)
+    probe = fit_probe(feats, subset, labels, groups, s2.probe_features, s2.labels_fraction, s2.labels_seed,
+                      [data.records[i].path for i in subset.positions], mirrored, np.array(keys),
+                      s2.probe_self_train, s2.probe_pseudo_share)
+    if s2.probe_mix == 0:
+        return probe
+    train_probabilities = probe.predict_proba(feats)
+    if flip:
+        train_probabilities = (train_probabilities + probe.predict_proba(mirrored)) / 2
+    return probe.with_mix(s2.probe_mix, train_probabilities, anomaly.train_scores)

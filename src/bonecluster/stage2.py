@@ -252,6 +252,8 @@ def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_nam
     if cfg.stage2.probe_self_train < 0 or cfg.stage2.refine_rounds < 0:
         raise ValueError("stage2.probe_self_train and stage2.refine_rounds are rounds (0 = off) and must be >= 0, "
                          f"got {cfg.stage2.probe_self_train} and {cfg.stage2.refine_rounds}")
+    if not 0.0 <= cfg.stage2.probe_mix <= 1.0:
+        raise ValueError(f"stage2.probe_mix must be in [0, 1], got {cfg.stage2.probe_mix}")
     share_list(cfg.stage2.refine_share, "stage2.refine_share")
     if cfg.stage2.refine_C <= 0:
         raise ValueError(f"stage2.refine_C must be > 0, got {cfg.stage2.refine_C}")

@@ -49,6 +49,12 @@ def test_probe_files_audit_exactly_the_fraction(run):
         # self-trained once per default share (0.3 to 0.7), one model row each
         assert summary[part]["few_labels"]["pseudo_shares"] == [0.3, 0.4, 0.5, 0.6, 0.7]
         assert probe.coef.shape[0] == 5 == len(probe.intercept)
+        # the default few-label score mixes in the label-free score, and its threshold flags as
+        # many training images as the probe's own 0.5 does
+        assert summary[part]["few_labels"]["mix"] == 0.25 == probe.mix
+        assert len(probe.train_probabilities) == len(probe.train_unsupervised) == len(positions)
+        flagged = probe.mixed(probe.train_probabilities, probe.train_unsupervised) >= probe.threshold
+        assert int(flagged.sum()) == int((probe.train_probabilities >= 0.5).sum())
     assert probes >= 5   # a part whose pick holds one class only is skipped with a warning
 
 
@@ -110,9 +116,26 @@ def test_evaluate_reports_few_labels_apart(run, capsys):
 def test_a_bad_pseudo_share_fails_before_training(run, tmp_path, capsys):
     from tests.integration.conftest import STAGE2_SETS
 
-    for bad in ("stage2.probe_pseudo_share=1.5", "stage2.probe_pseudo_share=half"):
+    for bad in ("stage2.probe_pseudo_share=1.5", "stage2.probe_pseudo_share=half", "stage2.probe_mix=1.5"):
         sets = [a for s in STAGE2_SETS + [bad] for a in ("--set", s)]
         assert main(["train", str(run / "ph" / "train"), "--out", str(tmp_path / "r"), "--stages", "2",
                      "--labels-fraction", "0.2", "--quiet", *sets]) != 0
-        assert "probe_pseudo_share" in capsys.readouterr().err
+        assert bad.split("=")[0].split(".")[1] in capsys.readouterr().err
         assert not (tmp_path / "r" / "stage2").exists()
+
+
+def test_few_label_predictions_use_each_probes_threshold(run):
+    from bonecluster.data import prepare_sources
+    from bonecluster.evaluate import few_label_predictions
+    from bonecluster.predict import Predictor
+
+    cfg = config_from_dict(read_yaml(run / "run" / "config.yaml"))
+    data = prepare_sources([run / "ph" / "valid"], cfg.data, cache=run / "run" / "cache", progress=False)
+    predictor = Predictor(run / "run")
+    few, probes = few_label_predictions(predictor, data, predictor.predict(data))
+    scored = [p for p in few if p.score is not None]
+    assert scored and {p.part for p in scored} <= set(probes)
+    for p in scored:
+        threshold = probes[p.part].threshold
+        assert probes[p.part].mix == 0.25 and p.threshold == threshold and p.abnormal == (p.score >= threshold)
+        assert 0.0 <= p.score <= 1.0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bonecluster.anomaly import (combine_scores, knn_scores, label_free_threshold, mean_rank, normalise,
+from bonecluster.anomaly import (combine_scores, knn_scores, label_free_threshold, mean_rank, normalise, percentile_of,
                                  patch_knn_scores)
 
 
@@ -107,3 +107,11 @@ def test_mean_rank_rejects_mismatched_scores():
         with pytest.raises(ValueError, match="same length"):
             mean_rank(bad)
 
+
+
+def test_percentile_of_counts_reference_scores_at_or_below():
+    ref = torch.tensor([3.0, 1.0, 2.0, 2.0])
+    got = percentile_of(ref, torch.tensor([0.0, 1.0, 2.0, 2.5, 5.0]))
+    assert got.tolist() == [0.0, 0.25, 0.75, 0.75, 1.0]
+    with pytest.raises(ValueError):
+        percentile_of(torch.zeros(0), torch.tensor([1.0]))

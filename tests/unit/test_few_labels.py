@@ -240,3 +240,51 @@ def test_one_self_trained_probe_per_share_averaged():
     for bad in ("half", [], [0.5, 1.0]):
         with pytest.raises(ValueError, match="probe_pseudo_share"):
             pseudo_shares(bad, y[:2], groups[:2])
+
+
+def _mixed_toy(mix):
+    x, y = _toy()
+    probe = _fit(x, y, np.arange(0, 200, 5))
+    prob = probe.predict_proba(x)
+    unsup = torch.from_numpy(np.random.default_rng(0).random(len(y))).float()   # a label-free score
+    return probe, prob, unsup, probe.with_mix(mix, prob, unsup)
+
+
+def test_mix_averages_training_percentiles_of_both_scores():
+    probe, prob, unsup, mixed = _mixed_toy(0.25)
+    assert mixed.mix == 0.25 and probe.mix == 0 and probe.threshold == 0.5   # the original is untouched
+    q = torch.tensor([(prob <= p).float().mean() for p in prob])
+    u = torch.tensor([(unsup <= v).float().mean() for v in unsup])
+    assert torch.allclose(mixed.mixed(prob, unsup), 0.75 * q + 0.25 * u, atol=1e-6)
+    # the same probability ranks higher with a higher label-free score
+    a, b = mixed.mixed(prob[:1].repeat(2), torch.tensor([unsup.min(), unsup.max()]))
+    assert b > a
+    # mix 1 is the label-free percentile alone
+    assert torch.allclose(probe.with_mix(1.0, prob, unsup).mixed(prob, unsup), u, atol=1e-6)
+
+
+def test_mix_threshold_flags_as_many_training_images_as_the_probe():
+    for mix in (0.25, 0.5, 0.9):
+        _, prob, unsup, mixed = _mixed_toy(mix)
+        flagged = int((mixed.mixed(prob, unsup) >= mixed.threshold).sum())
+        assert flagged == int((prob >= 0.5).sum()) > 0
+    probe, prob, unsup, _ = _mixed_toy(0.25)
+    none = probe.with_mix(0.25, torch.full_like(prob, 0.1), unsup)   # the probe flags nothing
+    assert int((none.mixed(prob, unsup) >= none.threshold).sum()) == 0
+    back = probe.with_mix(0.25, prob, unsup).with_mix(0.0, prob, unsup)
+    assert back.mix == 0 and back.threshold == 0.5 and back.train_probabilities is None
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="probe_mix"):
+            probe.with_mix(bad, prob, unsup)
+    with pytest.raises(ValueError, match="one probability"):
+        probe.with_mix(0.25, prob, unsup[:-1])
+
+
+def test_mixed_probe_roundtrip_loads_weights_only(tmp_path):
+    _, prob, unsup, mixed = _mixed_toy(0.25)
+    mixed.save(tmp_path / "probe.pt")
+    torch.load(tmp_path / "probe.pt", weights_only=True)
+    back = FewLabelProbe.load(tmp_path / "probe.pt")
+    assert back.mix == 0.25 and back.threshold == mixed.threshold
+    assert torch.equal(back.mixed(prob, unsup), mixed.mixed(prob, unsup))
+    assert back.audit()["mix"] == 0.25
