@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bonecluster.anomaly import percentile_of
 from bonecluster.config import Config
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.engine import TrainedClusters, load_torch, save_torch
@@ -39,7 +40,6 @@ from bonecluster.data.records import study_key
 from bonecluster.descriptors import hog_features, mirror
 from bonecluster.selftrain import (mean_probability, model_rows, probability, self_train_per_share, share_list,
                                    standardisation)
-from bonecluster.anomaly import percentile_of
 from bonecluster.stage2 import PartAnomaly, part_features
 
 log = logging.getLogger("bonecluster")

@@ -198,8 +198,9 @@ def _few_labels(metrics: dict) -> str:
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     note = (f"<p class=note>A logistic probe on the part model's features, fitted on the labels of "
             f"labels_fraction = {few.get('labels_fraction')} of each part's labelled training studies "
-            "(and no other labels), its probability mixed with the label-free score (stage2.probe_mix); "
-            "flagged where as many training images are flagged as at probability &ge; 0.5. The label-free result above is "
+            "(and no other labels); its score mixes the probe's probability with the label-free score "
+            "(stage2.probe_mix, 0 = the probability alone) and flags as many training images as "
+            "probability &ge; 0.5 does. The label-free result above is "
             "unaffected. Dashed ROC curves above are the probe's.</p>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>" + note
 
