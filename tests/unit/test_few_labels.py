@@ -214,12 +214,14 @@ def test_probe_saved_before_self_training_still_loads(tmp_path):
     probe = _fit(x, y, np.arange(0, 200, 5))
     probe.save(tmp_path / "probe.pt")
     raw = torch.load(tmp_path / "probe.pt", weights_only=True)
-    for key in ("self_train_rounds", "pseudo_shares"):
+    for key in ("self_train_rounds", "pseudo_shares", "mix", "threshold", "train_probabilities",
+                "train_unsupervised"):
         del raw[key]
     raw["coef"], raw["intercept"] = raw["coef"][0], float(raw["intercept"][0])   # one model, as then
     torch.save(raw, tmp_path / "old.pt")
     old = FewLabelProbe.load(tmp_path / "old.pt")
     assert old.self_train_rounds == 0 and old.pseudo_shares == () and old.coef.shape == probe.coef.shape
+    assert old.mix == 0 and old.threshold == 0.5   # scored and flagged as then: its probability at 0.5
     assert torch.allclose(old.predict_proba(x), probe.predict_proba(x))
 
 
