@@ -310,6 +310,20 @@ def test_fit_deskew_letterboxes_the_straightened_film():
     assert np.flatnonzero((out > 8).any(axis=1)).size >= 62
 
 
+def test_fit_deskew_of_a_large_film_matches_straightening_at_full_size():
+    # fit="deskew" straightens a copy shrunk to 4x the output size; the output must not show it
+    big = np.kron(tilted_film(12.0), np.ones((6, 6), np.uint8))        # ~2,500 px on its long side
+    fast = fit_to_square(big, 64, "deskew")
+    full = fit_to_square(deskew_film(big), 64, "letterbox")
+
+    def layout(img):   # first/last film column and row, and the bone band's centre column
+        cols, rows = np.flatnonzero((img > 8).any(axis=0)), np.flatnonzero((img > 8).any(axis=1))
+        band = np.flatnonzero(img[10:-10].mean(axis=0) > 175)
+        return np.array([cols[0], cols[-1], rows[0], rows[-1], band.mean()])
+
+    assert np.abs(layout(fast) - layout(full)).max() <= 1   # at most a pixel's rounding apart
+
+
 def test_fit_upscale_and_bad_arguments():
     out = fit_to_square(np.array([[0, 255]], np.uint8), 8, "squash")
     assert out.shape == (8, 8) and np.all(np.diff(out[0].astype(int)) >= 0)
