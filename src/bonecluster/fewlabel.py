@@ -245,11 +245,14 @@ class FewLabelProbe:
                     batch_size: int = 256) -> torch.Tensor:
         """The probe's own probability of abnormal (M,) for uint8 (M, S, S) images."""
         kinds, _, flip = parse_probe_features(self.features)
-        prob = self.predict_proba(probe_matrix(trained, images, kinds, unsupervised, batch_size))
-        if flip:   # trained on both orientations: average the two views' probabilities
-            mirrored = mirror(images)
-            prob = (prob + self.predict_proba(probe_matrix(trained, mirrored, kinds, unsupervised, batch_size))) / 2
-        return prob
+        mirrored = probe_matrix(trained, mirror(images), kinds, unsupervised, batch_size) if flip else None
+        return self.view_probability(probe_matrix(trained, images, kinds, unsupervised, batch_size), mirrored)
+
+    def view_probability(self, features: torch.Tensor, mirrored: torch.Tensor | None = None) -> torch.Tensor:
+        """Probability from raw probe features (M, D); with ``mirrored`` (M, D), the features of the
+        left-right mirrored images (a ``flip`` probe), the mean of the two views' probabilities."""
+        prob = self.predict_proba(features)
+        return prob if mirrored is None else (prob + self.predict_proba(mirrored)) / 2
 
     def mixed(self, probability: torch.Tensor, unsupervised: torch.Tensor) -> torch.Tensor:
         """(1 - mix) * percentile of the probability + mix * percentile of the label-free score,
@@ -445,7 +448,4 @@ def train_part_probe(trained: TrainedClusters, data: PreparedDataset, anomaly: P
                       s2.probe_self_train, s2.probe_pseudo_share)
     if s2.probe_mix == 0:
         return probe
-    train_probabilities = probe.predict_proba(feats)
-    if flip:
-        train_probabilities = (train_probabilities + probe.predict_proba(mirrored)) / 2
-    return probe.with_mix(s2.probe_mix, train_probabilities, anomaly.train_scores)
+    return probe.with_mix(s2.probe_mix, probe.view_probability(feats, mirrored), anomaly.train_scores)

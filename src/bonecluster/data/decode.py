@@ -631,14 +631,14 @@ def fit_to_square(img_u8: np.ndarray, size: int, fit: str = "squash") -> np.ndar
     if fit == "deskew":
         # Rotating a 3000-px film costs ~90 ms; at 4x the output size it costs a few, and the
         # final resize to `size` cannot show the difference.
-        img_u8 = deskew_film(_shrink(img_u8, DESKEW_OVERSAMPLE * size))
-        height, width = img_u8.shape
-    scale = size / max(height, width)
-    new_w = min(size, max(1, round(width * scale)))
-    new_h = min(size, max(1, round(height * scale)))
+        if max(height, width) > DESKEW_OVERSAMPLE * size:
+            img_u8 = _longest_side_to(img_u8, DESKEW_OVERSAMPLE * size)
+        img_u8 = deskew_film(img_u8)
+    fitted = _longest_side_to(img_u8, size)
+    new_h, new_w = fitted.shape
     out = np.zeros((size, size), dtype=np.uint8)
     top, left = (size - new_h) // 2, (size - new_w) // 2
-    out[top : top + new_h, left : left + new_w] = _resize(img_u8, new_w, new_h)
+    out[top : top + new_h, left : left + new_w] = fitted
     return out
 
 
@@ -687,14 +687,13 @@ def _film_tilt(img_u8: np.ndarray, background: int) -> float:
     return float(tilt - 90.0 if tilt > 45.0 else tilt)
 
 
-def _shrink(img_u8: np.ndarray, longest: int) -> np.ndarray:
-    """uint8 (H, W) with its longer side brought down to ``longest`` (aspect kept); smaller
-    images come back as they are."""
+def _longest_side_to(img_u8: np.ndarray, longest: int) -> np.ndarray:
+    """uint8 (H, W) resized so that its longer side is ``longest``, aspect kept (see _resize)."""
     height, width = img_u8.shape
     scale = longest / max(height, width)
-    if scale >= 1:
-        return img_u8
-    return _resize(img_u8, max(1, round(width * scale)), max(1, round(height * scale)))
+    new_w = min(longest, max(1, round(width * scale)))
+    new_h = min(longest, max(1, round(height * scale)))
+    return _resize(img_u8, new_w, new_h)
 
 
 def _resize(img_u8: np.ndarray, width: int, height: int) -> np.ndarray:
