@@ -21,6 +21,9 @@ show how far a label-free score could go on these images at all: an L2 logistic 
 HOG of each image and its mirror (``hog_sup``), and the part's stage-2 network fine-tuned with
 binary cross-entropy, flips and small affine jitter (``cnn_sup``, 20 epochs). They are not the
 product's scores and use labels that the label-free stage never sees.
+
+``--hog-sizes 64 96 128`` trains only the HOG reference, on the phantoms decoded at each of those
+sizes (same HOG cells of 8 px), to ask whether a larger image would let any score see more.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--ceiling", action="store_true", help="also train supervised references on every label")
+    ap.add_argument("--hog-sizes", type=int, nargs="*", default=[], metavar="PX",
+                    help="also train the supervised HOG reference at each of these image sizes")
     args = ap.parse_args()
 
     work = args.work
@@ -102,10 +107,48 @@ def main() -> None:
             print(f"  {part:<10} hog_sup {c['hog_sup']:.3f}  cnn_sup {c['cnn_sup']:.3f}")
         print(f"  {'macro':<10} hog_sup {np.mean([c['hog_sup'] for c in ceiling.values()]):.3f}  "
               f"cnn_sup {np.mean([c['cnn_sup'] for c in ceiling.values()]):.3f}")
+    by_size = {size: hog_reference_at_size(work, cfg, size) for size in args.hog_sizes}
+    for size, per_part in by_size.items():
+        print(f"supervised HOG reference at {size} px: macro {np.mean(list(per_part.values())):.3f}  "
+              + "  ".join(f"{part} {a:.3f}" for part, a in per_part.items()))
     if args.json:
         args.json.write_text(json.dumps({"work": str(work), "stage2": vars(cfg.stage2), "per_part": rows,
                                          "macro": macro, "seconds": round(seconds, 1),
-                                         "supervised_ceiling": ceiling or None}, indent=2, default=str))
+                                         "supervised_ceiling": ceiling or None,
+                                         "hog_reference_by_size": by_size or None}, indent=2, default=str))
+
+
+def hog_reference_at_size(work: Path, cfg, size: int) -> dict[str, float]:
+    """Held-out AUROC per part of the supervised HOG reference on phantoms decoded at ``size`` px."""
+    from dataclasses import replace
+
+    data_cfg = replace(cfg.data, size=size)
+    train = prepare_sources([work / "phantoms"], data_cfg, cache=work / "cache", progress=False)
+    valid = prepare_sources([work / "phantoms-valid"], data_cfg, cache=work / "cache", progress=False)
+    valid_groups, out = group_by_part(valid), {}
+    for part, pos in group_by_part(train).items():
+        if part in valid_groups:
+            vpos = valid_groups[part]
+            out[part] = hog_reference(train.images()[pos], np.array([train.records[i].abnormal for i in pos], bool),
+                                      valid.images()[vpos], np.array([valid.records[i].abnormal for i in vpos], bool))
+    return out
+
+
+def hog_reference(train_images: np.ndarray, train_truth: np.ndarray, valid_images: np.ndarray,
+                  valid_truth: np.ndarray) -> float:
+    """Held-out AUROC of an L2 logistic regression on HOG of each image and its mirror, every label."""
+    from sklearn.linear_model import LogisticRegression
+
+    from bonecluster.descriptors import hog_features, mirror
+    from bonecluster.selftrain import standardisation
+
+    feats = [hog_features(a).double() for a in (train_images, mirror(train_images), valid_images,
+                                                 mirror(valid_images))]
+    mean, scale = standardisation(feats[0])
+    z = [((f - mean) / scale).numpy() for f in feats]
+    model = LogisticRegression(C=0.01, class_weight="balanced", max_iter=5000).fit(
+        np.concatenate(z[:2]), np.concatenate([train_truth, train_truth]))
+    return auroc(valid_truth, (model.predict_proba(z[2])[:, 1] + model.predict_proba(z[3])[:, 1]) / 2)
 
 
 def supervised_ceiling(folder: Path, train_images: np.ndarray, train_truth: np.ndarray, valid_images: np.ndarray,
@@ -113,19 +156,10 @@ def supervised_ceiling(folder: Path, train_images: np.ndarray, train_truth: np.n
     """Held-out AUROC of two references trained on every training label of one part."""
     import torch
     import torchvision.transforms.v2 as T
-    from sklearn.linear_model import LogisticRegression
 
-    from bonecluster.descriptors import float_batches, hog_features, mirror
-    from bonecluster.selftrain import standardisation
+    from bonecluster.descriptors import float_batches
 
-    feats = [hog_features(a).double() for a in (train_images, mirror(train_images), valid_images,
-                                                 mirror(valid_images))]
-    mean, scale = standardisation(feats[0])
-    z = [((f - mean) / scale).numpy() for f in feats]
-    hog_model = LogisticRegression(C=0.01, class_weight="balanced", max_iter=5000).fit(
-        np.concatenate(z[:2]), np.concatenate([train_truth, train_truth]))
-    hog_scores = (hog_model.predict_proba(z[2])[:, 1] + hog_model.predict_proba(z[3])[:, 1]) / 2
-
+    hog_auroc = hog_reference(train_images, train_truth, valid_images, valid_truth)
     torch.manual_seed(seed)
     model = TrainedClusters.load(folder).model
     head = torch.nn.Linear(model.feature_dim, 1)
@@ -148,7 +182,7 @@ def supervised_ceiling(folder: Path, train_images: np.ndarray, train_truth: np.n
     with torch.no_grad():
         cnn_scores = torch.cat([(torch.sigmoid(head(model.features(v))) + torch.sigmoid(head(model.features(v.flip(-1)))))
                                 .squeeze(1) / 2 for v in float_batches(valid_images)]).numpy()
-    return {"hog_sup": auroc(valid_truth, hog_scores), "cnn_sup": auroc(valid_truth, cnn_scores)}
+    return {"hog_sup": hog_auroc, "cnn_sup": auroc(valid_truth, cnn_scores)}
 
 
 if __name__ == "__main__":
