@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from bonecluster.data.phantoms import generate_phantoms
+from tests.conftest import load_benchmark
 from tests.integration.test_engine import TINY
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _bench_real():
-    spec = importlib.util.spec_from_file_location("bench_real", REPO / "benchmarks" / "bench_real.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_real"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("method, spread", [("deepcluster", True), ("sela", False)])
@@ -29,7 +17,7 @@ def test_bench_real_trains_evaluates_and_reports_the_kmeans_spread(tmp_path, sin
     generate_phantoms(tmp_path / "eval", n=28, size=64, seed=3, split="valid", progress=False, workers=1)
     sets = [a for s in TINY + ["train.epochs=2", f"method={method}"] for a in ("--set", s)]
     out = tmp_path / "result.json"
-    result = _bench_real().main(["--train", str(tmp_path / "train"), "--eval", str(tmp_path / "eval"),
+    result = load_benchmark("bench_real").main(["--train", str(tmp_path / "train"), "--eval", str(tmp_path / "eval"),
                                  "--stages", "1", "--work", str(tmp_path / "work"), "--json", str(out),
                                  "--kmeans-restarts", "3", *sets])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))

@@ -3,11 +3,9 @@ tiny run, and the bound on concurrent decodes that putting the viewer under load
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,27 +13,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import load_benchmark
 from tests.integration.conftest import serve_in_thread
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-REPO = Path(__file__).resolve().parents[2]
 DOCUMENTED = {"ok", "failures", "clients", "requests", "duration_s", "requests_per_s", "latency_ms", "statuses",
               "connection_errors", "n_5xx", "unexpected_status", "bad_uploads", "by_kind", "valid_images",
               "part_agreement", "server", "settings", "machine"}
 SERVER_FIELDS = {"pid", "peak_rss_mb", "rss_before_load_mb", "rss_after_load_mb", "open_fds_before_load",
                  "open_fds_after_load", "alive_after_load", "exceptions_logged", "log"}
-
-
-def load_bench():
-    """benchmarks/bench_serve.py as a module (benchmarks/ is not a package)."""
-    if "bench_serve" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_serve", REPO / "benchmarks" / "bench_serve.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_serve"] = module  # before running it: its dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules["bench_serve"]
 
 
 @pytest.fixture
@@ -57,7 +45,7 @@ def names_files(run: Path) -> dict[str, dict]:
 def test_load_mix_gets_no_5xx_and_every_upload_answered_correctly(run_copy, tmp_path):
     names_before = names_files(run_copy)
     out = tmp_path / "load.json"
-    res = load_bench().main([
+    res = load_benchmark("bench_serve").main([
         "--run", str(run_copy), "--clients", "4", "--requests", "80", "--duration", "60",
         "--max-upload-mb", "0.5", "--large-mp", "2", "--server-threads", "1", "--n-images", "7", "--jpegs", "1",
         "--mix", "upload=30,large=4,oversize=12,garbage=13,abort=4,clusters=12,image=15,rename=10",

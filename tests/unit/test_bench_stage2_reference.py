@@ -3,21 +3,9 @@ nothing where the labels carry no signal."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _bench_stage2():
-    spec = importlib.util.spec_from_file_location("bench_stage2", REPO / "benchmarks" / "bench_stage2.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_stage2"] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_benchmark
 
 
 def _films(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -32,7 +20,7 @@ def _films(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_hog_reference_sees_a_real_finding_and_not_shuffled_labels():
-    bench, rng = _bench_stage2(), np.random.default_rng(0)
+    bench, rng = load_benchmark("bench_stage2"), np.random.default_rng(0)
     train, train_truth = _films(80, rng)
     valid, valid_truth = _films(40, rng)
     assert bench.hog_reference(train, train_truth, valid, valid_truth) > 0.9
