@@ -188,7 +188,7 @@ def _print_prepare_summary(ds) -> None:
 
 
 # The values of config key `method` (kept in step with bonecluster.config.METHODS by a test).
-METHOD_CHOICES = ("deepcluster", "sela", "simclr", "simclr-deepcluster", "simclr-scan")
+METHOD_CHOICES = ("deepcluster", "sela", "simclr", "simclr-deepcluster", "simclr-scan", "dino")
 
 
 def _add_train(sub) -> None:
@@ -201,7 +201,8 @@ def _add_train(sub) -> None:
     p.add_argument("--method", choices=METHOD_CHOICES,
                    help="clustering method (config key `method`; default deepcluster, the paper's): "
                         "sela = balanced Sinkhorn pseudo-labels, simclr = SimCLR pre-training then k-means, "
-                        "simclr-deepcluster = SimCLR then DeepCluster, simclr-scan = SimCLR then SCAN")
+                        "simclr-deepcluster = SimCLR then DeepCluster, simclr-scan = SimCLR then SCAN, "
+                        "dino = DINO self-distillation then k-means")
     p.add_argument("--labels-fraction", type=float, metavar="F",
                    help="few-label mode: stage 2 also fits a probe on the labels of this fraction of each "
                         "part's labelled training studies, reported apart (stage2.labels_fraction; default 0 = off)")

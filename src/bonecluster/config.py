@@ -244,10 +244,12 @@ def _contrastive_augment() -> AugmentConfig:
 
 @dataclass
 class SelfSupConfig:
-    """SimCLR pre-training (Chen et al. 2020) for the ``simclr`` and ``simclr-deepcluster`` methods.
+    """Self-supervised pre-training: SimCLR (Chen et al. 2020) for the ``simclr*`` methods, DINO
+    (Caron et al. 2021) for ``dino``.
 
     SGD with momentum, linear warm-up then cosine decay to 0 over ``epochs``; the projection head
-    is dropped afterwards and clustering uses the backbone's pooled features.
+    is dropped afterwards and clustering uses the backbone's pooled features (for ``dino``, the
+    teacher's). ``hidden_dim`` and ``proj_dim`` size DINO's MLP too (``proj_dim`` is its bottleneck).
     """
 
     epochs: int = 40
@@ -260,6 +262,13 @@ class SelfSupConfig:
     hidden_dim: int = 512          # projection head: feature_dim -> hidden_dim -> proj_dim
     proj_dim: int = 128
     augment: AugmentConfig = field(default_factory=_contrastive_augment)
+    # DINO only. Its paper starts the teacher's momentum at 0.996 over about 10^5 steps; a few
+    # thousand images make a few hundred steps here, so the teacher starts faster (0.99, cosine to 1).
+    dino_prototypes: int = 256
+    dino_student_temperature: float = 0.1
+    dino_teacher_temperature: float = 0.04
+    dino_momentum: float = 0.99
+    dino_center_momentum: float = 0.9
 
 
 @dataclass
@@ -284,7 +293,10 @@ class ScanConfig:
 #   simclr-deepcluster SimCLR pre-training, then the DeepCluster loop from those weights
 #   simclr-scan        SimCLR pre-training, then SCAN's neighbour-consistency clustering
 #                      (Van Gansbeke et al. 2020) on the frozen features
-METHODS = ("deepcluster", "sela", "simclr", "simclr-deepcluster", "simclr-scan")
+#   dino               DINO self-distillation pre-training (Caron et al. 2021), then
+#                      PCA-whitening + k-means once on the teacher's features
+METHODS = ("deepcluster", "sela", "simclr", "simclr-deepcluster", "simclr-scan", "dino")
+PRETRAINED_METHODS = ("simclr", "simclr-deepcluster", "simclr-scan", "dino")   # start with selfsup.epochs
 
 
 @dataclass

@@ -16,8 +16,10 @@ centroids and starts each round's top layer from them (SeLa/SwAV, DeepCluster-v2
 replaces the loop by SimCLR pre-training (``cfg.selfsup``) followed by the final clustering;
 ``simclr-deepcluster`` runs SimCLR first and the DeepCluster loop after it; ``simclr-scan`` runs
 SimCLR, then SCAN's neighbour-consistency classifier (:mod:`bonecluster.scan`) makes the final
-clusters, summarised by their centroids for prediction. Pre-training epochs
-come first in the epoch count, the checkpoint and ``metrics.csv`` (``phase`` = simclr).
+clusters, summarised by their centroids for prediction; ``dino`` replaces SimCLR's loss by DINO's
+self-distillation (a student matches a moving-average teacher) and clusters the teacher's
+features. Pre-training epochs come first in the epoch count, the checkpoint and ``metrics.csv``
+(``phase`` = simclr or dino).
 
 Everything a run needs lives in its folder::
 
@@ -30,6 +32,7 @@ Checkpoints hold only tensors and plain values and are read with ``weights_only=
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import logging
@@ -49,7 +52,7 @@ from bonecluster import distributed as dist
 from bonecluster.augment import RadiographAugment
 from bonecluster.cluster import (KMeansResult, PCAWhitening, kmeans_best_of, l2_normalise, preprocess_features,
                                  study_means)
-from bonecluster.config import METHODS, Config, config_from_dict, to_dict, to_yaml
+from bonecluster.config import METHODS, PRETRAINED_METHODS, Config, config_from_dict, to_dict, to_yaml
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.records import study_index
 from bonecluster.data.loader import batch_loader, to_float
@@ -59,7 +62,7 @@ from bonecluster.metrics import nmi
 from bonecluster.models import DeepClusterNet, build_model
 from bonecluster.sampler import UniformLabelSampler
 from bonecluster.scan import scan_cluster
-from bonecluster.selfsup import ProjectionHead, nt_xent, sinkhorn_balanced
+from bonecluster.selfsup import DinoHead, ProjectionHead, dino_loss, ema_, nt_xent, sinkhorn_balanced
 
 log = logging.getLogger("bonecluster")
 
@@ -106,12 +109,18 @@ class DeepClusterEngine:
         self.use_amp = cfg.train.amp and amp_enabled(self.device)
         self.amp_dtype = torch.bfloat16 if self.use_amp and _native_bf16(self.device) else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
-        self.pretrain_epochs = cfg.selfsup.epochs if cfg.method.startswith("simclr") else 0
-        self.cluster_epochs = 0 if cfg.method in ("simclr", "simclr-scan") else cfg.train.epochs
+        self.pretrain_epochs = cfg.selfsup.epochs if cfg.method in PRETRAINED_METHODS else 0
+        self.cluster_epochs = 0 if cfg.method in ("simclr", "simclr-scan", "dino") else cfg.train.epochs
         self._studies: torch.Tensor | None = None   # (N,) study numbers when cluster.by_study (set by fit)
         if self.pretrain_epochs:
             s = cfg.selfsup
-            self.head = ProjectionHead(self.model.feature_dim, s.hidden_dim, s.proj_dim).to(self.device)
+            if cfg.method == "dino":
+                self.head = DinoHead(self.model.feature_dim, s.hidden_dim, s.proj_dim, s.dino_prototypes).to(self.device)
+                # The teacher: a moving average of backbone + head, never trained by gradients.
+                self.teacher = copy.deepcopy(_Contrastive(self.model, self.head)).requires_grad_(False)
+                self.center = torch.zeros(s.dino_prototypes, device=self.device)
+            else:
+                self.head = ProjectionHead(self.model.feature_dim, s.hidden_dim, s.proj_dim).to(self.device)
             self.contrastive_augment = RadiographAugment(s.augment)
             params = [p for n, p in self.model.named_parameters() if not n.startswith("top_layer.")]
             self.pretrain_optimizer = torch.optim.SGD(params + list(self.head.parameters()), lr=s.lr,
@@ -154,6 +163,8 @@ class DeepClusterEngine:
                 done = previous.numpy() if previous is not None else np.empty(0, np.int64)
                 return FitResult(done, torch.empty(0), history, len(history), False,
                                  time.perf_counter() - t_start, interrupted=True)
+        if self.cfg.method == "dino":   # DINO's teacher gives the better features (Caron et al. 2021, §4.5)
+            self.model.load_state_dict(self.teacher.model.state_dict())
         if self.cfg.method == "simclr-scan":
             final, pca = self._scan(data)
         else:
@@ -317,10 +328,12 @@ class DeepClusterEngine:
     # ------------------------------------------------------------------------ SimCLR pre-training
 
     def _pretrain_epoch(self, data: PreparedDataset, epoch: int) -> dict:
-        """One SimCLR pass over the data in a seeded random order (Chen et al. 2020, Alg. 1).
+        """One SimCLR (Chen et al. 2020, Alg. 1) or DINO (Caron et al. 2021, Alg. 1) pass over the
+        data in a seeded random order.
 
         Both views of a batch go through the network together, so BatchNorm sees them as one
-        batch. Under DDP the negatives are the rank's own batch (no gather across ranks).
+        batch. Under DDP SimCLR's negatives are the rank's own batch (no gather across ranks);
+        DINO's centre averages the teacher's outputs over every rank.
         """
         s = self.cfg.selfsup
         gen = _epoch_generator(self.cfg.seed, epoch, stream=1)
@@ -335,25 +348,47 @@ class DeepClusterEngine:
                               pin_memory=self.device.type == "cuda")
         net = self._wrapped_contrastive()
         net.train()
+        phase = "dino" if self.cfg.method == "dino" else "simclr"
+        dino = phase == "dino"
+        # DINO's teacher momentum rises from dino_momentum to 1 on a cosine over the epochs.
+        momentum = 1.0 - (1.0 - s.dino_momentum) * (math.cos(math.pi * epoch / max(s.epochs, 1)) + 1) / 2
         t0, total, seen = time.perf_counter(), 0.0, 0
-        for batch in self._bar(loader, f"simclr {epoch + 1}", leave=False):
+        for batch in self._bar(loader, f"{phase} {epoch + 1}", leave=False):
             if len(batch) < 2:
                 continue
             x = to_float(batch, self.device)
             views = torch.cat([self.contrastive_augment(x, generator=gen), self.contrastive_augment(x, generator=gen)])
             with self._autocast():
                 z = net(views).float()
-            loss = nt_xent(z[: len(x)], z[len(x):], s.temperature)
+            loss = self._dino_loss(views, z) if dino else nt_xent(z[: len(x)], z[len(x):], s.temperature)
             self.pretrain_optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.pretrain_optimizer)
             self.scaler.update()
+            if dino:
+                ema_(self.teacher, _Contrastive(self.model, self.head), momentum)
             total += loss.item() * len(x)
             seen += len(x)
         seconds = time.perf_counter() - t0
-        return {"epoch": epoch + 1, "phase": "simclr", "loss": round(total / max(seen, 1), 5),
+        return {"epoch": epoch + 1, "phase": phase, "loss": round(total / max(seen, 1), 5),
                 "images_per_s": round(seen / max(seconds, 1e-9), 1), "seconds": round(seconds, 2),
                 "lr": round(lr, 6)}
+
+    def _dino_loss(self, views: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+        """DINO's loss for the student's ``(2N, K)`` outputs on two stacked views ``(2N, C, H, W)``;
+        updates the centre from the teacher's outputs (an average over every rank)."""
+        s = self.cfg.selfsup
+        self.teacher.train()   # its BatchNorm normalises with batch statistics, as the student's does
+        with torch.no_grad(), self._autocast():
+            teacher = self.teacher(views).float()
+        loss = dino_loss(student.view(2, -1, student.shape[1]), teacher.view(2, -1, teacher.shape[1]), self.center,
+                         s.dino_student_temperature, s.dino_teacher_temperature)
+        batch_center = teacher.mean(0)
+        if self.dist.enabled:
+            torch.distributed.all_reduce(batch_center)
+            batch_center /= self.dist.world_size
+        self.center.mul_(s.dino_center_momentum).add_(batch_center, alpha=1.0 - s.dino_center_momentum)
+        return loss
 
     def _wrapped_contrastive(self) -> torch.nn.Module:
         net = _Contrastive(self.model, self.head)
@@ -468,6 +503,8 @@ class DeepClusterEngine:
             if self.pretrain_epochs:
                 state["pretrain"] = {"head": self.head.state_dict(),
                                      "optimizer": self.pretrain_optimizer.state_dict()}
+                if self.cfg.method == "dino":
+                    state["pretrain"].update(teacher=self.teacher.state_dict(), center=self.center.cpu())
             save_torch(self.out / CHECKPOINT, state)
             _write_metrics(self.out / METRICS, history)
         dist.barrier(self.dist)
@@ -486,6 +523,9 @@ class DeepClusterEngine:
         if self.pretrain_epochs and "pretrain" in state:
             self.head.load_state_dict(state["pretrain"]["head"])
             self.pretrain_optimizer.load_state_dict(state["pretrain"]["optimizer"])
+            if self.cfg.method == "dino":
+                self.teacher.load_state_dict(state["pretrain"]["teacher"])
+                self.center.copy_(state["pretrain"]["center"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])

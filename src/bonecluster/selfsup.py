@@ -6,6 +6,10 @@
   most successors do; DeepCluster's own pseudo-labels start from random features.
 * :class:`ProjectionHead` — the MLP ``g(.)`` the contrastive loss acts on (SimCLR §2.1); the
   clustering uses the backbone features before it, as SimCLR recommends.
+* :class:`DinoHead` and :func:`dino_loss` — DINO's self-distillation without labels (Caron et al.
+  2021, Alg. 1): a student network matches the sharpened, centred output of a teacher that is
+  the moving average of the student. No negatives are needed; centring and sharpening stop the
+  collapse to one output.
 * :func:`sinkhorn_balanced` — equal-size soft assignments by Sinkhorn-Knopp (SeLa, Asano et al.
   2020, §3.1; SwAV, Caron et al. 2020, §3.1): the guard against one cluster swallowing the data.
 """
@@ -47,6 +51,55 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
     logits.fill_diagonal_(float("-inf"))  # an image is not its own negative
     positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(logits, positives)
+
+
+class DinoHead(nn.Module):
+    """DINO's head: ``(N, in_dim)`` -> ``(N, prototypes)`` cosine scores in [-1, 1].
+
+    The MLP (:class:`ProjectionHead`) ends in an L2-normalised bottleneck; the last layer's
+    weights are normalised too, which is DINO's weight-normalised layer with its norm fixed to 1
+    (``norm_last_layer=True``, Caron et al. 2021, §3.1 and Appendix).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 512, bottleneck_dim: int = 128, prototypes: int = 256) -> None:
+        super().__init__()
+        self.mlp = ProjectionHead(in_dim, hidden_dim, bottleneck_dim)
+        self.prototypes = nn.Parameter(torch.randn(prototypes, bottleneck_dim) / bottleneck_dim ** 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.mlp(x), dim=1) @ F.normalize(self.prototypes, dim=1).T
+
+
+def dino_loss(student: Tensor, teacher: Tensor, center: Tensor, student_temperature: float = 0.1,
+              teacher_temperature: float = 0.04) -> Tensor:
+    """DINO's cross-view distillation loss (Caron et al. 2021, Alg. 1, eq. 1).
+
+    Args:
+        student, teacher: ``(V, N, K)`` head outputs for V augmented views of N images; the
+            teacher's carry no gradient.
+        center: ``(K,)`` running mean of the teacher's outputs, subtracted before sharpening.
+        student_temperature, teacher_temperature: the softmax temperatures; the teacher's lower
+            one sharpens its targets.
+    Returns:
+        A scalar: the mean over images and over every ordered pair of different views (a, b) of
+        ``-softmax((teacher[a] - center) / t_t) . log_softmax(student[b] / t_s)``.
+    """
+    if student.shape != teacher.shape or student.ndim != 3 or student.shape[0] < 2:
+        raise ValueError(f"expected two (V >= 2, N, K) outputs of the same shape, got {tuple(student.shape)} "
+                         f"and {tuple(teacher.shape)}")
+    targets = F.softmax((teacher.detach().float() - center) / teacher_temperature, dim=-1)
+    log_probs = F.log_softmax(student.float() / student_temperature, dim=-1)
+    views = student.shape[0]
+    pairs = [-(targets[a] * log_probs[b]).sum(-1).mean() for a in range(views) for b in range(views) if a != b]
+    return torch.stack(pairs).mean()
+
+
+@torch.no_grad()
+def ema_(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """``target <- momentum * target + (1 - momentum) * source``, parameter by parameter, in place
+    (DINO's teacher update; buffers such as BatchNorm statistics are the teacher's own)."""
+    for t, s in zip(target.parameters(), source.parameters(), strict=True):
+        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
 
 
 @torch.no_grad()

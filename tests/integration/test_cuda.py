@@ -33,7 +33,7 @@ def test_train_stop_resume_and_load_on_cuda(phantoms, tmp_path):  # noqa: F811
     assert all(not v.is_cuda for v in [*final["model"].values(), *final["pca"].values()])
 
 
-@pytest.mark.parametrize("method", ["sela", "simclr-scan"])
+@pytest.mark.parametrize("method", ["sela", "simclr-scan", "dino"])
 def test_methods_with_their_own_randomness_train_on_cuda(phantoms, tmp_path, method):  # noqa: F811
     cfg = _cfg(1, "train.device=cuda", f"method={method}", *SIMCLR)
     res = DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(_data(phantoms, tmp_path, cfg))

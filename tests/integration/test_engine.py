@@ -85,14 +85,14 @@ SIMCLR = ["selfsup.epochs=2", "selfsup.batch_size=16", "selfsup.hidden_dim=32", 
           "scan.epochs=5", "scan.views=2", "scan.neighbours=5", "scan.batch_size=16"]
 
 
-@pytest.mark.parametrize("method", ["sela", "simclr", "simclr-deepcluster", "simclr-scan"])
+@pytest.mark.parametrize("method", ["sela", "simclr", "simclr-deepcluster", "simclr-scan", "dino"])
 def test_every_method_trains_and_logs_its_phases(phantoms, tmp_path, method):
     cfg = _cfg(2, f"method={method}", *SIMCLR)
     data = _data(phantoms, tmp_path, cfg)
     res = DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(data)
     phases = [r["phase"] for r in read_metrics(tmp_path / "run" / "metrics.csv")]
     expected = {"sela": ["cluster"] * 2, "simclr": ["simclr"] * 2, "simclr-scan": ["simclr"] * 2,
-                "simclr-deepcluster": ["simclr"] * 2 + ["cluster"] * 2}[method]
+                "simclr-deepcluster": ["simclr"] * 2 + ["cluster"] * 2, "dino": ["dino"] * 2}[method]
     assert phases == expected and res.epochs_run == len(expected)
     trained = TrainedClusters.load(tmp_path / "run")
     assert len(trained.assignments) == len(data) and trained.centroids.shape[0] == 7
@@ -111,6 +111,24 @@ def test_simclr_pretraining_resumes_to_identical_assignments(phantoms, tmp_path)
     np.testing.assert_array_equal(resumed.assignments, full.assignments)
     full_rows = read_metrics(tmp_path / "full" / "metrics.csv")
     assert [r["loss"] for r in read_metrics(tmp_path / "part" / "metrics.csv")] == [r["loss"] for r in full_rows]
+
+
+def test_dino_resumes_to_identical_assignments_and_clusters_the_teachers_features(phantoms, tmp_path):
+    cfg = _cfg(1, "method=dino", *SIMCLR, "selfsup.epochs=3", "selfsup.dino_prototypes=32", "train.device=cpu")
+    data = _data(phantoms, tmp_path, cfg)
+    full = DeepClusterEngine(cfg, tmp_path / "full", progress=False).fit(data)
+    part = DeepClusterEngine(cfg, tmp_path / "part", progress=False).fit(data, stop_after=2)
+    saved = load_torch(tmp_path / "part" / CHECKPOINT)["pretrain"]
+    assert part.interrupted and {"teacher", "center"} <= set(saved) and saved["center"].abs().sum() > 0
+    resumed = DeepClusterEngine(cfg, tmp_path / "part", progress=False).fit(data, resume=True)
+    np.testing.assert_array_equal(resumed.assignments, full.assignments)
+    # The final model is the teacher, which differs from the student that trained last.
+    final = TrainedClusters.load(tmp_path / "full").model.state_dict()
+    teacher = load_torch(tmp_path / "full" / CHECKPOINT)["pretrain"]["teacher"]
+    student = load_torch(tmp_path / "full" / CHECKPOINT)["model"]
+    weight = "backbone.conv1.weight"
+    torch.testing.assert_close(final[weight], teacher["model." + weight].cpu())
+    assert not torch.equal(student[weight].cpu(), teacher["model." + weight].cpu())
 
 
 def test_over_clustered_rounds_train_on_train_k_and_end_with_k_clusters(phantoms, tmp_path):

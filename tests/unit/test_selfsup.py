@@ -1,4 +1,5 @@
-"""SimCLR's NT-Xent loss, the projection head and the balanced Sinkhorn assignment."""
+"""SimCLR's NT-Xent loss, the projection head, DINO's head, loss and teacher update, and the
+balanced Sinkhorn assignment."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bonecluster.selfsup import ProjectionHead, nt_xent, sinkhorn_balanced
+from bonecluster.selfsup import DinoHead, ProjectionHead, dino_loss, ema_, nt_xent, sinkhorn_balanced
 
 
 def test_nt_xent_matches_the_formula_on_two_pairs():
@@ -33,6 +34,50 @@ def test_nt_xent_rejects_mismatched_batches():
 
 def test_projection_head_shapes():
     assert ProjectionHead(32, 16, 8)(torch.randn(5, 32)).shape == (5, 8)
+
+
+def test_dino_loss_matches_the_formula_on_two_views():
+    # One image, K = 2. Teacher view 0 centred and sharpened: softmax([1, 0] / 0.5) = [e^2, 1] / (e^2 + 1).
+    teacher = torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]])
+    student = torch.tensor([[[0.0, 0.0]], [[0.0, 1.0]]])
+    t0 = torch.tensor([math.exp(2), 1.0]) / (math.exp(2) + 1)
+    log_s1 = torch.log_softmax(torch.tensor([0.0, 1.0]), 0)     # student view 1, t_s = 1
+    t1 = torch.tensor([0.5, 0.5])                                # teacher view 1 is flat
+    log_s0 = torch.log_softmax(torch.tensor([0.0, 0.0]), 0)
+    expected = (-(t0 * log_s1).sum() - (t1 * log_s0).sum()) / 2
+    got = dino_loss(student, teacher, torch.zeros(2), student_temperature=1.0, teacher_temperature=0.5)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_dino_loss_subtracts_the_center_and_pairs_only_different_views():
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 6, 5, generator=g), torch.randn(2, 6, 5, generator=g)
+    shift = torch.randn(5, generator=g)
+    # Centring on a constant shift of the teacher's outputs undoes it exactly.
+    assert dino_loss(student, teacher + shift, shift).item() == pytest.approx(dino_loss(student, teacher, torch.zeros(5)).item(), rel=1e-6)
+    # A student that copies the teacher view by view is rewarded only across views.
+    same = dino_loss(teacher.clone(), teacher, torch.zeros(5))
+    crossed = dino_loss(teacher.flip(0), teacher, torch.zeros(5))
+    assert crossed.item() < same.item()
+
+
+def test_dino_loss_rejects_one_view():
+    with pytest.raises(ValueError, match="V >= 2"):
+        dino_loss(torch.zeros(1, 4, 3), torch.zeros(1, 4, 3), torch.zeros(3))
+
+
+def test_dino_head_gives_cosine_scores_over_its_prototypes():
+    out = DinoHead(32, 16, 8, prototypes=12)(torch.randn(5, 32))
+    assert out.shape == (5, 12) and out.abs().max().item() <= 1.0 + 1e-6
+
+
+def test_ema_moves_the_target_toward_the_source_by_one_minus_momentum():
+    target, source = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = target.weight.detach().clone()
+    ema_(target, source, momentum=0.9)
+    torch.testing.assert_close(target.weight, 0.9 * before + 0.1 * source.weight.detach())
+    ema_(target, source, momentum=1.0)    # momentum 1 freezes the target
+    torch.testing.assert_close(target.weight, 0.9 * before + 0.1 * source.weight.detach())
 
 
 def test_sinkhorn_balances_a_lopsided_problem():
