@@ -62,15 +62,17 @@ from bonecluster.metrics import nmi
 from bonecluster.models import DeepClusterNet, build_model
 from bonecluster.sampler import UniformLabelSampler
 from bonecluster.scan import scan_cluster
-from bonecluster.selfsup import DinoHead, ProjectionHead, dino_loss, ema_, nt_xent, sinkhorn_balanced
+from bonecluster.selfsup import (DinoHead, ProjectionHead, dino_loss, dino_targets, ema_, normalised_entropy, nt_xent,
+                                 sinkhorn_balanced)
 
 log = logging.getLogger("bonecluster")
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_MODEL = "model.pt"
 METRICS = "metrics.csv"
+# target_entropy: DINO's teacher targets, mean entropy / ln K (near 1 = collapsed to flat outputs)
 METRIC_COLUMNS = ("epoch", "phase", "loss", "nmi_prev", "largest_share", "n_empty_splits", "cluster_sizes",
-                  "images_per_s", "seconds", "kmeans_seconds", "lr")
+                  "images_per_s", "seconds", "kmeans_seconds", "lr", "target_entropy")
 
 
 @dataclass
@@ -115,7 +117,8 @@ class DeepClusterEngine:
         if self.pretrain_epochs:
             s = cfg.selfsup
             if cfg.method == "dino":
-                self.head = DinoHead(self.model.feature_dim, s.hidden_dim, s.proj_dim, s.dino_prototypes).to(self.device)
+                head = DinoHead(self.model.feature_dim, s.hidden_dim, s.proj_dim, s.dino_prototypes)
+                self.head = head.to(self.device)
                 # The teacher: a moving average of backbone + head, never trained by gradients.
                 self.teacher = copy.deepcopy(_Contrastive(self.model, self.head)).requires_grad_(False)
                 self.center = torch.zeros(s.dino_prototypes, device=self.device)
@@ -352,7 +355,7 @@ class DeepClusterEngine:
         dino = phase == "dino"
         # DINO's teacher momentum rises from dino_momentum to 1 on a cosine over the epochs.
         momentum = 1.0 - (1.0 - s.dino_momentum) * (math.cos(math.pi * epoch / max(s.epochs, 1)) + 1) / 2
-        t0, total, seen = time.perf_counter(), 0.0, 0
+        t0, total, seen, entropies = time.perf_counter(), 0.0, 0, []
         for batch in self._bar(loader, f"{phase} {epoch + 1}", leave=False):
             if len(batch) < 2:
                 continue
@@ -360,7 +363,7 @@ class DeepClusterEngine:
             views = torch.cat([self.contrastive_augment(x, generator=gen), self.contrastive_augment(x, generator=gen)])
             with self._autocast():
                 z = net(views).float()
-            loss = self._dino_loss(views, z) if dino else nt_xent(z[: len(x)], z[len(x):], s.temperature)
+            loss = self._dino_loss(views, z, entropies) if dino else nt_xent(z[: len(x)], z[len(x):], s.temperature)
             self.pretrain_optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.pretrain_optimizer)
@@ -370,19 +373,27 @@ class DeepClusterEngine:
             total += loss.item() * len(x)
             seen += len(x)
         seconds = time.perf_counter() - t0
-        return {"epoch": epoch + 1, "phase": phase, "loss": round(total / max(seen, 1), 5),
-                "images_per_s": round(seen / max(seconds, 1e-9), 1), "seconds": round(seconds, 2),
-                "lr": round(lr, 6)}
+        row = {"epoch": epoch + 1, "phase": phase, "loss": round(total / max(seen, 1), 5),
+               "images_per_s": round(seen / max(seconds, 1e-9), 1), "seconds": round(seconds, 2), "lr": round(lr, 6)}
+        if entropies:
+            row["target_entropy"] = round(float(np.mean(entropies)), 4)
+            if epoch + 1 == s.epochs and row["target_entropy"] > 0.9:
+                log.warning("DINO's teacher targets are nearly flat (entropy %.2f of the most possible): the "
+                            "network may have collapsed; try a lower selfsup.dino_teacher_temperature or "
+                            "selfsup.lr", row["target_entropy"])
+        return row
 
-    def _dino_loss(self, views: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    def _dino_loss(self, views: torch.Tensor, student: torch.Tensor, entropies: list[float]) -> torch.Tensor:
         """DINO's loss for the student's ``(2N, K)`` outputs on two stacked views ``(2N, C, H, W)``;
-        updates the centre from the teacher's outputs (an average over every rank)."""
+        updates the centre from the teacher's outputs (an average over every rank) and appends the
+        targets' normalised entropy to ``entropies``."""
         s = self.cfg.selfsup
         self.teacher.train()   # its BatchNorm normalises with batch statistics, as the student's does
         with torch.no_grad(), self._autocast():
             teacher = self.teacher(views).float()
         loss = dino_loss(student.view(2, -1, student.shape[1]), teacher.view(2, -1, teacher.shape[1]), self.center,
                          s.dino_student_temperature, s.dino_teacher_temperature)
+        entropies.append(normalised_entropy(dino_targets(teacher, self.center, s.dino_teacher_temperature)))
         batch_center = teacher.mean(0)
         if self.dist.enabled:
             torch.distributed.all_reduce(batch_center)

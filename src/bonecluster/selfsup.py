@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -70,6 +72,19 @@ class DinoHead(nn.Module):
         return F.normalize(self.mlp(x), dim=1) @ F.normalize(self.prototypes, dim=1).T
 
 
+def dino_targets(teacher: Tensor, center: Tensor, teacher_temperature: float = 0.04) -> Tensor:
+    """The teacher's centred, sharpened distributions ``softmax((teacher - center) / t_t)`` over the
+    last dimension (the prototypes), without gradient."""
+    return F.softmax((teacher.detach().float() - center) / teacher_temperature, dim=-1)
+
+
+def normalised_entropy(probs: Tensor) -> float:
+    """Mean entropy of the rows of ``(..., K)`` distributions divided by ``ln K``: 1.0 when every row
+    is uniform (DINO's collapse to flat outputs), 0.0 when every row is one-hot."""
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+    return float(entropy / math.log(probs.shape[-1]))
+
+
 def dino_loss(student: Tensor, teacher: Tensor, center: Tensor, student_temperature: float = 0.1,
               teacher_temperature: float = 0.04) -> Tensor:
     """DINO's cross-view distillation loss (Caron et al. 2021, Alg. 1, eq. 1).
@@ -87,7 +102,7 @@ def dino_loss(student: Tensor, teacher: Tensor, center: Tensor, student_temperat
     if student.shape != teacher.shape or student.ndim != 3 or student.shape[0] < 2:
         raise ValueError(f"expected two (V >= 2, N, K) outputs of the same shape, got {tuple(student.shape)} "
                          f"and {tuple(teacher.shape)}")
-    targets = F.softmax((teacher.detach().float() - center) / teacher_temperature, dim=-1)
+    targets = dino_targets(teacher, center, teacher_temperature)
     log_probs = F.log_softmax(student.float() / student_temperature, dim=-1)
     views = student.shape[0]
     pairs = [-(targets[a] * log_probs[b]).sum(-1).mean() for a in range(views) for b in range(views) if a != b]

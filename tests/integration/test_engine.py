@@ -122,6 +122,8 @@ def test_dino_resumes_to_identical_assignments_and_clusters_the_teachers_feature
     assert part.interrupted and {"teacher", "center"} <= set(saved) and saved["center"].abs().sum() > 0
     resumed = DeepClusterEngine(cfg, tmp_path / "part", progress=False).fit(data, resume=True)
     np.testing.assert_array_equal(resumed.assignments, full.assignments)
+    rows = read_metrics(tmp_path / "full" / "metrics.csv")
+    assert [r["phase"] for r in rows] == ["dino"] * 3 and all(0 <= float(r["target_entropy"]) <= 1 for r in rows)
     # The final model is the teacher, which differs from the student that trained last.
     final = TrainedClusters.load(tmp_path / "full").model.state_dict()
     teacher = load_torch(tmp_path / "full" / CHECKPOINT)["pretrain"]["teacher"]

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from bonecluster.selfsup import DinoHead, ProjectionHead, dino_loss, ema_, nt_xent, sinkhorn_balanced
+from bonecluster.selfsup import (DinoHead, ProjectionHead, dino_loss, ema_, normalised_entropy, nt_xent,
+                                 sinkhorn_balanced)
 
 
 def test_nt_xent_matches_the_formula_on_two_pairs():
@@ -54,11 +55,19 @@ def test_dino_loss_subtracts_the_center_and_pairs_only_different_views():
     teacher, student = torch.randn(2, 6, 5, generator=g), torch.randn(2, 6, 5, generator=g)
     shift = torch.randn(5, generator=g)
     # Centring on a constant shift of the teacher's outputs undoes it exactly.
-    assert dino_loss(student, teacher + shift, shift).item() == pytest.approx(dino_loss(student, teacher, torch.zeros(5)).item(), rel=1e-6)
+    centred = dino_loss(student, teacher + shift, shift).item()
+    assert centred == pytest.approx(dino_loss(student, teacher, torch.zeros(5)).item(), rel=1e-6)
     # A student that copies the teacher view by view is rewarded only across views.
     same = dino_loss(teacher.clone(), teacher, torch.zeros(5))
     crossed = dino_loss(teacher.flip(0), teacher, torch.zeros(5))
     assert crossed.item() < same.item()
+
+
+def test_normalised_entropy_is_one_for_flat_rows_and_zero_for_one_hot_rows():
+    assert normalised_entropy(torch.full((3, 8), 1 / 8)) == pytest.approx(1.0)
+    assert normalised_entropy(torch.eye(8)) == pytest.approx(0.0, abs=1e-9)
+    half = torch.tensor([[0.5, 0.5, 0.0, 0.0]])   # ln 2 / ln 4
+    assert normalised_entropy(half) == pytest.approx(0.5)
 
 
 def test_dino_loss_rejects_one_view():
