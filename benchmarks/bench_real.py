@@ -51,7 +51,7 @@ def split_source(source: str, holdout: float, work: Path, seed: int = 0) -> tupl
     return paths[0], paths[1]
 
 
-K_MEANS_METHODS = ("deepcluster", "simclr", "simclr-deepcluster")  # final clusters = plain k-means
+K_MEANS_METHODS = ("deepcluster", "simclr", "simclr-deepcluster", "dino")  # final clusters = plain k-means
 
 
 def kmeans_restart_spread(run: Path, eval_src: list[str], restarts: int) -> dict | None:
