@@ -79,11 +79,11 @@ def main() -> None:
         # the run's other seed networks (stage2.networks) by their stored scores; --set stage2.networks=1 drops them
         anomaly = fit_part_anomaly(trained, train.subset(pos), cfg, saved_extra_seeds(folder, len(pos), cfg))
         vpos = valid_groups[part]
-        truth = np.array([valid.records[i].abnormal for i in vpos], bool)
+        truth = abnormal_truth(valid, vpos)
         scores = anomaly.score(trained, valid.images()[vpos]).numpy()
         flags = scores >= anomaly.threshold
         if args.ceiling:
-            train_truth = np.array([train.records[i].abnormal for i in pos], bool)
+            train_truth = abnormal_truth(train, pos)
             ceiling[part] = supervised_ceiling(folder, train.subset(pos).images(), train_truth,
                                                valid.images()[vpos], truth, cfg.seed)
         rows[part] = {"n": len(vpos), "abnormal": float(truth.mean()), "auroc": auroc(truth, scores),
@@ -129,9 +129,14 @@ def hog_reference_at_size(work: Path, cfg, size: int) -> dict[str, float]:
     for part, pos in group_by_part(train).items():
         if part in valid_groups:
             vpos = valid_groups[part]
-            out[part] = hog_reference(train.images()[pos], np.array([train.records[i].abnormal for i in pos], bool),
-                                      valid.images()[vpos], np.array([valid.records[i].abnormal for i in vpos], bool))
+            out[part] = hog_reference(train.images()[pos], abnormal_truth(train, pos),
+                                      valid.images()[vpos], abnormal_truth(valid, vpos))
     return out
+
+
+def abnormal_truth(data, positions: np.ndarray) -> np.ndarray:
+    """``(len(positions),)`` bool: the abnormal label of each of those images (for scoring only)."""
+    return np.array([data.records[i].abnormal for i in positions], bool)
 
 
 def hog_reference(train_images: np.ndarray, train_truth: np.ndarray, valid_images: np.ndarray,

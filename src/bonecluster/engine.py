@@ -351,6 +351,7 @@ class DeepClusterEngine:
                               pin_memory=self.device.type == "cuda")
         net = self._wrapped_contrastive()
         net.train()
+        student = getattr(net, "module", net)   # DDP wraps the student; the teacher averages its parameters
         phase = "dino" if self.cfg.method == "dino" else "simclr"
         dino = phase == "dino"
         # DINO's teacher momentum rises from dino_momentum to 1 on a cosine over the epochs.
@@ -369,7 +370,7 @@ class DeepClusterEngine:
             self.scaler.step(self.pretrain_optimizer)
             self.scaler.update()
             if dino:
-                ema_(self.teacher, _Contrastive(self.model, self.head), momentum)
+                ema_(self.teacher, student, momentum)
             total += loss.item() * len(x)
             seen += len(x)
         seconds = time.perf_counter() - t0

@@ -114,7 +114,7 @@ def ema_(target: nn.Module, source: nn.Module, momentum: float) -> None:
     """``target <- momentum * target + (1 - momentum) * source``, parameter by parameter, in place
     (DINO's teacher update; buffers such as BatchNorm statistics are the teacher's own)."""
     for t, s in zip(target.parameters(), source.parameters(), strict=True):
-        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+        t.lerp_(s.detach(), 1.0 - momentum)
 
 
 @torch.no_grad()
