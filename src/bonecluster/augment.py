@@ -44,6 +44,10 @@ class AugmentConfig:
     * ``brightness``: ``x * b``; ``contrast``: ``(x - mean) * c + mean`` per image;
       ``gamma``: ``x ** g`` with ``g`` drawn log-uniformly, so (0.8, 1.25) is symmetric.
     * ``noise_std``: std of additive Gaussian noise (0 disables it).
+    * ``blur_p``: probability of a Gaussian blur of ``blur_sigma`` pixels (uniform in that range,
+      per image). Films reach the network from sources of other resolutions (a 64-px film
+      enlarged to 96 px is soft, a 512-px one made smaller is sharp), so sharpness says where a
+      film came from, not what it shows. 0 (the default) disables it and draws no random numbers.
     * ``shutter_p``: probability of drawing random collimation shutters on an image: each side,
       with probability 1/2, gets a band of up to ``shutter_max`` of the image side filled with one
       grey level drawn uniformly in [0, 1] per image (real films are collimated, the shutters
@@ -63,6 +67,8 @@ class AugmentConfig:
     noise_std: float = 0.0
     shutter_p: float = 0.0
     shutter_max: float = 0.15
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 1.5)
 
     def __post_init__(self) -> None:
         # Accept lists (YAML) and validate once, so bad configs fail before training starts.
@@ -71,6 +77,7 @@ class AugmentConfig:
         self.brightness = _as_range(self.brightness, "brightness")
         self.contrast = _as_range(self.contrast, "contrast")
         self.gamma = _as_range(self.gamma, "gamma")
+        self.blur_sigma = _as_range(self.blur_sigma, "blur_sigma")
         if not (0.0 < self.crop_scale[0] and self.crop_scale[1] <= 1.0):
             raise ValueError(f"crop_scale must lie in (0, 1], got {self.crop_scale}")
         if self.crop_ratio[0] <= 0.0:
@@ -81,7 +88,9 @@ class AugmentConfig:
             raise ValueError("brightness and contrast factors must be >= 0")
         if not 0.0 <= self.shutter_max < 0.5:
             raise ValueError(f"shutter_max must be in [0, 0.5), got {self.shutter_max}")
-        for name in ("hflip_p", "vflip_p", "shutter_p"):
+        if self.blur_sigma[0] < 0.0:
+            raise ValueError(f"blur_sigma must be >= 0 pixels, got {self.blur_sigma}")
+        for name in ("hflip_p", "vflip_p", "shutter_p", "blur_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if self.rotation_degrees < 0.0 or self.noise_std < 0.0:
@@ -161,6 +170,27 @@ def apply_affine(x: Tensor, theta: Tensor) -> Tensor:
     theta = theta.to(device=x.device, dtype=x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def blur(x: Tensor, p: float, sigma: tuple[float, float], generator: torch.Generator | None = None) -> Tensor:
+    """Gaussian blur of ``x`` ``(N, C, H, W)`` with probability ``p`` per image, its sigma drawn
+    uniformly in ``sigma`` (pixels). One separable convolution for the whole batch: each image
+    gets its own kernel (grouped convolution), sigma 0 is the identity. Edges are replicated, so a
+    blurred flat image stays flat. With ``p <= 0`` nothing is drawn and ``x`` is returned."""
+    if p <= 0.0:
+        return x
+    n, c, height, width = x.shape
+    apply = _bernoulli(p, n, generator)
+    sigmas = _uniform(*sigma, n, generator) * apply.float()
+    radius = max(1, math.ceil(3.0 * sigma[1]))
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    s = sigmas.to(device=x.device, dtype=x.dtype).clamp(min=1e-3).repeat_interleave(c).view(-1, 1)
+    kernel = torch.exp(-0.5 * (offsets / s) ** 2)             # (N*C, 2r+1); a near-0 sigma is a delta
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    flat = x.reshape(1, n * c, height, width)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel.view(n * c, 1, 1, -1), groups=n * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel.view(n * c, 1, -1, 1), groups=n * c)
+    return flat.view(n, c, height, width)
 
 
 # --------------------------------------------------------------------------- intensity
@@ -248,6 +278,8 @@ class RadiographAugment(nn.Module):
             return x
         n, _, height, width = x.shape
         x = apply_affine(x, sample_affine(n, height, width, self.cfg, generator))
+        # (draws nothing when off, so the other transforms' draws stay as they were before it)
+        x = blur(x, self.cfg.blur_p, self.cfg.blur_sigma, generator)
         x = jitter_intensity(x, self.cfg, generator)
         x = add_noise(x, self.cfg.noise_std, generator)
         x = add_shutters(x, self.cfg.shutter_p, self.cfg.shutter_max, generator)

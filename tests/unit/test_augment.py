@@ -12,6 +12,7 @@ from bonecluster.augment import (
     AugmentConfig,
     RadiographAugment,
     apply_affine,
+    blur,
     sample_affine,
     uint8_to_unit_float,
 )
@@ -210,6 +211,45 @@ def test_noise_has_requested_std():
     assert math.isclose((out - x).std().item(), 0.05, rel_tol=0.1)
 
 
+def test_blur_off_changes_nothing_and_draws_nothing(batch):
+    """blur_p=0 (the default) must leave every other transform's draws as they were."""
+    base = RadiographAugment(AugmentConfig())(batch, generator=seeded(3))
+    other_sigma = RadiographAugment(AugmentConfig(blur_sigma=(2.0, 3.0)))(batch, generator=seeded(3))
+    assert torch.equal(base, other_sigma)
+    gen = seeded(4)
+    before = gen.get_state()
+    assert blur(batch, 0.0, (1.0, 1.0), gen) is batch and torch.equal(gen.get_state(), before)
+
+
+def test_blur_matches_a_gaussian_kernel():
+    """An impulse far from the edges spreads into the normalised 2-D Gaussian of the drawn sigma."""
+    x = torch.zeros(1, 1, 21, 21)
+    x[0, 0, 10, 10] = 1.0
+    out = blur(x, 1.0, (1.0, 1.0), seeded(0))
+    t = torch.arange(-10, 11, dtype=torch.float32)
+    g = torch.exp(-0.5 * t**2)
+    g[t.abs() > 3] = 0.0          # the kernel's radius is 3 sigma
+    g = g / g.sum()
+    assert torch.allclose(out[0, 0], torch.outer(g, g), atol=1e-6)
+    assert math.isclose(out.sum().item(), 1.0, rel_tol=1e-5)
+
+
+def test_blur_is_per_image_keeps_flat_images_flat_and_smooths():
+    flat = torch.full((3, 1, 16, 16), 0.3)
+    assert torch.allclose(blur(flat, 1.0, (0.5, 2.0), seeded(0)), flat, atol=1e-6)   # edges replicated
+    x = torch.rand(8, 1, 16, 16, generator=seeded(1))
+    out = blur(x, 0.5, (1.0, 2.0), seeded(2))
+
+    def roughness(t):  # mean absolute difference between horizontal neighbours, per image
+        return (t[..., 1:] - t[..., :-1]).abs().mean(dim=(1, 2, 3))
+
+    untouched = torch.isclose(roughness(out), roughness(x))
+    assert 0 < int(untouched.sum()) < 8                       # some images blurred, some not
+    assert torch.equal(out[untouched], x[untouched])
+    assert (roughness(out[~untouched]) < 0.6 * roughness(x[~untouched])).all()
+    assert RadiographAugment(identity_with(blur_p=1.0))(x, generator=seeded(0)).shape == x.shape
+
+
 # --------------------------------------------------------------------------- config and helpers
 
 
@@ -222,6 +262,11 @@ def test_config_accepts_lists_and_validates():
         AugmentConfig(brightness=(1.2, 0.8))
     with pytest.raises(ValueError, match="hflip_p"):
         AugmentConfig(hflip_p=2.0)
+    with pytest.raises(ValueError, match="blur_p"):
+        AugmentConfig(blur_p=-0.1)
+    with pytest.raises(ValueError, match="blur_sigma"):
+        AugmentConfig(blur_sigma=(-1.0, 1.0))
+    assert AugmentConfig(blur_sigma=[0.0, 2.0]).blur_sigma == (0.0, 2.0)
 
 
 def test_default_config_never_flips_vertically():
