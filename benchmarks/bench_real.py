@@ -28,13 +28,20 @@ from pathlib import Path
 
 
 def split_source(source: str, holdout: float, work: Path, seed: int = 0) -> tuple[Path, Path]:
-    """Write train.csv and eval.csv manifests (path,body_part,abnormal,patient,study,split)."""
+    """Write train.csv and eval.csv manifests (path,body_part,abnormal,patient,study,split).
+
+    Each study (else patient, else file) goes to one side by a seeded hash of its key. A file's key
+    is its path relative to the source's folder, behind that folder's name, so the split is the same
+    however the source is spelled (``../shared/...`` or an absolute path) and wherever it is run.
+    """
     from bonecluster.data import read_records
 
     records = read_records(source)
+    root = Path(source).resolve()
+    root = root.parent if root.is_file() else root
     rows = {"train": [], "eval": []}
     for r in records:
-        group = r.study or r.patient or r.path
+        group = r.study or r.patient or f"{root.name}/{Path(os.path.relpath(Path(r.path).resolve(), root)).as_posix()}"
         h = int(hashlib.sha256(f"{seed}:{group}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         side = "eval" if h < holdout else "train"
         rows[side].append([os.path.abspath(r.path), r.body_part or "",

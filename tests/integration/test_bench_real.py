@@ -30,3 +30,26 @@ def test_bench_real_trains_evaluates_and_reports_the_kmeans_spread(tmp_path, sin
     assert restarts["restarts"] == 3 and len(restarts["scores"]) == 3
     assert all(1 / 7 <= s <= 1 for s in restarts["scores"])  # Hungarian over 7 parts is at least 1/7
     assert restarts["min"] <= restarts["mean"] <= restarts["max"]
+
+
+def test_the_split_does_not_depend_on_how_the_source_is_spelled(tmp_path, monkeypatch):
+    """Files without a study are split by their path inside the source, not by the path as typed:
+    a relative and an absolute spelling of one manifest must give the same two sides."""
+    from tests.conftest import write_png
+
+    data = tmp_path / "films"
+    lines = ["path,body_part,abnormal"]
+    for i in range(40):
+        write_png(data / "images" / f"f{i}.png", seed=i)
+        lines.append(f"images/f{i}.png,WRIST,1")
+    (data / "manifest.csv").write_text("\n".join(lines) + "\n")
+    split_source = load_benchmark("bench_real").split_source
+    monkeypatch.chdir(tmp_path)
+    sides = []
+    for source, work in (("films/manifest.csv", "a"), (str(data / "manifest.csv"), "b"),
+                         (str(data / "images" / ".." / "manifest.csv"), "c")):
+        train, held_out = split_source(source, 0.3, tmp_path / work)
+        sides.append([sorted(line.split(",")[0] for line in p.read_text().splitlines()[1:]) for p in (train, held_out)])
+    assert sides[0] == sides[1] == sides[2]
+    train, held_out = sides[0]
+    assert len(train) + len(held_out) == 40 and not set(train) & set(held_out) and 0 < len(held_out) < 40
