@@ -41,7 +41,8 @@ def split_source(source: str, holdout: float, work: Path, seed: int = 0) -> tupl
     root = root.parent if root.is_file() else root
     rows = {"train": [], "eval": []}
     for r in records:
-        group = r.study or r.patient or f"{root.name}/{Path(os.path.relpath(Path(r.path).resolve(), root)).as_posix()}"
+        inside = Path(os.path.relpath(Path(r.path).resolve(), root)).as_posix()   # the file's path in the source
+        group = r.study or r.patient or f"{root.name}/{inside}"
         h = int(hashlib.sha256(f"{seed}:{group}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         side = "eval" if h < holdout else "train"
         rows[side].append([os.path.abspath(r.path), r.body_part or "",

@@ -73,17 +73,15 @@ def main(argv: list[str] | None = None) -> dict:
     if 0 < args.max_combos < len(combos):
         combos = sorted(random.Random(0).sample(combos, args.max_combos))
 
-    seedings = {"networks": lambda p, c: [p["networks"][i] for i in c]}
-    if args.hog_seed:
-        seedings["networks+hog"] = lambda p, c: [p["networks"][i] for i in c] + [p["hog"]]
+    seedings = {"networks": False, "networks+hog": True} if args.hog_seed else {"networks": False}
     rows = [{"runs": [str(args.runs[i]) for i in c],
-             **{name: refined_auroc(parts, cfg, lambda p, c=c, f=f: f(p, c)) for name, f in seedings.items()}}
+             **{name: refined_auroc(parts, cfg, c, with_hog) for name, with_hog in seedings.items()}}
             for c in combos]
     result = {"size": args.size, "combinations": len(rows), "bar": args.bar,
               "summary": {name: summarise([r[name] for r in rows], args.bar) for name in seedings},
               "rows": rows}
     if args.hog_seed:
-        result["hog_alone"] = refined_auroc(parts, cfg, lambda p: [p["hog"]])
+        result["hog_alone"] = refined_auroc(parts, cfg, (), with_hog=True)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
@@ -101,18 +99,13 @@ def part_seeds(runs: list[Path], train: PreparedDataset, held_out: PreparedDatas
         groups = study_groups(subset)
         networks = [knn_seed_scores(TrainedClusters.load(run / "stage2" / part), subset, cfg) for run in runs]
         vpos = held_groups[part]
-        parts[part] = {"images": subset.images(), "groups": groups.numpy(), "truth": truth(train, pos),
-                       "held_images": held_out.images()[vpos], "held_truth": truth(held_out, vpos),
+        parts[part] = {"images": subset.images(), "groups": groups.numpy(), "truth": train.abnormal(pos),
+                       "held_images": held_out.images()[vpos], "held_truth": held_out.abnormal(vpos),
                        "networks": networks,
                        "hog": hog_knn_seed(subset.images(), groups, cfg) if with_hog else None}
     if not parts:
         raise SystemExit("no part has both trained stage-2 models and held-out images")
     return parts
-
-
-def truth(data: PreparedDataset, positions: np.ndarray) -> np.ndarray:
-    """(len(positions),) bool abnormal labels (for scoring only)."""
-    return np.array([data.records[i].abnormal for i in positions], bool)
 
 
 def hog_knn_seed(images: np.ndarray, groups: torch.Tensor, cfg) -> torch.Tensor:
@@ -124,12 +117,12 @@ def hog_knn_seed(images: np.ndarray, groups: torch.Tensor, cfg) -> torch.Tensor:
     return knn_scores(bank, bank, k=cfg.stage2.knn, exclude_self=True, groups=groups)
 
 
-def refined_auroc(parts: dict, cfg, seeds_of) -> dict:
-    """Refit each part's refinement from the mean rank of ``seeds_of(part)``; held-out and
-    training image AUROC per part and their macro means."""
+def refined_auroc(parts: dict, cfg, combo: tuple[int, ...], with_hog: bool) -> dict:
+    """Refit each part's refinement from the mean rank of the ``combo`` networks' seeds (and the
+    HOG kNN seed); held-out and training image AUROC per part and their macro means."""
     s2, out = cfg.stage2, {"held_out": {}, "train": {}, "not_refined": []}
     for name, p in parts.items():
-        seeds = seeds_of(p)
+        seeds = [p["networks"][i] for i in combo] + ([p["hog"]] if with_hog else [])
         seed = mean_rank(seeds) if len(seeds) > 1 else seeds[0]
         refiner = ScoreRefiner.fit(p["images"], seed.numpy(), p["groups"], s2.refine_rounds, s2.refine_share,
                                    s2.refine_C)

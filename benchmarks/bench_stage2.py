@@ -79,11 +79,11 @@ def main() -> None:
         # the run's other seed networks (stage2.networks) by their stored scores; --set stage2.networks=1 drops them
         anomaly = fit_part_anomaly(trained, train.subset(pos), cfg, saved_extra_seeds(folder, len(pos), cfg))
         vpos = valid_groups[part]
-        truth = abnormal_truth(valid, vpos)
+        truth = valid.abnormal(vpos)
         scores = anomaly.score(trained, valid.images()[vpos]).numpy()
         flags = scores >= anomaly.threshold
         if args.ceiling:
-            train_truth = abnormal_truth(train, pos)
+            train_truth = train.abnormal(pos)
             ceiling[part] = supervised_ceiling(folder, train.subset(pos).images(), train_truth,
                                                valid.images()[vpos], truth, cfg.seed)
         rows[part] = {"n": len(vpos), "abnormal": float(truth.mean()), "auroc": auroc(truth, scores),
@@ -129,14 +129,9 @@ def hog_reference_at_size(work: Path, cfg, size: int) -> dict[str, float]:
     for part, pos in group_by_part(train).items():
         if part in valid_groups:
             vpos = valid_groups[part]
-            out[part] = hog_reference(train.images()[pos], abnormal_truth(train, pos),
-                                      valid.images()[vpos], abnormal_truth(valid, vpos))
+            out[part] = hog_reference(train.images()[pos], train.abnormal(pos),
+                                      valid.images()[vpos], valid.abnormal(vpos))
     return out
-
-
-def abnormal_truth(data, positions: np.ndarray) -> np.ndarray:
-    """``(len(positions),)`` bool: the abnormal label of each of those images (for scoring only)."""
-    return np.array([data.records[i].abnormal for i in positions], bool)
 
 
 def hog_reference(train_images: np.ndarray, train_truth: np.ndarray, valid_images: np.ndarray,

@@ -160,7 +160,7 @@ def stage2_metrics(data: PreparedDataset, preds: list[ImagePrediction], study_ho
 
 
 def _part_metrics(data: PreparedDataset, preds: list[ImagePrediction], idx: list[int], how: str) -> dict:
-    truth = np.array([data.records[i].abnormal for i in idx], bool)
+    truth = data.abnormal(idx)
     scores = np.array([preds[i].score for i in idx], float)
     threshold = preds[idx[0]].threshold
     studies = [data.records[i].study or data.records[i].path for i in idx]

@@ -220,7 +220,7 @@ def _stage2_groups(data, preds) -> dict[str, tuple[np.ndarray, np.ndarray, float
     for i, (p, r) in enumerate(zip(preds, data.records)):
         if p.score is not None and r.abnormal is not None:
             groups.setdefault(p.part, []).append(i)
-    return {part: (np.array([data.records[i].abnormal for i in idx], bool),
+    return {part: (data.abnormal(idx),
                    np.array([preds[i].score for i in idx], float), preds[idx[0]].threshold)
             for part, idx in sorted(groups.items())}
 

@@ -241,6 +241,11 @@ class PreparedDataset:
         return PreparedDataset(self.store_dir, self.pre, [self.records[i] for i in positions],
                                self.rows[positions], SkipLog())
 
+    def abnormal(self, positions) -> np.ndarray:
+        """``(len(positions),)`` bool abnormal label of those records (missing counts as False):
+        for scoring only, never for training."""
+        return np.array([self.records[i].abnormal for i in positions], bool)
+
     def images(self) -> np.ndarray:
         return _open_rows(self.store_dir, self.pre, len_hint=int(self.rows.max(initial=-1)) + 1)[self.rows]
 
