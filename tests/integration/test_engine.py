@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from bonecluster.config import load_config
 from bonecluster.data import prepare_sources
@@ -99,6 +100,24 @@ def test_every_method_trains_and_logs_its_phases(phantoms, tmp_path, method):
     if method == "sela":  # balanced pseudo-labels: no cluster is empty or holds most images
         sizes = np.bincount(res.assignments, minlength=7)
         assert sizes.min() > 0 and sizes.max() < len(data) / 2
+
+
+def test_frozen_pretrained_features_are_clustered_without_training(phantoms, tmp_path):
+    # The "pretrained network + k-means" baseline (README, Methods): `simclr` with no pre-training
+    # epochs clusters the features of the weights it was given, which it must not change.
+    torch.manual_seed(11)
+    donor = torchvision.models.resnet18()  # stands in for ImageNet weights; its fc is dropped on load
+    torch.save(donor.state_dict(), tmp_path / "weights.pt")
+    cfg = _cfg(2, "method=simclr", "selfsup.epochs=0", f"model.weights={tmp_path / 'weights.pt'}",
+               "model.sobel=false", "train.device=cpu")
+    data = _data(phantoms, tmp_path, cfg)
+    res = DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(data)
+    assert res.epochs_run == 0 and res.history == []
+    trained = TrainedClusters.load(tmp_path / "run")
+    loaded = trained.model.state_dict()
+    torch.testing.assert_close(loaded["backbone.layer4.1.conv2.weight"], donor.layer4[1].conv2.weight.detach())
+    torch.testing.assert_close(loaded["backbone.conv1.weight"], donor.conv1.weight.detach().sum(1, keepdim=True))
+    assert len(trained.assignments) == len(data) and len(set(trained.assignments.tolist())) == 7
 
 
 def test_simclr_pretraining_resumes_to_identical_assignments(phantoms, tmp_path):
