@@ -91,18 +91,18 @@ def main(argv: list[str] | None = None) -> dict:
 def part_seeds(runs: list[Path], train: PreparedDataset, held_out: PreparedDataset, cfg, with_hog: bool) -> dict:
     """Per part: training images, study ids, labels, held-out images and labels, every run's kNN
     seed of the training images (and the HOG kNN seed)."""
-    held_groups, parts = group_by_part(held_out), {}
+    held_groups, held_images, parts = group_by_part(held_out), held_out.images(), {}
     for part, pos in group_by_part(train).items():
         if part not in held_groups or not (runs[0] / "stage2" / part / "model.pt").exists():
             continue
         subset = train.subset(pos)
-        groups = study_groups(subset)
+        images, groups = subset.images(), study_groups(subset)
         networks = [knn_seed_scores(TrainedClusters.load(run / "stage2" / part), subset, cfg) for run in runs]
         vpos = held_groups[part]
-        parts[part] = {"images": subset.images(), "groups": groups.numpy(), "truth": train.abnormal(pos),
-                       "held_images": held_out.images()[vpos], "held_truth": held_out.abnormal(vpos),
+        parts[part] = {"images": images, "groups": groups.numpy(), "truth": train.abnormal(pos),
+                       "held_images": held_images[vpos], "held_truth": held_out.abnormal(vpos),
                        "networks": networks,
-                       "hog": hog_knn_seed(subset.images(), groups, cfg) if with_hog else None}
+                       "hog": hog_knn_seed(images, groups, cfg) if with_hog else None}
     if not parts:
         raise SystemExit("no part has both trained stage-2 models and held-out images")
     return parts

@@ -40,7 +40,7 @@ def test_one_network_refits_the_stored_refinement(runs, tmp_path):
         if part not in result["rows"][0]["networks"]["train"]:
             continue
         stored = PartAnomaly.load(first / "run" / "stage2" / part / ANOMALY)
-        truth = [data.records[i].abnormal for i in pos]
+        truth = data.abnormal(pos)
         assert result["rows"][0]["networks"]["train"][part] == pytest.approx(auroc(truth, stored.train_scores.numpy()))
 
 
