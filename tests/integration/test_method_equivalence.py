@@ -1,0 +1,140 @@
+"""Every method gives bit for bit what it gave before the training loop was split into methods.
+
+``golden/stage1_methods.json`` was recorded at commit 623ee83, before the refactor into
+``bonecluster.methods`` (issue 20): one fixed-seed stage-1 run per method on phantoms, on the
+CPU with one torch thread. For each run it keeps the final assignments, the metrics history
+without its timing columns, ``names.json`` and a SHA-256 of the final network, PCA-whitening
+and centroids. A refactor that changes any bit of any of them fails here.
+
+The record depends on the CPU's kernels (the golden file names the capability it was recorded
+on). A deliberate change of behaviour (new phantoms, a new default) re-records it::
+
+    .venv/bin/python tests/integration/test_method_equivalence.py --record
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:   # run as a script with --record
+    sys.path.insert(0, str(REPO))
+
+from bonecluster.config import load_config  # noqa: E402
+from bonecluster.data import prepare_sources  # noqa: E402
+from bonecluster.data.phantoms import generate_phantoms  # noqa: E402
+from bonecluster.engine import FINAL_MODEL, load_torch, read_metrics  # noqa: E402
+from bonecluster.pipeline import NAMES, train_stage1  # noqa: E402
+from tests.integration.test_engine import SIMCLR, TINY  # noqa: E402
+
+GOLDEN = Path(__file__).parent / "golden" / "stage1_methods.json"
+TIMING = ("images_per_s", "seconds", "kmeans_seconds")   # wall-clock columns differ run to run
+
+# One run per method, plus the DeepCluster options that change the loop's path (centroid top
+# layer, over-clustered rounds, batch-statistics BatchNorm, image-level clusters).
+RUNS = {
+    "deepcluster": ["method=deepcluster"],
+    "deepcluster-v2-overclustered": ["method=deepcluster", "cluster.top_layer_init=centroids", "cluster.train_k=9",
+                                     "train.feature_bn=batch", "cluster.by_study=false"],
+    "sela": ["method=sela"],
+    "simclr": ["method=simclr"],
+    "simclr-deepcluster": ["method=simclr-deepcluster"],
+    "simclr-scan": ["method=simclr-scan"],
+    "dino": ["method=dino", "selfsup.dino_prototypes=32"],
+}
+COMMON = TINY + SIMCLR + ["train.epochs=2", "train.device=cpu", "seed=4"]
+
+
+def _digest(tensors: dict) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a flat dict of tensors."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_fingerprint(phantoms: Path, root: Path, overrides: list[str]) -> dict:
+    """Train stage 1 with ``overrides`` into ``root/run`` and return what must not change."""
+    cfg = load_config("cpu", overrides=COMMON + overrides)
+    data = prepare_sources([phantoms], cfg.data, cache=root / "cache", progress=False)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)   # reductions are summed in a thread-dependent order
+    try:
+        train_stage1(data, root / "run", cfg, progress=False)
+    finally:
+        torch.set_num_threads(previous)
+    stage1 = root / "run" / "stage1"
+    final = load_torch(stage1 / FINAL_MODEL)
+    history = [{k: v for k, v in row.items() if k not in TIMING} for row in read_metrics(stage1 / "metrics.csv")]
+    return {
+        "assignments": final["assignments"].tolist(),
+        "history": history,
+        "names": json.loads((stage1 / NAMES).read_text()),
+        "model_sha256": _digest(final["model"]),
+        "pca_sha256": _digest(final["pca"]),
+        "centroids_sha256": _digest({"centroids": final["centroids"]}),
+    }
+
+
+def make_phantoms(root: Path) -> Path:
+    generate_phantoms(root / "ph", n=56, size=64, seed=3, progress=False, workers=1)
+    return root / "ph"
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    return json.loads(GOLDEN.read_text())
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    return make_phantoms(tmp_path_factory.mktemp("eq"))
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_method_matches_its_pre_refactor_run_bit_for_bit(name, golden, phantoms, tmp_path):
+    want = golden["runs"][name]
+    got = run_fingerprint(phantoms, tmp_path, RUNS[name])
+    here = torch.backends.cpu.get_cpu_capability()
+    where = f"(golden recorded on CPU capability {golden['cpu_capability']}, this CPU is {here})"
+    assert got["history"] == want["history"], f"{name}: metrics history differs {where}"
+    assert got["assignments"] == want["assignments"], f"{name}: final assignments differ {where}"
+    assert got["names"] == want["names"], f"{name}: names.json differs {where}"
+    for key in ("model_sha256", "pca_sha256", "centroids_sha256"):
+        assert got[key] == want[key], f"{name}: {key} differs {where}"
+
+
+def test_the_golden_file_covers_every_registered_method(golden):
+    from bonecluster.config import METHODS
+
+    recorded = {overrides[0].split("=", 1)[1] for overrides in RUNS.values()}
+    assert recorded == set(METHODS) and set(golden["runs"]) == set(RUNS)
+
+
+def record() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        phantoms = make_phantoms(Path(tmp))
+        runs = {}
+        for name, overrides in RUNS.items():
+            print(f"recording {name}", flush=True)
+            runs[name] = run_fingerprint(phantoms, Path(tmp) / name, overrides)
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps({"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                  "torch": torch.__version__, "runs": runs}, indent=1) + "\n")
+    print(f"wrote {GOLDEN}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--record"]:
+        sys.exit(__doc__)
+    record()
