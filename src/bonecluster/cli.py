@@ -187,22 +187,23 @@ def _print_prepare_summary(ds) -> None:
 # ----------------------------------------------------------------------------- train
 
 
-# The values of config key `method` (kept in step with bonecluster.config.METHODS by a test).
-METHOD_CHOICES = ("deepcluster", "sela", "simclr", "simclr-deepcluster", "simclr-scan", "dino")
+def _method_help() -> str:
+    from bonecluster.methods import DEFAULT, available
+
+    summaries = "; ".join(f"{name} = {summary.rstrip('.')}" for name, summary in available().items())
+    return f"clustering method (config key `method`; default {DEFAULT}, the paper's): {summaries}"
 
 
 def _add_train(sub) -> None:
+    from bonecluster.methods import method_names
+
     p = sub.add_parser("train", help="deep-cluster the images: stage 1 body parts, stage 2 abnormality")
     p.add_argument("data", nargs="+", help="MURA root, CSV manifest, or folder of images/DICOMs")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--stages", default="1,2", help="comma-separated stages to train (default 1,2)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--method", choices=METHOD_CHOICES,
-                   help="clustering method (config key `method`; default deepcluster, the paper's): "
-                        "sela = balanced Sinkhorn pseudo-labels, simclr = SimCLR pre-training then k-means, "
-                        "simclr-deepcluster = SimCLR then DeepCluster, simclr-scan = SimCLR then SCAN, "
-                        "dino = DINO self-distillation then k-means")
+    p.add_argument("--method", choices=method_names(), help=_method_help())
     p.add_argument("--labels-fraction", type=float, metavar="F",
                    help="few-label mode: stage 2 also fits a probe on the labels of this fraction of each "
                         "part's labelled training studies, reported apart (stage2.labels_fraction; default 0 = off)")

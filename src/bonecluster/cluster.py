@@ -301,6 +301,19 @@ def kmeans_best_of(x: torch.Tensor, k: int, seeds: Sequence[int], **kwargs) -> K
     return best
 
 
+def summarise_clusters(x: torch.Tensor, labels: torch.Tensor, k: int, fallback: torch.Tensor | None = None,
+                       n_splits: int = 0, backend: str = "none") -> KMeansResult:
+    """Clusters given by ``labels`` (N,) over ``x`` (N, d) as a :class:`KMeansResult` whose centroids
+    are the clusters' means (an empty cluster keeps its ``fallback`` row, or the origin), so that
+    nearest-centroid prediction applies to clusters that k-means did not make (SeLa, SCAN)."""
+    sums = torch.zeros(k, x.shape[1], device=x.device).index_add_(0, labels, x)
+    counts = torch.bincount(labels, minlength=k)
+    empty = fallback if fallback is not None else torch.zeros(k, x.shape[1], device=x.device)
+    means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], empty)
+    inertia = float(((x - means[labels]) ** 2).sum())
+    return KMeansResult(means, labels, inertia, n_splits, backend)
+
+
 def assign(x: torch.Tensor, centroids: torch.Tensor, batch_size: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of each row of ``x``.
 

@@ -284,19 +284,6 @@ class ScanConfig:
     heads: int = 5                 # classifiers trained side by side; the lowest SCAN loss wins
 
 
-# The clustering methods behind ``--method`` (see bonecluster.engine):
-#   deepcluster        the paper's method (Caron et al. 2018): k-means pseudo-labels, re-initialised head
-#   sela               the same loop with balanced Sinkhorn pseudo-labels over the k-means centroids
-#                      (SeLa, Asano et al. 2020; SwAV, Caron et al. 2020) and the centroid head
-#                      of DeepCluster-v2
-#   simclr             SimCLR pre-training, then PCA-whitening + k-means once on its features
-#   simclr-deepcluster SimCLR pre-training, then the DeepCluster loop from those weights
-#   simclr-scan        SimCLR pre-training, then SCAN's neighbour-consistency clustering
-#                      (Van Gansbeke et al. 2020) on the frozen features
-#   dino               DINO self-distillation pre-training (Caron et al. 2021), then
-#                      PCA-whitening + k-means once on the teacher's features
-METHODS = ("deepcluster", "sela", "simclr", "simclr-deepcluster", "simclr-scan", "dino")
-PRETRAINED_METHODS = ("simclr", "simclr-deepcluster", "simclr-scan", "dino")   # start with selfsup.epochs
 
 
 @dataclass

@@ -40,11 +40,14 @@ def test_yaml_round_trip():
     assert config_from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
 
 
-def test_cli_method_choices_match_the_config_methods():
-    from bonecluster.cli import METHOD_CHOICES
-    from bonecluster.config import METHODS
+def test_cli_method_choices_are_the_registered_methods():
+    from bonecluster.cli import build_parser
+    from bonecluster.methods import method_names
 
-    assert METHOD_CHOICES == METHODS
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    method = next(a for a in train._actions if a.dest == "method")
+    assert tuple(method.choices) == method_names() and method_names()[0] == "deepcluster"
+    assert {"deepcluster", "sela", "simclr", "simclr-deepcluster", "simclr-scan", "dino"} <= set(method_names())
 
 
 def test_method_and_selfsup_keys_override():

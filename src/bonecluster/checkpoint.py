@@ -1,0 +1,96 @@
+"""The files of an engine run, and how they are written and read back.
+
+Everything a run needs lives in its folder::
+
+    OUT/config.yaml     the resolved config        OUT/metrics.csv   one row per epoch
+    OUT/checkpoint.pt   written atomically after every epoch (resume from it)
+    OUT/model.pt        the final model, PCA-whitening, centroids and assignments
+
+Checkpoints hold only tensors and plain values and are read with ``weights_only=True``. Both
+``.pt`` files carry ``format`` (:data:`FORMAT`); files written before the key existed have the
+same layout and read as format 1. A file of a newer format fails with a message naming it.
+
+This module is what prediction, export and stage 2 need from a finished run; it does not import
+the training loop (:mod:`bonecluster.engine`), which writes these files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bonecluster.cluster import PCAWhitening
+from bonecluster.config import Config, config_from_dict
+from bonecluster.io import atomic_open, atomic_write_text
+from bonecluster.models import DeepClusterNet
+
+CHECKPOINT = "checkpoint.pt"
+FINAL_MODEL = "model.pt"
+METRICS = "metrics.csv"
+FORMAT = 1   # the layout of checkpoint.pt and model.pt; raise it when a key changes meaning
+# target_entropy: DINO's teacher targets, mean entropy / ln K (near 1 = collapsed to flat outputs)
+METRIC_COLUMNS = ("epoch", "phase", "loss", "nmi_prev", "largest_share", "n_empty_splits", "cluster_sizes",
+                  "images_per_s", "seconds", "kmeans_seconds", "lr", "target_entropy")
+
+
+def save_torch(path: Path, obj: dict) -> None:
+    """torch.save through a temp file and a rename: a kill leaves the old file intact."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_open(path, "wb") as f:
+        f.write(buf.getbuffer())
+
+
+def load_torch(path: Path, map_location=None) -> dict:
+    """Load our own checkpoints without unpickling arbitrary objects."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - name the file, whatever torch raised
+        raise RuntimeError(f"{path}: cannot load checkpoint ({err})") from err
+
+
+def load_run_file(path: Path, map_location=None) -> dict:
+    """:func:`load_torch` for ``checkpoint.pt`` / ``model.pt``, refusing a format this version cannot read."""
+    state = load_torch(path, map_location=map_location)
+    version = state.get("format", 1) if isinstance(state, dict) else None
+    if not isinstance(version, int) or version > FORMAT:
+        raise RuntimeError(f"{path}: written in run-file format {version}; this bonecluster reads formats "
+                           f"1 to {FORMAT} (train again, or use the bonecluster version that wrote it)")
+    return state
+
+
+@dataclass
+class TrainedClusters:
+    """A finished engine run, ready to embed and assign new images."""
+
+    model: DeepClusterNet
+    pca: PCAWhitening
+    centroids: torch.Tensor   # (k, d)
+    assignments: np.ndarray   # (N,) training images' final clusters
+    cfg: Config
+
+    @classmethod
+    def load(cls, out: str | Path, device: str | torch.device = "cpu") -> "TrainedClusters":
+        state = load_run_file(Path(out) / FINAL_MODEL, map_location="cpu")  # only the network moves to `device`
+        model = DeepClusterNet(**state["hparams"])
+        model.load_state_dict(state["model"])
+        return cls(model.to(device).eval(), PCAWhitening.from_state_dict(state["pca"]),
+                   state["centroids"], state["assignments"].numpy(), config_from_dict(state["config"]))
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,148 @@
+"""What a clustering method is, what the training loop lends it, and the registry of names.
+
+The loop (:class:`bonecluster.engine.DeepClusterEngine`) runs, for every method::
+
+    for epoch in range(method.pretrain_epochs):  row = method.pretrain_epoch(data, epoch)
+    for epoch in range(method.cluster_epochs):   row, labels, collapsed = method.cluster_epoch(data, epoch, labels)
+    clusters, pca = method.final_clusters(data, seed_offset)
+
+and owns what every method shares: the network, the epochs and their checkpoints, ``--resume``,
+DDP, ``metrics.csv``, progress bars, feature extraction and the k-means step (:class:`Loop`).
+A method adds its own optimisers, heads and losses, and returns their state for the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager
+from typing import Callable, ClassVar, Iterable, Protocol
+
+import torch
+
+from bonecluster.distributed import DistInfo
+from bonecluster.augment import RadiographAugment
+from bonecluster.cluster import KMeansResult, PCAWhitening, kmeans_best_of
+from bonecluster.config import Config
+from bonecluster.data.cache import PreparedDataset
+from bonecluster.models import DeepClusterNet
+
+
+class Loop(Protocol):
+    """The part of the training loop a method may use (the engine implements it)."""
+
+    cfg: Config
+    device: torch.device
+    dist: DistInfo
+    model: DeepClusterNet
+    augment: RadiographAugment          # train.augment: DeepCluster's training views, SCAN's views
+    scaler: torch.amp.GradScaler
+
+    def autocast(self) -> AbstractContextManager: ...
+
+    def bar(self, iterable: Iterable, desc: str, leave: bool = True, total: int | None = None) -> Iterable: ...
+
+    def ddp(self, module: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module: ...
+
+    def extract(self, data: PreparedDataset) -> torch.Tensor: ...
+
+    def forward_all(self, data: PreparedDataset, desc: str, keep: bool,
+                    generator: torch.Generator | None = None) -> torch.Tensor | None: ...
+
+    def cluster(self, feats: torch.Tensor, seed_offset: int,
+                k: int | None = None) -> tuple[KMeansResult, PCAWhitening]: ...
+
+
+class Method:
+    """A clustering method: optional pre-training epochs, clustering rounds, the final clusters.
+
+    The defaults are "no pre-training, no rounds, k-means once on the network's features".
+    Subclasses call ``super()`` in ``__init__``, ``state_dict`` and ``load_state_dict`` so that
+    methods combine by inheritance (``simclr-deepcluster`` = SimCLR's epochs, then DeepCluster's).
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, loop: Loop) -> None:
+        self.loop = loop
+        self.cfg = loop.cfg
+
+    @property
+    def pretrain_epochs(self) -> int:
+        """Epochs of :meth:`pretrain_epoch`, counted first in the epoch numbers and the checkpoint."""
+        return 0
+
+    @property
+    def cluster_epochs(self) -> int:
+        """Rounds of :meth:`cluster_epoch` after the pre-training."""
+        return 0
+
+    def pretrain_epoch(self, data: PreparedDataset, epoch: int) -> dict:
+        """One pre-training epoch (0-based); returns its ``metrics.csv`` row."""
+        raise NotImplementedError(f"method {self.name} has no pre-training epochs")
+
+    def cluster_epoch(self, data: PreparedDataset, epoch: int,
+                      previous: torch.Tensor | None) -> tuple[dict, torch.Tensor, bool]:
+        """One clustering round (0-based) given the last round's (N,) labels; returns
+        (``metrics.csv`` row, this round's (N,) CPU labels, whether the clusters collapsed)."""
+        raise NotImplementedError(f"method {self.name} has no clustering rounds")
+
+    def assign(self, points: torch.Tensor, k: int, seeds: list[int]) -> KMeansResult:
+        """Clusters of the whitened ``points`` (M, d), on rank 0: k-means, lowest inertia of ``seeds``."""
+        c = self.cfg.cluster
+        return kmeans_best_of(points, k, seeds, niter=c.niter, init=c.init, backend=c.backend, device=self.loop.device)
+
+    def final_clusters(self, data: PreparedDataset, seed_offset: int) -> tuple[KMeansResult, PCAWhitening]:
+        """The run's result: ``cluster.k`` clusters of the trained network's features."""
+        return self.loop.cluster(self.loop.extract(data), seed_offset=seed_offset)
+
+    def state_dict(self) -> dict:
+        """Top-level checkpoint entries of the method's own state (optimisers, heads...)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from a whole checkpoint, as written with :meth:`state_dict`'s entries."""
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make ``cls`` the method ``name`` (``--method name``)."""
+
+    def add(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def registered(name: str) -> type[Method] | None:
+    return _REGISTRY.get(name)
+
+
+# ----------------------------------------------------------------------------- shared by methods
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, epoch, stream): top-layer init and augmentation
+    are then identical whether a run is resumed or not, and on every rank. Streams: 0 DeepCluster's
+    rounds, 1 the two-view pre-training, 2 SCAN's views."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch + stream * 7_919_000_009)
+
+
+def warmup_cosine(base: float, epoch: int, epochs: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` epochs, then cosine decay to ``min_ratio * base`` at the last."""
+    if epoch < warmup:
+        return base * (epoch + 1) / (warmup + 1)
+    span = max(epochs - warmup - 1, 1)
+    progress = min((epoch - warmup) / span, 1.0)
+    low = base * min_ratio
+    return low + 0.5 * (base - low) * (1.0 + math.cos(math.pi * progress))
+
+
+def backbone_parameters(model: DeepClusterNet) -> list[torch.nn.Parameter]:
+    """Every parameter but the top layer's (which each clustering round replaces)."""
+    return [p for n, p in model.named_parameters() if not n.startswith("top_layer.")]

@@ -1,0 +1,125 @@
+"""Pre-training on two augmented views of every image: the epoch that SimCLR and DINO share.
+
+Each epoch visits the images in a seeded random order, makes two strongly augmented views of
+each batch (``selfsup.augment``), passes both through backbone + head together (so BatchNorm
+sees them as one batch) and steps one SGD optimiser over backbone and head with a warm-up +
+cosine learning rate. Subclasses give the head and the loss. The head is dropped afterwards:
+clustering uses the backbone's pooled features (SimCLR §2.1).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from bonecluster.augment import RadiographAugment
+from bonecluster.data.cache import PreparedDataset
+from bonecluster.data.loader import batch_loader, to_float
+from bonecluster.methods._base import Loop, Method, backbone_parameters, epoch_generator, warmup_cosine
+from bonecluster.models import DeepClusterNet
+
+
+class TwoViewNet(torch.nn.Module):
+    """Backbone features -> head, one module so DDP can wrap both. ``(N, C, H, W)`` -> ``(N, out)``."""
+
+    def __init__(self, model: DeepClusterNet, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.head = model, head   # names fixed: they are the teacher's checkpoint keys
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.model.features(x))
+
+
+class TwoViewPretraining(Method):
+    """``selfsup.epochs`` epochs of a two-view loss before anything is clustered."""
+
+    phase = ""   # metrics.csv's phase column and the progress bar's name
+
+    def __init__(self, loop: Loop) -> None:
+        super().__init__(loop)
+        s = self.cfg.selfsup
+        self.head: torch.nn.Module | None = None
+        if s.epochs:   # no head without epochs: `selfsup.epochs=0` clusters the given network as it is
+            self.head = self.make_head().to(loop.device)
+            self.views = RadiographAugment(s.augment)
+            params = backbone_parameters(loop.model) + list(self.head.parameters())
+            self.pretrain_optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum,
+                                                      weight_decay=s.weight_decay)
+
+    def make_head(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def view_loss(self, views: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The loss of the head's ``(2N, D)`` outputs on two stacked views ``(2N, C, H, W)``
+        (rows i and N + i are the same image)."""
+        raise NotImplementedError
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before the epoch's first batch."""
+
+    def after_step(self, student: TwoViewNet) -> None:
+        """Called after every optimiser step with the (unwrapped) network that took it."""
+
+    def finish_row(self, row: dict, epoch: int) -> None:
+        """Add the method's own columns to the epoch's ``metrics.csv`` row."""
+
+    @property
+    def pretrain_epochs(self) -> int:
+        return self.cfg.selfsup.epochs
+
+    def pretrain_epoch(self, data: PreparedDataset, epoch: int) -> dict:
+        """One pass over the data in a seeded random order (SimCLR Alg. 1, DINO Alg. 1).
+
+        Under DDP each rank takes every world_size-th image of the order; SimCLR's negatives are
+        then the rank's own batch (no gather across ranks).
+        """
+        loop, s = self.loop, self.cfg.selfsup
+        gen = epoch_generator(self.cfg.seed, epoch, stream=1)
+        lr = warmup_cosine(s.lr, epoch, s.epochs, s.warmup_epochs)
+        for group in self.pretrain_optimizer.param_groups:
+            group["lr"] = lr
+        order = torch.randperm(len(data), generator=gen)
+        share = order[loop.dist.rank::loop.dist.world_size]
+        if len(share) >= 2 * s.batch_size:  # whole batches only: a batch of one breaks BatchNorm
+            share = share[: len(share) - len(share) % s.batch_size]
+        loader = batch_loader(data, s.batch_size, share.tolist(), workers=self.cfg.train.workers,
+                              pin_memory=loop.device.type == "cuda")
+        # The top layer takes no part in the loss, so DDP must not wait for its gradients.
+        net = loop.ddp(TwoViewNet(loop.model, self.head), find_unused_parameters=True)
+        net.train()
+        student = getattr(net, "module", net)
+        self.start_epoch(epoch)
+        t0, total, seen = time.perf_counter(), 0.0, 0
+        for batch in loop.bar(loader, f"{self.phase} {epoch + 1}", leave=False):
+            if len(batch) < 2:
+                continue
+            x = to_float(batch, loop.device)
+            views = torch.cat([self.views(x, generator=gen), self.views(x, generator=gen)])
+            with loop.autocast():
+                out = net(views).float()
+            loss = self.view_loss(views, out)
+            self.pretrain_optimizer.zero_grad(set_to_none=True)
+            loop.scaler.scale(loss).backward()
+            loop.scaler.step(self.pretrain_optimizer)
+            loop.scaler.update()
+            self.after_step(student)
+            total += loss.item() * len(x)
+            seen += len(x)
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "phase": self.phase, "loss": round(total / max(seen, 1), 5),
+               "images_per_s": round(seen / max(seconds, 1e-9), 1), "seconds": round(seconds, 2), "lr": round(lr, 6)}
+        self.finish_row(row, epoch)
+        return row
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.head is not None:
+            state["pretrain"] = {"head": self.head.state_dict(), "optimizer": self.pretrain_optimizer.state_dict()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.head is not None and "pretrain" in state:
+            self.head.load_state_dict(state["pretrain"]["head"])
+            self.pretrain_optimizer.load_state_dict(state["pretrain"]["optimizer"])

@@ -1,0 +1,28 @@
+"""SimCLR: contrastive pre-training (Chen et al. 2020), then k-means once on its features.
+
+Two augmented views of an image attract and every other image of the batch repels (NT-Xent,
+eq. 1) through a projection head that is dropped afterwards. ``selfsup.epochs=0`` with
+``model.weights`` clusters a given network's features without training ("pretrained backbone +
+k-means").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bonecluster.methods._base import register
+from bonecluster.methods._two_view import TwoViewPretraining
+from bonecluster.selfsup import ProjectionHead, nt_xent
+
+
+@register("simclr")
+class SimCLR(TwoViewPretraining):
+    phase = "simclr"
+
+    def make_head(self) -> torch.nn.Module:
+        s = self.cfg.selfsup
+        return ProjectionHead(self.loop.model.feature_dim, s.hidden_dim, s.proj_dim)
+
+    def view_loss(self, views: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        n = len(out) // 2
+        return nt_xent(out[:n], out[n:], self.cfg.selfsup.temperature)
