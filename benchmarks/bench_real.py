@@ -71,9 +71,9 @@ def kmeans_restart_spread(run: Path, eval_src: list[str], restarts: int) -> dict
     from bonecluster.cluster import assign, kmeans_best_of
     from bonecluster.data import prepare_sources
     from bonecluster.data.cache import PreparedDataset
-    from bonecluster.engine import TrainedClusters
+    from bonecluster.checkpoint import TrainedClusters
     from bonecluster.metrics import hungarian_accuracy
-    from bonecluster.stage2 import embed_images
+    from bonecluster.stage2.scoring import embed_images
 
     trained = TrainedClusters.load(run / "stage1")
     cfg = trained.cfg
@@ -97,7 +97,8 @@ def kmeans_restart_spread(run: Path, eval_src: list[str], restarts: int) -> dict
 
 def main(argv=None) -> dict:
     from bonecluster.config import load_config
-    from bonecluster.evaluate import comparison_table, evaluate
+    from bonecluster.evaluate import evaluate
+    from bonecluster.report import comparison_table
     from bonecluster.pipeline import train
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -43,10 +43,11 @@ from bonecluster.cluster import fit_pca_whitening, l2_normalise
 from bonecluster.config import config_from_dict, read_yaml
 from bonecluster.data import PreparedDataset, prepare_sources
 from bonecluster.descriptors import hog_features
-from bonecluster.engine import TrainedClusters
+from bonecluster.checkpoint import TrainedClusters
 from bonecluster.metrics import auroc
 from bonecluster.selftrain import ScoreRefiner, standardisation
-from bonecluster.stage2 import group_by_part, knn_seed_scores, study_groups
+from bonecluster.stage2.parts import group_by_part
+from bonecluster.stage2.scoring import knn_seed_scores, study_groups
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,7 +98,8 @@ def part_seeds(runs: list[Path], train: PreparedDataset, held_out: PreparedDatas
             continue
         subset = train.subset(pos)
         images, groups = subset.images(), study_groups(subset)
-        networks = [knn_seed_scores(TrainedClusters.load(run / "stage2" / part), subset, cfg) for run in runs]
+        networks = [knn_seed_scores(TrainedClusters.load(run / "stage2" / part), subset, cfg.stage2, seed=cfg.seed,
+                                    batch_size=cfg.train.feature_batch_size) for run in runs]
         vpos = held_groups[part]
         parts[part] = {"images": images, "groups": groups.numpy(), "truth": train.abnormal(pos),
                        "held_images": held_images[vpos], "held_truth": held_out.abnormal(vpos),

@@ -37,9 +37,10 @@ import numpy as np
 
 from bonecluster.config import apply_override, config_from_dict, load_config, read_yaml
 from bonecluster.data import prepare_sources
-from bonecluster.engine import TrainedClusters
+from bonecluster.checkpoint import TrainedClusters
 from bonecluster.metrics import auroc
-from bonecluster.stage2 import fit_part_anomaly, group_by_part, saved_extra_seeds
+from bonecluster.stage2.parts import group_by_part
+from bonecluster.stage2.train import fit_part_anomaly, saved_extra_seeds
 
 
 def main() -> None:
@@ -77,7 +78,9 @@ def main() -> None:
             continue
         trained = TrainedClusters.load(folder)
         # the run's other seed networks (stage2.networks) by their stored scores; --set stage2.networks=1 drops them
-        anomaly = fit_part_anomaly(trained, train.subset(pos), cfg, saved_extra_seeds(folder, len(pos), cfg))
+        extra = saved_extra_seeds(folder, len(pos), cfg.stage2)
+        anomaly = fit_part_anomaly(trained, train.subset(pos), cfg.stage2, extra, seed=cfg.seed,
+                                   batch_size=cfg.train.feature_batch_size)
         vpos = valid_groups[part]
         truth = valid.abnormal(vpos)
         scores = anomaly.score(trained, valid.images()[vpos]).numpy()

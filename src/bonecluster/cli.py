@@ -269,7 +269,8 @@ def _add_evaluate(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from bonecluster.evaluate import comparison_table, evaluate
+    from bonecluster.evaluate import evaluate
+    from bonecluster.report import comparison_table
 
     metrics = evaluate(args.run, args.data, args.json, args.report, progress=not args.quiet,
                        limits=_limit_values(args))
@@ -370,7 +371,7 @@ def _add_name(sub) -> None:
 
 
 def cmd_name(args) -> int:
-    from bonecluster.pipeline import name_cluster
+    from bonecluster.names import name_cluster
 
     names = name_cluster(args.run, args.cluster, args.name)
     print("stage-1 clusters: " + ", ".join(f"{k}={v}" for k, v in sorted(names.items())))
@@ -391,7 +392,7 @@ def _add_demo(sub) -> None:
 
 def cmd_demo(args) -> int:
     from bonecluster.demo import DEMO_OVERRIDES, run_demo
-    from bonecluster.evaluate import comparison_table
+    from bonecluster.report import comparison_table
 
     args.overrides[:0] = DEMO_OVERRIDES
     print(f"demo settings (before --set): {' '.join(DEMO_OVERRIDES)}")

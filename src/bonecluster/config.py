@@ -201,7 +201,7 @@ class Stage2Config:
     networks: int = 3
     # Few-label mode (off at 0): a logistic probe on the part model's features may use the labels
     # of this fraction of each part's labelled training *studies* (seeded random choice, see
-    # bonecluster.fewlabel.choose_label_subset). Reported apart from the unsupervised result.
+    # bonecluster.stage2.fewlabel.choose_label_subset). Reported apart from the unsupervised result.
     labels_fraction: float = 0.0
     labels_seed: int = 0
     # Probe inputs, "+"-joined: hog (histograms of oriented gradients of the film), global (the part
@@ -214,7 +214,7 @@ class Stage2Config:
     probe_features: str = "hog+score+flip"
     # Rounds of self-training on the part's unlabelled training images (0 = off): each
     # unlabelled study gets one pseudo-label from its images' mean probe probability, and the
-    # probe is refitted on labels + pseudo-labels (bonecluster.fewlabel.self_train). On held-out
+    # probe is refitted on labels + pseudo-labels (bonecluster.selftrain.self_train). On held-out
     # MURA humerus with 5% of the labels it raised the image AUROC from 0.764 to 0.792 (mean over
     # label seeds 0-14; 0.756 to 0.788 on seeds 5-14, unseen when it was chosen; docs/RESULTS.md).
     probe_self_train: int = 3
@@ -227,7 +227,7 @@ class Stage2Config:
     # Weight of the label-free score in the few-label score (0 = the probe's probability alone):
     # score = (1 - w) * percentile of the probe's probability + w * percentile of the label-free
     # score, both among the part's training images; flagged at the mixed score that flags as many
-    # training images as the probe's 0.5 does (bonecluster.fewlabel.FewLabelProbe.with_mix). On
+    # training images as the probe's 0.5 does (bonecluster.stage2.fewlabel.FewLabelProbe.with_mix). On
     # held-out MURA humerus, label seeds 0-14 on two trained runs (pre-registered rule), 0.25
     # raised the image AUROC from 0.801 to 0.817 and the worst seed from 0.698 to 0.749 (0.5:
     # 0.808; docs/RESULTS.md).

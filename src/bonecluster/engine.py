@@ -24,8 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bonecluster import distributed as dist
 from bonecluster.augment import RadiographAugment
-from bonecluster.checkpoint import (CHECKPOINT, FINAL_MODEL, FORMAT, METRICS, TrainedClusters, load_run_file,
-                                    load_torch, read_metrics, save_torch, write_metrics)
+from bonecluster.checkpoint import CHECKPOINT, FINAL_MODEL, FORMAT, METRICS, load_run_file, save_torch, write_metrics
 from bonecluster.cluster import KMeansResult, PCAWhitening, preprocess_features, study_means
 from bonecluster.config import Config, to_dict, to_yaml
 from bonecluster.data.cache import PreparedDataset
@@ -37,11 +36,6 @@ from bonecluster.methods import get_method
 from bonecluster.models import DeepClusterNet, build_model
 
 log = logging.getLogger("bonecluster")
-
-# Kept importable from here for existing callers; they live in bonecluster.checkpoint.
-__all__ = ["CHECKPOINT", "FINAL_MODEL", "METRICS", "DeepClusterEngine", "FitResult", "TrainedClusters",
-           "load_torch", "read_metrics", "save_torch"]
-
 
 @dataclass
 class FitResult:

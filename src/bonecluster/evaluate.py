@@ -49,8 +49,8 @@ from bonecluster.io import atomic_write_text
 from bonecluster.metrics import (auroc, binary_scores, cluster_scores, cohen_kappa, macro,
                                  per_class_binary, study_level)
 from bonecluster.predict import ImagePrediction, Predictor
-from bonecluster.fewlabel import FewLabelProbe
-from bonecluster.stage2 import PROBE
+from bonecluster.report import write_report
+from bonecluster.stage2.fewlabel import PROBE, FewLabelProbe
 
 BINARY = ("sensitivity", "specificity", "precision")
 
@@ -70,8 +70,6 @@ def evaluate(run: str | Path, sources: Sequence[str | Path], json_path: str | Pa
     metrics = score(data, preds, study_how=cfg.stage2.study_score, few_preds=few_preds, probes=probes)
     atomic_write_text(Path(json_path) if json_path else run / "metrics.json", json.dumps(metrics, indent=2))
     if report_dir is not None:
-        from bonecluster.report import write_report
-
         write_report(run, data, preds, metrics, Path(report_dir) / "report.html", embeddings, cfg.seed,
                      few_preds=few_preds)
     return metrics
@@ -176,37 +174,3 @@ def _drop_none(d):
     if isinstance(d, dict):
         return {k: _drop_none(v) for k, v in d.items() if v is not None}
     return d
-
-
-# Published figures (percent). The preprint's "specificity" is TP/(TP+FP), i.e. precision, so it
-# sits in the precision row; GNG-modified VGG's figures are reported as sensitivity/specificity.
-PUBLISHED = {
-    "preprint (DeepCluster)": {"stage1": {"sensitivity": 99.76, "precision": 99.53},
-                               "stage2": {"sensitivity": 83.28, "precision": 97.56}},
-    "GNG-modified VGG": {"stage1": {"sensitivity": 95.86, "specificity": 99.63},
-                         "stage2": {"sensitivity": 92.50, "specificity": 92.12}},
-}
-
-
-def comparison_table(metrics: dict) -> str:
-    """Our macro figures beside the published ones, as a fixed-width text table."""
-    sources = list(PUBLISHED)
-    lines = [f"{'':<24}{'ours':>8}" + "".join(f"{s:>26}" for s in sources)]
-    for stage in ("stage1", "stage2"):
-        ours = metrics.get(stage, {}).get("macro", {})
-        keys = ("sensitivity", "specificity", "precision") + (("auroc", "kappa_study") if stage == "stage2" else ())
-        for key in keys:
-            mine = f"{100 * ours[key]:.2f}" if key in ours else "-"
-            theirs = "".join(f"{PUBLISHED[s][stage].get(key, '-'):>26}" for s in sources)
-            lines.append(f"{stage + ' ' + key:<24}{mine:>8}{theirs}")
-    few = metrics.get("stage2_few_labels")
-    if few:   # the few-label probe: its own rows, never mixed into the label-free ones
-        for key in ("sensitivity", "specificity", "precision", "auroc", "kappa_study"):
-            mine = f"{100 * few['macro'][key]:.2f}" if key in few.get("macro", {}) else "-"
-            lines.append(f"{'few-label ' + key:<24}{mine:>8}" + "".join(f"{'-':>26}" for _ in sources))
-        used = few.get("labels_used", {})
-        lines.append(f"few-label rows: a probe fitted on {used.get('images', '?')} training images' labels "
-                     f"({used.get('studies', '?')} studies, labels_fraction {few.get('labels_fraction')}); "
-                     "flagged at the share of training images the probe flags at 0.5")
-    lines.append("percent, macro over body parts; the preprint's 'specificity' is TP/(TP+FP) = precision")
-    return "\n".join(lines)

@@ -58,11 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bonecluster.engine import TrainedClusters
+from bonecluster.checkpoint import TrainedClusters
 from bonecluster.io import atomic_write_text
 from bonecluster.predict import CONFIDENCE_TEMPERATURE, Predictor, check_run, load_run_config
 from bonecluster.selftrain import refined_score
-from bonecluster.stage2 import PartAnomaly
+from bonecluster.stage2.scoring import PartAnomaly
 
 log = logging.getLogger("bonecluster")
 

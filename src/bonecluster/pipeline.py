@@ -30,12 +30,12 @@ from bonecluster import distributed as dist
 from bonecluster.config import Config, to_yaml
 from bonecluster.data import PreparedDataset, prepare_sources, write_skipped_csv
 from bonecluster.device import pick_device
-from bonecluster.engine import FINAL_MODEL, DeepClusterEngine, FitResult, TrainedClusters
+from bonecluster.checkpoint import FINAL_MODEL, TrainedClusters
+from bonecluster.engine import DeepClusterEngine, FitResult
 from bonecluster.io import atomic_write_text
 from bonecluster.metrics import cluster_scores, majority_mapping
-from bonecluster.stage2 import train_stage2
-
-NAMES = "names.json"
+from bonecluster.names import NAMES, load_cluster_names, save_cluster_names
+from bonecluster.stage2.train import train_stage2
 
 STAGES = (1, 2)
 
@@ -110,30 +110,6 @@ def default_cluster_names(data: PreparedDataset, assignments: np.ndarray, k: int
     if labelled:
         clusters, parts = zip(*labelled)
         names.update({int(c): str(p) for c, p in majority_mapping(clusters, parts).items()})
-    return names
-
-
-def save_cluster_names(stage_dir: Path, names: dict[int, str]) -> None:
-    atomic_write_text(Path(stage_dir) / NAMES, json.dumps({str(k): v for k, v in sorted(names.items())}, indent=2))
-
-
-def load_cluster_names(stage_dir: Path) -> dict[int, str]:
-    return {int(k): v for k, v in json.loads((Path(stage_dir) / NAMES).read_text()).items()}
-
-
-def name_cluster(run: str | Path, cluster: int, name: str, stage: str = "stage1") -> dict[int, str]:
-    """Give a cluster a human name (e.g. after looking at its images); persists in names.json."""
-    stage_dir = Path(run) / stage
-    if not (stage_dir / NAMES).exists():
-        raise FileNotFoundError(f"{stage_dir / NAMES}: no trained {stage} in {run}")
-    names = load_cluster_names(stage_dir)
-    if cluster not in names:
-        raise ValueError(f"{stage} has clusters {min(names)}..{max(names)}, not {cluster}")
-    name = name.strip()
-    if not name or len(name) > 64 or any(c in name for c in "/\\\0"):
-        raise ValueError(f"cluster name {name!r} must be 1-64 characters without slashes")
-    names[cluster] = name
-    save_cluster_names(stage_dir, names)
     return names
 
 

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from bonecluster.cluster import assign, study_means
-from bonecluster.engine import FINAL_MODEL, TrainedClusters
+from bonecluster.checkpoint import FINAL_MODEL, TrainedClusters
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.records import study_index
-from bonecluster.stage2 import ANOMALY, PartAnomaly, embed_images
+from bonecluster.stage2.scoring import ANOMALY, PartAnomaly, embed_images
 
 # Softmax temperature over negative squared distances to the stage-1 centroids. Embeddings are
 # L2-normalised, so squared distances lie in [0, 4]; 0.1 turns a 0.2 gap into e^-2. The result
@@ -67,7 +67,7 @@ class Predictor:
     """
 
     def __init__(self, run: str | Path, device: str | torch.device = "cpu"):
-        from bonecluster.pipeline import load_cluster_names
+        from bonecluster.names import load_cluster_names
 
         self.run = Path(run)
         stage1 = self.run / "stage1"

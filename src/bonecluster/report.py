@@ -6,6 +6,10 @@ stage-1 embeddings coloured by cluster and by label; a gallery of sample images 
 stage-2 ROC curves and 2x2 confusion matrices per part; for a few-label run, the probe's
 figures in their own table and its ROC curves (dashed, "few labels (F)") beside the label-free
 ones; the skipped files; the resolved config.
+
+It draws the metrics that :mod:`bonecluster.evaluate` computed and never imports it (evaluate
+calls :func:`write_report`); :func:`comparison_table` is the same headline table as text, which
+``bonecluster evaluate`` prints.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bonecluster.data.cache import PreparedDataset
-from bonecluster.engine import read_metrics
+from bonecluster.checkpoint import read_metrics
 from bonecluster.io import atomic_write_text
 from bonecluster.metrics import contingency
 from bonecluster.predict import ImagePrediction
@@ -56,12 +60,44 @@ def write_report(run: str | Path, data: PreparedDataset, preds: list[ImagePredic
     return atomic_write_text(out_html, page)
 
 
+# Published figures (percent). The preprint's "specificity" is TP/(TP+FP), i.e. precision, so it
+# sits in the precision row; GNG-modified VGG's figures are reported as sensitivity/specificity.
+PUBLISHED = {
+    "preprint (DeepCluster)": {"stage1": {"sensitivity": 99.76, "precision": 99.53},
+                               "stage2": {"sensitivity": 83.28, "precision": 97.56}},
+    "GNG-modified VGG": {"stage1": {"sensitivity": 95.86, "specificity": 99.63},
+                         "stage2": {"sensitivity": 92.50, "specificity": 92.12}},
+}
+
+
+def comparison_table(metrics: dict) -> str:
+    """Our macro figures beside the published ones, as a fixed-width text table."""
+    sources = list(PUBLISHED)
+    lines = [f"{'':<24}{'ours':>8}" + "".join(f"{s:>26}" for s in sources)]
+    for stage in ("stage1", "stage2"):
+        ours = metrics.get(stage, {}).get("macro", {})
+        keys = ("sensitivity", "specificity", "precision") + (("auroc", "kappa_study") if stage == "stage2" else ())
+        for key in keys:
+            mine = f"{100 * ours[key]:.2f}" if key in ours else "-"
+            theirs = "".join(f"{PUBLISHED[s][stage].get(key, '-'):>26}" for s in sources)
+            lines.append(f"{stage + ' ' + key:<24}{mine:>8}{theirs}")
+    few = metrics.get("stage2_few_labels")
+    if few:   # the few-label probe: its own rows, never mixed into the label-free ones
+        for key in ("sensitivity", "specificity", "precision", "auroc", "kappa_study"):
+            mine = f"{100 * few['macro'][key]:.2f}" if key in few.get("macro", {}) else "-"
+            lines.append(f"{'few-label ' + key:<24}{mine:>8}" + "".join(f"{'-':>26}" for _ in sources))
+        used = few.get("labels_used", {})
+        lines.append(f"few-label rows: a probe fitted on {used.get('images', '?')} training images' labels "
+                     f"({used.get('studies', '?')} studies, labels_fraction {few.get('labels_fraction')}); "
+                     "flagged at the share of training images the probe flags at 0.5")
+    lines.append("percent, macro over body parts; the preprint's 'specificity' is TP/(TP+FP) = precision")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- sections
 
 
 def _metrics_section(metrics: dict) -> str:
-    from bonecluster.evaluate import comparison_table
-
     s1 = metrics.get("stage1", {})
     head = ""
     if s1:

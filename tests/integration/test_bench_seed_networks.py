@@ -9,7 +9,8 @@ import pytest
 from bonecluster.cli import main
 from bonecluster.data import PreparedDataset
 from bonecluster.metrics import auroc
-from bonecluster.stage2 import ANOMALY, PartAnomaly, group_by_part
+from bonecluster.stage2.parts import group_by_part
+from bonecluster.stage2.scoring import ANOMALY, PartAnomaly
 from tests.conftest import load_benchmark
 from tests.integration.conftest import STAGE2_SETS, train_stage2_only
 

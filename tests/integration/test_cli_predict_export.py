@@ -185,7 +185,7 @@ def test_export_onnx_matches_torch(run, phantoms, tmp_path, capsys):
     pytest.importorskip("onnx")
     from bonecluster.data import prepare_sources
     from bonecluster.predict import Predictor, load_run_config
-    from bonecluster.stage2 import embed_images
+    from bonecluster.stage2.scoring import embed_images
 
     out = tmp_path / "onnx"
     assert main(["export", str(run), "--out", str(out), "--part", "HAND"]) == 0

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from bonecluster.engine import DeepClusterEngine, TrainedClusters
+from bonecluster.checkpoint import TrainedClusters
+from bonecluster.engine import DeepClusterEngine
 
 from .test_engine import SIMCLR, _cfg, _data, phantoms  # noqa: F401 - phantoms is a fixture
 

@@ -30,7 +30,7 @@ import pytest
 from bonecluster.cli import main
 from bonecluster.data.decode import Preprocess
 from bonecluster.data.phantoms import generate_phantoms
-from bonecluster.engine import load_torch
+from bonecluster.checkpoint import load_torch
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SETS = [a for s in ("data.size=32", "train.batch_size=16", "train.feature_batch_size=64", "cluster.pca_dim=16",

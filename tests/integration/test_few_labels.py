@@ -12,9 +12,11 @@ import torch
 from bonecluster.cli import main
 from bonecluster.config import config_from_dict, read_yaml
 from bonecluster.data import PreparedDataset
-from bonecluster.engine import TrainedClusters
-from bonecluster.fewlabel import FewLabelProbe, train_part_probe
-from bonecluster.stage2 import ANOMALY, PROBE, PartAnomaly, group_by_part
+from bonecluster.checkpoint import TrainedClusters
+from bonecluster.stage2.fewlabel import PROBE
+from bonecluster.stage2.parts import group_by_part
+from bonecluster.stage2.scoring import ANOMALY, PartAnomaly
+from bonecluster.stage2.fewlabel import FewLabelProbe, train_part_probe
 from tests.integration.conftest import train_stage2_only
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_labels_outside_the_pick_do_not_change_the_probe(run):
     flipped = replace(subset, records=[r if r.study in used else replace(r, abnormal=not r.abnormal)
                                        for r in subset.records])
     trained, anomaly = TrainedClusters.load(folder), PartAnomaly.load(folder / ANOMALY)
-    again = train_part_probe(trained, flipped, anomaly, cfg, part)
+    again = train_part_probe(trained, flipped, anomaly, cfg.stage2, part, batch_size=cfg.train.feature_batch_size)
     assert again.label_positions == saved.label_positions
     assert torch.allclose(again.coef, saved.coef, atol=1e-6) and torch.allclose(again.intercept, saved.intercept)
 

@@ -201,6 +201,7 @@ def test_predict_applies_the_limit_flags_over_the_runs_config(images, tmp_path, 
 
 def test_evaluate_applies_the_limit_flags_over_the_runs_config(monkeypatch, tmp_path):
     import bonecluster.evaluate
+    import bonecluster.report
 
     seen = {}
 
@@ -209,6 +210,6 @@ def test_evaluate_applies_the_limit_flags_over_the_runs_config(monkeypatch, tmp_
         return {"skipped_files": 0}
 
     monkeypatch.setattr(bonecluster.evaluate, "evaluate", fake_evaluate)
-    monkeypatch.setattr(bonecluster.evaluate, "comparison_table", lambda m: "")
+    monkeypatch.setattr(bonecluster.report, "comparison_table", lambda m: "")
     assert main(["evaluate", str(tmp_path), str(tmp_path), "--quiet", "--max-pixels", "500"]) == 0
     assert seen["limits"] == {"pixel_cap": 500}

@@ -38,7 +38,7 @@ from bonecluster.data import prepare_sources
 from bonecluster.data.cache import PixelStore
 from bonecluster.data.decode import Preprocess
 from bonecluster.data.phantoms import generate_phantoms
-from bonecluster.engine import CHECKPOINT, FINAL_MODEL, load_torch
+from bonecluster.checkpoint import CHECKPOINT, FINAL_MODEL, load_torch
 
 KILLS = int(os.environ.get("BONECLUSTER_KILL_TRIALS", "5"))
 SEED = int(os.environ.get("BONECLUSTER_KILL_SEED", "7"))

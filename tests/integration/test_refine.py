@@ -10,8 +10,9 @@ import torch
 
 from bonecluster.cli import main
 from bonecluster.data import PreparedDataset
-from bonecluster.engine import TrainedClusters
-from bonecluster.stage2 import ANOMALY, PartAnomaly, group_by_part
+from bonecluster.checkpoint import TrainedClusters
+from bonecluster.stage2.parts import group_by_part
+from bonecluster.stage2.scoring import ANOMALY, PartAnomaly
 from tests.integration.conftest import STAGE2_SETS, train_stage2_only
 
 REFINE = ["--set", "stage2.refine_rounds=2"]

@@ -10,9 +10,10 @@ import torch
 from bonecluster.cli import main
 from bonecluster.config import config_from_dict, read_yaml
 from bonecluster.data import PreparedDataset
-from bonecluster.engine import CHECKPOINT, FINAL_MODEL, TrainedClusters
-from bonecluster.stage2 import (ANOMALY, SEED_SCORES, PartAnomaly, fit_part_anomaly, group_by_part, knn_seed_scores,
-                                saved_extra_seeds)
+from bonecluster.checkpoint import CHECKPOINT, FINAL_MODEL, TrainedClusters
+from bonecluster.stage2.parts import group_by_part
+from bonecluster.stage2.scoring import ANOMALY, PartAnomaly, knn_seed_scores
+from bonecluster.stage2.train import SEED_SCORES, fit_part_anomaly, saved_extra_seeds
 from tests.integration.conftest import STAGE2_SETS, train_stage2_only
 
 NETWORKS = ["--set", "stage2.networks=2", "--set", "stage2.refine_rounds=1"]
@@ -46,15 +47,16 @@ def test_the_refinement_starts_from_both_networks(run):
     subset, trained = data.subset(positions), TrainedClusters.load(folder)
     s2cfg = config_from_dict(read_yaml(folder / "config.yaml"))
     stored = PartAnomaly.load(folder / ANOMALY)
-    (extra,) = saved_extra_seeds(folder, len(positions), s2cfg)
-    both = fit_part_anomaly(trained, subset, s2cfg, (extra,))
-    alone = fit_part_anomaly(trained, subset, s2cfg)
+    (extra,) = saved_extra_seeds(folder, len(positions), s2cfg.stage2)
+    fit = {"seed": s2cfg.seed, "batch_size": s2cfg.train.feature_batch_size}
+    both = fit_part_anomaly(trained, subset, s2cfg.stage2, (extra,), **fit)
+    alone = fit_part_anomaly(trained, subset, s2cfg.stage2, **fit)
     assert torch.allclose(both.train_scores, stored.train_scores, atol=1e-6)
     assert not torch.allclose(alone.train_scores, stored.train_scores, atol=1e-3)
-    assert not torch.equal(knn_seed_scores(trained, subset, s2cfg), extra)   # two different networks
+    assert not torch.equal(knn_seed_scores(trained, subset, s2cfg.stage2, **fit), extra)   # two different networks
     assert cfg.stage2.networks == 2
     with pytest.raises(FileNotFoundError, match="seed-net-1"):   # scores for other images are refused
-        saved_extra_seeds(folder, len(positions) + 1, s2cfg)
+        saved_extra_seeds(folder, len(positions) + 1, s2cfg.stage2)
 
 
 def test_resume_reuses_finished_seed_scores(run, tmp_path):

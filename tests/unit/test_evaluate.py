@@ -8,7 +8,8 @@ import pytest
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.decode import Preprocess
 from bonecluster.data.records import Record, SkipLog
-from bonecluster.evaluate import comparison_table, score
+from bonecluster.evaluate import score
+from bonecluster.report import comparison_table
 from bonecluster.predict import ImagePrediction
 
 

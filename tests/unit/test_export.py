@@ -8,11 +8,11 @@ import torch
 
 from bonecluster.cluster import fit_pca_whitening, l2_normalise
 from bonecluster.config import Config
-from bonecluster.engine import TrainedClusters
+from bonecluster.checkpoint import TrainedClusters
 from bonecluster.export import Stage1Graph, Stage2Graph, _export
 from bonecluster.models import DeepClusterNet
 from bonecluster.predict import Predictor
-from bonecluster.stage2 import PartAnomaly, embed_images, part_features
+from bonecluster.stage2.scoring import PartAnomaly, embed_images, part_features
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

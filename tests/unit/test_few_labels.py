@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bonecluster.data.records import Record
-from bonecluster.fewlabel import (FewLabelProbe, LabelSubset, choose_label_subset, fit_probe, labels_to_choose,
-                                  parse_probe_features)
+from bonecluster.stage2.fewlabel import (FewLabelProbe, LabelSubset, choose_label_subset, fit_probe,
+                                         labels_to_choose, parse_probe_features)
 
 
 def _records(n_studies=40, views=2, abnormal_every=3, unlabelled=0):
@@ -129,7 +129,7 @@ def test_probe_roundtrip_loads_weights_only(tmp_path):
 
 
 def test_hog_votes_for_the_edge_orientation():
-    from bonecluster.fewlabel import hog_features
+    from bonecluster.stage2.fewlabel import hog_features
 
     vertical = np.zeros((1, 64, 64), np.uint8)
     vertical[:, :, 32:] = 200
@@ -167,7 +167,7 @@ def _fit_studies(x, y, groups, labelled_studies, rounds):
 
 
 def test_study_mean_and_prevalence():
-    from bonecluster.fewlabel import study_prevalence
+    from bonecluster.stage2.fewlabel import study_prevalence
     from bonecluster.selftrain import study_mean
 
     groups = np.array(["a", "b", "a", "c", "b"])
@@ -226,7 +226,7 @@ def test_probe_saved_before_self_training_still_loads(tmp_path):
 
 
 def test_one_self_trained_probe_per_share_averaged():
-    from bonecluster.fewlabel import pseudo_shares
+    from bonecluster.stage2.fewlabel import pseudo_shares
 
     x, y, groups = _studies()
     used = np.flatnonzero(np.isin(groups, [f"s{i}" for i in range(0, 100, 9)]))

@@ -67,9 +67,10 @@ from bonecluster.data.cache import PreparedDataset, store_dir_for
 from bonecluster.data.decode import decode_scaled, fit_to_square
 from bonecluster.data.records import Record, SkipError
 from bonecluster.gradcam import colourise, grad_cam, knn_distance_target
-from bonecluster.pipeline import NAMES, load_cluster_names, name_cluster, save_cluster_names
+from bonecluster.names import NAMES, load_cluster_names, name_cluster, save_cluster_names
 from bonecluster.predict import Predictor
-from bonecluster.stage2 import embed_images, group_by_part
+from bonecluster.stage2.parts import group_by_part
+from bonecluster.stage2.scoring import embed_images
 
 log = logging.getLogger("bonecluster")
 
@@ -77,7 +78,7 @@ DEFAULT_MAX_UPLOAD = 50 * 2**20
 DEFAULT_MAX_DECODES = 2   # uploads decoded at once: each may take ~16 bytes per pixel up to the pixel cap
 NEIGHBOURS = 8
 DISPLAY_SIZE = 256        # side of the image and heatmap the page shows
-NAME_MAX = 64             # as pipeline.name_cluster allows
+NAME_MAX = 64             # as names.name_cluster allows
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 DICOM_NAMES = (".dcm", ".dicom")
@@ -176,7 +177,7 @@ class ViewerState:
         """Positions (into the training images) of each stage-2 part model's images, in its order.
 
         Stage 2 grouped images by their metadata body part, else by their stage-1 cluster name
-        (see stage2.group_by_part); a part whose regrouping does not match its model's image count
+        (see stage2.parts.group_by_part); a part whose regrouping does not match its model's image count
         (data or names changed since training) gets None and no gallery.
         """
         groups: dict[str, np.ndarray] = {}

@@ -33,17 +33,18 @@ import numpy as np
 import torch
 
 from bonecluster.anomaly import percentile_of
-from bonecluster.config import Config
+from bonecluster.config import Stage2Config
 from bonecluster.data.cache import PreparedDataset
-from bonecluster.engine import TrainedClusters, load_torch, save_torch
+from bonecluster.checkpoint import TrainedClusters, load_torch, save_torch
 from bonecluster.data.records import study_key
 from bonecluster.descriptors import hog_features, mirror
 from bonecluster.selftrain import (mean_probability, model_rows, probability, self_train_per_share, share_list,
                                    standardisation)
-from bonecluster.stage2 import PartAnomaly, part_features
+from bonecluster.stage2.scoring import PartAnomaly, part_features
 
 log = logging.getLogger("bonecluster")
 
+PROBE = "probe.pt"  # RUN/stage2/<PART>/probe.pt: the probe and its audit
 PROBE_FEATURES = ("global", "layer3", "score", "hog")
 PROBE_CS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # inverse L2 strengths tried by the probe's CV
 PROBE_DEFAULT_C = 0.03                                # when the labelled subset is too small to CV
@@ -424,11 +425,11 @@ def pseudo_shares(setting: float | tuple | str, labels: np.ndarray | None = None
     return share_list(setting, "stage2.probe_pseudo_share ('prevalence' or shares)")
 
 
-def train_part_probe(trained: TrainedClusters, data: PreparedDataset, anomaly: PartAnomaly, cfg: Config,
-                     part: str = "") -> FewLabelProbe | None:
+def train_part_probe(trained: TrainedClusters, data: PreparedDataset, anomaly: PartAnomaly, s2: Stage2Config,
+                     part: str = "", *, batch_size: int = 256) -> FewLabelProbe | None:
     """The few-label probe of one part (``data``: its training images), or None with a warning
-    when the labelled subset is empty or holds one class only."""
-    s2 = cfg.stage2
+    when the labelled subset is empty or holds one class only. ``batch_size``:
+    ``train.feature_batch_size``."""
     kinds, _, flip = parse_probe_features(s2.probe_features)
     subset = choose_label_subset(data.records, s2.labels_fraction, s2.labels_seed, salt=part)
     labels = np.array([bool(data.records[i].abnormal) for i in subset.positions], bool)
@@ -438,9 +439,8 @@ def train_part_probe(trained: TrainedClusters, data: PreparedDataset, anomaly: P
                     s2.labels_fraction, "no labels" if subset.n_images == 0 else "one class only")
         return None
     images = data.images()
-    feats = probe_matrix(trained, images, kinds, anomaly.train_scores, cfg.train.feature_batch_size)
-    mirrored = (probe_matrix(trained, mirror(images), kinds, anomaly.train_scores,
-                             cfg.train.feature_batch_size) if flip else None)
+    feats = probe_matrix(trained, images, kinds, anomaly.train_scores, batch_size)
+    mirrored = (probe_matrix(trained, mirror(images), kinds, anomaly.train_scores, batch_size) if flip else None)
     keys = study_keys(data.records)
     groups = np.array([keys[i] for i in subset.positions])
     probe = fit_probe(feats, subset, labels, groups, s2.probe_features, s2.labels_fraction, s2.labels_seed,

@@ -1,0 +1,173 @@
+"""Stage 2's kNN score: a part model's features, and :class:`PartAnomaly`, a part's scorer.
+
+The part model gives two views of an image (:func:`part_features`): its pooled final
+features, PCA-whitened to ``stage2.pca_dim`` by a PCA fitted on the part's training images (not the
+engine's ``cluster.pca_dim``, which is tuned for clustering into a few groups) and L2-normalised;
+and its ``layer3`` feature map, one L2-normalised vector per position. An image's kNN score
+(``stage2.score``) is a kNN distance to the part's training images in either or both (the
+distances are :mod:`bonecluster.anomaly`'s). Training images are scored leaving out their study.
+
+:class:`PartAnomaly` is what a trained part keeps (``RUN/stage2/<PART>/anomaly.pt``): with a
+refiner (:mod:`bonecluster.stage2.refine`) its score is the refiner's, else the kNN score. It is
+fitted by :func:`bonecluster.stage2.train.fit_part_anomaly`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bonecluster.anomaly import combine_scores, knn_scores, patch_knn_scores
+from bonecluster.cluster import PCAWhitening, fit_pca_whitening, l2_normalise
+from bonecluster.config import Stage2Config
+from bonecluster.data.cache import PreparedDataset
+from bonecluster.data.records import study_index
+from bonecluster.checkpoint import TrainedClusters, load_torch, save_torch
+from bonecluster.selftrain import ScoreRefiner
+
+
+ANOMALY = "anomaly.pt"
+
+
+@torch.no_grad()
+def embed_images(trained: TrainedClusters, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """uint8 (N, S, S) -> (N, d) PCA-whitened, L2-normalised embeddings on the CPU."""
+    device = next(trained.model.parameters()).device
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).float().div_(255)
+        feats = trained.model.features(x.unsqueeze(1).to(device)).float()
+        chunks.append(l2_normalise(trained.pca.transform(feats.to(trained.pca.mean.device))).cpu())
+    return torch.cat(chunks)
+
+
+SCORES = ("global", "patch", "global+patch")
+
+
+@torch.no_grad()
+def part_features(trained: TrainedClusters, images: np.ndarray,
+                  batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, S, S) -> pooled final features (N, D) and layer3 patches (N, L, c), on the CPU.
+
+    The pooled features are what ``model.features`` returns; the patches are the ResNet's
+    ``layer3`` output, one L2-normalised c-vector per spatial position (L = h * w).
+    """
+    model = trained.model
+    net = model.backbone
+    device = next(model.parameters()).device
+    pooled, patches = [], []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).float().div_(255)
+        x = model.preprocess(x.unsqueeze(1).to(device))
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        mid = net.layer3(net.layer2(net.layer1(x)))
+        pooled.append(torch.flatten(net.avgpool(net.layer4(mid)), 1).float().cpu())
+        patches.append(torch.nn.functional.normalize(mid.float().flatten(2).transpose(1, 2), dim=2).cpu())
+    return torch.cat(pooled), torch.cat(patches)
+
+
+@dataclass
+class PartAnomaly:
+    """A body part's banks, score scales and label-free threshold.
+
+    ``pca`` None (files written before ``stage2.score`` existed) means the part model's own
+    PCA-whitening and the plain global score. With a ``refiner`` the score is the refiner's
+    (the kNN score only seeded it), and ``train_scores`` and ``threshold`` are on its scale.
+    """
+
+    bank: torch.Tensor                 # (N, d) global training embeddings
+    train_scores: torch.Tensor         # (N,) leave-one-study-out scores of the training images
+    threshold: float
+    threshold_method: str
+    knn: int
+    score_kind: str = "global"
+    pca: PCAWhitening | None = None
+    patch_bank: torch.Tensor | None = None  # (P, c) training patches
+    patch_knn: int = 1
+    train_parts: tuple = ()            # per-score training scores (for combine_scores' scales)
+    refiner: ScoreRefiner | None = None
+
+    def score(self, trained: TrainedClusters, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+        """Abnormality scores of new images (uint8 (M, S, S)) with the part model ``trained``."""
+        if len(images) == 0:
+            return torch.zeros(0)
+        if self.refiner is not None:
+            return self.refiner.score(images)
+        return self.knn_score(trained, images, batch_size)
+
+    def knn_score(self, trained: TrainedClusters, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+        """The kNN score (``stage2.score``) of new images: the score itself, or the refiner's seed."""
+        if len(images) == 0:
+            return torch.zeros(0)
+        pooled, patches = part_features(trained, images, batch_size)
+        parts = []
+        if self.score_kind in ("global", "global+patch"):
+            pca = self.pca if self.pca is not None else trained.pca
+            parts.append(knn_scores(self.bank, l2_normalise(pca.transform(pooled)), k=self.knn))
+        if self.score_kind in ("patch", "global+patch"):
+            parts.append(patch_knn_scores(self.patch_bank, patches, k=self.patch_knn))
+        if len(parts) == 1:
+            return parts[0]
+        return combine_scores(list(self.train_parts), parts)[1]
+
+    def save(self, path: Path) -> None:
+        save_torch(path, {"bank": self.bank, "train_scores": self.train_scores, "threshold": self.threshold,
+                          "threshold_method": self.threshold_method, "knn": self.knn,
+                          "score_kind": self.score_kind,
+                          "pca": None if self.pca is None else self.pca.state_dict(),
+                          "patch_bank": self.patch_bank, "patch_knn": self.patch_knn,
+                          "train_parts": list(self.train_parts),
+                          "refiner": None if self.refiner is None else self.refiner.state_dict()})
+
+    @classmethod
+    def load(cls, path: Path) -> "PartAnomaly":
+        d = load_torch(path)
+        pca, refiner = d.get("pca"), d.get("refiner")
+        return cls(d["bank"], d["train_scores"], float(d["threshold"]), d["threshold_method"], int(d["knn"]),
+                   d.get("score_kind", "global"), None if pca is None else PCAWhitening.from_state_dict(pca),
+                   d.get("patch_bank"), int(d.get("patch_knn", 1)), tuple(d.get("train_parts", ())),
+                   None if refiner is None else ScoreRefiner.from_state_dict(refiner))
+
+
+def study_groups(data: PreparedDataset) -> torch.Tensor:
+    """(N,) study ids of a dataset's images (an image without a study is its own group)."""
+    return torch.from_numpy(study_index(data.records))
+
+
+def knn_groups(data: PreparedDataset) -> torch.Tensor:
+    """Study ids for leave-one-study-out kNN; image ids when there is one study only."""
+    groups = study_groups(data)
+    return torch.arange(len(groups)) if len(torch.unique(groups)) < 2 else groups
+
+
+def knn_seed_scores(trained: TrainedClusters, data: PreparedDataset, s2: Stage2Config, *, seed: int,
+                    batch_size: int = 256) -> torch.Tensor:
+    """(N,) label-free kNN scores of a part's training images under one network (the refiner's seed).
+    ``seed``: the run's (it picks the patch bank's subset); ``batch_size``: ``train.feature_batch_size``."""
+    return knn_fit(trained, data.images(), knn_groups(data), s2, seed=seed, batch_size=batch_size)[0]
+
+
+def knn_fit(trained: TrainedClusters, images: np.ndarray, groups: torch.Tensor, s2: Stage2Config, *, seed: int,
+            batch_size: int = 256) -> tuple:
+    """The kNN score of the training images: (scores (N,), its parts, PCA, global bank, patch bank)."""
+    pooled, patches = part_features(trained, images, batch_size)
+    pca = fit_pca_whitening(pooled, dim=s2.pca_dim)
+    bank = l2_normalise(pca.transform(pooled))
+    parts, patch_bank = [], None
+    if s2.score in ("global", "global+patch"):
+        parts.append(knn_scores(bank, bank, k=s2.knn, exclude_self=True, groups=groups))
+    if s2.score in ("patch", "global+patch"):
+        n, positions, c = patches.shape
+        patch_bank = patches.reshape(-1, c)
+        owner = torch.arange(n).repeat_interleave(positions)
+        if len(patch_bank) > s2.patch_bank_size:   # a seeded random subset keeps memory bounded
+            keep = torch.randperm(len(patch_bank), generator=torch.Generator().manual_seed(seed))
+            keep = keep[:s2.patch_bank_size].sort().values
+            patch_bank, owner = patch_bank[keep], owner[keep]
+        parts.append(patch_knn_scores(patch_bank, patches, k=s2.patch_knn, bank_images=owner,
+                                      exclude_self=True, groups=groups))
+    scores = parts[0] if len(parts) == 1 else combine_scores(parts, parts)[0]
+    return scores, parts, pca, bank, patch_bank

@@ -1,0 +1,179 @@
+"""Stage 2's training: per body part, a DeepCluster engine on that part's images, then its scorer.
+
+For each body part (:func:`group_by_part`: the data's metadata where it exists, e.g. MURA
+folders, else the stage-1 cluster names), :func:`train_stage2` trains an engine with stage 1's
+settings and the stage-2 replacements (:func:`stage2_config`) into ``RUN/stage2/<PART>``, then
+fits the part's scorer (:func:`fit_part_anomaly`: the kNN score of
+:mod:`bonecluster.stage2.scoring`, its label-free refinement, :mod:`bonecluster.stage2.refine`,
+and a threshold chosen without labels, :func:`bonecluster.anomaly.label_free_threshold`) and, in
+few-label mode, the probe (:mod:`bonecluster.stage2.fewlabel`). With ``stage2.networks`` > 1,
+extra networks of the part (seeds seed+1, ...) seed the refinement; each keeps only its kNN
+scores (``RUN/stage2/<PART>/seed-net-I/seed_scores.pt``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from bonecluster.anomaly import label_free_threshold
+from bonecluster.config import Config, Stage2Config
+from bonecluster.data.cache import PreparedDataset
+from bonecluster.checkpoint import CHECKPOINT, FINAL_MODEL, TrainedClusters, load_torch, save_torch
+from bonecluster.engine import DeepClusterEngine
+from bonecluster.selftrain import share_list
+from bonecluster.stage2.parts import group_by_part
+from bonecluster.stage2.fewlabel import PROBE, labels_to_choose, parse_probe_features, pseudo_shares, train_part_probe
+from bonecluster.stage2.refine import refine_scores
+from bonecluster.stage2.scoring import ANOMALY, SCORES, PartAnomaly, knn_fit, knn_groups, knn_seed_scores
+
+log = logging.getLogger("bonecluster")
+
+SEED_SCORES = "seed_scores.pt"   # an extra seed network's kNN scores (stage2.networks)
+
+
+def stage2_config(cfg: Config) -> Config:
+    """Stage 1's engine settings with the stage-2 replacements (k and epochs).
+
+    Stage 1's over-clustering (``cluster.train_k``) and study-level clustering
+    (``cluster.by_study``) are not carried over: a part has a few hundred images, and its rounds
+    cluster images into ``stage2.k``.
+    """
+    return replace(cfg, cluster=replace(cfg.cluster, k=cfg.stage2.k, train_k=0, by_study=False),
+                   train=replace(cfg.train, epochs=cfg.stage2.epochs))
+
+
+def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, s2: Stage2Config,
+                     extra_seeds: tuple[torch.Tensor, ...] = (), *, seed: int, batch_size: int = 256) -> PartAnomaly:
+    """The part's scorer. ``extra_seeds``: (N,) kNN scores of the same images under other networks
+    (``stage2.networks``); with them the refinement starts from the mean rank of all seeds.
+    ``seed``: the run's (patch bank subset, threshold mixture); ``batch_size``: ``train.feature_batch_size``."""
+    if s2.score not in SCORES:
+        raise ValueError(f"stage2.score must be one of {SCORES}, got {s2.score!r}")
+    images = data.images()
+    groups = knn_groups(data)
+    scores, parts, pca, bank, patch_bank = knn_fit(trained, images, groups, s2, seed=seed, batch_size=batch_size)
+    refiner, scores = refine_scores(images, scores, extra_seeds, groups, s2)
+    t = label_free_threshold(scores.numpy(), s2.fallback_quantile, seed=seed)
+    return PartAnomaly(bank, scores, t.value, t.method, s2.knn, s2.score, pca, patch_bank, s2.patch_knn,
+                       tuple(parts) if len(parts) > 1 else (), refiner)
+
+
+def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_names: list[str] | None = None,
+                 resume: bool = False, progress: bool = True) -> dict:
+    """Train one model per part into RUN/stage2/<PART>; returns a summary per part."""
+    s2cfg = stage2_config(cfg)
+    labels_to_choose(cfg.stage2.labels_fraction, 0)   # fail early on a fraction outside [0, 1]
+    parse_probe_features(cfg.stage2.probe_features)
+    if cfg.stage2.probe_pseudo_share != "prevalence":   # fail early on bad shares
+        pseudo_shares(cfg.stage2.probe_pseudo_share)
+    if cfg.stage2.probe_self_train < 0 or cfg.stage2.refine_rounds < 0:
+        raise ValueError("stage2.probe_self_train and stage2.refine_rounds are rounds (0 = off) and must be >= 0, "
+                         f"got {cfg.stage2.probe_self_train} and {cfg.stage2.refine_rounds}")
+    if not 0.0 <= cfg.stage2.probe_mix <= 1.0:
+        raise ValueError(f"stage2.probe_mix must be in [0, 1], got {cfg.stage2.probe_mix}")
+    share_list(cfg.stage2.refine_share, "stage2.refine_share")
+    if cfg.stage2.refine_C <= 0:
+        raise ValueError(f"stage2.refine_C must be > 0, got {cfg.stage2.refine_C}")
+    if not isinstance(cfg.stage2.networks, int) or cfg.stage2.networks < 1:
+        raise ValueError(f"stage2.networks must be a whole number >= 1, got {cfg.stage2.networks!r}")
+    if cfg.stage2.networks > 1 and cfg.stage2.refine_rounds == 0:
+        log.warning("stage 2: stage2.networks=%d is ignored without refinement (stage2.refine_rounds=0): "
+                    "the extra networks only seed it; one network per part", cfg.stage2.networks)
+    summary = {}
+    for part, positions in group_by_part(data, stage1_names).items():
+        if len(positions) < max(cfg.stage2.min_images, cfg.stage2.k):
+            log.warning("stage 2: skipping %s (%d images; at least %d needed)", part, len(positions),
+                        max(cfg.stage2.min_images, cfg.stage2.k))
+            continue
+        summary[part] = _train_part(data.subset(positions), Path(run) / "stage2" / part, s2cfg, resume, progress)
+    return summary
+
+
+def _train_part(subset: PreparedDataset, out: Path, cfg: Config, resume: bool, progress: bool) -> dict:
+    engine = DeepClusterEngine(cfg, out, progress=progress)
+    resume = resume and (out / CHECKPOINT).exists()
+    fit = engine.fit(subset, resume=resume)
+    trained = TrainedClusters.load(out, engine.device)
+    extra_seeds, extra_seconds = _extra_seed_scores(subset, out, cfg, resume, progress)
+    anomaly = fit_part_anomaly(trained, subset, cfg.stage2, extra_seeds, seed=cfg.seed,
+                               batch_size=cfg.train.feature_batch_size)
+    probe = None
+    if cfg.stage2.labels_fraction > 0:
+        probe = train_part_probe(trained, subset, anomaly, cfg.stage2, out.name,
+                                 batch_size=cfg.train.feature_batch_size)
+    if engine.dist.is_main:
+        anomaly.save(out / ANOMALY)
+        if probe is not None:
+            probe.save(out / PROBE)
+        elif (out / PROBE).exists():   # an earlier run's probe must not outlive a run without one
+            (out / PROBE).unlink()
+    flagged = float((anomaly.train_scores >= anomaly.threshold).float().mean())
+    summary = {"n_images": len(subset), "epochs_run": fit.epochs_run, "networks": 1 + len(extra_seeds),
+               "seconds": round(fit.seconds + extra_seconds, 1),
+               "threshold": round(anomaly.threshold, 5), "threshold_method": anomaly.threshold_method,
+               "flagged_share": round(flagged, 4)}
+    if probe is not None:
+        summary["few_labels"] = probe.audit()
+    return summary
+
+
+def _extra_seed_scores(subset: PreparedDataset, out: Path, cfg: Config, resume: bool,
+                       progress: bool) -> tuple[tuple[torch.Tensor, ...], float]:
+    """Train networks 1..``stage2.networks``-1 of a part (seeds seed+1, ...) and return their kNN
+    scores of the part's training images, with the seconds spent. Each keeps only its scores
+    (``seed-net-I/seed_scores.pt``, written atomically); its checkpoint and model are deleted, so a
+    run folder does not grow by whole networks. ``--resume`` reuses finished scores."""
+    scores, seconds = [], 0.0
+    for i in range(1, _seed_networks(cfg.stage2)):
+        folder = _seed_net_folder(out, i)
+        saved = _saved_seed_scores(folder, len(subset)) if resume else None
+        if saved is not None:
+            scores.append(saved)
+            continue
+        net_cfg = replace(cfg, seed=cfg.seed + i)
+        engine = DeepClusterEngine(net_cfg, folder, progress=progress)
+        fit = engine.fit(subset, resume=resume and (folder / CHECKPOINT).exists())
+        seconds += fit.seconds
+        score = knn_seed_scores(TrainedClusters.load(folder, engine.device), subset, net_cfg.stage2, seed=net_cfg.seed,
+                                batch_size=net_cfg.train.feature_batch_size)
+        if engine.dist.is_main:
+            save_torch(folder / SEED_SCORES, {"scores": score, "n_images": len(subset), "seed": net_cfg.seed})
+            for name in (CHECKPOINT, FINAL_MODEL):
+                (folder / name).unlink(missing_ok=True)
+        scores.append(score)
+    return tuple(scores), seconds
+
+
+def _saved_seed_scores(folder: Path, n_images: int) -> torch.Tensor | None:
+    if not (folder / SEED_SCORES).exists():
+        return None
+    saved = load_torch(folder / SEED_SCORES)
+    return saved["scores"] if saved["n_images"] == n_images else None
+
+
+def saved_extra_seeds(part_folder: str | Path, n_images: int, s2: Stage2Config) -> tuple[torch.Tensor, ...]:
+    """The extra seed networks' kNN scores stored in a trained part folder (for re-fitting its
+    scorer with other settings, as ``benchmarks/bench_stage2.py`` does); raises when one is missing."""
+    extra = []
+    for i in range(1, _seed_networks(s2)):
+        folder = _seed_net_folder(Path(part_folder), i)
+        score = _saved_seed_scores(folder, n_images)
+        if score is None:
+            raise FileNotFoundError(f"{folder / SEED_SCORES}: missing or for other images; retrain stage 2 "
+                                    "or set stage2.networks=1")
+        extra.append(score)
+    return tuple(extra)
+
+
+def _seed_net_folder(part_folder: Path, i: int) -> Path:
+    """Where extra seed network ``i`` (1, 2, ...) of a part trains and keeps its scores."""
+    return part_folder / f"seed-net-{i}"
+
+
+def _seed_networks(s2: Stage2Config) -> int:
+    """Networks per part that seed the refinement; one when it is off."""
+    return s2.networks if s2.refine_rounds > 0 else 1
