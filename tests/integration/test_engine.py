@@ -1,4 +1,6 @@
-"""The DeepCluster engine on tiny phantoms: files, resume, collapse guard, safe loading, DDP."""
+"""The shared training loop on tiny phantoms: files, resume, collapse guard, safe loading, DDP.
+
+Each method's own behaviour is tested in tests/integration/methods/test_<method>.py."""
 
 from __future__ import annotations
 
@@ -10,12 +12,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from bonecluster.config import load_config
 from bonecluster.data import prepare_sources
 from bonecluster.data.phantoms import generate_phantoms
-from bonecluster.engine import CHECKPOINT, DeepClusterEngine, TrainedClusters, load_torch, read_metrics
+from bonecluster.checkpoint import CHECKPOINT, TrainedClusters, load_torch, read_metrics
+from bonecluster.engine import DeepClusterEngine
 
 TINY = ["data.size=32", "train.batch_size=16", "train.feature_batch_size=64", "cluster.pca_dim=16",
         "cluster.backend=torch", "train.lr=0.01",
@@ -86,90 +88,12 @@ SIMCLR = ["selfsup.epochs=2", "selfsup.batch_size=16", "selfsup.hidden_dim=32", 
           "scan.epochs=5", "scan.views=2", "scan.neighbours=5", "scan.batch_size=16"]
 
 
-@pytest.mark.parametrize("method", ["sela", "simclr", "simclr-deepcluster", "simclr-scan", "dino"])
-def test_every_method_trains_and_logs_its_phases(phantoms, tmp_path, method):
-    cfg = _cfg(2, f"method={method}", *SIMCLR)
-    data = _data(phantoms, tmp_path, cfg)
-    res = DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(data)
-    phases = [r["phase"] for r in read_metrics(tmp_path / "run" / "metrics.csv")]
-    expected = {"sela": ["cluster"] * 2, "simclr": ["simclr"] * 2, "simclr-scan": ["simclr"] * 2,
-                "simclr-deepcluster": ["simclr"] * 2 + ["cluster"] * 2, "dino": ["dino"] * 2}[method]
-    assert phases == expected and res.epochs_run == len(expected)
-    trained = TrainedClusters.load(tmp_path / "run")
-    assert len(trained.assignments) == len(data) and trained.centroids.shape[0] == 7
-    if method == "sela":  # balanced pseudo-labels: no cluster is empty or holds most images
-        sizes = np.bincount(res.assignments, minlength=7)
-        assert sizes.min() > 0 and sizes.max() < len(data) / 2
-
-
-def test_frozen_pretrained_features_are_clustered_without_training(phantoms, tmp_path):
-    # The "pretrained network + k-means" baseline (README, Methods): `simclr` with no pre-training
-    # epochs clusters the features of the weights it was given, which it must not change.
-    torch.manual_seed(11)
-    donor = torchvision.models.resnet18()  # stands in for ImageNet weights; its fc is dropped on load
-    torch.save(donor.state_dict(), tmp_path / "weights.pt")
-    cfg = _cfg(2, "method=simclr", "selfsup.epochs=0", f"model.weights={tmp_path / 'weights.pt'}",
-               "model.sobel=false", "train.device=cpu")
-    data = _data(phantoms, tmp_path, cfg)
-    res = DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(data)
-    assert res.epochs_run == 0 and res.history == []
-    trained = TrainedClusters.load(tmp_path / "run")
-    loaded = trained.model.state_dict()
-    torch.testing.assert_close(loaded["backbone.layer4.1.conv2.weight"], donor.layer4[1].conv2.weight.detach())
-    torch.testing.assert_close(loaded["backbone.conv1.weight"], donor.conv1.weight.detach().sum(1, keepdim=True))
-    assert len(trained.assignments) == len(data) and len(set(trained.assignments.tolist())) == 7
-
-
-def test_simclr_pretraining_resumes_to_identical_assignments(phantoms, tmp_path):
-    cfg = _cfg(1, "method=simclr-deepcluster", *SIMCLR, "train.device=cpu")  # CPU: bit-for-bit
-    data = _data(phantoms, tmp_path, cfg)
-    full = DeepClusterEngine(cfg, tmp_path / "full", progress=False).fit(data)
-    part = DeepClusterEngine(cfg, tmp_path / "part", progress=False).fit(data, stop_after=1)
-    assert part.interrupted and "pretrain" in load_torch(tmp_path / "part" / CHECKPOINT)
-    resumed = DeepClusterEngine(cfg, tmp_path / "part", progress=False).fit(data, resume=True)
-    np.testing.assert_array_equal(resumed.assignments, full.assignments)
-    full_rows = read_metrics(tmp_path / "full" / "metrics.csv")
-    assert [r["loss"] for r in read_metrics(tmp_path / "part" / "metrics.csv")] == [r["loss"] for r in full_rows]
-
-
-def test_dino_resumes_to_identical_assignments_and_clusters_the_teachers_features(phantoms, tmp_path):
-    cfg = _cfg(1, "method=dino", *SIMCLR, "selfsup.epochs=3", "selfsup.dino_prototypes=32", "train.device=cpu")
-    data = _data(phantoms, tmp_path, cfg)
-    full = DeepClusterEngine(cfg, tmp_path / "full", progress=False).fit(data)
-    part = DeepClusterEngine(cfg, tmp_path / "part", progress=False).fit(data, stop_after=2)
-    saved = load_torch(tmp_path / "part" / CHECKPOINT)["pretrain"]
-    assert part.interrupted and {"teacher", "center"} <= set(saved) and saved["center"].abs().sum() > 0
-    resumed = DeepClusterEngine(cfg, tmp_path / "part", progress=False).fit(data, resume=True)
-    np.testing.assert_array_equal(resumed.assignments, full.assignments)
-    rows = read_metrics(tmp_path / "full" / "metrics.csv")
-    assert [r["phase"] for r in rows] == ["dino"] * 3 and all(0 <= float(r["target_entropy"]) <= 1 for r in rows)
-    # The final model is the teacher, which differs from the student that trained last.
-    final = TrainedClusters.load(tmp_path / "full").model.state_dict()
-    teacher = load_torch(tmp_path / "full" / CHECKPOINT)["pretrain"]["teacher"]
-    student = load_torch(tmp_path / "full" / CHECKPOINT)["model"]
-    weight = "backbone.conv1.weight"
-    torch.testing.assert_close(final[weight], teacher["model." + weight].cpu())
-    assert not torch.equal(student[weight].cpu(), teacher["model." + weight].cpu())
-
-
-def test_over_clustered_rounds_train_on_train_k_and_end_with_k_clusters(phantoms, tmp_path):
-    cfg = _cfg(2, "cluster.train_k=12")
-    data = _data(phantoms, tmp_path, cfg)
-    res = DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(data)
-    rows = read_metrics(tmp_path / "run" / "metrics.csv")
-    assert all(len(r["cluster_sizes"].split("|")) == 12 for r in rows)   # the rounds: train_k
-    assert load_torch(tmp_path / "run" / CHECKPOINT)["assignments"].max() >= 7
-    trained = TrainedClusters.load(tmp_path / "run")
-    assert trained.centroids.shape[0] == 7 and res.assignments.max() < 7  # the final clustering: k
-    assert trained.model.top_layer.out_features == 12
-
-
 def test_study_level_clustering_gives_a_study_one_cluster_in_every_round(phantoms, tmp_path):
     from dataclasses import replace
 
     from bonecluster.data.records import study_index
 
-    from bonecluster.pipeline import save_cluster_names
+    from bonecluster.names import save_cluster_names
     from bonecluster.predict import Predictor
 
     cfg = _cfg(2, "cluster.by_study=true")

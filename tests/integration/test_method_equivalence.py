@@ -29,8 +29,9 @@ if str(REPO) not in sys.path:   # run as a script with --record
 from bonecluster.config import load_config  # noqa: E402
 from bonecluster.data import prepare_sources  # noqa: E402
 from bonecluster.data.phantoms import generate_phantoms  # noqa: E402
-from bonecluster.engine import FINAL_MODEL, load_torch, read_metrics  # noqa: E402
-from bonecluster.pipeline import NAMES, train_stage1  # noqa: E402
+from bonecluster.checkpoint import FINAL_MODEL, load_torch, read_metrics  # noqa: E402
+from bonecluster.names import NAMES  # noqa: E402
+from bonecluster.pipeline import train_stage1  # noqa: E402
 from tests.integration.test_engine import SIMCLR, TINY  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden" / "stage1_methods.json"
@@ -112,11 +113,14 @@ def test_method_matches_its_pre_refactor_run_bit_for_bit(name, golden, phantoms,
         assert got[key] == want[key], f"{name}: {key} differs {where}"
 
 
-def test_the_golden_file_covers_every_registered_method(golden):
+PRE_REFACTOR_METHODS = {"deepcluster", "sela", "simclr", "simclr-deepcluster", "simclr-scan", "dino"}
+
+
+def test_the_golden_file_covers_every_method_that_existed_before_the_refactor(golden):
     from bonecluster.methods import method_names
 
     recorded = {overrides[0].split("=", 1)[1] for overrides in RUNS.values()}
-    assert recorded == set(method_names()) and set(golden["runs"]) == set(RUNS)
+    assert PRE_REFACTOR_METHODS <= recorded <= set(method_names()) and set(golden["runs"]) == set(RUNS)
 
 
 def record() -> None:
