@@ -6,6 +6,12 @@ Everything a run needs lives in its folder::
     OUT/checkpoint.pt   written atomically after every epoch (resume from it)
     OUT/model.pt        the final model, PCA-whitening, centroids and assignments
 
+``checkpoint.pt`` holds format, epoch, model, hparams, assignments (the last round's), history,
+config, rng and scaler, plus the method's own entries (``Method.state_dict``): ``optimizer``
+for DeepCluster's rounds, ``pretrain`` (head, optimizer; DINO adds teacher and center) for the
+two-view pre-training. ``model.pt`` holds format, model, hparams, pca, centroids, assignments
+and config.
+
 Checkpoints hold only tensors and plain values and are read with ``weights_only=True``. Both
 ``.pt`` files carry ``format`` (:data:`FORMAT`); files written before the key existed have the
 same layout and read as format 1. A file of a newer format fails with a message naming it.

@@ -284,8 +284,6 @@ class ScanConfig:
     heads: int = 5                 # classifiers trained side by side; the lowest SCAN loss wins
 
 
-
-
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)

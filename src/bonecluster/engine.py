@@ -37,6 +37,7 @@ from bonecluster.models import DeepClusterNet, build_model
 
 log = logging.getLogger("bonecluster")
 
+
 @dataclass
 class FitResult:
     """What :meth:`DeepClusterEngine.fit` returns: final clusters and the per-epoch history."""
@@ -54,7 +55,7 @@ class DeepClusterEngine:
     """Train ``cfg.method`` on a prepared (cached) dataset and keep everything in ``out``.
 
     Works on one device or under ``torchrun`` (one process per GPU, or gloo on CPU). Implements
-    :class:`bonecluster.methods.Loop`, the part of the loop a method may use.
+    :class:`bonecluster.methods._base.Loop`, the part of the loop a method may use.
     """
 
     def __init__(self, cfg: Config, out: str | Path, progress: bool = True):
@@ -150,7 +151,7 @@ class DeepClusterEngine:
 
     @torch.no_grad()
     def forward_all(self, data: PreparedDataset, desc: str, keep: bool,
-                     generator: torch.Generator | None = None) -> torch.Tensor | None:
+                    generator: torch.Generator | None = None) -> torch.Tensor | None:
         """``model.features`` of this rank's share of the images, in order; without augmentation
         unless a ``generator`` is given (then ``train.augment`` draws from it)."""
         positions = dist.shard(len(data), self.dist)
@@ -198,7 +199,7 @@ class DeepClusterEngine:
                     stat.div_(self.dist.world_size)
 
     def cluster(self, feats: torch.Tensor, seed_offset: int, k: int | None = None) -> tuple[KMeansResult, PCAWhitening]:
-        """PCA-whiten + L2 + the method's clustering (k-means, :meth:`Method.assign`) into ``k``
+        """PCA-whiten + L2 + the method's clustering (k-means, :meth:`Method.cluster_points`) into ``k``
         clusters (default ``cluster.k``) on rank 0; every rank receives the assignments."""
         c = self.cfg.cluster
         k = k or c.k
@@ -209,7 +210,7 @@ class DeepClusterEngine:
             points = x if studies is None else study_means(x, studies)
             # Restart r uses its own seed; r = 0 is the single run of n_init = 1. Lowest inertia wins.
             seeds = [self.cfg.seed + seed_offset + r * 1_000_003 for r in range(max(c.n_init, 1))]
-            km = self.method.assign(points, k, seeds)
+            km = self.method.cluster_points(points, k, seeds)
             if studies is not None:   # every image takes its study's cluster
                 km = KMeansResult(km.centroids, km.assignments[studies.to(km.assignments.device)], km.inertia,
                                   km.n_splits, km.backend)

@@ -24,7 +24,7 @@ inside the graph. N is dynamic.
   mean embedding instead (the manifest then carries the ``centroids`` to do the same);
 * ``confidence`` (N,) float32: ``probabilities[cluster]`` (what ``bonecluster predict`` reports).
 
-``stage2_<PART>.onnx`` outputs (the scoring of :class:`bonecluster.stage2.PartAnomaly` is in the
+``stage2_<PART>.onnx`` outputs (the scoring of :class:`bonecluster.stage2.scoring.PartAnomaly` is in the
 graph, its kNN banks are constants):
 
 * ``embedding`` (N, d2) float32: the part model's pooled features, PCA-whitened with the

@@ -6,15 +6,15 @@ Layout of a run folder (everything needed to predict, evaluate, serve or resume)
     RUN/data.json        the prepared dataset view (records, cache rows, skipped files)
     RUN/skipped.csv      path,reason of every file that could not be used
     RUN/cache/           the decode-once cache (unless data.cache points elsewhere)
-    RUN/stage1/          the stage-1 engine run (see :mod:`bonecluster.engine`)
+    RUN/stage1/          the stage-1 engine run (files: :mod:`bonecluster.checkpoint`)
     RUN/stage1/summary.json   cluster sizes, and label-based scores when labels exist
     RUN/stage1/names.json     cluster id -> name (majority body part, or cluster-N; editable)
-    RUN/stage2/<PART>/        one engine run per body part, plus anomaly.pt (see stage2.py)
+    RUN/stage2/<PART>/        one engine run per body part, plus anomaly.pt (see :mod:`bonecluster.stage2`)
     RUN/stage2/summary.json   per part: images, threshold, share flagged
 
 Labels, where the data carries them, are used only to score (and, in stage 2, to group
 images by body part); training never sees them, except in few-label mode
-(``stage2.labels_fraction`` > 0), whose probe uses exactly the audited fraction (see stage2.py).
+(``stage2.labels_fraction`` > 0), whose probe uses exactly the audited fraction (see :mod:`bonecluster.stage2.fewlabel`).
 """
 
 from __future__ import annotations

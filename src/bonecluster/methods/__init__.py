@@ -13,6 +13,10 @@ from __future__ import annotations
 import ast
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # for the annotation only: importing _base loads torch
+    from bonecluster.methods._base import Method
 
 __all__ = ["DEFAULT", "available", "get_method", "method_names"]
 
@@ -38,9 +42,9 @@ def method_names() -> tuple[str, ...]:
     return tuple(sorted(names, key=lambda n: n != DEFAULT))
 
 
-def get_method(name: str) -> type:
+def get_method(name: str) -> type[Method]:
     """The :class:`~bonecluster.methods._base.Method` subclass named ``name``, importing its module
-    (and torch) only now; a clear error for an unknown name."""
+    (with the modules it builds on, and torch) only now; a clear error for an unknown name."""
     from bonecluster.methods._base import registered
 
     if name not in available():

@@ -86,7 +86,7 @@ class Method:
         (``metrics.csv`` row, this round's (N,) CPU labels, whether the clusters collapsed)."""
         raise NotImplementedError(f"method {self.name} has no clustering rounds")
 
-    def assign(self, points: torch.Tensor, k: int, seeds: list[int]) -> KMeansResult:
+    def cluster_points(self, points: torch.Tensor, k: int, seeds: list[int]) -> KMeansResult:
         """Clusters of the whitened ``points`` (M, d), on rank 0: k-means, lowest inertia of ``seeds``."""
         c = self.cfg.cluster
         return kmeans_best_of(points, k, seeds, niter=c.niter, init=c.init, backend=c.backend, device=self.loop.device)

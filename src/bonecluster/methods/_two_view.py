@@ -10,6 +10,7 @@ clustering uses the backbone's pooled features (SimCLR §2.1).
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 import torch
 
@@ -34,7 +35,7 @@ class TwoViewNet(torch.nn.Module):
 class TwoViewPretraining(Method):
     """``selfsup.epochs`` epochs of a two-view loss before anything is clustered."""
 
-    phase = ""   # metrics.csv's phase column and the progress bar's name
+    phase: ClassVar[str] = ""   # metrics.csv's phase column and the progress bar's name
 
     def __init__(self, loop: Loop) -> None:
         super().__init__(loop)
@@ -42,7 +43,7 @@ class TwoViewPretraining(Method):
         self.head: torch.nn.Module | None = None
         if s.epochs:   # no head without epochs: `selfsup.epochs=0` clusters the given network as it is
             self.head = self.make_head().to(loop.device)
-            self.views = RadiographAugment(s.augment)
+            self.view_augment = RadiographAugment(s.augment)   # selfsup.augment: strong, two per image
             params = backbone_parameters(loop.model) + list(self.head.parameters())
             self.pretrain_optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum,
                                                       weight_decay=s.weight_decay)
@@ -95,7 +96,7 @@ class TwoViewPretraining(Method):
             if len(batch) < 2:
                 continue
             x = to_float(batch, loop.device)
-            views = torch.cat([self.views(x, generator=gen), self.views(x, generator=gen)])
+            views = torch.cat([self.view_augment(x, generator=gen), self.view_augment(x, generator=gen)])
             with loop.autocast():
                 out = net(views).float()
             loss = self.view_loss(views, out)

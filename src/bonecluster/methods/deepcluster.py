@@ -33,6 +33,8 @@ log = logging.getLogger("bonecluster")
 
 @register("deepcluster")
 class DeepCluster(Method):
+    """Rounds of k-means pseudo-labels and cross-entropy; owns the backbone's SGD (``optimizer``)."""
+
     centroid_top_layer = False   # True: every round starts from the centroid classifier (SeLa)
 
     def __init__(self, loop: Loop) -> None:
@@ -47,6 +49,7 @@ class DeepCluster(Method):
         return self.cfg.train.epochs
 
     def cluster_epoch(self, data: PreparedDataset, epoch: int, previous: torch.Tensor | None):
+        """One round: ``previous`` and the returned labels are (N,) int64 on the CPU."""
         loop, c = self.loop, self.cfg.cluster
         t0 = time.perf_counter()
         feats = loop.extract(data)

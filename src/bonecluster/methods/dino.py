@@ -28,10 +28,16 @@ log = logging.getLogger("bonecluster")
 
 @register("dino")
 class Dino(TwoViewPretraining):
+    """Self-distillation through a DinoHead; the teacher's weights make the final clusters."""
+
     phase = "dino"
 
     def __init__(self, loop: Loop) -> None:
         super().__init__(loop)
+        self.momentum = self.cfg.selfsup.dino_momentum   # the teacher's, set per epoch by start_epoch
+        self.entropies: list[float] = []                 # this epoch's target entropies, one per batch
+        self.teacher: TwoViewNet | None = None           # teacher and centre exist only with epochs
+        self.center: torch.Tensor | None = None
         if self.head is not None:
             # The teacher: a moving average of backbone + head, never trained by gradients.
             self.teacher = copy.deepcopy(TwoViewNet(loop.model, self.head)).requires_grad_(False)
@@ -44,7 +50,7 @@ class Dino(TwoViewPretraining):
     def start_epoch(self, epoch: int) -> None:
         s = self.cfg.selfsup
         self.momentum = 1.0 - (1.0 - s.dino_momentum) * (math.cos(math.pi * epoch / max(s.epochs, 1)) + 1) / 2
-        self.entropies: list[float] = []
+        self.entropies = []
 
     def view_loss(self, views: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """DINO's loss for the student's ``(2N, K)`` outputs; updates the centre from the teacher's

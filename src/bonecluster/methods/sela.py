@@ -19,10 +19,12 @@ from bonecluster.selfsup import sinkhorn_balanced
 
 @register("sela")
 class SeLa(DeepCluster):
+    """DeepCluster with balanced pseudo-labels (every round and the final clusters) and the centroid head."""
+
     centroid_top_layer = True
 
-    def assign(self, points: torch.Tensor, k: int, seeds: list[int]) -> KMeansResult:
-        return balanced(points, super().assign(points, k, seeds), k, self.cfg.cluster.sinkhorn_epsilon)
+    def cluster_points(self, points: torch.Tensor, k: int, seeds: list[int]) -> KMeansResult:
+        return balanced(points, super().cluster_points(points, k, seeds), k, self.cfg.cluster.sinkhorn_epsilon)
 
 
 def balanced(x: torch.Tensor, km: KMeansResult, k: int, epsilon: float) -> KMeansResult:

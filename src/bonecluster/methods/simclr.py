@@ -17,6 +17,8 @@ from bonecluster.selfsup import ProjectionHead, nt_xent
 
 @register("simclr")
 class SimCLR(TwoViewPretraining):
+    """NT-Xent on two views through a ProjectionHead; k-means once afterwards."""
+
     phase = "simclr"
 
     def make_head(self) -> torch.nn.Module:

@@ -24,6 +24,7 @@ log = logging.getLogger("bonecluster")
 
 @register("simclr-scan")
 class SimCLRScan(SimCLR):
+    """SimCLR's pre-training; SCAN instead of k-means for the final clusters."""
 
     def final_clusters(self, data: PreparedDataset, seed_offset: int) -> tuple[KMeansResult, PCAWhitening]:
         """PCA-whiten the clean features, embed the augmented views in the same space, train

@@ -426,7 +426,7 @@ def pseudo_shares(setting: float | tuple | str, labels: np.ndarray | None = None
 
 
 def train_part_probe(trained: TrainedClusters, data: PreparedDataset, anomaly: PartAnomaly, s2: Stage2Config,
-                     part: str = "", *, batch_size: int = 256) -> FewLabelProbe | None:
+                     part: str = "", *, batch_size: int) -> FewLabelProbe | None:
     """The few-label probe of one part (``data``: its training images), or None with a warning
     when the labelled subset is empty or holds one class only. ``batch_size``:
     ``train.feature_batch_size``."""

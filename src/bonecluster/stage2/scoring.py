@@ -144,14 +144,14 @@ def knn_groups(data: PreparedDataset) -> torch.Tensor:
 
 
 def knn_seed_scores(trained: TrainedClusters, data: PreparedDataset, s2: Stage2Config, *, seed: int,
-                    batch_size: int = 256) -> torch.Tensor:
+                    batch_size: int) -> torch.Tensor:
     """(N,) label-free kNN scores of a part's training images under one network (the refiner's seed).
     ``seed``: the run's (it picks the patch bank's subset); ``batch_size``: ``train.feature_batch_size``."""
     return knn_fit(trained, data.images(), knn_groups(data), s2, seed=seed, batch_size=batch_size)[0]
 
 
 def knn_fit(trained: TrainedClusters, images: np.ndarray, groups: torch.Tensor, s2: Stage2Config, *, seed: int,
-            batch_size: int = 256) -> tuple:
+            batch_size: int) -> tuple:
     """The kNN score of the training images: (scores (N,), its parts, PCA, global bank, patch bank)."""
     pooled, patches = part_features(trained, images, batch_size)
     pca = fit_pca_whitening(pooled, dim=s2.pca_dim)

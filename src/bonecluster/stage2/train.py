@@ -47,7 +47,7 @@ def stage2_config(cfg: Config) -> Config:
 
 
 def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, s2: Stage2Config,
-                     extra_seeds: tuple[torch.Tensor, ...] = (), *, seed: int, batch_size: int = 256) -> PartAnomaly:
+                     extra_seeds: tuple[torch.Tensor, ...] = (), *, seed: int, batch_size: int) -> PartAnomaly:
     """The part's scorer. ``extra_seeds``: (N,) kNN scores of the same images under other networks
     (``stage2.networks``); with them the refinement starts from the mean rank of all seeds.
     ``seed``: the run's (patch bank subset, threshold mixture); ``batch_size``: ``train.feature_batch_size``."""

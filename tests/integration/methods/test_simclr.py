@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch
 import torchvision
 
+from bonecluster.checkpoint import CHECKPOINT, load_torch
 from tests.integration.methods.conftest import method_config, train_method
 
 
 def test_pretraining_epochs_are_logged_and_end_in_k_clusters(phantoms, tmp_path):
     res, rows, trained = train_method(phantoms, tmp_path / "run", method_config("simclr", 2))
     assert [r["phase"] for r in rows] == ["simclr"] * 2 and res.epochs_run == 2
+    saved = load_torch(tmp_path / "run" / CHECKPOINT)
+    assert set(saved["pretrain"]) == {"head", "optimizer"} and "optimizer" not in saved   # no rounds, no backbone SGD
     assert len(trained.assignments) == 56 and trained.centroids.shape[0] == 7
 
 
