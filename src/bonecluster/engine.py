@@ -26,7 +26,7 @@ from bonecluster import distributed as dist
 from bonecluster.augment import RadiographAugment
 from bonecluster.checkpoint import CHECKPOINT, FINAL_MODEL, FORMAT, METRICS, load_run_file, save_torch, write_metrics
 from bonecluster.cluster import KMeansResult, PCAWhitening, preprocess_features, study_means
-from bonecluster.config import Config, to_dict, to_yaml
+from bonecluster.config import ClusterConfig, Config, to_dict, to_yaml
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import batch_loader, to_float
 from bonecluster.data.records import study_index
@@ -95,7 +95,7 @@ class DeepClusterEngine:
         if len(data) < most:
             raise ValueError(f"{len(data)} images cannot make {most} clusters")
         self._write_config()
-        self.studies = _study_groups(data, self.cfg, self.dist.is_main)
+        self.studies = _study_groups(data, self.cfg.cluster, self.dist.is_main)
         start, previous, history = self._resume_state() if resume else (0, None, [])
         if resume and self.dist.is_main:  # a kill between checkpoint and metrics leaves metrics.csv behind
             write_metrics(self.out / METRICS, history)
@@ -312,19 +312,19 @@ def _check_choices(cfg: Config) -> None:
         raise ValueError("cluster.centroid_temperature must be > 0")
 
 
-def _study_groups(data: PreparedDataset, cfg: Config, announce: bool) -> torch.Tensor | None:
+def _study_groups(data: PreparedDataset, c: ClusterConfig, announce: bool) -> torch.Tensor | None:
     """(N,) study number of each image for ``cluster.by_study``, or None: off, no study has two
     images (the same as clustering images), or fewer studies than clusters (with a warning)."""
-    if not cfg.cluster.by_study:
+    if not c.by_study:
         return None
     studies = torch.from_numpy(study_index(data.records))
     n_studies = int(studies.max()) + 1 if len(studies) else 0
     if n_studies == len(studies):
         return None
-    if n_studies < max(cfg.cluster.k, cfg.cluster.round_k):
+    if n_studies < max(c.k, c.round_k):
         if announce:
             log.warning("cluster.by_study: %d studies cannot make %d clusters; clustering the %d images instead",
-                        n_studies, max(cfg.cluster.k, cfg.cluster.round_k), len(studies))
+                        n_studies, max(c.k, c.round_k), len(studies))
         return None
     if announce:
         log.info("clustering %d studies (%d images) instead of images", n_studies, len(studies))
