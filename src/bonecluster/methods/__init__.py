@@ -24,22 +24,24 @@ _HERE = Path(__file__).parent
 DEFAULT = "deepcluster"
 
 
+def _method_files() -> dict[str, Path]:
+    """Method name -> its module file (``foo_bar.py`` holds ``foo-bar``); ``_*.py`` are shared code."""
+    return {path.stem.replace("_", "-"): path for path in sorted(_HERE.glob("*.py")) if not path.stem.startswith("_")}
+
+
 def available() -> dict[str, str]:
-    """Method name -> one-line summary, read from the module files without importing them
-    (so that ``--help`` does not wait for torch)."""
+    """Method name -> one-line summary (its module docstring's first line), read from the files
+    without importing them (so that ``--help`` does not wait for torch)."""
     out = {}
-    for path in sorted(_HERE.glob("*.py")):
-        if path.stem.startswith("_"):
-            continue
-        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
-        out[path.stem.replace("_", "-")] = doc.strip().splitlines()[0] if doc.strip() else ""
+    for name, path in _method_files().items():
+        doc = (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "").strip()
+        out[name] = doc.splitlines()[0] if doc else ""
     return out
 
 
 def method_names() -> tuple[str, ...]:
     """The registered names, the paper's DeepCluster first."""
-    names = sorted(available())
-    return tuple(sorted(names, key=lambda n: n != DEFAULT))
+    return tuple(sorted(_method_files(), key=lambda n: (n != DEFAULT, n)))
 
 
 def get_method(name: str) -> type[Method]:
@@ -47,10 +49,11 @@ def get_method(name: str) -> type[Method]:
     (with the modules it builds on, and torch) only now; a clear error for an unknown name."""
     from bonecluster.methods._base import registered
 
-    if name not in available():
+    files = _method_files()
+    if name not in files:
         raise ValueError(f"config method={name!r}: choose one of {', '.join(method_names())}")
-    importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
+    importlib.import_module(f"{__name__}.{files[name].stem}")
     cls = registered(name)
     if cls is None:
-        raise ValueError(f"methods/{name.replace('-', '_')}.py registers no method named {name!r}")
+        raise ValueError(f"methods/{files[name].name} registers no method named {name!r}")
     return cls
