@@ -7,7 +7,9 @@
 #    (train.device=auto picks it; the viewer's browser test is left out);
 # 2. training speed, engine against a plain loop (benchmarks/bench_train.py);
 # 3. with SHARED_DATA_DIR (../shared/data layout): the `paper` preset on held-out real films
-#    (stage 1, 50 epochs) and stage 2 on humerus studies with the default three seed networks.
+#    (stage 1, 50 epochs) and stage 2 on humerus studies with the default three seed networks;
+#    and the three-way stage-1 suite (benchmarks/bench_real_suite.py) from phantom weights
+#    pre-trained on 100,000 phantoms, with 50 SimCLR epochs.
 # Each step has its own time cap and log under OUT_DIR (default gpu-check); a failing step does not
 # stop the next. Written after the first H100 session (docs/BENCHMARKS.md, "Training speed").
 set -u
@@ -38,5 +40,8 @@ if [ -n "$DATA" ]; then
     --work "$OUT/real-paper" --json "$OUT/real_paper.json"
   step real-humerus 600 $PY benchmarks/bench_real.py --split "$DATA/mura-humerus-64" --holdout 0.3 --stages 2 \
     --work "$OUT/real-humerus" --json "$OUT/real_humerus.json"
+  step real-suite-phantoms 900 $PY benchmarks/bench_real_suite.py --data "$DATA" --preset cpu-real \
+    --set model.weights=phantoms --set phantoms.films=100000 --set selfsup.epochs=50 --set selfsup.batch_size=256 \
+    --work "$OUT/real-suite" --json "$OUT/real_suite.json" --quiet
 fi
 echo "logs in $OUT"

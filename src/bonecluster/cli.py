@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
     _add_phantom(sub)
+    _add_pretrain_phantoms(sub)
     _add_prepare(sub)
     _add_train(sub)
     _add_evaluate(sub)
@@ -141,6 +142,35 @@ def cmd_phantom(args) -> int:
     s = generate_phantoms(args.out, n=args.n, size=args.size, seed=args.seed, workers=args.workers)
     print(f"wrote {s.n_images} images in {s.n_studies} studies "
           f"({s.n_abnormal_studies} abnormal) to {s.out} in {s.seconds:.1f} s")
+    return 0
+
+
+def _add_pretrain_phantoms(sub) -> None:
+    p = sub.add_parser("pretrain-phantoms",
+                       help="pre-train a backbone on labelled phantoms (part, view, finding); start runs from it "
+                            "with --set model.weights=FILE")
+    p.add_argument("--out", required=True, help="weights file to write (FILE, plus FILE.json with the settings "
+                                                "and the per-task accuracy on other phantoms)")
+    p.add_argument("--films", type=_positive(int), help="phantom films to train on (phantoms.films; default 20000)")
+    p.add_argument("--epochs", type=_positive(int), help="passes over them (phantoms.epochs; default 3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_pretrain_phantoms)
+
+
+def cmd_pretrain_phantoms(args) -> int:
+    from bonecluster.phantom_pretrain import pretrain_on_phantoms
+
+    for key, value in (("films", args.films), ("epochs", args.epochs)):
+        if value is not None:
+            args.overrides.append(f"phantoms.{key}={value}")
+    cfg = _load_config(args)
+    result = pretrain_on_phantoms(cfg, args.out, progress=not args.quiet)
+    last = result.history[-1] if result.history else {}
+    scores = ", ".join(f"{k[6:-9]} {v:.3f}" for k, v in last.items() if k.startswith("valid_"))
+    print(f"pre-trained on {cfg.phantoms.films} phantoms x {cfg.phantoms.epochs} epochs in {result.seconds:.0f} s"
+          + (f"; accuracy on other phantoms: {scores}" if scores else ""))
+    print(f"weights: {result.weights} (use --set model.weights={result.weights})")
     return 0
 
 

@@ -92,7 +92,9 @@ class ModelConfig:
 
     arch: str = "resnet18"         # resnet18, resnet34 or resnet50
     sobel: bool = True             # DeepCluster's fixed Sobel front end
-    weights: str = "none"          # none, imagenet (downloaded on your machine) or a .pt file
+    # none, imagenet (downloaded on your machine), a .pt file, or phantoms (pre-train on labelled
+    # phantoms first, see PhantomPretrainConfig; the file is cached under the data cache)
+    weights: str = "none"
     small_input: bool = False      # True: 3x3 stem without max-pool (4-16x slower on CPU)
 
 
@@ -285,6 +287,27 @@ class ScanConfig:
 
 
 @dataclass
+class PhantomPretrainConfig:
+    """Supervised pre-training on labelled phantoms (:mod:`bonecluster.phantom_pretrain`).
+
+    Used by ``bonecluster pretrain-phantoms`` and when ``model.weights`` is ``phantoms``; the
+    network is ``model``'s, the images are ``data.size`` / ``data.fit``, the views are augmented
+    with ``train.augment``.
+    """
+
+    films: int = 20000             # training films, each of a new patient (about 3 ms each to draw at 96 px)
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.05               # one-cycle: warm-up over the first 10% of steps, cosine decay after
+    weight_decay: float = 1e-4
+    tasks: tuple[str, ...] = ("part", "view", "finding")  # what the generator knows; one head each
+    validation_films: int = 1000   # other phantoms, for the per-task accuracy in the weights' .json
+    # Share of films turned into re-shared copies first (turned by 90-degree steps, darkened,
+    # low-contrast, JPEG-blocked: data.phantoms.reshare_film), as many real films found online are.
+    reshare_p: float = 0.0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -293,6 +316,7 @@ class Config:
     selfsup: SelfSupConfig = field(default_factory=SelfSupConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    phantoms: PhantomPretrainConfig = field(default_factory=PhantomPretrainConfig)
     method: str = "deepcluster"
     seed: int = 0
 

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from bonecluster import distributed as dist
-from bonecluster.config import Config, to_yaml
+from bonecluster.config import Config, merge, to_yaml
 from bonecluster.data import PreparedDataset, prepare_sources, write_skipped_csv
 from bonecluster.device import pick_device
 from bonecluster.checkpoint import FINAL_MODEL, TrainedClusters
@@ -35,6 +35,7 @@ from bonecluster.engine import DeepClusterEngine, FitResult
 from bonecluster.io import atomic_write_text
 from bonecluster.metrics import cluster_scores, majority_mapping
 from bonecluster.names import NAMES, load_cluster_names, save_cluster_names
+from bonecluster.phantom_pretrain import PHANTOMS, cached_phantom_weights, cached_weights_path
 from bonecluster.stage2.train import train_stage2
 
 STAGES = (1, 2)
@@ -71,6 +72,7 @@ def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: S
     run = Path(run)
     info = dist.setup(pick_device(cfg.train.device).type)
     try:
+        cfg = resolve_phantom_weights(cfg, run, progress, info)
         if info.is_main:
             atomic_write_text(run / "config.yaml", to_yaml(cfg))
         data = prepare_run_data(sources, run, cfg, progress, info)
@@ -85,6 +87,19 @@ def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: S
     finally:
         dist.teardown(info)
     return summary
+
+
+def resolve_phantom_weights(cfg: Config, run: Path, progress: bool = True,
+                            info: dist.DistInfo = dist.DistInfo()) -> Config:
+    """``model.weights=phantoms``: pre-train on phantoms (or reuse the file cached under the data
+    cache for the same settings) and return the config naming that file, as the run records it."""
+    if str(cfg.model.weights).lower() != PHANTOMS:
+        return cfg
+    cache = cfg.data.cache or run / "cache"
+    if info.is_main:
+        cached_phantom_weights(cfg, cache, progress=progress)
+    dist.barrier(info)
+    return merge(cfg, {"model": {"weights": str(cached_weights_path(cfg, cache))}})
 
 
 def train_stage1(data: PreparedDataset, run: str | Path, cfg: Config, resume: bool = False,

@@ -69,14 +69,16 @@ from PIL import Image, ImageDraw, ImageFont
 from bonecluster import BODY_PARTS
 
 __all__ = [
-    "FINDINGS", "PhantomSummary", "StudyPlan", "generate_phantoms", "make_contact_sheet",
-    "plan_studies", "render_phantom", "render_study",
+    "FINDINGS", "VIEWS", "LabelledFilm", "PhantomSummary", "StudyPlan", "generate_phantoms",
+    "make_contact_sheet", "plan_studies", "render_labelled", "render_phantom", "render_study",
+    "reshare_film",
 ]
 
 FINDINGS: tuple[str, ...] = ("fracture", "plate", "lesion", "dislocation")
 
 # Independent random streams: the plan, each patient's anatomy, each study's views.
 _PLAN_STREAM, _PATIENT_STREAM, _STUDY_STREAM, _SHEET_STREAM = 101, 202, 303, 404
+_LABELLED_STREAM = 505  # single films with their labels, for pre-training (render_labelled)
 
 # Patients of a split other than train are numbered from here, so that studies of a train
 # and a valid split written with the same seed never share a patient id.
@@ -1234,6 +1236,7 @@ def _render_view(patient: Patient, view: View, finding: Sequence[FindingSpec], s
 
 
 _VIEW_LABELS = ("PA", "LAT", "OBL", "AP")
+VIEWS: tuple[str, ...] = _VIEW_LABELS  # the projections a film is drawn in (frontal, lateral, oblique, AP)
 
 
 def _sample_views(n: int, rng: np.random.Generator) -> list[View]:
@@ -1290,6 +1293,54 @@ def render_phantom(part: str, finding: str | None, rng: np.random.Generator, siz
     view = _sample_views(1, rng)[0]
     side = "L" if rng.random() < 0.5 else "R"
     return _render_view(patient, view, specs, side, size, rng, with_masks=return_masks)
+
+
+@dataclass(frozen=True)
+class LabelledFilm:
+    """One phantom film with what the generator knows about it (for pre-training on phantoms)."""
+
+    pixels: np.ndarray       # uint8 (H, W), max(H, W) == size
+    part: str                # one of BODY_PARTS
+    view: str                # one of VIEWS
+    finding: str | None      # None (normal) or one of FINDINGS
+
+
+def render_labelled(index: int, size: int, seed: int = 0) -> LabelledFilm:
+    """Film number ``index`` of an endless seeded stream of single films of new patients.
+
+    The part is drawn uniformly, the study is abnormal with the part's share (about 0.4) and then
+    carries one finding from the part's mix, and the view is one of :data:`VIEWS`. The film depends
+    only on ``(seed, index, size)``, so any process can draw any slice of the stream.
+    """
+    index, size, seed = _check_int(index, "index", 0), _check_size(size, 16), _check_seed(seed)
+    rng = np.random.default_rng([seed, _LABELLED_STREAM, index])
+    part = BODY_PARTS[int(rng.integers(len(BODY_PARTS)))]
+    finding = FINDINGS[_pick(rng, _FINDING_WEIGHTS[part])] if rng.random() < _ABNORMAL_SHARE[part] else None
+    patient = sample_patient(part, rng)
+    specs = sample_finding(finding, part, build_anatomy(patient, View(0.0, 0.5)), rng)
+    view = _sample_views(1, rng)[0]
+    side = "L" if rng.random() < 0.5 else "R"
+    pixels = _render_view(patient, view, specs, side, size, rng)
+    return LabelledFilm(pixels=pixels, part=part, view=view.label, finding=finding)
+
+
+def reshare_film(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A film as it often comes back from the web or a teaching file: uint8 (H, W) -> uint8.
+
+    The canvas is turned by a multiple of 90 degrees (or not), the exposure darkened by a gamma
+    of 1-3 and squeezed into a narrower grey range, and the result saved as a JPEG of quality
+    10-60, whose 8x8 blocks the reader's percentile scaling then stretches back into view. Many
+    films of ``fracture-parts`` are such copies.
+    """
+    out = np.rot90(pixels, int(rng.integers(4))).astype(np.float32) / 255.0
+    out = out ** float(rng.uniform(1.0, 3.0))
+    low = float(rng.uniform(0.0, 0.3))
+    out = low + out * float(rng.uniform(0.3, 1.0 - low))
+    img = Image.fromarray(np.rint(out * 255.0).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=int(rng.integers(10, 61)))
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("L"), dtype=np.uint8).copy()
 
 
 @dataclass(frozen=True)

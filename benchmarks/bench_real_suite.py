@@ -1,0 +1,252 @@
+"""Stage 1 on real films, three held-out evaluations and their supervised ceilings, in one table.
+
+    python benchmarks/bench_real_suite.py --data ../shared/data --preset cpu-real [--set k=v ...]
+    python benchmarks/bench_real_suite.py --data ../shared/data --pool small      # the earlier 1,840-film kind of pool
+    python benchmarks/bench_real_suite.py --data ../shared/data --run RUN         # score a trained run again
+
+Every labelled source is split by study (the file, where there is none) with a fixed seed, 70%
+train and 30% held out (``bench_real.split_source``), so no study is on both sides. Stage 1 trains
+once, without labels, on the training side of the pool:
+
+* ``all``: the training side of fracture-parts, mura-humerus, mura-elbow and fracatlas, plus every
+  mura-unlabelled film (about 3,900 films);
+* ``small``: the training side of fracture-parts and of mura-humerus-64 (same studies as
+  mura-humerus, so its held-out studies stay unseen), about 1,500 films.
+
+Then each evaluation embeds its films with the run's network and PCA-whitening, fits k-means with
+k = its number of classes on its *training-side* films (no label read), assigns the held-out
+films, and scores them (Hungarian accuracy, mean ± std over ``--kmeans-restarts`` seeds):
+
+* (a) fracture-parts, 6 parts (``body_part``);
+* (b) the clean MURA pair, ELBOW vs HUMERUS (``mura-elbow`` + ``mura-humerus``, folder labels);
+* (c) FracAtlas regions (``region``: hand = any upper limb, leg, hip, shoulder = chest and
+  shoulder), single-region films only.
+
+The supervised ceiling of each is a logistic regression fitted with every training-side label
+and scored on the same held-out films: on the embedding k-means sees, and on the backbone's
+pooled features (standardised). ``ratio`` is the label-free figure over the embedding's ceiling.
+"commonest class" is the share of the largest class among the scored films, which one cluster
+holding every film would score: (b) is about 70% humerus.
+For (a) the run's own stage-1 clusters (k = ``cluster.k``, fitted on the pool) are scored too,
+as ``bench_real.py`` does. Labels only score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_real import split_source  # noqa: E402  (the one split rule of the real-data benchmarks)
+
+# source name -> path inside --data
+SOURCES = {
+    "fracture-parts": "fracture-parts/manifest.csv",
+    "mura-humerus": "mura-humerus",
+    "mura-humerus-64": "mura-humerus-64",
+    "mura-elbow": "mura-elbow",
+    "fracatlas": "fracatlas/manifest.csv",
+    "mura-unlabelled": "mura-unlabelled",
+}
+POOLS = {
+    "all": (["fracture-parts", "mura-humerus", "mura-elbow", "fracatlas"], ["mura-unlabelled"]),
+    "small": (["fracture-parts", "mura-humerus-64"], []),
+}   # (sources whose training side is used, sources used whole: no labels, no held-out side)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    key: str
+    title: str
+    sources: tuple[str, ...]
+    label: str              # "body_part" or "region"
+
+
+EVALUATIONS = (
+    Evaluation("a", "fracture-parts, 6 parts", ("fracture-parts",), "body_part"),
+    Evaluation("b", "MURA elbow vs humerus", ("mura-elbow", "mura-humerus"), "body_part"),
+    Evaluation("c", "FracAtlas regions", ("fracatlas",), "region"),
+)
+
+
+def split_all(data: Path, work: Path, holdout: float = 0.3) -> dict[str, tuple[Path, Path]]:
+    """(train.csv, eval.csv) per labelled source present under ``data``, written under ``work/splits``."""
+    splits = {}
+    for name, rel in SOURCES.items():
+        if name == "mura-unlabelled" or not (data / rel).exists():
+            continue
+        splits[name] = split_source(str(data / rel), holdout, work / "splits" / name)
+    return splits
+
+
+def pool_sources(pool: str, data: Path, splits: dict) -> list[str]:
+    split_side, whole = POOLS[pool]
+    missing = [s for s in split_side if s not in splits] + [s for s in whole if not (data / SOURCES[s]).exists()]
+    if missing:
+        raise SystemExit(f"{data}: missing {', '.join(missing)} for pool {pool!r}")
+    return [str(splits[s][0]) for s in split_side] + [str(data / SOURCES[s]) for s in whole]
+
+
+def region_labels(data: Path) -> dict[str, str]:
+    """FracAtlas film path (absolute) -> region, for films of one region only."""
+    manifest = data / SOURCES["fracatlas"]
+    out = {}
+    with open(manifest, newline="") as f:
+        for row in csv.DictReader(f):
+            region = (row.get("region") or "").strip()
+            if region and "+" not in region:
+                out[os.path.abspath(manifest.parent / row["path"])] = region
+    return out
+
+
+def _labels(records, label: str, regions: dict[str, str]) -> np.ndarray:
+    if label == "region":
+        return np.array([regions.get(os.path.abspath(r.path), "") for r in records])
+    return np.array([r.body_part or "" for r in records])
+
+
+def _embed(trained, images: np.ndarray, batch_size: int = 256):
+    """uint8 (N, S, S) -> (whitened, L2-normalised embedding (N, d), pooled features (N, D)), numpy."""
+    import torch
+
+    from bonecluster.cluster import l2_normalise
+
+    emb, raw = [], []
+    with torch.no_grad():
+        for s in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).float().div_(255).unsqueeze(1)
+            feats = trained.model.features(x).float()
+            raw.append(feats.numpy())
+            emb.append(l2_normalise(trained.pca.transform(feats)).numpy())
+    return np.concatenate(emb), np.concatenate(raw)
+
+
+def _probe(x_train, y_train, x_eval, y_eval, standardise: bool) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = LogisticRegression(max_iter=5000, C=1.0)
+    model = make_pipeline(StandardScaler(), clf) if standardise else clf
+    model.fit(x_train, y_train)
+    return float((model.predict(x_eval) == y_eval).mean())
+
+
+def _majority_share(labels: np.ndarray) -> float:
+    """Share of the commonest class: what one cluster holding every film scores (Hungarian)."""
+    _, counts = np.unique(labels, return_counts=True)
+    return float(counts.max() / counts.sum())
+
+
+def score_evaluation(ev: Evaluation, run: Path, trained, splits: dict, regions: dict, restarts: int) -> dict:
+    """Label-free k-means figure, supervised ceilings and their ratio for one evaluation."""
+    import torch
+
+    from bonecluster.cluster import assign, kmeans_best_of
+    from bonecluster.data import prepare_sources
+    from bonecluster.metrics import hungarian_accuracy
+
+    cfg = trained.cfg
+    cache = cfg.data.cache or run / "cache"
+    sides = {}
+    for side, j in (("train", 0), ("eval", 1)):
+        ds = prepare_sources([str(splits[s][j]) for s in ev.sources], cfg.data, cache=cache, progress=False)
+        emb, raw = _embed(trained, ds.images())
+        sides[side] = (emb, raw, _labels(ds.records, ev.label, regions))
+    (e_tr, r_tr, y_tr), (e_ev, r_ev, y_ev) = sides["train"], sides["eval"]
+    scored, known = y_ev != "", y_tr != ""
+    classes = sorted(set(y_ev[scored]) | set(y_tr[known]))
+    k = len(classes)
+    scores = []
+    for r in range(restarts):
+        seeds = [7919 * (r + 1) + 104_729 * i for i in range(max(cfg.cluster.n_init, 1))]
+        km = kmeans_best_of(torch.from_numpy(e_tr), k, seeds, niter=cfg.cluster.niter, init=cfg.cluster.init,
+                            backend=cfg.cluster.backend)
+        clusters = assign(torch.from_numpy(e_ev), km.centroids)[0].numpy()
+        scores.append(hungarian_accuracy(clusters[scored], y_ev[scored]))
+    ceiling = _probe(e_tr[known], y_tr[known], e_ev[scored], y_ev[scored], standardise=False)
+    ceiling_raw = _probe(r_tr[known], y_tr[known], r_ev[scored], y_ev[scored], standardise=True)
+    out = {"title": ev.title, "classes": classes, "k": k, "train_films": len(y_tr), "train_labelled": int(known.sum()),
+           "held_out_films": len(y_ev), "held_out_scored": int(scored.sum()),
+           "majority_share": _majority_share(y_ev[scored]),
+           "hungarian_mean": float(np.mean(scores)), "hungarian_std": float(np.std(scores)),
+           "hungarian_scores": [round(s, 4) for s in scores],
+           "probe_embedding": ceiling, "probe_pooled": ceiling_raw,
+           "ratio": float(np.mean(scores)) / ceiling if ceiling > 0 else None}
+    if ev.key == "a":
+        run_clusters = assign(torch.from_numpy(e_ev), trained.centroids)[0].numpy()
+        out["run_clusters_hungarian"] = hungarian_accuracy(run_clusters[scored], y_ev[scored])
+    return out
+
+
+def print_table(result: dict) -> None:
+    print(f"\npool {result['pool']} ({result['train_films']} films, labels unused), preset {result['preset']} "
+          f"{' '.join(result['overrides'])}; train {result['train_seconds']} s")
+    print("| evaluation | k | train / held-out (scored) | commonest class | label-free Hungarian | probe on embedding | "
+          "probe on pooled features | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, e in result["evaluations"].items():
+        extra = f" (run's k={result['k']} clusters: {e['run_clusters_hungarian']:.3f})" if "run_clusters_hungarian" in e else ""
+        print(f"| ({key}) {e['title']} | {e['k']} | {e['train_films']} / {e['held_out_films']} ({e['held_out_scored']}) "
+              f"| {e['majority_share']:.3f} | {e['hungarian_mean']:.3f} ± {e['hungarian_std']:.3f}{extra} "
+              f"| {e['probe_embedding']:.3f} "
+              f"| {e['probe_pooled']:.3f} | {e['ratio']:.2f} |")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="../shared/data", help="the folder holding the real-film sources")
+    ap.add_argument("--pool", choices=sorted(POOLS), default="all", help="label-free training films (default all)")
+    ap.add_argument("--preset", default="cpu-real")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--run", help="score this trained run instead of training one")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_real_suite"))
+    ap.add_argument("--kmeans-restarts", type=int, default=5)
+    ap.add_argument("--json", help="write the result here too")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars while training")
+    args = ap.parse_args(argv)
+
+    from bonecluster.checkpoint import TrainedClusters
+    from bonecluster.config import load_config
+    from bonecluster.pipeline import train
+
+    data, work = Path(args.data), Path(args.work)
+    if not data.is_dir():
+        raise SystemExit(f"{data}: no such folder (give --data, the folder with the real-film sources)")
+    splits = split_all(data, work)
+    t0 = time.perf_counter()
+    if args.run:
+        run = Path(args.run)
+        n_train = None
+    else:
+        run = work / "run"
+        cfg = load_config(args.preset, overrides=args.overrides)
+        summary = train(pool_sources(args.pool, data, splits), run, cfg, stages=[1], progress=not args.quiet)
+        n_train = summary["stage1"]["n_images"]
+    t1 = time.perf_counter()
+    trained = TrainedClusters.load(run / "stage1")
+    regions = region_labels(data) if (data / SOURCES["fracatlas"]).exists() else {}
+    evaluations = {ev.key: score_evaluation(ev, run, trained, splits, regions, args.kmeans_restarts)
+                   for ev in EVALUATIONS if all(s in splits for s in ev.sources)}
+    result = {"pool": args.pool if not args.run else f"run {run}", "preset": args.preset, "overrides": args.overrides,
+              "train_films": n_train if n_train is not None else len(trained.assignments),
+              "train_seconds": round(t1 - t0, 1), "score_seconds": round(time.perf_counter() - t1, 1),
+              "k": trained.cfg.cluster.k, "evaluations": evaluations}
+    print(json.dumps(result, indent=2))
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

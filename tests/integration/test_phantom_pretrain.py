@@ -1,0 +1,49 @@
+"""`bonecluster pretrain-phantoms` and `model.weights=phantoms` in a training run."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import yaml
+
+from bonecluster.cli import main
+from bonecluster.data.phantoms import generate_phantoms
+from tests.integration.test_engine import TINY
+
+PRETRAIN = ["phantoms.films=48", "phantoms.epochs=1", "phantoms.batch_size=16", "phantoms.validation_films=14"]
+
+
+def _sets(items):
+    return [a for s in items for a in ("--set", s)]
+
+
+def test_the_cli_writes_weights_a_run_can_start_from(tmp_path, capsys, single_torch_thread):
+    out = tmp_path / "phantoms.pt"
+    assert main(["pretrain-phantoms", "--out", str(out), "--films", "48", "--epochs", "1", "--quiet",
+                 *_sets(TINY + PRETRAIN[2:])]) == 0
+    printed = capsys.readouterr().out
+    assert f"model.weights={out}" in printed and "part " in printed
+    meta = json.loads((tmp_path / "phantoms.pt.json").read_text())
+    assert meta["phantoms"]["films"] == 48 and meta["data"]["size"] == 32
+    generate_phantoms(tmp_path / "ph", n=28, size=64, seed=3, progress=False, workers=1)
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "ph"), "--out", str(run), "--stages", "1", "--quiet",
+                 *_sets(TINY + ["train.epochs=1", f"model.weights={out}"])]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["weights"] == str(out)
+
+
+def test_model_weights_phantoms_pretrains_once_and_the_run_names_the_file(tmp_path, single_torch_thread):
+    generate_phantoms(tmp_path / "ph", n=28, size=64, seed=3, progress=False, workers=1)
+    sets = _sets(TINY + PRETRAIN + ["train.epochs=1", "model.weights=phantoms", f"data.cache={tmp_path / 'cache'}"])
+    assert main(["train", str(tmp_path / "ph"), "--out", str(tmp_path / "run1"), "--stages", "1", "--quiet", *sets]) == 0
+    files = list((tmp_path / "cache" / "phantom-weights").glob("*.pt"))
+    assert len(files) == 1
+    weights = yaml.safe_load((tmp_path / "run1" / "config.yaml").read_text())["model"]["weights"]
+    assert weights == str(files[0].resolve())
+    stamp = files[0].stat().st_mtime_ns
+    # a second run with the same settings reuses the file; a new network starts from it
+    assert main(["train", str(tmp_path / "ph"), "--out", str(tmp_path / "run2"), "--stages", "1", "--quiet", *sets]) == 0
+    assert files[0].stat().st_mtime_ns == stamp
+    saved = torch.load(files[0], weights_only=True)["model"]
+    assert "backbone.conv1.weight" in saved

@@ -1,0 +1,122 @@
+"""Pre-training on labelled phantoms: the labelled film stream, the corpus, the weights file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bonecluster import BODY_PARTS
+from bonecluster.config import load_config
+from bonecluster.data.decode import fit_to_square, scale_percentiles
+from bonecluster.data.phantoms import FINDINGS, VIEWS, render_labelled
+from bonecluster.models import build_model
+from bonecluster.phantom_pretrain import (TASK_CLASSES, cached_phantom_weights, pretrain_on_phantoms,
+                                          render_corpus, weights_key)
+
+TINY = ["data.size=32", "data.fit=letterbox", "phantoms.films=64", "phantoms.epochs=1", "phantoms.batch_size=16",
+        "phantoms.validation_films=16", "train.device=cpu"]
+
+
+def test_a_labelled_film_depends_only_on_seed_index_and_size():
+    a, b = render_labelled(5, 48, seed=1), render_labelled(5, 48, seed=1)
+    assert np.array_equal(a.pixels, b.pixels) and (a.part, a.view, a.finding) == (b.part, b.view, b.finding)
+    assert not np.array_equal(a.pixels, render_labelled(6, 48, seed=1).pixels)
+    assert not np.array_equal(a.pixels, render_labelled(5, 48, seed=2).pixels)
+    assert a.pixels.dtype == np.uint8 and max(a.pixels.shape) == 48
+
+
+def test_the_labelled_stream_covers_every_part_view_and_finding():
+    films = [render_labelled(i, 24) for i in range(300)]
+    assert {f.part for f in films} == set(BODY_PARTS)
+    assert {f.view for f in films} == set(VIEWS)
+    assert {f.finding for f in films} == set(FINDINGS) | {None}
+    abnormal = np.mean([f.finding is not None for f in films])
+    assert 0.3 < abnormal < 0.5   # the parts' abnormal shares average about 0.4
+
+
+def test_render_labelled_rejects_a_negative_index():
+    with pytest.raises(ValueError, match="index"):
+        render_labelled(-1, 32)
+
+
+def test_the_corpus_is_squared_like_a_real_film_and_labelled_per_task():
+    cfg = load_config("cpu", overrides=["data.size=32", "data.fit=letterbox"])
+    corpus = render_corpus(20, cfg.data, seed=0, first=3, workers=1, progress=False)
+    assert corpus.images.shape == (20, 32, 32) and corpus.images.dtype == np.uint8
+    film = render_labelled(3, 32)
+    assert TASK_CLASSES["part"][corpus.labels["part"][0]] == film.part
+    assert TASK_CLASSES["view"][corpus.labels["view"][0]] == film.view
+    assert TASK_CLASSES["finding"][corpus.labels["finding"][0]] == (film.finding or "normal")
+    # the cache's chain for a decoded real film: percentile scaling, then the configured fit
+    assert np.array_equal(corpus.images[0], fit_to_square(scale_percentiles(film.pixels), 32, "letterbox"))
+
+
+def test_pretraining_writes_a_weights_file_that_model_weights_loads(tmp_path):
+    cfg = load_config("cpu", overrides=TINY)
+    result = pretrain_on_phantoms(cfg, tmp_path / "w.pt", progress=False)
+    meta = json.loads((tmp_path / "w.pt.json").read_text())
+    assert meta["phantoms"]["films"] == 64 and len(meta["history"]) == 1
+    assert set(meta["history"][0]) == {"epoch", "loss", "valid_part_accuracy", "valid_view_accuracy",
+                                       "valid_finding_accuracy"}
+    model = build_model(cfg.model, weights=str(result.weights))
+    saved = torch.load(result.weights, weights_only=True)["model"]
+    assert all(k.startswith("backbone.") for k in saved)
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, saved[f"backbone.{key}"])
+    fresh = build_model(cfg.model)
+    assert not torch.equal(fresh.backbone.conv1.weight, model.backbone.conv1.weight)
+
+
+def test_pretraining_learns_the_part_of_phantoms_it_never_saw(tmp_path):
+    """Seeded, so it cannot be flaky on one machine; chance is 1/7 = 0.14."""
+    cfg = load_config("cpu", overrides=["data.size=32", "data.fit=letterbox", "phantoms.films=448",
+                                        "phantoms.epochs=4", "phantoms.batch_size=32", "phantoms.tasks=[part]",
+                                        "phantoms.validation_films=140", "train.device=cpu"])
+    torch.set_num_threads(1)
+    history = pretrain_on_phantoms(cfg, tmp_path / "w.pt", progress=False).history
+    assert history[-1]["valid_part_accuracy"] > 0.3, history
+    assert history[-1]["loss"] < history[0]["loss"], history
+
+
+def test_unknown_tasks_are_refused(tmp_path):
+    cfg = load_config("cpu", overrides=TINY + ["phantoms.tasks=[part,colour]"])
+    with pytest.raises(ValueError, match="phantoms.tasks"):
+        pretrain_on_phantoms(cfg, tmp_path / "w.pt", progress=False)
+
+
+def test_cached_weights_are_reused_for_the_same_settings_only(tmp_path):
+    cfg = load_config("cpu", overrides=TINY)
+    first = cached_phantom_weights(cfg, tmp_path, progress=False)
+    stamp = first.stat().st_mtime_ns
+    assert cached_phantom_weights(cfg, tmp_path, progress=False) == first and first.stat().st_mtime_ns == stamp
+    other = load_config("cpu", overrides=TINY + ["phantoms.lr=0.01"])
+    assert weights_key(other) != weights_key(cfg)
+    assert weights_key(load_config("cpu", overrides=TINY + ["train.device=auto"])) == weights_key(cfg)
+
+
+def test_a_reshared_copy_is_turned_and_squeezed_and_depends_only_on_its_rng():
+    from bonecluster.data.phantoms import reshare_film
+
+    film = render_labelled(0, 64).pixels
+    copies = [reshare_film(film, np.random.default_rng(i)) for i in range(12)]
+    assert all(c.dtype == np.uint8 and sorted(c.shape) == sorted(film.shape) for c in copies)
+    assert any(c.shape != film.shape for c in copies)          # some are turned by 90 degrees
+    ranges = [int(c.max()) - int(c.min()) for c in copies]      # a squeezed grey range
+    assert np.mean(ranges) < 0.8 * (int(film.max()) - int(film.min())), ranges
+    again = reshare_film(film, np.random.default_rng(3))
+    assert np.array_equal(again, copies[3])
+
+
+def test_reshare_p_changes_only_the_share_of_films_it_asks_for():
+    cfg = load_config("cpu", overrides=["data.size=32", "data.fit=letterbox"])
+    plain = render_corpus(40, cfg.data, workers=1, progress=False)
+    half = render_corpus(40, cfg.data, workers=1, progress=False, reshare_p=0.5)
+    assert np.array_equal(plain.images, render_corpus(40, cfg.data, workers=1, progress=False, reshare_p=0.0).images)
+    changed = np.array([not np.array_equal(a, b) for a, b in zip(plain.images, half.images)])
+    assert 0.25 < changed.mean() < 0.75
+    assert all(np.array_equal(plain.labels[t], half.labels[t]) for t in TASK_CLASSES)
+    with pytest.raises(ValueError, match="reshare_p"):
+        render_corpus(4, cfg.data, workers=1, progress=False, reshare_p=1.5)
