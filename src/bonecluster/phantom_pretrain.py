@@ -41,7 +41,7 @@ from bonecluster import BODY_PARTS
 from bonecluster.augment import RadiographAugment, uint8_to_unit_float
 from bonecluster.config import Config, DataConfig, PhantomPretrainConfig
 from bonecluster.data.decode import fit_to_square, scale_percentiles
-from bonecluster.data.phantoms import FINDINGS, VIEWS, render_labelled, reshare_film
+from bonecluster.data.phantoms import FINDINGS, VIEWS, _default_workers, render_labelled, reshare_film
 from bonecluster.device import amp_enabled, pick_device, seed_everything
 from bonecluster.io import atomic_write_text
 from bonecluster.models import DeepClusterNet, build_model
@@ -108,13 +108,12 @@ def render_corpus(n: int, data: DataConfig, seed: int = 0, first: int = 0, worke
     """Films ``first .. first+n-1`` of the labelled phantom stream at ``data.size`` with ``data.fit``.
 
     Rendering takes about 3 ms a film at 96 px on one core; ``workers`` processes (default: one
-    per core, none below 512 films) share it. The same arguments give the same bytes.
+    per core, none for small sets, as ``generate_phantoms``) share it. The same arguments give the same bytes.
     """
     if n < 1:
         raise ValueError(f"phantoms.films must be at least 1, got {n}")
     if workers is None:
-        workers = 1 if n < 512 else max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                        else (os.cpu_count() or 1), 1)
+        workers = _default_workers(n)
     chunk = 256
     if not 0.0 <= reshare_p <= 1.0:
         raise ValueError(f"phantoms.reshare_p must be in [0, 1], got {reshare_p}")
