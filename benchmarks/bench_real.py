@@ -59,6 +59,11 @@ def split_source(source: str, holdout: float, work: Path, seed: int = 0) -> tupl
     return paths[0], paths[1]
 
 
+def restart_seeds(restart: int, n_init: int) -> list[int]:
+    """The k-means seeds of restart number ``restart``: ``n_init`` of them, the best of which wins."""
+    return [7919 * (restart + 1) + 104_729 * i for i in range(max(n_init, 1))]
+
+
 K_MEANS_METHODS = ("deepcluster", "simclr", "simclr-deepcluster", "dino")  # final clusters = plain k-means
 
 
@@ -86,8 +91,8 @@ def kmeans_restart_spread(run: Path, eval_src: list[str], restarts: int) -> dict
     x_eval = embed_images(trained, held_out.images())
     scores = []
     for r in range(restarts):
-        seeds = [7919 * (r + 1) + 104_729 * i for i in range(max(cfg.cluster.n_init, 1))]
-        best = kmeans_best_of(x_train, cfg.cluster.k, seeds, niter=cfg.cluster.niter, init=cfg.cluster.init,
+        best = kmeans_best_of(x_train, cfg.cluster.k, restart_seeds(r, cfg.cluster.n_init),
+                              niter=cfg.cluster.niter, init=cfg.cluster.init,
                               backend=cfg.cluster.backend)
         clusters = assign(x_eval, best.centroids)[0].numpy()
         scores.append(hungarian_accuracy(clusters[labelled], parts[labelled]))

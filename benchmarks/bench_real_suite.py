@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_real import split_source  # noqa: E402  (the one split rule of the real-data benchmarks)
+from bench_real import restart_seeds, split_source  # noqa: E402  (one split rule, one seed rule)
 
 # source name -> path inside --data
 SOURCES = {
@@ -168,9 +168,8 @@ def score_evaluation(ev: Evaluation, run: Path, trained, splits: dict, regions: 
     k = len(classes)
     scores = []
     for r in range(restarts):
-        seeds = [7919 * (r + 1) + 104_729 * i for i in range(max(cfg.cluster.n_init, 1))]
-        km = kmeans_best_of(torch.from_numpy(e_tr), k, seeds, niter=cfg.cluster.niter, init=cfg.cluster.init,
-                            backend=cfg.cluster.backend)
+        km = kmeans_best_of(torch.from_numpy(e_tr), k, restart_seeds(r, cfg.cluster.n_init),
+                            niter=cfg.cluster.niter, init=cfg.cluster.init, backend=cfg.cluster.backend)
         clusters = assign(torch.from_numpy(e_ev), km.centroids)[0].numpy()
         scores.append(hungarian_accuracy(clusters[scored], y_ev[scored]))
     ceiling = _probe(e_tr[known], y_tr[known], e_ev[scored], y_ev[scored], standardise=False)

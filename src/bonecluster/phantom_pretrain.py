@@ -41,7 +41,8 @@ from bonecluster import BODY_PARTS
 from bonecluster.augment import RadiographAugment, uint8_to_unit_float
 from bonecluster.config import Config, DataConfig, PhantomPretrainConfig
 from bonecluster.data.decode import fit_to_square, scale_percentiles
-from bonecluster.data.phantoms import FINDINGS, VIEWS, _default_workers, render_labelled, reshare_film
+from bonecluster.data.phantoms import (FINDINGS, VIEWS, _default_workers, _progress_bar, render_labelled,
+                                      reshare_film)
 from bonecluster.device import amp_enabled, pick_device, seed_everything
 from bonecluster.io import atomic_write_text
 from bonecluster.models import DeepClusterNet, build_model
@@ -304,17 +305,5 @@ def cached_phantom_weights(cfg: Config, cache: str | Path, progress: bool = True
     return path
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _bar(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False)
+    return _progress_bar(total, enabled, desc=desc, unit="it")

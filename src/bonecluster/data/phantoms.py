@@ -1526,14 +1526,14 @@ class _NoBar:
         pass
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: bool, desc: str = "phantoms", unit: str = "img"):
     if not enabled:
         return _NoBar()
     try:
         from tqdm import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, unit="img", desc="phantoms")
+    return tqdm(total=total, unit=unit, desc=desc)
 
 
 def _write_mura_csvs(out: Path, split: str, plans: list[StudyPlan]) -> None:
