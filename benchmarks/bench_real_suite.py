@@ -29,6 +29,12 @@ pooled features (standardised). ``ratio`` is the label-free figure over the embe
 holding every film would score: (b) is about 70% humerus.
 For (a) the run's own stage-1 clusters (k = ``cluster.k``, fitted on the pool) are scored too,
 as ``bench_real.py`` does. Labels only score.
+
+``--space`` re-fits the space k-means works in on the pool's features of the same network before
+scoring, to compare spaces on one trained network: ``pca`` (PCA-whitening of all features, what
+``cluster.subspace=none`` fits; it reproduces such a run) or ``phantom-parts`` (whitening inside
+the phantom part directions, ``cluster.subspace=phantom-parts``). The default, ``run``, keeps the
+run's own.
 """
 
 from __future__ import annotations
@@ -181,15 +187,35 @@ def score_evaluation(ev: Evaluation, run: Path, trained, splits: dict, regions: 
            "hungarian_scores": [round(s, 4) for s in scores],
            "probe_embedding": ceiling, "probe_pooled": ceiling_raw,
            "ratio": float(np.mean(scores)) / ceiling if ceiling > 0 else None}
-    if ev.key == "a":
+    if ev.key == "a" and trained.centroids is not None:   # None: the space was re-fitted (--space)
         run_clusters = assign(torch.from_numpy(e_ev), trained.centroids)[0].numpy()
         out["run_clusters_hungarian"] = hungarian_accuracy(run_clusters[scored], y_ev[scored])
     return out
 
 
+def refit_space(trained, space: str, pool: list[str], cache: Path, films: int) -> None:
+    """Replace ``trained.pca`` by the ``space`` fitted on the pool's features (see ``--space``)."""
+    import torch
+
+    from bonecluster.cluster import fit_pca_whitening
+    from bonecluster.data import prepare_sources
+    from bonecluster.phantom_subspace import phantom_part_whitening, subspace_corpus
+
+    cfg = trained.cfg
+    ds = prepare_sources(pool, cfg.data, cache=cache, progress=False)
+    feats = torch.from_numpy(_embed(trained, ds.images())[1])
+    if space == "pca":
+        trained.pca = fit_pca_whitening(feats, dim=cfg.cluster.pca_dim)
+    else:
+        corpus = subspace_corpus(films, cfg.data, cfg.seed)
+        trained.pca = phantom_part_whitening(trained.model, feats, corpus, torch.device("cpu"), dim=cfg.cluster.pca_dim)
+    trained.centroids = None   # the run's own clusters live in the old space
+
+
 def print_table(result: dict) -> None:
     print(f"\npool {result['pool']} ({result['train_films']} films, labels unused), preset {result['preset']} "
-          f"{' '.join(result['overrides'])}; train {result['train_seconds']} s")
+          f"{' '.join(result['overrides'])}; train {result['train_seconds']} s; space {result['space']} "
+          f"({result['embedding_dim']} dims)")
     print("| evaluation | k | train / held-out (scored) | commonest class | label-free Hungarian | probe on embedding | "
           "probe on pooled features | ratio |")
     print("|---|---|---|---|---|---|---|---|")
@@ -209,6 +235,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--run", help="score this trained run instead of training one")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_real_suite"))
+    ap.add_argument("--space", choices=("run", "pca", "phantom-parts"), default="run",
+                    help="re-fit the clustering space on the pool's features first (default: the run's own)")
+    ap.add_argument("--subspace-films", type=int,
+                    help="labelled phantoms the phantom-parts space is fitted on (default: the run's cluster.subspace_films)")
     ap.add_argument("--kmeans-restarts", type=int, default=5)
     ap.add_argument("--json", help="write the result here too")
     ap.add_argument("--quiet", action="store_true", help="no progress bars while training")
@@ -233,10 +263,14 @@ def main(argv=None) -> dict:
         n_train = summary["stage1"]["n_images"]
     t1 = time.perf_counter()
     trained = TrainedClusters.load(run / "stage1")
+    if args.space != "run":
+        refit_space(trained, args.space, pool_sources(args.pool, data, splits), trained.cfg.data.cache or run / "cache",
+                    args.subspace_films or trained.cfg.cluster.subspace_films)
     regions = region_labels(data) if (data / SOURCES["fracatlas"]).exists() else {}
     evaluations = {ev.key: score_evaluation(ev, run, trained, splits, regions, args.kmeans_restarts)
                    for ev in EVALUATIONS if all(s in splits for s in ev.sources)}
     result = {"pool": args.pool if not args.run else f"run {run}", "preset": args.preset, "overrides": args.overrides,
+              "space": args.space, "embedding_dim": trained.pca.output_dim,
               "train_films": n_train if n_train is not None else len(trained.assignments),
               "train_seconds": round(t1 - t0, 1), "score_seconds": round(time.perf_counter() - t1, 1),
               "k": trained.cfg.cluster.k, "evaluations": evaluations}

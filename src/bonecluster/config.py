@@ -126,6 +126,12 @@ class ClusterConfig:
     # network the part, not the view (patient metadata as positives: Vu et al. 2021, MedAug).
     # Images without a study id are their own study; no label is read. Stage 2 clusters images.
     by_study: bool = False
+    # Space k-means works in: "none" = PCA-whiten all features (DeepCluster); "phantom-parts" =
+    # PCA-whiten only inside the <= 6 directions that tell phantom body parts apart (LDA on
+    # `subspace_films` labelled phantoms embedded by the same network; bonecluster.phantom_subspace).
+    # No real label is read; the phantoms are prepared at data.size / data.fit.
+    subspace: str = "none"
+    subspace_films: int = 3500
 
     @property
     def round_k(self) -> int:

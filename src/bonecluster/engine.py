@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from bonecluster import distributed as dist
 from bonecluster.augment import RadiographAugment
 from bonecluster.checkpoint import CHECKPOINT, FINAL_MODEL, FORMAT, METRICS, load_run_file, save_torch, write_metrics
-from bonecluster.cluster import KMeansResult, PCAWhitening, preprocess_features, study_means
+from bonecluster.cluster import KMeansResult, PCAWhitening, l2_normalise, preprocess_features, study_means
 from bonecluster.config import ClusterConfig, Config, to_dict, to_yaml
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import batch_loader, to_float
@@ -34,6 +34,8 @@ from bonecluster.device import amp_enabled, pick_device
 from bonecluster.io import atomic_write_text
 from bonecluster.methods import get_method
 from bonecluster.models import DeepClusterNet, build_model
+from bonecluster.phantom_pretrain import PhantomCorpus
+from bonecluster.phantom_subspace import SUBSPACES, phantom_part_whitening, subspace_corpus
 
 log = logging.getLogger("bonecluster")
 
@@ -76,6 +78,7 @@ class DeepClusterEngine:
         self.amp_dtype = torch.bfloat16 if self.use_amp and _native_bf16(self.device) else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.studies: torch.Tensor | None = None   # (N,) study numbers when cluster.by_study (set by fit)
+        self._subspace_corpus: PhantomCorpus | None = None   # labelled phantoms for cluster.subspace
         self.method = method_cls(self)   # after the network: its heads draw from the seeded RNG next
 
     @property
@@ -203,7 +206,7 @@ class DeepClusterEngine:
         clusters (default ``cluster.k``) on rank 0; every rank receives the assignments."""
         c = self.cfg.cluster
         k = k or c.k
-        x, pca = preprocess_features(feats, dim=c.pca_dim)
+        x, pca = self.whiten(feats)
         km = None
         if self.dist.is_main:
             studies = self.studies
@@ -220,6 +223,19 @@ class DeepClusterEngine:
         if km is None:
             km = KMeansResult(torch.empty(0), labels, 0.0, 0, c.backend)
         return km, pca
+
+    def whiten(self, feats: torch.Tensor) -> tuple[torch.Tensor, PCAWhitening]:
+        """``(N, D)`` features -> ``(N, d)`` PCA-whitened, L2-normalised points and the fitted map;
+        with ``cluster.subspace=phantom-parts`` only inside the phantom part directions."""
+        c = self.cfg.cluster
+        if c.subspace == "none":
+            return preprocess_features(feats, dim=c.pca_dim)
+        if self._subspace_corpus is None:   # rendered once, reused by every round
+            self._subspace_corpus = subspace_corpus(c.subspace_films, self.cfg.data, self.cfg.seed,
+                                                    progress=self.progress and self.dist.is_main)
+        pca = phantom_part_whitening(self.model, feats, self._subspace_corpus, self.device, dim=c.pca_dim,
+                                     batch_size=self.cfg.train.feature_batch_size)
+        return l2_normalise(pca.transform(feats)), pca
 
     # ------------------------------------------------------------------------ lent to the methods
 
@@ -300,7 +316,8 @@ def _check_choices(cfg: Config) -> None:
     """Fail before training on a misspelt choice (the method's name is checked by get_method)."""
     choices = {"train.feature_bn": (cfg.train.feature_bn, ("running", "recompute", "batch")),
                "train.lr_schedule": (cfg.train.lr_schedule, ("constant", "cosine")),
-               "cluster.top_layer_init": (cfg.cluster.top_layer_init, ("random", "centroids"))}
+               "cluster.top_layer_init": (cfg.cluster.top_layer_init, ("random", "centroids")),
+               "cluster.subspace": (cfg.cluster.subspace, SUBSPACES)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"config {key}={value!r}: choose one of {', '.join(allowed)}")
@@ -308,6 +325,8 @@ def _check_choices(cfg: Config) -> None:
         raise ValueError("cluster.n_init must be >= 1, train.warmup_epochs and train.images_per_epoch >= 0")
     if cfg.cluster.train_k < 0:
         raise ValueError(f"cluster.train_k must be >= 0 (0 = cluster.k), got {cfg.cluster.train_k}")
+    if cfg.cluster.subspace != "none" and cfg.cluster.subspace_films < 2:
+        raise ValueError(f"cluster.subspace_films must be >= 2, got {cfg.cluster.subspace_films}")
     if cfg.cluster.centroid_temperature <= 0:
         raise ValueError("cluster.centroid_temperature must be > 0")
 

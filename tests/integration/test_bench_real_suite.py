@@ -70,3 +70,13 @@ def test_the_suite_trains_once_and_scores_three_evaluations_with_their_ceilings(
     trained_paths = {os.path.abspath(r["path"]) for r in trained["records"]}
     assert trained_paths and not (trained_paths & held_out)
     assert result["train_films"] == len(trained_paths)
+    # the same network scored again: --space pca reproduces the run's own space, phantom-parts changes it
+    suite, run = load_benchmark("bench_real_suite"), str(tmp_path / "work" / "run")
+    common = ["--data", str(data), "--work", str(tmp_path / "work"), "--run", run, "--kmeans-restarts", "2", "--quiet"]
+    again = suite.main([*common, "--space", "pca"])
+    for key, e in evals.items():
+        assert abs(again["evaluations"][key]["hungarian_mean"] - e["hungarian_mean"]) < 0.02
+    assert again["embedding_dim"] == result["embedding_dim"] == 16
+    assert "run_clusters_hungarian" not in again["evaluations"]["a"]   # the run's clusters are in the old space
+    inside = suite.main([*common, "--space", "phantom-parts", "--subspace-films", "70"])
+    assert inside["space"] == "phantom-parts" and inside["embedding_dim"] == 6
