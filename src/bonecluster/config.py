@@ -270,6 +270,10 @@ class SelfSupConfig:
     hidden_dim: int = 512          # projection head: feature_dim -> hidden_dim -> proj_dim
     proj_dim: int = 128
     augment: AugmentConfig = field(default_factory=_contrastive_augment)
+    # Study mates (bonecluster.study_mates; MedAug, Vu et al. 2021): with this probability an
+    # image's second view is made from another film of its study, when it has one, so the two
+    # views show one part in two projections. 0 = off (draws nothing); study ids only, no label.
+    study_pair_p: float = 0.0
     # DINO only. Its paper starts the teacher's momentum at 0.996 over about 10^5 steps; a few
     # thousand images make a few hundred steps here, so the teacher starts faster (0.99, cosine to 1).
     dino_prototypes: int = 256

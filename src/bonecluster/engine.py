@@ -329,6 +329,8 @@ def _check_choices(cfg: Config) -> None:
         raise ValueError(f"cluster.subspace_films must be >= 2, got {cfg.cluster.subspace_films}")
     if cfg.cluster.centroid_temperature <= 0:
         raise ValueError("cluster.centroid_temperature must be > 0")
+    if not 0.0 <= cfg.selfsup.study_pair_p <= 1.0:
+        raise ValueError(f"selfsup.study_pair_p must be in [0, 1], got {cfg.selfsup.study_pair_p}")
 
 
 def _study_groups(data: PreparedDataset, c: ClusterConfig, announce: bool) -> torch.Tensor | None:

@@ -4,11 +4,13 @@ Each epoch visits the images in a seeded random order, makes two strongly augmen
 each batch (``selfsup.augment``), passes both through backbone + head together (so BatchNorm
 sees them as one batch) and steps one SGD optimiser over backbone and head with a warm-up +
 cosine learning rate. Subclasses give the head and the loss. The head is dropped afterwards:
-clustering uses the backbone's pooled features (SimCLR §2.1).
+clustering uses the backbone's pooled features (SimCLR §2.1). With ``selfsup.study_pair_p`` the
+second view may come from another film of the image's study (``bonecluster.study_mates``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import ClassVar
 
@@ -16,9 +18,13 @@ import torch
 
 from bonecluster.augment import RadiographAugment
 from bonecluster.data.cache import PreparedDataset
-from bonecluster.data.loader import batch_loader, to_float
+from bonecluster.data.loader import CachedBatches, batch_loader, to_float
+from bonecluster.data.records import study_index
 from bonecluster.methods._base import Loop, Method, backbone_parameters, epoch_generator, warmup_cosine
 from bonecluster.models import DeepClusterNet
+from bonecluster.study_mates import StudyMates
+
+log = logging.getLogger("bonecluster")
 
 
 class TwoViewNet(torch.nn.Module):
@@ -41,6 +47,7 @@ class TwoViewPretraining(Method):
         super().__init__(loop)
         s = self.cfg.selfsup
         self.head: torch.nn.Module | None = None
+        self._mates_announced = False
         if s.epochs:   # no head without epochs: `selfsup.epochs=0` clusters the given network as it is
             self.head = self.make_head().to(loop.device)
             self.view_augment = RadiographAugment(s.augment)   # selfsup.augment: strong, two per image
@@ -84,8 +91,9 @@ class TwoViewPretraining(Method):
         share = order[loop.dist.rank::loop.dist.world_size]
         if len(share) >= 2 * s.batch_size:  # whole batches only: a batch of one breaks BatchNorm
             share = share[: len(share) - len(share) % s.batch_size]
+        mates = self.study_mates(data) if s.study_pair_p > 0 else None
         loader = batch_loader(data, s.batch_size, share.tolist(), workers=self.cfg.train.workers,
-                              pin_memory=loop.device.type == "cuda")
+                              pin_memory=loop.device.type == "cuda", with_positions=mates is not None)
         # The top layer takes no part in the loss, so DDP must not wait for its gradients.
         net = loop.ddp(TwoViewNet(loop.model, self.head), find_unused_parameters=True)
         net.train()
@@ -93,10 +101,12 @@ class TwoViewPretraining(Method):
         self.start_epoch(epoch)
         t0, total, seen = time.perf_counter(), 0.0, 0
         for batch in loop.bar(loader, f"{self.phase} {epoch + 1}", leave=False):
+            batch, second = self.second_films(batch, mates, gen)
             if len(batch) < 2:
                 continue
             x = to_float(batch, loop.device)
-            views = torch.cat([self.view_augment(x, generator=gen), self.view_augment(x, generator=gen)])
+            x2 = x if second is None else to_float(second, loop.device)
+            views = torch.cat([self.view_augment(x, generator=gen), self.view_augment(x2, generator=gen)])
             with loop.autocast():
                 out = net(views).float()
             loss = self.view_loss(views, out)
@@ -112,6 +122,25 @@ class TwoViewPretraining(Method):
                "images_per_s": round(seen / max(seconds, 1e-9), 1), "seconds": round(seconds, 2), "lr": round(lr, 6)}
         self.finish_row(row, epoch)
         return row
+
+    def study_mates(self, data: PreparedDataset) -> tuple[StudyMates, CachedBatches]:
+        """The study grouping of ``data`` and a reader of its cached films (for second views)."""
+        mates = StudyMates(study_index(data.records))
+        if self.loop.dist.is_main and not self._mates_announced:
+            say = log.info if mates.films_with_mates else log.warning   # no study ids: the option does nothing
+            say("selfsup.study_pair_p=%g: %d of %d films have a study mate",
+                self.cfg.selfsup.study_pair_p, mates.films_with_mates, len(data))
+            self._mates_announced = True
+        return mates, CachedBatches(data)
+
+    def second_films(self, batch, mates, gen: torch.Generator):
+        """``(first, second)`` uint8 batches: ``second`` is None (both views from ``first``) unless
+        study mates are on, when it holds each image's partner (:meth:`StudyMates.partners`)."""
+        if mates is None:
+            return batch, None
+        (grouping, films), (images, positions) = mates, batch
+        partners = grouping.partners(positions, self.cfg.selfsup.study_pair_p, gen)
+        return images, films[partners.numpy()]
 
     def state_dict(self) -> dict:
         state = super().state_dict()

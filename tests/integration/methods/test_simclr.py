@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 import torchvision
 
 from bonecluster.checkpoint import CHECKPOINT, load_torch
-from tests.integration.methods.conftest import method_config, train_method
+from bonecluster.data.records import study_index
+from bonecluster.engine import DeepClusterEngine
+from bonecluster.methods._two_view import TwoViewPretraining
+from tests.integration.methods.conftest import method_config, prepared, train_method
 
 
 def test_pretraining_epochs_are_logged_and_end_in_k_clusters(phantoms, tmp_path):
@@ -31,3 +36,39 @@ def test_frozen_pretrained_features_are_clustered_without_training(phantoms, tmp
     torch.testing.assert_close(loaded["backbone.layer4.1.conv2.weight"], donor.layer4[1].conv2.weight.detach())
     torch.testing.assert_close(loaded["backbone.conv1.weight"], donor.conv1.weight.detach().sum(1, keepdim=True))
     assert len(trained.assignments) == 56 and len(set(trained.assignments.tolist())) == 7
+
+
+def test_study_mates_make_the_second_views_from_other_films_of_the_study(phantoms, tmp_path, caplog, monkeypatch):
+    # Phantom studies hold several views of one part; with p = 1 every film that has a study mate
+    # gets its second view from one of them, and the rest from themselves.
+    seen = []
+    original = TwoViewPretraining.second_films
+
+    def spy(self, batch, mates, gen):
+        first, second = original(self, batch, mates, gen)
+        seen.append((batch[1].clone(), first, second))
+        return first, second
+
+    monkeypatch.setattr(TwoViewPretraining, "second_films", spy)
+    cfg = method_config("simclr", 0, "train.device=cpu", "selfsup.study_pair_p=1.0")
+    data = prepared(phantoms, tmp_path, cfg)
+    studies = study_index(data.records)
+    pixels = torch.from_numpy(data.images()).unsqueeze(1)
+    with caplog.at_level("INFO", logger="bonecluster"):
+        res = DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(data)
+    announced = [r.getMessage() for r in caplog.records if "study mate" in r.getMessage()]
+    with_mates = int((np.bincount(studies)[studies] >= 2).sum())
+    assert announced == [f"selfsup.study_pair_p=1: {with_mates} of 56 films have a study mate"] and with_mates > 0
+    assert res.epochs_run == 2 and len(seen) >= 2   # two pre-training epochs of whole batches
+    for positions, first, second in seen:
+        assert torch.equal(first, pixels[positions])
+        for pos, film in zip(positions.tolist(), second):
+            alone = (studies == studies[pos]).sum() == 1
+            matches = [j for j in range(56) if torch.equal(pixels[j], film)]
+            assert matches == [pos] if alone else (pos not in matches and
+                                                   all(studies[j] == studies[pos] for j in matches))
+
+
+def test_a_study_pair_probability_outside_zero_to_one_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"selfsup.study_pair_p must be in \[0, 1\], got 1.5"):
+        DeepClusterEngine(method_config("simclr", 0, "selfsup.study_pair_p=1.5"), tmp_path / "run", progress=False)
