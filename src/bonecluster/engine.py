@@ -33,6 +33,7 @@ from bonecluster.data.records import study_index
 from bonecluster.device import amp_enabled, pick_device
 from bonecluster.io import atomic_write_text
 from bonecluster.methods import get_method
+from bonecluster.methods._two_view import TwoViewPretraining
 from bonecluster.models import DeepClusterNet, build_model
 from bonecluster.phantom_pretrain import PhantomCorpus
 from bonecluster.phantom_subspace import SUBSPACES, phantom_part_whitening, subspace_corpus
@@ -71,6 +72,9 @@ class DeepClusterEngine:
             torch.cuda.set_device(self.device)
         method_cls = get_method(cfg.method)   # a misspelt method fails before anything is built
         _check_choices(cfg)
+        if cfg.selfsup.study_pair_p and not (cfg.selfsup.epochs and issubclass(method_cls, TwoViewPretraining)):
+            log.warning("selfsup.study_pair_p=%g does nothing here: method %s has no two-view pre-training "
+                        "epochs (selfsup.epochs=%d)", cfg.selfsup.study_pair_p, cfg.method, cfg.selfsup.epochs)
         torch.manual_seed(cfg.seed)  # the backbone's initial weights depend on the seed only
         self.model: DeepClusterNet = build_model(cfg.model, num_clusters=cfg.cluster.round_k).to(self.device)
         self.augment = RadiographAugment(cfg.train.augment)

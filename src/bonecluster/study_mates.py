@@ -18,8 +18,9 @@ __all__ = ["StudyMates"]
 class StudyMates:
     """For each dataset position, the other positions of its study.
 
-    ``studies`` is ``(N,)`` int64 study numbers (``data.records.study_index``); a film alone in
-    its study has no mate and is always its own partner.
+    ``studies`` is ``(N,)`` int64 study numbers, as
+    ``bonecluster.data.records.study_index(records)`` gives them; a film alone in its study has
+    no mate and is always its own partner.
     """
 
     def __init__(self, studies: np.ndarray | torch.Tensor) -> None:

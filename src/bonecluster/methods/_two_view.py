@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -25,6 +25,13 @@ from bonecluster.models import DeepClusterNet
 from bonecluster.study_mates import StudyMates
 
 log = logging.getLogger("bonecluster")
+
+
+class MateSource(NamedTuple):
+    """Where second views come from under ``selfsup.study_pair_p``."""
+
+    grouping: StudyMates     # who shares a study with whom
+    films: CachedBatches     # the cached films, indexed by dataset position
 
 
 class TwoViewNet(torch.nn.Module):
@@ -47,7 +54,7 @@ class TwoViewPretraining(Method):
         super().__init__(loop)
         s = self.cfg.selfsup
         self.head: torch.nn.Module | None = None
-        self._mates_announced = False
+        self._mates: tuple[PreparedDataset, MateSource] | None = None   # (dataset, its study mates)
         if s.epochs:   # no head without epochs: `selfsup.epochs=0` clusters the given network as it is
             self.head = self.make_head().to(loop.device)
             self.view_augment = RadiographAugment(s.augment)   # selfsup.augment: strong, two per image
@@ -91,7 +98,7 @@ class TwoViewPretraining(Method):
         share = order[loop.dist.rank::loop.dist.world_size]
         if len(share) >= 2 * s.batch_size:  # whole batches only: a batch of one breaks BatchNorm
             share = share[: len(share) - len(share) % s.batch_size]
-        mates = self.study_mates(data) if s.study_pair_p > 0 else None
+        mates = self.mate_source(data) if s.study_pair_p > 0 else None
         loader = batch_loader(data, s.batch_size, share.tolist(), workers=self.cfg.train.workers,
                               pin_memory=loop.device.type == "cuda", with_positions=mates is not None)
         # The top layer takes no part in the loss, so DDP must not wait for its gradients.
@@ -123,24 +130,27 @@ class TwoViewPretraining(Method):
         self.finish_row(row, epoch)
         return row
 
-    def study_mates(self, data: PreparedDataset) -> tuple[StudyMates, CachedBatches]:
-        """The study grouping of ``data`` and a reader of its cached films (for second views)."""
-        mates = StudyMates(study_index(data.records))
-        if self.loop.dist.is_main and not self._mates_announced:
-            say = log.info if mates.films_with_mates else log.warning   # no study ids: the option does nothing
-            say("selfsup.study_pair_p=%g: %d of %d films have a study mate",
-                self.cfg.selfsup.study_pair_p, mates.films_with_mates, len(data))
-            self._mates_announced = True
-        return mates, CachedBatches(data)
+    def mate_source(self, data: PreparedDataset) -> MateSource:
+        """The study grouping of ``data`` and a reader of its cached films, built once per dataset."""
+        if self._mates is None or self._mates[0] is not data:
+            grouping = StudyMates(study_index(data.records))
+            if self.loop.dist.is_main:
+                say = log.info if grouping.films_with_mates else log.warning   # no study ids: nothing to pair
+                say("selfsup.study_pair_p=%g: %d of %d films have a study mate",
+                    self.cfg.selfsup.study_pair_p, grouping.films_with_mates, len(data))
+            self._mates = (data, MateSource(grouping, CachedBatches(data)))
+        return self._mates[1]
 
-    def second_films(self, batch, mates, gen: torch.Generator):
-        """``(first, second)`` uint8 batches: ``second`` is None (both views from ``first``) unless
-        study mates are on, when it holds each image's partner (:meth:`StudyMates.partners`)."""
-        if mates is None:
+    def second_films(self, batch, source: MateSource | None,
+                     gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(first, second)`` uint8 ``(B, 1, S, S)`` batches. ``second`` is None (both views come
+        from ``first``) unless study mates are on; then it holds each image's partner
+        (:meth:`StudyMates.partners`), read from the cache in this process."""
+        if source is None:
             return batch, None
-        (grouping, films), (images, positions) = mates, batch
-        partners = grouping.partners(positions, self.cfg.selfsup.study_pair_p, gen)
-        return images, films[partners.numpy()]
+        images, positions = batch
+        partners = source.grouping.partners(positions, self.cfg.selfsup.study_pair_p, gen)
+        return images, source.films[partners.numpy()]
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision
 
+from bonecluster.augment import RadiographAugment
 from bonecluster.checkpoint import CHECKPOINT, load_torch
 from bonecluster.data.records import study_index
 from bonecluster.engine import DeepClusterEngine
@@ -40,16 +41,21 @@ def test_frozen_pretrained_features_are_clustered_without_training(phantoms, tmp
 
 def test_study_mates_make_the_second_views_from_other_films_of_the_study(phantoms, tmp_path, caplog, monkeypatch):
     # Phantom studies hold several views of one part; with p = 1 every film that has a study mate
-    # gets its second view from one of them, and the rest from themselves.
-    seen = []
-    original = TwoViewPretraining.second_films
+    # gets its second view from one of them, and that film is what the second augmentation sees.
+    pairs, augmented = [], []
+    second_films, augment = TwoViewPretraining.second_films, RadiographAugment.__call__
 
-    def spy(self, batch, mates, gen):
-        first, second = original(self, batch, mates, gen)
-        seen.append((batch[1].clone(), first, second))
+    def spy_pairs(self, batch, source, gen):
+        first, second = second_films(self, batch, source, gen)
+        pairs.append((batch[1].clone(), first, second))
         return first, second
 
-    monkeypatch.setattr(TwoViewPretraining, "second_films", spy)
+    def spy_augment(self, x, *args, **kwargs):
+        augmented.append(x.clone())
+        return augment(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(TwoViewPretraining, "second_films", spy_pairs)
+    monkeypatch.setattr(RadiographAugment, "__call__", spy_augment)
     cfg = method_config("simclr", 0, "train.device=cpu", "selfsup.study_pair_p=1.0")
     data = prepared(phantoms, tmp_path, cfg)
     studies = study_index(data.records)
@@ -59,14 +65,20 @@ def test_study_mates_make_the_second_views_from_other_films_of_the_study(phantom
     announced = [r.getMessage() for r in caplog.records if "study mate" in r.getMessage()]
     with_mates = int((np.bincount(studies)[studies] >= 2).sum())
     assert announced == [f"selfsup.study_pair_p=1: {with_mates} of 56 films have a study mate"] and with_mates > 0
-    assert res.epochs_run == 2 and len(seen) >= 2   # two pre-training epochs of whole batches
-    for positions, first, second in seen:
+    assert res.epochs_run == 2 and len(pairs) >= 2 and len(augmented) == 2 * len(pairs)
+    for (positions, first, second), x1, x2 in zip(pairs, augmented[0::2], augmented[1::2]):
         assert torch.equal(first, pixels[positions])
+        assert torch.equal(x1, first.float() / 255) and torch.equal(x2, second.float() / 255)
         for pos, film in zip(positions.tolist(), second):
-            alone = (studies == studies[pos]).sum() == 1
             matches = [j for j in range(56) if torch.equal(pixels[j], film)]
-            assert matches == [pos] if alone else (pos not in matches and
-                                                   all(studies[j] == studies[pos] for j in matches))
+            assert matches and pos not in matches and all(studies[j] == studies[pos] for j in matches)
+
+
+def test_study_mates_without_two_view_epochs_warn_that_they_do_nothing(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="bonecluster"):
+        DeepClusterEngine(method_config("deepcluster", 1, "selfsup.study_pair_p=0.5"), tmp_path / "run",
+                          progress=False)
+    assert any("study_pair_p=0.5 does nothing here: method deepcluster" in r.getMessage() for r in caplog.records)
 
 
 def test_a_study_pair_probability_outside_zero_to_one_is_refused_before_training(tmp_path):
