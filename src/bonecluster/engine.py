@@ -33,7 +33,6 @@ from bonecluster.data.records import study_index
 from bonecluster.device import amp_enabled, pick_device
 from bonecluster.io import atomic_write_text
 from bonecluster.methods import get_method
-from bonecluster.methods._two_view import TwoViewPretraining
 from bonecluster.models import DeepClusterNet, build_model
 from bonecluster.phantom_pretrain import PhantomCorpus
 from bonecluster.phantom_subspace import SUBSPACES, phantom_part_whitening, subspace_corpus
@@ -72,9 +71,6 @@ class DeepClusterEngine:
             torch.cuda.set_device(self.device)
         method_cls = get_method(cfg.method)   # a misspelt method fails before anything is built
         _check_choices(cfg)
-        if cfg.selfsup.study_pair_p and not (cfg.selfsup.epochs and issubclass(method_cls, TwoViewPretraining)):
-            log.warning("selfsup.study_pair_p=%g does nothing here: method %s has no two-view pre-training "
-                        "epochs (selfsup.epochs=%d)", cfg.selfsup.study_pair_p, cfg.method, cfg.selfsup.epochs)
         torch.manual_seed(cfg.seed)  # the backbone's initial weights depend on the seed only
         self.model: DeepClusterNet = build_model(cfg.model, num_clusters=cfg.cluster.round_k).to(self.device)
         self.augment = RadiographAugment(cfg.train.augment)
@@ -84,6 +80,9 @@ class DeepClusterEngine:
         self.studies: torch.Tensor | None = None   # (N,) study numbers when cluster.by_study (set by fit)
         self._subspace_corpus: PhantomCorpus | None = None   # labelled phantoms for cluster.subspace
         self.method = method_cls(self)   # after the network: its heads draw from the seeded RNG next
+        if cfg.selfsup.study_pair_p and not self.method.pretrain_epochs:   # only two-view epochs pair films
+            log.warning("selfsup.study_pair_p=%g does nothing here: method %s has no two-view pre-training "
+                        "epochs (selfsup.epochs=%d)", cfg.selfsup.study_pair_p, cfg.method, cfg.selfsup.epochs)
 
     @property
     def total_epochs(self) -> int:
