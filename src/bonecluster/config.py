@@ -96,6 +96,9 @@ class ModelConfig:
     # phantoms first, see PhantomPretrainConfig; the file is cached under the data cache)
     weights: str = "none"
     small_input: bool = False      # True: 3x3 stem without max-pool (4-16x slower on CPU)
+    # NHWC memory order for the convolutions: the same network and numbers up to float rounding,
+    # faster on CPUs and tensor-core GPUs (benchmarks/bench_memory_format.py). False: NCHW.
+    channels_last: bool = True
 
 
 @dataclass

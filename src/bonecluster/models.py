@@ -158,6 +158,9 @@ class DeepClusterNet(nn.Module):
             on first use, first conv adapted to grey with :func:`adapt_first_conv`), or the path of
             a state dict saved with ``torch.save`` (a DeepClusterNet's or a torchvision ResNet's).
         small_input: use the CIFAR-style stem for 32-96 px images (see :func:`_make_backbone`).
+        channels_last: keep the convolutions' weights and activations in NHWC memory order. Same
+            numbers up to float rounding; faster on CPUs (oneDNN) and on GPUs with tensor cores
+            (``benchmarks/bench_memory_format.py`` measures it on your machine).
 
     Shapes: ``features``: ``(N, 1, H, W)`` in ``[0, 1]`` -> ``(N, feature_dim)``;
     ``forward``: -> logits ``(N, num_clusters)``.
@@ -170,6 +173,7 @@ class DeepClusterNet(nn.Module):
         num_clusters: int = 7,
         weights: str | Path = "none",
         small_input: bool = False,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         self.arch = arch
@@ -181,6 +185,9 @@ class DeepClusterNet(nn.Module):
         self.register_buffer("input_mean", torch.tensor(GREY_MEAN), persistent=False)
         self.register_buffer("input_std", torch.tensor(GREY_STD), persistent=False)
         load_weights(self, weights)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:   # after loading: copy_ into a parameter keeps its layout from here on
+            self.backbone.to(memory_format=torch.channels_last)
 
     @property
     def in_channels(self) -> int:
@@ -211,7 +218,10 @@ class DeepClusterNet(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """Globally average-pooled backbone features: ``(N, 1, H, W)`` -> ``(N, feature_dim)``."""
-        return self.backbone(self.preprocess(x))
+        x = self.preprocess(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits over the current pseudo-labels: ``(N, 1, H, W)`` -> ``(N, num_clusters)``."""
@@ -364,10 +374,11 @@ def _maybe_load_top_layer(model: DeepClusterNet, top_state: Mapping[str, Tensor]
 def build_model(cfg: Any = None, **overrides: Any) -> DeepClusterNet:
     """Build a :class:`DeepClusterNet` from a mapping or an object with matching attributes.
 
-    Recognised fields: ``arch``, ``sobel``, ``num_clusters``, ``weights``, ``small_input``;
+    Recognised fields: ``arch``, ``sobel``, ``num_clusters``, ``weights``, ``small_input``,
+    ``channels_last``;
     others are ignored, missing ones take the constructor defaults, and ``overrides`` win.
     """
-    fields = ("arch", "sobel", "num_clusters", "weights", "small_input")
+    fields = ("arch", "sobel", "num_clusters", "weights", "small_input", "channels_last")
     kwargs: dict[str, Any] = {}
     for name in fields:
         if isinstance(cfg, Mapping) and name in cfg:

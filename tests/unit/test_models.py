@@ -194,6 +194,50 @@ def test_hparams_rebuild_same_architecture():
     assert set(rebuilt.state_dict()) == set(model.state_dict())
 
 
+# --------------------------------------------------------------------------- memory layout
+
+
+def _conv_weights(model: DeepClusterNet) -> list[torch.Tensor]:
+    return [m.weight for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_channels_last_is_the_default_and_can_be_switched_off():
+    on, off = tiny_model(sobel=True), tiny_model(sobel=True, channels_last=False)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(on))
+    assert not any(w.is_contiguous() for w in _conv_weights(on) if w.shape[-1] > 1)   # 1x1 kernels are both
+    assert all(w.is_contiguous() for w in _conv_weights(off))
+    assert not build_model({"channels_last": False, "small_input": True}).channels_last
+
+
+@pytest.mark.parametrize("sobel", [False, True])
+def test_channels_last_computes_the_same_network_up_to_rounding(sobel):
+    """Same weights in both layouts: the same features and the same gradients, within float rounding."""
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    nchw = DeepClusterNet(sobel=sobel, channels_last=False)
+    nhwc = DeepClusterNet(sobel=sobel, channels_last=True)
+    nhwc.load_state_dict(nchw.state_dict())
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(nhwc))  # loading keeps it
+    outs = []
+    for model in (nchw, nhwc):
+        model.train()
+        feats = model.features(x)
+        feats.square().sum().backward()
+        outs.append((feats.detach(), model.backbone.conv1.weight.grad.clone()))
+    (f0, g0), (f1, g1) = outs
+    assert torch.allclose(f0, f1, rtol=1e-3, atol=1e-3)   # train-mode BN on a 1x1 map magnifies rounding
+    assert (g0 - g1).abs().max() <= 1e-3 * g0.abs().max()   # the first conv's gradient, relative to its size
+
+
+def test_weights_saved_in_one_layout_load_in_the_other(tmp_path, images):
+    source = tiny_model(sobel=True, num_clusters=6).eval()   # channels_last
+    path = tmp_path / "model.pt"
+    torch.save(source.state_dict(), path)
+    loaded = tiny_model(sobel=True, num_clusters=6, weights=str(path), channels_last=False).eval()
+    assert all(w.is_contiguous() for w in _conv_weights(loaded))
+    with torch.no_grad():
+        assert torch.allclose(loaded.features(images), source.features(images), rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- weights files
 
 
