@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu", help="config preset: cpu (default), cpu-real or paper")
+    from bonecluster.config import preset_names
+    p.add_argument("--preset", default="cpu", help=f"config preset: {', '.join(preset_names())} (default cpu)")
     p.add_argument("--config", help="a YAML config file applied after the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set data.size=96 (repeatable)")

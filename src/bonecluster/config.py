@@ -350,11 +350,15 @@ def load_config(preset: str | None = "cpu", config_file: str | Path | None = Non
     return cfg
 
 
+def preset_names() -> list[str]:
+    """The presets shipped with the package (``presets/*.yaml``), sorted."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
 def preset_path(name: str) -> Path:
     path = PRESET_DIR / f"{name}.yaml"
     if not path.exists():
-        names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-        raise ValueError(f"unknown preset {name!r} (available: {names})")
+        raise ValueError(f"unknown preset {name!r} (available: {', '.join(preset_names())})")
     return path
 
 

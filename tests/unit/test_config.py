@@ -1,14 +1,28 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
-from bonecluster.config import Config, apply_override, config_from_dict, load_config, to_yaml
+from bonecluster.config import Config, apply_override, config_from_dict, load_config, preset_names, to_yaml
 
 
 def test_presets_load_and_differ():
     cpu, paper = load_config("cpu"), load_config("paper")
     assert cpu.data.size == 64 and paper.data.size == 224
+    cpu_real, gpu_real = load_config("cpu-real"), load_config("gpu-real")
+    assert cpu_real.method == gpu_real.method == "simclr"
+    assert gpu_real.data.size > cpu_real.data.size and gpu_real.selfsup.epochs > cpu_real.selfsup.epochs
+
+
+def test_every_preset_is_documented_and_offered():
+    names = preset_names()
+    assert {"cpu", "cpu-real", "gpu-real", "paper"} <= set(names)
+    table = (Path(__file__).parents[2] / "docs" / "presets.md").read_text()
+    for name in names:
+        assert f"| `{name}`" in table, f"preset {name} has no row in docs/presets.md"
+        load_config(name)
 
 
 def test_override_types_are_checked():
