@@ -6,7 +6,9 @@ Times, for the preset's network at its ``data.size``, one SimCLR training step (
 ``selfsup.batch_size`` images through backbone + projection head, NT-Xent, SGD step) and one
 feature pass (eval mode, no gradient) in NCHW and in NHWC order. The two layouts alternate
 ``--reps`` times, so a machine whose speed drifts (shared CPUs vary threefold) drifts for both;
-the median of the per-repetition ratios is the figure to read. No data needed: random images.
+the median of the per-repetition ratios is the figure to read. No data needed: random images,
+random weights. The device is ``train.device``; on CUDA with ``train.amp`` the steps run under the
+engine's mixed precision, as training does.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bonecluster.config import load_config
+from bonecluster.device import amp_enabled, pick_device
 from bonecluster.models import build_model
 from bonecluster.selfsup import ProjectionHead, nt_xent
 
@@ -38,14 +41,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     cfg = load_config(args.preset, overrides=args.overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.train.device)
+    use_amp = cfg.train.amp and amp_enabled(device)   # CUDA only, as the engine decides
+    half = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     n, side = cfg.selfsup.batch_size, cfg.data.size
     views = torch.rand(2 * n, 1, side, side, generator=torch.Generator().manual_seed(0)).to(device)
 
     setups = {}
     for layout in ("nchw", "nhwc"):
         torch.manual_seed(0)   # the same weights in both layouts
-        model = build_model(cfg.model, channels_last=layout == "nhwc").to(device)
+        model = build_model(cfg.model, weights="none", channels_last=layout == "nhwc").to(device)
         head = ProjectionHead(model.feature_dim, cfg.selfsup.hidden_dim, cfg.selfsup.proj_dim).to(device)
         opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.01, momentum=0.9)
         setups[layout] = (model, head, opt)
@@ -53,7 +58,8 @@ def main() -> None:
     def train_step(layout: str) -> None:
         model, head, opt = setups[layout]
         model.train(), head.train()
-        out = head(model.features(views))
+        with torch.autocast(device.type, dtype=half, enabled=use_amp):
+            out = head(model.features(views)).float()
         loss = nt_xent(out[:n], out[n:], cfg.selfsup.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -64,7 +70,8 @@ def main() -> None:
     @torch.no_grad()
     def feature_pass(layout: str) -> None:
         model = setups[layout][0].eval()
-        model.features(views)
+        with torch.autocast(device.type, dtype=half, enabled=use_amp):
+            model.features(views)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -76,7 +83,8 @@ def main() -> None:
             seconds["train_step"][layout].append(_timed(lambda: train_step(layout)))
             seconds["features"][layout].append(_timed(lambda: feature_pass(layout)))
 
-    print(f"{cfg.model.arch}, {side} px, {2 * n} images per call, {device}, {torch.get_num_threads()} threads, "
+    print(f"{cfg.model.arch}, {side} px, {2 * n} images per call, {device}{' (mixed precision)' if use_amp else ''}, "
+          f"{torch.get_num_threads()} threads, "
           f"{args.reps} alternating repetitions")
     print("| task | NCHW s (median) | NHWC s (median) | NHWC / NCHW (median of per-rep ratios) |")
     print("|---|---|---|---|")

@@ -83,7 +83,9 @@ class TrainedClusters:
     @classmethod
     def load(cls, out: str | Path, device: str | torch.device = "cpu") -> "TrainedClusters":
         state = load_run_file(Path(out) / FINAL_MODEL, map_location="cpu")  # only the network moves to `device`
-        model = DeepClusterNet(**state["hparams"])
+        # Files written before `model.channels_last` existed hold NCHW-trained networks; keeping
+        # the layout a run was trained in keeps its predictions equal to its training assignments.
+        model = DeepClusterNet(**{"channels_last": False, **state["hparams"]})
         model.load_state_dict(state["model"])
         return cls(model.to(device).eval(), PCAWhitening.from_state_dict(state["pca"]),
                    state["centroids"], state["assignments"].numpy(), config_from_dict(state["config"]))

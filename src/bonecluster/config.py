@@ -97,7 +97,8 @@ class ModelConfig:
     weights: str = "none"
     small_input: bool = False      # True: 3x3 stem without max-pool (4-16x slower on CPU)
     # NHWC memory order for the convolutions: the same network and numbers up to float rounding,
-    # faster on CPUs and tensor-core GPUs (benchmarks/bench_memory_format.py). False: NCHW.
+    # 0.75x the time of a SimCLR step on a 2-core CPU (benchmarks/bench_memory_format.py; GPUs not
+    # measured yet). False: NCHW, the order of every figure measured before 2026-12-03.
     channels_last: bool = True
 
 

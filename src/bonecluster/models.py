@@ -159,8 +159,9 @@ class DeepClusterNet(nn.Module):
             a state dict saved with ``torch.save`` (a DeepClusterNet's or a torchvision ResNet's).
         small_input: use the CIFAR-style stem for 32-96 px images (see :func:`_make_backbone`).
         channels_last: keep the convolutions' weights and activations in NHWC memory order. Same
-            numbers up to float rounding; faster on CPUs (oneDNN) and on GPUs with tensor cores
-            (``benchmarks/bench_memory_format.py`` measures it on your machine).
+            numbers up to float rounding; faster on CPUs with oneDNN (0.75x a SimCLR step on 2 cores),
+            and the layout tensor cores prefer (``benchmarks/bench_memory_format.py`` measures it
+            on your machine). Kept in :meth:`hparams`, so a run reloads in its own layout.
 
     Shapes: ``features``: ``(N, 1, H, W)`` in ``[0, 1]`` -> ``(N, feature_dim)``;
     ``forward``: -> logits ``(N, num_clusters)``.
@@ -205,23 +206,22 @@ class DeepClusterNet(nn.Module):
             "sobel": self.sobel_enabled,
             "num_clusters": self.num_clusters,
             "small_input": self.small_input,
+            "channels_last": self.channels_last,   # a layout, not an architecture: kept so a run reloads as trained
         }
 
     def preprocess(self, x: Tensor) -> Tensor:
-        """``(N, 1, H, W)`` in ``[0, 1]`` -> normalised (and Sobel-filtered) ``(N, in_channels, H, W)``."""
+        """``(N, 1, H, W)`` in ``[0, 1]`` -> normalised (and Sobel-filtered) ``(N, in_channels, H, W)``,
+        in the backbone's memory layout (every path into the backbone starts here)."""
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"expected grey images of shape (N, 1, H, W), got {tuple(x.shape)}")
         x = (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
         if self.sobel is not None:
             x = self.sobel(x)
-        return x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def features(self, x: Tensor) -> Tensor:
         """Globally average-pooled backbone features: ``(N, 1, H, W)`` -> ``(N, feature_dim)``."""
-        x = self.preprocess(x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.backbone(x)
+        return self.backbone(self.preprocess(x))
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits over the current pseudo-labels: ``(N, 1, H, W)`` -> ``(N, num_clusters)``."""

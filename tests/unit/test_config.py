@@ -23,6 +23,9 @@ def test_every_preset_is_documented_and_offered():
     for name in names:
         assert f"| `{name}`" in table, f"preset {name} has no row in docs/presets.md"
         load_config(name)
+    listed = "--preset " + "|".join(names)   # the hand-written usage lines
+    for page in ("README.md", "docs/methods.md", "docs/presets.md"):
+        assert listed in (Path(__file__).parents[2] / page).read_text(), f"{page} does not list {listed}"
 
 
 def test_override_types_are_checked():

@@ -384,7 +384,8 @@ def test_imagenet_download_goes_through_torchvision_loader(monkeypatch):
 
 def test_build_model_from_mapping_object_and_overrides():
     from_dict = build_model({"arch": "resnet18", "sobel": True, "small_input": True, "num_clusters": 3, "other": 1})
-    assert from_dict.hparams() == {"arch": "resnet18", "sobel": True, "num_clusters": 3, "small_input": True}
+    assert from_dict.hparams() == {"arch": "resnet18", "sobel": True, "num_clusters": 3, "small_input": True,
+                                   "channels_last": True}
     cfg = SimpleNamespace(arch="resnet18", sobel=False, small_input=True, num_clusters=3, lr=0.05)
     assert build_model(cfg, num_clusters=8).num_clusters == 8
     with pytest.raises(TypeError, match="lr"):
