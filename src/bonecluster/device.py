@@ -73,6 +73,13 @@ def amp_enabled(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype on a CUDA ``device``: bfloat16 only where the GPU does it in hardware
+    (Ampere on); emulated bf16 on a V100 or T4 is slow, so those use float16 with a loss scaler."""
+    with torch.cuda.device(device):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, NumPy's global RNG and torch (CPU and every CUDA device)."""
     random.seed(seed)

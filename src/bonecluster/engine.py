@@ -30,7 +30,7 @@ from bonecluster.config import ClusterConfig, Config, to_dict, to_yaml
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import batch_loader, to_float
 from bonecluster.data.records import study_index
-from bonecluster.device import amp_enabled, pick_device
+from bonecluster.device import amp_dtype, amp_enabled, pick_device
 from bonecluster.io import atomic_write_text
 from bonecluster.methods import get_method
 from bonecluster.models import DeepClusterNet, build_model
@@ -75,7 +75,7 @@ class DeepClusterEngine:
         self.model: DeepClusterNet = build_model(cfg.model, num_clusters=cfg.cluster.round_k).to(self.device)
         self.augment = RadiographAugment(cfg.train.augment)
         self.use_amp = cfg.train.amp and amp_enabled(self.device)
-        self.amp_dtype = torch.bfloat16 if self.use_amp and _native_bf16(self.device) else torch.float16
+        self.amp_dtype = amp_dtype(self.device) if self.use_amp else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.studies: torch.Tensor | None = None   # (N,) study numbers when cluster.by_study (set by fit)
         self._subspace_corpus: PhantomCorpus | None = None   # labelled phantoms for cluster.subspace
@@ -380,13 +380,6 @@ def _set_rng_state(state: dict) -> None:
         # A checkpoint written with more GPUs visible than now restores the ones that are here.
         for index, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s.cpu(), index)
-
-
-def _native_bf16(device: torch.device) -> bool:
-    """bfloat16 autocast only where the GPU does it in hardware (Ampere on); emulated bf16 on a
-    V100 or T4 is slow, so those train in float16 with a loss scaler."""
-    with torch.cuda.device(device):
-        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
