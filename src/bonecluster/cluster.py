@@ -29,6 +29,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from bonecluster.timing import NO_TIMER, NoTimer
+
 __all__ = [
     "PCAWhitening",
     "fit_pca_whitening",
@@ -288,12 +290,15 @@ def kmeans(
     )
 
 
-def kmeans_best_of(x: torch.Tensor, k: int, seeds: Sequence[int], **kwargs) -> KMeansResult:
+def kmeans_best_of(x: torch.Tensor, k: int, seeds: Sequence[int], timer: NoTimer = NO_TIMER,
+                   **kwargs) -> KMeansResult:
     """k-means (:func:`kmeans`, same ``kwargs``) once per seed; the run of lowest inertia wins
-    (the first of equals). DeepCluster's engine uses it for ``cluster.n_init`` restarts."""
+    (the first of equals). DeepCluster's engine uses it for ``cluster.n_init`` restarts; a
+    ``timer`` (:mod:`bonecluster.timing`) times restart i as the phase ``"k-means restart i"``."""
     best = None
-    for seed in seeds:
-        run = kmeans(x, k, seed=seed, **kwargs)
+    for i, seed in enumerate(seeds):
+        with timer.phase(f"k-means restart {i + 1}"):
+            run = kmeans(x, k, seed=seed, **kwargs)
         if best is None or run.inertia < best.inertia:
             best = run
     if best is None:

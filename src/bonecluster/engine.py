@@ -36,6 +36,7 @@ from bonecluster.methods import get_method
 from bonecluster.models import DeepClusterNet, build_model
 from bonecluster.phantom_pretrain import PhantomCorpus
 from bonecluster.phantom_subspace import SUBSPACES, phantom_part_whitening, subspace_corpus
+from bonecluster.timing import NoTimer
 
 log = logging.getLogger("bonecluster")
 
@@ -79,6 +80,7 @@ class DeepClusterEngine:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.studies: torch.Tensor | None = None   # (N,) study numbers when cluster.by_study (set by fit)
         self._subspace_corpus: PhantomCorpus | None = None   # labelled phantoms for cluster.subspace
+        self.timer: NoTimer = NoTimer()   # a bonecluster.timing.PhaseTimer times the phases (bench_epoch.py)
         self.method = method_cls(self)   # after the network: its heads draw from the seeded RNG next
         if cfg.selfsup.study_pair_p and not self.method.pretrain_epochs:   # only two-view epochs pair films
             log.warning("selfsup.study_pair_p=%g does nothing here: method %s has no two-view pre-training "
@@ -106,16 +108,13 @@ class DeepClusterEngine:
         if resume and self.dist.is_main:  # a kill between checkpoint and metrics leaves metrics.csv behind
             write_metrics(self.out / METRICS, history)
         collapsed = False
-        pretrain = self.method.pretrain_epochs
         epochs = range(start, self.total_epochs)
         for epoch in self.bar(epochs, "epochs", total=len(epochs)):
-            if epoch < pretrain:
-                row = self.method.pretrain_epoch(data, epoch)
-            else:
-                row, previous, collapsed = self.method.cluster_epoch(data, epoch - pretrain, previous)
-                row["epoch"] = epoch + 1
-            history.append(row)
-            self._save_checkpoint(epoch + 1, previous, history)
+            with self.timer.phase("epoch"):
+                row, previous, collapsed = self._epoch(data, epoch, previous)
+                history.append(row)
+                with self.timer.phase("checkpoint write"):
+                    self._save_checkpoint(epoch + 1, previous, history)
             if collapsed:
                 break
             if stop_after is not None and stop_after <= epoch + 1 < self.total_epochs:
@@ -127,6 +126,16 @@ class DeepClusterEngine:
         dist.barrier(self.dist)
         return FitResult(final.assignments.cpu().numpy(), final.centroids.cpu(), history, len(history),
                          collapsed, time.perf_counter() - t_start)
+
+    def _epoch(self, data: PreparedDataset, epoch: int,
+               previous: torch.Tensor | None) -> tuple[dict, torch.Tensor | None, bool]:
+        """Epoch ``epoch`` (0-based, pre-training first): (metrics row, labels, collapsed)."""
+        pretrain = self.method.pretrain_epochs
+        if epoch < pretrain:
+            return self.method.pretrain_epoch(data, epoch), previous, False
+        row, labels, collapsed = self.method.cluster_epoch(data, epoch - pretrain, previous)
+        row["epoch"] = epoch + 1
+        return row, labels, collapsed
 
     # ------------------------------------------------------------------------ features and clusters
 
@@ -163,13 +172,15 @@ class DeepClusterEngine:
         positions = dist.shard(len(data), self.dist)
         loader = batch_loader(data, self.cfg.train.feature_batch_size, positions.tolist(),
                               workers=self.cfg.train.workers, pin_memory=self.device.type == "cuda")
-        chunks = []
-        for batch in self.bar(loader, desc, leave=False):
-            x = to_float(batch, self.device)
-            if generator is not None:
-                x = self.augment(x, generator=generator)
-            with self.autocast():
-                out = self.model.features(x).float()
+        chunks, timer = [], self.timer
+        for batch in timer.iterate("cache reads", self.bar(loader, desc, leave=False)):
+            with timer.phase("cache reads"):
+                x = to_float(batch, self.device)
+            with timer.phase(desc):   # "features", "bn stats", ...
+                if generator is not None:
+                    x = self.augment(x, generator=generator)
+                with self.autocast():
+                    out = self.model.features(x).float()
             if keep:
                 chunks.append(out)
         if not keep:
@@ -209,7 +220,8 @@ class DeepClusterEngine:
         clusters (default ``cluster.k``) on rank 0; every rank receives the assignments."""
         c = self.cfg.cluster
         k = k or c.k
-        x, pca = self.whiten(feats)
+        with self.timer.phase("pca"):
+            x, pca = self.whiten(feats)
         km = None
         if self.dist.is_main:
             studies = self.studies

@@ -25,6 +25,7 @@ from bonecluster.cluster import KMeansResult, PCAWhitening, kmeans_best_of
 from bonecluster.config import Config
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.models import DeepClusterNet
+from bonecluster.timing import NoTimer
 
 
 class Loop(Protocol):
@@ -36,6 +37,7 @@ class Loop(Protocol):
     model: DeepClusterNet
     augment: RadiographAugment          # train.augment: DeepCluster's training views, SCAN's views
     scaler: torch.amp.GradScaler
+    timer: NoTimer                      # times the phases (bonecluster.timing); NoTimer by default
 
     def autocast(self) -> AbstractContextManager: ...
 
@@ -89,7 +91,8 @@ class Method:
     def cluster_points(self, points: torch.Tensor, k: int, seeds: list[int]) -> KMeansResult:
         """Clusters of the whitened ``points`` (M, d), on rank 0: k-means, lowest inertia of ``seeds``."""
         c = self.cfg.cluster
-        return kmeans_best_of(points, k, seeds, niter=c.niter, init=c.init, backend=c.backend, device=self.loop.device)
+        return kmeans_best_of(points, k, seeds, niter=c.niter, init=c.init, backend=c.backend,
+                              device=self.loop.device, timer=self.loop.timer)
 
     def final_clusters(self, data: PreparedDataset, seed_offset: int) -> tuple[KMeansResult, PCAWhitening]:
         """The run's result: ``cluster.k`` clusters of the trained network's features."""

@@ -133,20 +133,30 @@ class DeepCluster(Method):
         targets = labels.to(device)
         loader = batch_loader(data, t.batch_size, sampler, with_positions=True, workers=t.workers,
                               pin_memory=device.type == "cuda")
-        t0, total, seen = time.perf_counter(), 0.0, 0
-        for batch, idx in loop.bar(loader, f"train {epoch + 1}", leave=False):
-            x = loop.augment(to_float(batch, device), generator=gen)
-            with loop.autocast():
-                loss = F.cross_entropy(net(x).float(), targets[idx.to(device)])
-            self.optimizer.zero_grad(set_to_none=True)
-            top_optimizer.zero_grad(set_to_none=True)
-            loop.scaler.scale(loss).backward()
-            for opt in (self.optimizer, top_optimizer):
-                loop.scaler.step(opt)
-            loop.scaler.update()
-            total += loss.item() * len(batch)
+        t0, total, seen, timer = time.perf_counter(), 0.0, 0, loop.timer
+        for batch, idx in timer.iterate("cache reads", loop.bar(loader, f"train {epoch + 1}", leave=False)):
+            with timer.phase("cache reads"):
+                x = to_float(batch, device)
+            with timer.phase("augmentation"):
+                x = loop.augment(x, generator=gen)
+            with timer.phase("training step"):
+                total += self._pseudo_label_step(net, top_optimizer, x, targets[idx.to(device)]) * len(batch)
             seen += len(batch)
         return total / max(seen, 1), seen, time.perf_counter() - t0
+
+    def _pseudo_label_step(self, net: torch.nn.Module, top_optimizer: torch.optim.Optimizer,
+                           x: torch.Tensor, y: torch.Tensor) -> float:
+        """One forward, backward and optimiser step on the batch ``x`` with pseudo-labels ``y``; the loss."""
+        loop = self.loop
+        with loop.autocast():
+            loss = F.cross_entropy(net(x).float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        top_optimizer.zero_grad(set_to_none=True)
+        loop.scaler.scale(loss).backward()
+        for opt in (self.optimizer, top_optimizer):
+            loop.scaler.step(opt)
+        loop.scaler.update()
+        return loss.item()
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
