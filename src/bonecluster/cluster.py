@@ -66,7 +66,8 @@ class PCAWhitening:
     Attributes:
         mean: ``(D,)`` feature mean of the fitting data.
         components: ``(D, d)`` principal axes, one column per component, by decreasing variance.
-        scale: ``(d,)`` whitening factors ``1 / sqrt(eigenvalue + eps)``.
+        scale: ``(d,)`` per-axis factors ``(eigenvalue + eps) ** eigen_power``: ``1 / sqrt(...)``
+            when whitening (``eigen_power=-0.5``), ones for a plain PCA projection (``0``).
     """
 
     mean: torch.Tensor
@@ -106,13 +107,16 @@ class PCAWhitening:
         return cls(mean=mean, components=components, scale=scale)
 
 
-def fit_pca_whitening(x: torch.Tensor, dim: int = 256, eps: float = 1e-5) -> PCAWhitening:
+def fit_pca_whitening(x: torch.Tensor, dim: int = 256, eps: float = 1e-5,
+                      eigen_power: float = -0.5) -> PCAWhitening:
     """Fit PCA whitening to ``x`` of shape ``(N, D)``, keeping ``min(dim, N - 1, D)`` components.
 
-    Equivalent to faiss's ``PCAMatrix(D, dim, eigen_power=-0.5)`` used by DeepCluster's
-    ``preprocess_features``; the whitened training features have (unbiased) covariance
-    close to the identity (``eps`` keeps tiny eigenvalues from blowing up).  At most
-    ``N - 1`` components carry variance after centring, hence the cap.
+    Equivalent to faiss's ``PCAMatrix(D, dim, eigen_power)``; DeepCluster's
+    ``preprocess_features`` uses ``eigen_power=-0.5``, for which the whitened training features
+    have (unbiased) covariance close to the identity (``eps`` keeps tiny eigenvalues from blowing
+    up). ``eigen_power=0`` keeps each axis's variance (a plain PCA projection), so the axes that
+    vary most weigh most in the distances k-means sees; values in between whiten partly.  At
+    most ``N - 1`` components carry variance after centring, hence the cap.
 
     The eigendecomposition of the covariance runs in float64 on ``x``'s device (CPU for
     MPS, which has neither float64 nor ``eigh``); the fitted state is float32 on ``x``'s device.
@@ -123,6 +127,8 @@ def fit_pca_whitening(x: torch.Tensor, dim: int = 256, eps: float = 1e-5) -> PCA
         raise ValueError(f"PCA whitening needs at least 2 samples, got {n}")
     if dim < 1:
         raise ValueError(f"dim must be >= 1, got {dim}")
+    if not -0.5 <= eigen_power <= 0:
+        raise ValueError(f"eigen_power must be in [-0.5, 0] (-0.5 whitens, 0 keeps PCA's variances), got {eigen_power}")
     out_dim = min(dim, n - 1, d_in)
 
     work = x.detach().to(device=_linalg_device(x.device), dtype=torch.float64)
@@ -132,7 +138,7 @@ def fit_pca_whitening(x: torch.Tensor, dim: int = 256, eps: float = 1e-5) -> PCA
     top = torch.arange(d_in - 1, d_in - 1 - out_dim, -1, device=work.device)
     eigenvalues = eigenvalues[top].clamp_min(0.0)
     components = _fix_signs(eigenvectors[:, top])
-    scale = (eigenvalues + eps).rsqrt()
+    scale = (eigenvalues + eps).pow(eigen_power)
 
     def as_state(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=x.device, dtype=torch.float32)
@@ -154,8 +160,10 @@ def study_means(x: torch.Tensor, studies: torch.Tensor) -> torch.Tensor:
     return l2_normalise(sums / torch.bincount(studies, minlength=n).clamp_min(1)[:, None].to(x.dtype))
 
 
-def preprocess_features(x: torch.Tensor, dim: int = 256, eps: float = 1e-5) -> tuple[torch.Tensor, PCAWhitening]:
-    """DeepCluster's ``preprocess_features``: PCA-whiten to ``dim`` then L2-normalise.
+def preprocess_features(x: torch.Tensor, dim: int = 256, eps: float = 1e-5,
+                        eigen_power: float = -0.5) -> tuple[torch.Tensor, PCAWhitening]:
+    """DeepCluster's ``preprocess_features``: PCA-whiten to ``dim`` then L2-normalise
+    (``eigen_power``: how much to whiten, see :func:`fit_pca_whitening`).
 
     Args:
         x: ``(N, D)`` CNN embeddings.
@@ -163,7 +171,7 @@ def preprocess_features(x: torch.Tensor, dim: int = 256, eps: float = 1e-5) -> t
         ``(N, d)`` float32 features with ``d = min(dim, N - 1, D)``, and the fitted
         :class:`PCAWhitening` (apply ``l2_normalise(pca.transform(new))`` to new images).
     """
-    pca = fit_pca_whitening(x, dim=dim, eps=eps)
+    pca = fit_pca_whitening(x, dim=dim, eps=eps, eigen_power=eigen_power)
     return l2_normalise(pca.transform(x)), pca
 
 

@@ -113,6 +113,11 @@ class ClusterConfig:
     # k. On phantoms train_k = 30 measured no better than k (docs/BENCHMARKS.md).
     train_k: int = 0
     pca_dim: int = 256             # capped by the number of images and the feature size
+    # How much the PCA whitens: each axis is scaled by eigenvalue ** eigen_power. -0.5 whitens
+    # (DeepCluster, faiss PCAMatrix), so every kept axis weighs the same in k-means' distances;
+    # 0 keeps PCA's variances, so the axes that vary most weigh most. On real films 0 clustered
+    # better over five trained networks (docs/RESULTS.md), so the cpu-real preset uses it.
+    eigen_power: float = -0.5
     niter: int = 20
     init: str = "k-means++"        # or "random"
     backend: str = "auto"          # auto (faiss when installed), faiss or torch

@@ -244,7 +244,7 @@ class DeepClusterEngine:
         with ``cluster.subspace=phantom-parts`` only inside the phantom part directions."""
         c = self.cfg.cluster
         if c.subspace == "none":
-            return preprocess_features(feats, dim=c.pca_dim)
+            return preprocess_features(feats, dim=c.pca_dim, eigen_power=c.eigen_power)
         if self._subspace_corpus is None:   # rendered once, reused by every round
             self._subspace_corpus = subspace_corpus(c.subspace_films, self.cfg.data, self.cfg.seed,
                                                     progress=self.progress and self.dist.is_main)
@@ -340,6 +340,12 @@ def _check_choices(cfg: Config) -> None:
         raise ValueError("cluster.n_init must be >= 1, train.warmup_epochs and train.images_per_epoch >= 0")
     if cfg.cluster.train_k < 0:
         raise ValueError(f"cluster.train_k must be >= 0 (0 = cluster.k), got {cfg.cluster.train_k}")
+    if not -0.5 <= cfg.cluster.eigen_power <= 0:
+        raise ValueError(f"cluster.eigen_power must be in [-0.5, 0] (-0.5 whitens, 0 keeps PCA's variances), "
+                         f"got {cfg.cluster.eigen_power}")
+    if cfg.cluster.subspace != "none" and cfg.cluster.eigen_power != -0.5:
+        raise ValueError(f"cluster.eigen_power={cfg.cluster.eigen_power} applies to cluster.subspace=none only "
+                         f"(the {cfg.cluster.subspace} space always whitens)")
     if cfg.cluster.subspace != "none" and cfg.cluster.subspace_films < 2:
         raise ValueError(f"cluster.subspace_films must be >= 2, got {cfg.cluster.subspace_films}")
     if cfg.cluster.centroid_temperature <= 0:

@@ -133,6 +133,24 @@ def test_negative_train_k_is_a_clear_error():
         DeepClusterEngine(_cfg(1, "cluster.train_k=-1"), "unused", progress=False)
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["cluster.eigen_power=0.5"], r"cluster.eigen_power must be in \[-0.5, 0\]"),
+    (["cluster.eigen_power=0", "cluster.subspace=phantom-parts"], "applies to cluster.subspace=none only"),
+])
+def test_eigen_power_outside_its_range_or_with_a_subspace_is_a_clear_error(extra, message):
+    with pytest.raises(ValueError, match=message):
+        DeepClusterEngine(_cfg(1, *extra), "unused", progress=False)
+
+
+def test_eigen_power_zero_reaches_the_saved_projection(phantoms, tmp_path):
+    cfg = _cfg(1, "cluster.eigen_power=0")
+    data = _data(phantoms, tmp_path, cfg)
+    res = DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(data)
+    trained = TrainedClusters.load(tmp_path / "run", device="cpu")
+    torch.testing.assert_close(trained.pca.scale, torch.ones_like(trained.pca.scale), rtol=0, atol=0)
+    assert trained.centroids.shape == (7, trained.pca.output_dim) and len(res.assignments) == len(data)
+
+
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="method='kmeans'"):
         DeepClusterEngine(_cfg(1, "method=kmeans"), "unused", progress=False)

@@ -70,6 +70,34 @@ def test_pca_keeps_top_variance_directions_in_order():
     torch.testing.assert_close(eigenvalues, reference, rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("power", [0.0, -0.25])
+def test_pca_eigen_power_scales_each_axis_by_its_eigenvalue_to_that_power(power):
+    """eigen_power=0: a plain PCA projection (axis variances = eigenvalues); -0.25: variances =
+    sqrt(eigenvalues), halfway (in log scale) between that and whitening's ones."""
+    x = correlated_gaussian(2000, 10)
+    eigenvalues = torch.linalg.eigvalsh(torch.cov(x.T.double())).flip(0)[:6]
+    pca = fit_pca_whitening(x, dim=6, eps=0.0, eigen_power=power)
+    variances = torch.cov(pca.transform(x).T.double()).diagonal()
+    torch.testing.assert_close(variances, eigenvalues ** (1 + 2 * power), rtol=1e-3, atol=0)
+    whitened = fit_pca_whitening(x, dim=6, eps=0.0)   # same axes, only the scale differs
+    torch.testing.assert_close(pca.components, whitened.components, rtol=0, atol=0)
+
+
+def test_pca_eigen_power_zero_is_the_centred_projection():
+    x = correlated_gaussian(500, 12)
+    pca = fit_pca_whitening(x, dim=5, eigen_power=0.0)
+    torch.testing.assert_close(pca.scale, torch.ones(5), rtol=0, atol=0)
+    torch.testing.assert_close(pca.transform(x), (x - pca.mean) @ pca.components, rtol=1e-5, atol=1e-5)
+    features, fitted = preprocess_features(x, dim=5, eigen_power=0.0)
+    torch.testing.assert_close(features, l2_normalise((x - fitted.mean) @ fitted.components), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("power", [0.1, -0.6])
+def test_pca_eigen_power_outside_whitening_and_projection_is_rejected(power):
+    with pytest.raises(ValueError, match=r"eigen_power must be in \[-0.5, 0\]"):
+        fit_pca_whitening(torch.randn(10, 4), eigen_power=power)
+
+
 def test_pca_dim_is_capped_by_samples_and_features():
     assert fit_pca_whitening(torch.randn(10, 50), dim=256).output_dim == 9
     assert fit_pca_whitening(torch.randn(100, 5), dim=256).output_dim == 5

@@ -30,7 +30,7 @@ class SimCLRScan(SimCLR):
         """PCA-whiten the clean features, embed the augmented views in the same space, train
         SCAN's classifier on rank 0 and broadcast its labels."""
         loop, c, sc = self.loop, self.cfg.cluster, self.cfg.scan
-        x, pca = preprocess_features(loop.extract(data), dim=c.pca_dim)
+        x, pca = preprocess_features(loop.extract(data), dim=c.pca_dim, eigen_power=c.eigen_power)
         views = []
         for v in range(sc.views):
             gen = epoch_generator(self.cfg.seed, v, stream=2)
