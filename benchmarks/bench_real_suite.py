@@ -26,7 +26,10 @@ The supervised ceiling of each is a logistic regression fitted with every traini
 and scored on the same held-out films: on the embedding k-means sees, and on the backbone's
 pooled features (standardised). ``ratio`` is the label-free figure over the embedding's ceiling.
 "commonest class" is the share of the largest class among the scored films, which one cluster
-holding every film would score: (b) is about 70% humerus.
+holding every film would score: (b) is about 70% humerus. On such unequal classes a Hungarian
+figure near that share may come from clusters that ignore the part, so the adjusted Rand index
+(ARI: 0 for clusters independent of the part, whatever their sizes; 1 for the parts exactly) is
+printed beside it.
 For (a) the run's own stage-1 clusters (k = ``cluster.k``, fitted on the pool) are scored too,
 as ``bench_real.py`` does. Labels only score.
 
@@ -34,7 +37,8 @@ as ``bench_real.py`` does. Labels only score.
 scoring, to compare spaces on one trained network: ``pca`` (PCA-whitening of all features, what
 ``cluster.subspace=none`` fits; it reproduces such a run) or ``phantom-parts`` (whitening inside
 the phantom part directions, ``cluster.subspace=phantom-parts``). The default, ``run``, keeps the
-run's own.
+run's own. With ``--run``, ``--set`` takes ``cluster.*`` keys for that re-fit, e.g.
+``--space pca --set cluster.eigen_power=0`` (PCA without whitening) or ``cluster.pca_dim=8``.
 """
 
 from __future__ import annotations
@@ -159,7 +163,7 @@ def score_evaluation(ev: Evaluation, run: Path, trained, splits: dict, regions: 
 
     from bonecluster.cluster import assign, kmeans_best_of
     from bonecluster.data import prepare_sources
-    from bonecluster.metrics import hungarian_accuracy
+    from bonecluster.metrics import ari, hungarian_accuracy
 
     cfg = trained.cfg
     cache = cfg.data.cache or run / "cache"
@@ -172,12 +176,13 @@ def score_evaluation(ev: Evaluation, run: Path, trained, splits: dict, regions: 
     scored, known = y_ev != "", y_tr != ""
     classes = sorted(set(y_ev[scored]) | set(y_tr[known]))
     k = len(classes)
-    scores = []
+    scores, aris = [], []
     for r in range(restarts):
         km = kmeans_best_of(torch.from_numpy(e_tr), k, restart_seeds(r, cfg.cluster.n_init),
                             niter=cfg.cluster.niter, init=cfg.cluster.init, backend=cfg.cluster.backend)
         clusters = assign(torch.from_numpy(e_ev), km.centroids)[0].numpy()
         scores.append(hungarian_accuracy(clusters[scored], y_ev[scored]))
+        aris.append(ari(clusters[scored], y_ev[scored]))
     ceiling = _probe(e_tr[known], y_tr[known], e_ev[scored], y_ev[scored], standardise=False)
     ceiling_raw = _probe(r_tr[known], y_tr[known], r_ev[scored], y_ev[scored], standardise=True)
     out = {"title": ev.title, "classes": classes, "k": k, "train_films": len(y_tr), "train_labelled": int(known.sum()),
@@ -185,6 +190,7 @@ def score_evaluation(ev: Evaluation, run: Path, trained, splits: dict, regions: 
            "majority_share": _majority_share(y_ev[scored]),
            "hungarian_mean": float(np.mean(scores)), "hungarian_std": float(np.std(scores)),
            "hungarian_scores": [round(s, 4) for s in scores],
+           "ari_mean": float(np.mean(aris)), "ari_std": float(np.std(aris)),
            "probe_embedding": ceiling, "probe_pooled": ceiling_raw,
            "ratio": float(np.mean(scores)) / ceiling if ceiling > 0 else None}
     if ev.key == "a" and trained.centroids is not None:   # None: the space was re-fitted (--space)
@@ -205,7 +211,7 @@ def refit_space(trained, space: str, pool: list[str], cache: Path, films: int) -
     ds = prepare_sources(pool, cfg.data, cache=cache, progress=False)
     feats = torch.from_numpy(_embed(trained, ds.images())[1])
     if space == "pca":
-        trained.pca = fit_pca_whitening(feats, dim=cfg.cluster.pca_dim)
+        trained.pca = fit_pca_whitening(feats, dim=cfg.cluster.pca_dim, eigen_power=cfg.cluster.eigen_power)
     else:
         corpus = subspace_corpus(films, cfg.data, cfg.seed)
         trained.pca = phantom_part_whitening(trained.model, feats, corpus, torch.device("cpu"), dim=cfg.cluster.pca_dim)
@@ -215,15 +221,15 @@ def refit_space(trained, space: str, pool: list[str], cache: Path, films: int) -
 def print_table(result: dict) -> None:
     print(f"\npool {result['pool']} ({result['train_films']} films, labels unused), preset {result['preset']} "
           f"{' '.join(result['overrides'])}; train {result['train_seconds']} s; space {result['space']} "
-          f"({result['embedding_dim']} dims)")
-    print("| evaluation | k | train / held-out (scored) | commonest class | label-free Hungarian | probe on embedding | "
+          f"({result['embedding_dim']} dims, eigen power {result['eigen_power']})")
+    print("| evaluation | k | train / held-out (scored) | commonest class | label-free Hungarian | ARI | probe on embedding | "
           "probe on pooled features | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for key, e in result["evaluations"].items():
         extra = f" (run's k={result['k']} clusters: {e['run_clusters_hungarian']:.3f})" if "run_clusters_hungarian" in e else ""
         print(f"| ({key}) {e['title']} | {e['k']} | {e['train_films']} / {e['held_out_films']} ({e['held_out_scored']}) "
               f"| {e['majority_share']:.3f} | {e['hungarian_mean']:.3f} ± {e['hungarian_std']:.3f}{extra} "
-              f"| {e['probe_embedding']:.3f} "
+              f"| {e['ari_mean']:.3f} | {e['probe_embedding']:.3f} "
               f"| {e['probe_pooled']:.3f} | {e['ratio']:.2f} |")
 
 
@@ -232,7 +238,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default="../shared/data", help="the folder holding the real-film sources")
     ap.add_argument("--pool", choices=sorted(POOLS), default="all", help="label-free training films (default all)")
     ap.add_argument("--preset", default="cpu-real")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="config override KEY=VALUE; with --run, cluster.* keys for the re-fitted --space")
     ap.add_argument("--run", help="score this trained run instead of training one")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_real_suite"))
     ap.add_argument("--space", choices=("run", "pca", "phantom-parts"), default="run",
@@ -245,7 +252,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     from bonecluster.checkpoint import TrainedClusters
-    from bonecluster.config import load_config
+    from bonecluster.config import apply_override, load_config
     from bonecluster.pipeline import train
 
     data, work = Path(args.data), Path(args.work)
@@ -263,6 +270,11 @@ def main(argv=None) -> dict:
         n_train = summary["stage1"]["n_images"]
     t1 = time.perf_counter()
     trained = TrainedClusters.load(run / "stage1")
+    if args.run and args.overrides:   # e.g. --space pca --set cluster.eigen_power=0: another space, same network
+        if args.space == "run" or any(not o.startswith("cluster.") for o in args.overrides):
+            raise SystemExit("with --run, --set takes only cluster.* keys, and needs --space pca or phantom-parts")
+        for item in args.overrides:
+            trained.cfg = apply_override(trained.cfg, item)
     if args.space != "run":
         refit_space(trained, args.space, pool_sources(args.pool, data, splits), trained.cfg.data.cache or run / "cache",
                     args.subspace_films or trained.cfg.cluster.subspace_films)
@@ -271,6 +283,7 @@ def main(argv=None) -> dict:
                    for ev in EVALUATIONS if all(s in splits for s in ev.sources)}
     result = {"pool": args.pool if not args.run else f"run {run}", "preset": args.preset, "overrides": args.overrides,
               "space": args.space, "embedding_dim": trained.pca.output_dim,
+              "eigen_power": trained.cfg.cluster.eigen_power if trained.cfg.cluster.subspace == "none" else -0.5,
               "train_films": n_train if n_train is not None else len(trained.assignments),
               "train_seconds": round(t1 - t0, 1), "score_seconds": round(time.perf_counter() - t1, 1),
               "k": trained.cfg.cluster.k, "evaluations": evaluations}

@@ -8,6 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from bonecluster.data.phantoms import generate_phantoms
 from tests.conftest import load_benchmark
 from tests.integration.test_engine import TINY
@@ -60,6 +62,7 @@ def test_the_suite_trains_once_and_scores_three_evaluations_with_their_ceilings(
         assert abs(e["ratio"] - e["hungarian_mean"] / e["probe_embedding"]) < 1e-9
         assert 0 < e["held_out_scored"] <= e["held_out_films"]
         assert 1 / e["k"] <= e["majority_share"] <= 1
+        assert -1 <= e["ari_mean"] <= 1 and e["ari_std"] >= 0
     assert 0 <= evals["a"]["run_clusters_hungarian"] <= 1
     # the pool is every training side plus the unlabelled films, and nothing held out
     held_out = set()
@@ -80,3 +83,10 @@ def test_the_suite_trains_once_and_scores_three_evaluations_with_their_ceilings(
     assert "run_clusters_hungarian" not in again["evaluations"]["a"]   # the run's clusters are in the old space
     inside = suite.main([*common, "--space", "phantom-parts", "--subspace-films", "70"])
     assert inside["space"] == "phantom-parts" and inside["embedding_dim"] == 6
+    # another space for the same network: cluster.* overrides apply to the re-fit, nothing else is taken
+    whitened = suite.main([*common, "--space", "pca", "--set", "cluster.eigen_power=-0.5"])
+    assert whitened["overrides"] == ["cluster.eigen_power=-0.5"] and whitened["embedding_dim"] == 16
+    assert whitened["eigen_power"] == -0.5 and result["eigen_power"] == again["eigen_power"] == 0   # cpu-real's
+    for bad in (["--space", "pca", "--set", "train.lr=0.1"], ["--set", "cluster.eigen_power=0"]):
+        with pytest.raises(SystemExit, match="cluster"):
+            suite.main([*common, *bad])
