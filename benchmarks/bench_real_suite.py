@@ -214,7 +214,8 @@ def refit_space(trained, space: str, pool: list[str], cache: Path, films: int) -
         trained.pca = fit_pca_whitening(feats, dim=cfg.cluster.pca_dim, eigen_power=cfg.cluster.eigen_power)
     else:
         corpus = subspace_corpus(films, cfg.data, cfg.seed)
-        trained.pca = phantom_part_whitening(trained.model, feats, corpus, torch.device("cpu"), dim=cfg.cluster.pca_dim)
+        trained.pca = phantom_part_whitening(trained.model, feats, corpus, torch.device("cpu"), dim=cfg.cluster.pca_dim,
+                                             eigen_power=cfg.cluster.eigen_power)
     trained.centroids = None   # the run's own clusters live in the old space
 
 
@@ -271,8 +272,10 @@ def main(argv=None) -> dict:
     t1 = time.perf_counter()
     trained = TrainedClusters.load(run / "stage1")
     if args.run and args.overrides:   # e.g. --space pca --set cluster.eigen_power=0: another space, same network
-        if args.space == "run" or any(not o.startswith("cluster.") for o in args.overrides):
-            raise SystemExit("with --run, --set takes only cluster.* keys, and needs --space pca or phantom-parts")
+        if args.space == "run" or any(not o.startswith("cluster.") or o.startswith("cluster.subspace=")
+                                      for o in args.overrides):
+            raise SystemExit("with --run, --set takes only cluster.* keys (the space itself is --space), "
+                             "and needs --space pca or phantom-parts")
         for item in args.overrides:
             trained.cfg = apply_override(trained.cfg, item)
     if args.space != "run":
@@ -283,7 +286,7 @@ def main(argv=None) -> dict:
                    for ev in EVALUATIONS if all(s in splits for s in ev.sources)}
     result = {"pool": args.pool if not args.run else f"run {run}", "preset": args.preset, "overrides": args.overrides,
               "space": args.space, "embedding_dim": trained.pca.output_dim,
-              "eigen_power": trained.cfg.cluster.eigen_power if trained.cfg.cluster.subspace == "none" else -0.5,
+              "eigen_power": trained.cfg.cluster.eigen_power,
               "train_films": n_train if n_train is not None else len(trained.assignments),
               "train_seconds": round(t1 - t0, 1), "score_seconds": round(time.perf_counter() - t1, 1),
               "k": trained.cfg.cluster.k, "evaluations": evaluations}

@@ -121,7 +121,8 @@ class DeepClusterEngine:
                 done = previous.numpy() if previous is not None else np.empty(0, np.int64)
                 return FitResult(done, torch.empty(0), history, len(history), False,
                                  time.perf_counter() - t_start, interrupted=True)
-        final, pca = self.method.final_clusters(data, seed_offset=len(history))
+        with self.timer.phase("final clusters"):
+            final, pca = self.method.final_clusters(data, seed_offset=len(history))
         self._save_final(final, pca)
         dist.barrier(self.dist)
         return FitResult(final.assignments.cpu().numpy(), final.centroids.cpu(), history, len(history),
@@ -249,7 +250,7 @@ class DeepClusterEngine:
             self._subspace_corpus = subspace_corpus(c.subspace_films, self.cfg.data, self.cfg.seed,
                                                     progress=self.progress and self.dist.is_main)
         pca = phantom_part_whitening(self.model, feats, self._subspace_corpus, self.device, dim=c.pca_dim,
-                                     batch_size=self.cfg.train.feature_batch_size)
+                                     batch_size=self.cfg.train.feature_batch_size, eigen_power=c.eigen_power)
         return l2_normalise(pca.transform(feats)), pca
 
     # ------------------------------------------------------------------------ lent to the methods
@@ -343,9 +344,6 @@ def _check_choices(cfg: Config) -> None:
     if not -0.5 <= cfg.cluster.eigen_power <= 0:
         raise ValueError(f"cluster.eigen_power must be in [-0.5, 0] (-0.5 whitens, 0 keeps PCA's variances), "
                          f"got {cfg.cluster.eigen_power}")
-    if cfg.cluster.subspace != "none" and cfg.cluster.eigen_power != -0.5:
-        raise ValueError(f"cluster.eigen_power={cfg.cluster.eigen_power} applies to cluster.subspace=none only "
-                         f"(the {cfg.cluster.subspace} space always whitens)")
     if cfg.cluster.subspace != "none" and cfg.cluster.subspace_films < 2:
         raise ValueError(f"cluster.subspace_films must be >= 2, got {cfg.cluster.subspace_films}")
     if cfg.cluster.centroid_temperature <= 0:

@@ -63,19 +63,19 @@ def part_directions(features: torch.Tensor, parts: np.ndarray) -> torch.Tensor:
 
 
 def subspace_whitening(features: torch.Tensor, directions: torch.Tensor, dim: int = 256,
-                       eps: float = 1e-5) -> PCAWhitening:
+                       eps: float = 1e-5, eigen_power: float = -0.5) -> PCAWhitening:
     """PCA whitening of ``features`` (N, D) inside the span of ``directions`` (D, r), as one map.
 
     ``transform(x) = ((x - mean) @ directions @ C) * scale``, where ``C`` and ``scale`` whiten the
-    projected training features (so their covariance is close to the identity) and keep at most
-    ``dim`` components. Returned as a :class:`PCAWhitening` with ``components = directions @ C``.
+    projected training features (so their covariance is close to the identity; ``eigen_power``
+    as in :func:`~bonecluster.cluster.fit_pca_whitening`) and keep at most ``dim`` components. Returned as a :class:`PCAWhitening` with ``components = directions @ C``.
     """
     if directions.ndim != 2 or directions.shape[0] != features.shape[1]:
         raise ValueError(f"directions of shape {tuple(directions.shape)} do not fit features of "
                          f"shape {tuple(features.shape)}")
     mean = features.to(torch.float32).mean(dim=0)
     projected = (features.to(torch.float32) - mean) @ directions.to(features.device)
-    inner = fit_pca_whitening(projected, dim=dim, eps=eps)   # inner.mean is ~0: the data are centred
+    inner = fit_pca_whitening(projected, dim=dim, eps=eps, eigen_power=eigen_power)   # inner.mean is ~0: the data are centred
     return PCAWhitening(mean=mean + inner.mean @ torch.linalg.pinv(directions.to(features.device)),
                         components=directions.to(features.device) @ inner.components, scale=inner.scale)
 
@@ -102,7 +102,8 @@ def subspace_corpus(films: int, data: DataConfig, seed: int, progress: bool = Fa
 
 
 def phantom_part_whitening(model: DeepClusterNet, features: torch.Tensor, corpus: PhantomCorpus,
-                           device: torch.device, dim: int = 256, batch_size: int = 256) -> PCAWhitening:
+                           device: torch.device, dim: int = 256, batch_size: int = 256,
+                           eigen_power: float = -0.5) -> PCAWhitening:
     """The projection ``cluster.subspace=phantom-parts`` clusters in (see the module docstring).
 
     Args:
@@ -112,4 +113,4 @@ def phantom_part_whitening(model: DeepClusterNet, features: torch.Tensor, corpus
     """
     phantom_features = embed_images(model, corpus.images, device, batch_size)
     directions = part_directions(phantom_features, corpus.labels["part"])
-    return subspace_whitening(features, directions.to(features.device), dim=dim)
+    return subspace_whitening(features, directions.to(features.device), dim=dim, eigen_power=eigen_power)

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from bonecluster.data.phantoms import generate_phantoms
 from tests.conftest import load_benchmark
@@ -87,6 +88,16 @@ def test_the_suite_trains_once_and_scores_three_evaluations_with_their_ceilings(
     whitened = suite.main([*common, "--space", "pca", "--set", "cluster.eigen_power=-0.5"])
     assert whitened["overrides"] == ["cluster.eigen_power=-0.5"] and whitened["embedding_dim"] == 16
     assert whitened["eigen_power"] == -0.5 and result["eigen_power"] == again["eigen_power"] == 0   # cpu-real's
-    for bad in (["--space", "pca", "--set", "train.lr=0.1"], ["--set", "cluster.eigen_power=0"]):
+    from bonecluster.checkpoint import TrainedClusters
+    from bonecluster.config import apply_override
+
+    pool = suite.pool_sources("all", data, suite.split_all(data, tmp_path / "work"))
+    for power, unit_scale in ((0, True), (-0.5, False)):   # the re-fit space follows the power it is given
+        trained = TrainedClusters.load(Path(run) / "stage1")
+        trained.cfg = apply_override(trained.cfg, f"cluster.eigen_power={power}")
+        suite.refit_space(trained, "pca", pool, tmp_path / "work" / "run" / "cache", 70)
+        assert torch.equal(trained.pca.scale, torch.ones_like(trained.pca.scale)) == unit_scale
+    for bad in (["--space", "pca", "--set", "train.lr=0.1"], ["--set", "cluster.eigen_power=0"],
+                ["--space", "pca", "--set", "cluster.subspace=phantom-parts"]):
         with pytest.raises(SystemExit, match="cluster"):
             suite.main([*common, *bad])

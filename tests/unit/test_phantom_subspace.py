@@ -61,6 +61,11 @@ def test_subspace_whitening_is_one_pca_map_that_whitens_the_projected_films():
     torch.testing.assert_close(pca.transform(x), by_hand.transform(projected), atol=1e-3, rtol=0)
     assert PCAWhitening.from_state_dict(pca.state_dict()).output_dim == 3
     assert subspace_whitening(x, w, dim=2).output_dim == 2
+    # eigen_power=0 (cluster.eigen_power) keeps the projection's variances: the same axes, unscaled
+    plain = subspace_whitening(x, w, eigen_power=0.0)
+    torch.testing.assert_close(plain.scale, torch.ones(3), rtol=0, atol=0)
+    torch.testing.assert_close(plain.transform(x), fit_pca_whitening(projected, dim=3, eigen_power=0.0).transform(projected),
+                               atol=1e-3, rtol=0)
 
 
 def test_bad_inputs_are_refused_with_what_is_wrong():
@@ -89,5 +94,6 @@ def test_a_network_and_its_phantoms_give_at_most_six_whitened_dimensions():
 def test_stage2_clusters_each_part_in_the_usual_space():
     from bonecluster.stage2.train import stage2_config
 
-    cfg = load_config("cpu", overrides=["cluster.subspace=phantom-parts"])
+    cfg = load_config("cpu", overrides=["cluster.subspace=phantom-parts", "cluster.eigen_power=0"])
     assert cfg.cluster.subspace == "phantom-parts" and stage2_config(cfg).cluster.subspace == "none"
+    assert stage2_config(cfg).cluster.eigen_power == -0.5   # part models whiten, as measured

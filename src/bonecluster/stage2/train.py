@@ -38,12 +38,14 @@ SEED_SCORES = "seed_scores.pt"   # an extra seed network's kNN scores (stage2.ne
 def stage2_config(cfg: Config) -> Config:
     """Stage 1's engine settings with the stage-2 replacements (k and epochs).
 
-    Stage 1's over-clustering (``cluster.train_k``), study-level clustering (``cluster.by_study``)
-    and phantom part subspace (``cluster.subspace``: within one part it would keep the directions
-    that tell the other parts apart) are not carried over: a part has a few hundred images, and
-    its rounds cluster images into ``stage2.k`` in the usual PCA-whitened space.
+    Stage 1's over-clustering (``cluster.train_k``), study-level clustering (``cluster.by_study``),
+    phantom part subspace (``cluster.subspace``: within one part it would keep the directions
+    that tell the other parts apart) and whitening strength (``cluster.eigen_power``, chosen on
+    body parts) are not carried over: a part has a few hundred images, and its rounds cluster
+    images into ``stage2.k`` in the usual PCA-whitened space.
     """
-    return replace(cfg, cluster=replace(cfg.cluster, k=cfg.stage2.k, train_k=0, by_study=False, subspace="none"),
+    return replace(cfg, cluster=replace(cfg.cluster, k=cfg.stage2.k, train_k=0, by_study=False, subspace="none",
+                                        eigen_power=-0.5),
                    train=replace(cfg.train, epochs=cfg.stage2.epochs))
 
 
