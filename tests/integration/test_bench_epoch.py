@@ -45,6 +45,10 @@ def test_the_phase_table_accounts_for_the_epoch_and_the_floor_is_measured(tmp_pa
     floor = result["floor"]
     assert floor["train_seconds"] > 0 and floor["feature_seconds"] > 0
     assert abs(floor["seconds"] - floor["train_seconds"] - floor["feature_seconds"]) < 1e-9
+    first, second = result["floor_runs"]   # the floor is each pass's faster run of the two
+    for key in ("train_seconds", "feature_seconds"):
+        assert floor[key] == min(first[key], second[key])
+    assert abs(result["floor_drift"] - second["seconds"] / first["seconds"]) < 1e-9
     assert result["floor_ratio"] > 0 and result["train_step_ratio"] > 0 and result["feature_ratio"] > 0
     assert abs(result["floor_ratio"] - result["engine_images_per_s"] / result["floor_images_per_s"]) < 1e-9
     assert abs(result["engine_images_per_s"] - 128 / epoch) < 1e-6
