@@ -125,16 +125,19 @@ def measure_floor(cfg, device: torch.device, feature_images: int, train_images: 
 
     train_s = timed(train_step, "train", batch_sizes(train_images, t.batch_size))
     feature_s = timed(feature_step, "eval", batch_sizes(feature_images, t.feature_batch_size))
+    return floor_result(train_s, feature_s, feature_images, train_images)
+
+
+def floor_result(train_s: float, feature_s: float, feature_images: int, train_images: int) -> dict:
+    """The floor's seconds and images/s for its training and feature passes."""
     return {"train_seconds": train_s, "feature_seconds": feature_s, "seconds": train_s + feature_s,
             "train_images_per_s": train_images / train_s, "feature_images_per_s": feature_images / feature_s}
 
 
 def faster_floor(first: dict, second: dict, feature_images: int, train_images: int) -> dict:
     """Each pass's faster run of two :func:`measure_floor` results, in the same form."""
-    train_s = min(first["train_seconds"], second["train_seconds"])
-    feature_s = min(first["feature_seconds"], second["feature_seconds"])
-    return {"train_seconds": train_s, "feature_seconds": feature_s, "seconds": train_s + feature_s,
-            "train_images_per_s": train_images / train_s, "feature_images_per_s": feature_images / feature_s}
+    return floor_result(min(first["train_seconds"], second["train_seconds"]),
+                        min(first["feature_seconds"], second["feature_seconds"]), feature_images, train_images)
 
 
 def phase_rows(lap) -> list[dict]:

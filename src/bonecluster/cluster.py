@@ -36,6 +36,7 @@ __all__ = [
     "fit_pca_whitening",
     "l2_normalise",
     "preprocess_features",
+    "check_eigen_power",
     "KMeansResult",
     "kmeans",
     "kmeans_best_of",
@@ -127,8 +128,7 @@ def fit_pca_whitening(x: torch.Tensor, dim: int = 256, eps: float = 1e-5,
         raise ValueError(f"PCA whitening needs at least 2 samples, got {n}")
     if dim < 1:
         raise ValueError(f"dim must be >= 1, got {dim}")
-    if not -0.5 <= eigen_power <= 0:
-        raise ValueError(f"eigen_power must be in [-0.5, 0] (-0.5 whitens, 0 keeps PCA's variances), got {eigen_power}")
+    check_eigen_power(eigen_power)
     out_dim = min(dim, n - 1, d_in)
 
     work = x.detach().to(device=_linalg_device(x.device), dtype=torch.float64)
@@ -144,6 +144,12 @@ def fit_pca_whitening(x: torch.Tensor, dim: int = 256, eps: float = 1e-5,
         return t.to(device=x.device, dtype=torch.float32)
 
     return PCAWhitening(mean=as_state(mean), components=as_state(components), scale=as_state(scale))
+
+
+def check_eigen_power(power: float, name: str = "eigen_power") -> None:
+    """Refuse a whitening strength outside [-0.5, 0] (``name``: how the caller calls it)."""
+    if not -0.5 <= power <= 0:
+        raise ValueError(f"{name} must be in [-0.5, 0] (-0.5 whitens, 0 keeps PCA's variances), got {power}")
 
 
 def l2_normalise(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

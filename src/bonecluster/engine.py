@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from bonecluster import distributed as dist
 from bonecluster.augment import RadiographAugment
 from bonecluster.checkpoint import CHECKPOINT, FINAL_MODEL, FORMAT, METRICS, load_run_file, save_torch, write_metrics
-from bonecluster.cluster import KMeansResult, PCAWhitening, l2_normalise, preprocess_features, study_means
+from bonecluster.cluster import (KMeansResult, PCAWhitening, check_eigen_power, l2_normalise, preprocess_features,
+                                 study_means)
 from bonecluster.config import ClusterConfig, Config, to_dict, to_yaml
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import batch_loader, to_float
@@ -36,7 +37,7 @@ from bonecluster.methods import get_method
 from bonecluster.models import DeepClusterNet, build_model
 from bonecluster.phantom_pretrain import PhantomCorpus
 from bonecluster.phantom_subspace import SUBSPACES, phantom_part_whitening, subspace_corpus
-from bonecluster.timing import NoTimer
+from bonecluster.timing import NO_TIMER, NoTimer
 
 log = logging.getLogger("bonecluster")
 
@@ -80,7 +81,7 @@ class DeepClusterEngine:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.studies: torch.Tensor | None = None   # (N,) study numbers when cluster.by_study (set by fit)
         self._subspace_corpus: PhantomCorpus | None = None   # labelled phantoms for cluster.subspace
-        self.timer: NoTimer = NoTimer()   # a bonecluster.timing.PhaseTimer times the phases (bench_epoch.py)
+        self.timer: NoTimer = NO_TIMER   # a bonecluster.timing.PhaseTimer times the phases (bench_epoch.py)
         self.method = method_cls(self)   # after the network: its heads draw from the seeded RNG next
         if cfg.selfsup.study_pair_p and not self.method.pretrain_epochs:   # only two-view epochs pair films
             log.warning("selfsup.study_pair_p=%g does nothing here: method %s has no two-view pre-training "
@@ -341,9 +342,7 @@ def _check_choices(cfg: Config) -> None:
         raise ValueError("cluster.n_init must be >= 1, train.warmup_epochs and train.images_per_epoch >= 0")
     if cfg.cluster.train_k < 0:
         raise ValueError(f"cluster.train_k must be >= 0 (0 = cluster.k), got {cfg.cluster.train_k}")
-    if not -0.5 <= cfg.cluster.eigen_power <= 0:
-        raise ValueError(f"cluster.eigen_power must be in [-0.5, 0] (-0.5 whitens, 0 keeps PCA's variances), "
-                         f"got {cfg.cluster.eigen_power}")
+    check_eigen_power(cfg.cluster.eigen_power, "cluster.eigen_power")
     if cfg.cluster.subspace != "none" and cfg.cluster.subspace_films < 2:
         raise ValueError(f"cluster.subspace_films must be >= 2, got {cfg.cluster.subspace_films}")
     if cfg.cluster.centroid_temperature <= 0:

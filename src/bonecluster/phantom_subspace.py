@@ -68,14 +68,16 @@ def subspace_whitening(features: torch.Tensor, directions: torch.Tensor, dim: in
 
     ``transform(x) = ((x - mean) @ directions @ C) * scale``, where ``C`` and ``scale`` whiten the
     projected training features (so their covariance is close to the identity; ``eigen_power``
-    as in :func:`~bonecluster.cluster.fit_pca_whitening`) and keep at most ``dim`` components. Returned as a :class:`PCAWhitening` with ``components = directions @ C``.
+    as in :func:`~bonecluster.cluster.fit_pca_whitening`) and keep at most ``dim`` components.
+    Returned as a :class:`PCAWhitening` with ``components = directions @ C``.
     """
     if directions.ndim != 2 or directions.shape[0] != features.shape[1]:
         raise ValueError(f"directions of shape {tuple(directions.shape)} do not fit features of "
                          f"shape {tuple(features.shape)}")
     mean = features.to(torch.float32).mean(dim=0)
     projected = (features.to(torch.float32) - mean) @ directions.to(features.device)
-    inner = fit_pca_whitening(projected, dim=dim, eps=eps, eigen_power=eigen_power)   # inner.mean is ~0: the data are centred
+    # inner.mean is ~0: the data are centred
+    inner = fit_pca_whitening(projected, dim=dim, eps=eps, eigen_power=eigen_power)
     return PCAWhitening(mean=mean + inner.mean @ torch.linalg.pinv(directions.to(features.device)),
                         components=directions.to(features.device) @ inner.components, scale=inner.scale)
 
