@@ -182,7 +182,7 @@ def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="decode every image once into a memory-mapped cache")
     p.add_argument("data", nargs="+", help="MURA root, CSV manifest, or folder of images/DICOMs")
     p.add_argument("--out", required=True, help="cache folder")
-    p.add_argument("--size", type=int, help="square side in pixels (default: the preset's)")
+    p.add_argument("--size", type=int, help="square side in pixels (default: the preset's; 0: the backbone's own)")
     p.add_argument("--fit", choices=["squash", "letterbox", "deskew"],
                    help="how to make images square (deskew: straighten a tilted film, crop, letterbox)")
     p.add_argument("--workers", type=int, help="decoding processes (default: one per core)")
@@ -192,7 +192,7 @@ def _add_prepare(sub) -> None:
 
 
 def cmd_prepare(args) -> int:
-    from bonecluster.config import apply_override
+    from bonecluster.config import apply_override, resolve_size
     from bonecluster.data import prepare_sources, write_skipped_csv
 
     cfg = _load_config(args)
@@ -200,6 +200,7 @@ def cmd_prepare(args) -> int:
     for key, value in (("size", args.size), ("fit", args.fit), ("workers", args.workers)):
         if value is not None:
             cfg = apply_override(cfg, f"data.{key}={value}")
+    cfg = resolve_size(cfg)   # --size 0: the backbone's own
     ds = prepare_sources(args.data, cfg.data, cache=args.out)
     out = Path(args.out)
     ds.save(out / "dataset.json")

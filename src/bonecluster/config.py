@@ -33,7 +33,7 @@ class DataConfig:
     ``--max-csv-row-chars``), sugar for ``--set data.<field>=...``.
     """
 
-    size: int = 64
+    size: int = 64                 # 0 = the backbone's default (224 for the ResNets; a timm model's own)
     fit: str = "squash"            # "squash", "letterbox" (keeps aspect, pads) or "deskew" (straightens, crops, letterboxes)
     pct_low: float = 0.5           # robust intensity scaling percentiles
     pct_high: float = 99.5
@@ -90,12 +90,22 @@ class DataConfig:
 class ModelConfig:
     """The CNN (see :class:`bonecluster.models.DeepClusterNet`)."""
 
-    arch: str = "resnet18"         # resnet18, resnet34 or resnet50
+    # resnet18, resnet34, resnet50 (torchvision), or timm/<name>: any timm model, e.g.
+    # timm/convnext_tiny or timm/vit_small_patch14_dinov2.lvd142m (pip install 'bonecluster[timm]';
+    # docs/backbones.md)
+    arch: str = "resnet18"
     sobel: bool = True             # DeepCluster's fixed Sobel front end
-    # none, imagenet (downloaded on your machine), a .pt file, or phantoms (pre-train on labelled
-    # phantoms first, see PhantomPretrainConfig; the file is cached under the data cache)
+    # none; pretrained (the hub's weights for a timm/ name, fetched on your machine; ImageNet for a
+    # ResNet); imagenet (torchvision's, ResNets); a .pt / .safetensors file or a folder holding
+    # one; or phantoms (pre-train on labelled phantoms first, see PhantomPretrainConfig; the file
+    # is cached under the data cache)
     weights: str = "none"
-    small_input: bool = False      # True: 3x3 stem without max-pool (4-16x slower on CPU)
+    small_input: bool = False      # True: 3x3 stem without max-pool (4-16x slower on CPU); ResNets only
+    # extra constructor arguments of a timm/ backbone, e.g. {drop_path_rate: 0.1} or {depth: 2}
+    backbone_kwargs: dict = field(default_factory=dict)
+    # True: train the heads only (top layer, projection head); the backbone keeps its loaded
+    # weights and BatchNorm statistics (so train.feature_bn is treated as "running")
+    freeze: bool = False
     # NHWC memory order for the convolutions: the same network and numbers up to float rounding,
     # 0.75x the time of a SimCLR step on a 2-core CPU (benchmarks/bench_memory_format.py; GPUs not
     # measured yet). False: NCHW, the order of every figure measured before 2026-12-03.
@@ -168,6 +178,9 @@ class TrainConfig:
     lr_min_ratio: float = 0.0
     warmup_epochs: int = 0         # linear learning-rate warm-up over the first epochs
     top_lr_scale: float = 1.0      # the top layer's learning rate is lr * top_lr_scale
+    # The backbone's learning rate is lr * backbone_lr_scale (DeepCluster's train.lr and SimCLR's /
+    # DINO's selfsup.lr alike); heads keep theirs. Below 1 fine-tunes pretrained weights gently.
+    backbone_lr_scale: float = 1.0
     # BatchNorm statistics used when extracting features for k-means:
     # "running" = eval mode with the running averages (reference code);
     # "recompute" = re-estimate the averages over the whole (unaugmented) dataset first
@@ -355,7 +368,16 @@ def load_config(preset: str | None = "cpu", config_file: str | Path | None = Non
         cfg = merge(cfg, read_yaml(Path(config_file)))
     for item in overrides or []:
         cfg = apply_override(cfg, item)
-    return cfg
+    return resolve_size(cfg)
+
+
+def resolve_size(cfg: Config) -> Config:
+    """``data.size: 0`` -> the backbone's own input size (224 for the ResNets, a timm model's own)."""
+    if cfg.data.size != 0:
+        return cfg
+    from bonecluster.backbones import default_size
+
+    return merge(cfg, {"data": {"size": default_size(cfg.model.arch)}})
 
 
 def preset_names() -> list[str]:
@@ -435,6 +457,10 @@ def coerce(value: Any, kind: Any, key: str) -> Any:
         return tuple(items) if origin is tuple else items
     if kind is Any:
         return value
+    if kind is dict or origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        raise ValueError(f"config {key}={value!r}: expected a mapping, e.g. {{depth: 2}}")
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -74,7 +74,14 @@ class DeepClusterEngine:
         method_cls = get_method(cfg.method)   # a misspelt method fails before anything is built
         _check_choices(cfg)
         torch.manual_seed(cfg.seed)  # the backbone's initial weights depend on the seed only
-        self.model: DeepClusterNet = build_model(cfg.model, num_clusters=cfg.cluster.round_k).to(self.device)
+        self.model: DeepClusterNet = build_model(cfg.model, num_clusters=cfg.cluster.round_k,
+                                                 image_size=cfg.data.size).to(self.device)
+        if cfg.model.freeze:   # before the method builds its optimisers: they then leave the backbone out
+            self.model.freeze_backbone()
+            if cfg.method in ("deepcluster", "sela"):
+                log.warning("model.freeze with method=%s trains only the top layer, which each round replaces: "
+                            "the clusters are k-means on fixed features, as with method=simclr "
+                            "selfsup.epochs=0, in more time", cfg.method)
         self.augment = RadiographAugment(cfg.train.augment)
         self.use_amp = cfg.train.amp and amp_enabled(self.device)
         self.amp_dtype = amp_dtype(self.device) if self.use_amp else torch.float16
@@ -147,7 +154,7 @@ class DeepClusterEngine:
 
         BatchNorm follows ``train.feature_bn`` (see :class:`bonecluster.config.TrainConfig`).
         """
-        mode = self.cfg.train.feature_bn
+        mode = "running" if self.model.frozen else self.cfg.train.feature_bn   # frozen: statistics as loaded
         if mode == "recompute":
             self._recompute_bn_stats(data)
         self.model.eval()
@@ -340,6 +347,8 @@ def _check_choices(cfg: Config) -> None:
             raise ValueError(f"config {key}={value!r}: choose one of {', '.join(allowed)}")
     if cfg.cluster.n_init < 1 or cfg.train.warmup_epochs < 0 or cfg.train.images_per_epoch < 0:
         raise ValueError("cluster.n_init must be >= 1, train.warmup_epochs and train.images_per_epoch >= 0")
+    if cfg.train.backbone_lr_scale < 0:
+        raise ValueError(f"train.backbone_lr_scale must be >= 0, got {cfg.train.backbone_lr_scale}")
     if cfg.cluster.train_k < 0:
         raise ValueError(f"cluster.train_k must be >= 0 (0 = cluster.k), got {cfg.cluster.train_k}")
     check_eigen_power(cfg.cluster.eigen_power, "cluster.eigen_power")

@@ -139,11 +139,7 @@ class Stage2Graph(nn.Module):
                 self.register_buffer(f"refine_{name}", getattr(r, name).detach().float().cpu().clone())
 
     def forward(self, image: torch.Tensor):
-        model, net = self.model, self.model.backbone
-        x = model.preprocess(image)
-        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        mid = net.layer3(net.layer2(net.layer1(x)))
-        pooled = torch.flatten(net.avgpool(net.layer4(mid)), 1)
+        pooled, mid, _ = self.model.pooled_and_maps(image)
         emb = self.whiten(pooled)
         parts = []
         if self.use_global:

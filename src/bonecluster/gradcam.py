@@ -10,7 +10,9 @@ raises the target, e.g. a 1x1 map or a target that does not depend on the image)
 inputs that map is tiny (2x2 for a 64 px image with the ImageNet stem, 1x1 at 32 px), which
 cannot localise anything, so ``layer="auto"`` takes the last block whose map is at least
 ``min_size`` positions on each side (``layer4`` from 128 px up with the default stem, else
-``layer3``, ...). Name a block to force it.
+``layer3``, ...). Name a block to force it. For a ``timm/`` backbone the candidates are the
+stages timm lists in its ``feature_info`` (:meth:`~bonecluster.models.DeepClusterNet.cam_layers`);
+for a ViT, a block's patch tokens on the patch grid (the usual reshape for transformers).
 
 **Which target.** A deep-clustering model has no class of interest, so the target is supplied by
 the caller as a function of the pooled backbone features ``(N, D) -> (N,)``. Two are provided:
@@ -39,8 +41,6 @@ import torch.nn.functional as F
 from bonecluster.cluster import PCAWhitening, l2_normalise
 from bonecluster.models import DeepClusterNet
 
-BLOCKS = ("layer1", "layer2", "layer3", "layer4")
-
 Target = Callable[[torch.Tensor], torch.Tensor]  # pooled features (N, D) -> (N,) scalars
 
 
@@ -52,31 +52,38 @@ def grad_cam(model: DeepClusterNet, images: torch.Tensor, target: Target, layer:
         model: a DeepClusterNet (in eval mode for BatchNorm; it is not switched here).
         images: float (N, 1, H, W) in [0, 1], or uint8 (N, H, W) / (H, W) grey images.
         target: pooled backbone features (N, D) -> (N,) scalars to explain.
-        layer: "auto" or one of ``layer1``..``layer4`` (see the module docstring).
+        layer: "auto" or one of ``model.cam_layers()`` (``layer1``..``layer4`` for a ResNet; see
+            the module docstring).
         min_size: with "auto", the smallest acceptable side of the feature map.
     Returns:
         float32 (N, H, W) maps in [0, 1] without NaN, and the name of the block used.
     """
-    if layer != "auto" and layer not in BLOCKS:
-        raise ValueError(f"layer must be 'auto' or one of {BLOCKS}, got {layer!r}")
+    layers = model.cam_layers()
+    if not layers:
+        raise ValueError(f"model.arch={model.arch} lists no feature maps (timm feature_info) to explain")
+    if layer != "auto" and layer not in layers:
+        raise ValueError(f"layer must be 'auto' or one of {tuple(layers)}, got {layer!r}")
     x = _as_batch(images, next(model.parameters()).device)
-    net = model.backbone
-    maps: dict[str, torch.Tensor] = {}
-    hooks = [getattr(net, name).register_forward_hook(_keep(maps, name)) for name in BLOCKS]
+    size = (x.shape[2], x.shape[3])
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [module.register_forward_hook(_keep(outputs, name)) for name, (module, _) in layers.items()]
     try:
         with torch.enable_grad():
             pooled = model.features(x).float()
+            maps = {name: layers[name][1](out, size) for name, out in outputs.items()}
             chosen = layer if layer != "auto" else _pick_block(maps, min_size)
             values = target(pooled)
             if values.shape != (len(x),):
                 raise ValueError(f"target must return ({len(x)},) values, got {tuple(values.shape)}")
+            raw = outputs[chosen]   # the gradient is taken where the output joins the graph, then mapped
+            grads = torch.autograd.grad(values.sum(), raw, allow_unused=True)[0]
             act = maps[chosen]
-            grads = torch.autograd.grad(values.sum(), act, allow_unused=True)[0]
     finally:
         for h in hooks:
             h.remove()
     if grads is None:  # the target does not depend on this block at all
         return np.zeros((len(x), x.shape[2], x.shape[3]), np.float32), chosen
+    grads = layers[chosen][1](grads, size)
     with torch.no_grad():
         weights = grads.float().mean(dim=(2, 3), keepdim=True)          # (N, C, 1, 1)
         cam = F.relu((weights * act.float()).sum(dim=1, keepdim=True))  # (N, 1, h, w)
@@ -149,7 +156,11 @@ def _keep(store: dict, name: str):
 
 
 def _pick_block(maps: dict[str, torch.Tensor], min_size: int) -> str:
-    for name in reversed(BLOCKS):
+    """The deepest layer whose map is at least ``min_size`` on each side; when none is, the
+    deepest of those with the largest map (a ViT's blocks all share one grid)."""
+    names = list(maps)
+    for name in reversed(names):
         if min(maps[name].shape[2:]) >= min_size:
             return name
-    return BLOCKS[0]
+    largest = max(min(maps[name].shape[2:]) for name in names)
+    return [name for name in names if min(maps[name].shape[2:]) == largest][-1]

@@ -1,6 +1,7 @@
 """Convolutional networks for DeepCluster on grey radiographs.
 
-A :class:`DeepClusterNet` is a torchvision ResNet without its ``fc`` (the *backbone*), an
+A :class:`DeepClusterNet` is a backbone that pools a film to one feature vector (a torchvision
+ResNet without its ``fc`` by default, or any timm model: :mod:`bonecluster.backbones`), an
 optional fixed Sobel front end, and a linear *top layer* that maps features to the current
 cluster pseudo-labels. Following DeepCluster (Caron et al., ECCV 2018):
 
@@ -14,6 +15,7 @@ Callers always pass float images ``(N, 1, H, W)`` in ``[0, 1]``; normalisation h
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,20 +26,13 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from bonecluster.backbones import RESNETS, Backbone, BackboneError, build_backbone
+from bonecluster.backbones._base import MapFn, adapt_first_conv  # noqa: F401  (adapt_first_conv re-exported)
+from bonecluster.backbones.resnet import GREY_MEAN, GREY_STD  # noqa: F401  (re-exported)
+
 log = logging.getLogger("bonecluster")
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
-
-# One fixed normalisation for every model, whatever its initial weights: the mean and std of the
-# ImageNet RGB statistics averaged over channels (mean (0.485, 0.456, 0.406), std (0.229, 0.224,
-# 0.225)). ImageNet-initialised first convs (see adapt_first_conv) then see inputs on the scale
-# they were trained for, and a checkpoint reloaded from a file is always fed exactly as it was
-# during training, whichever way it was first initialised.
-GREY_MEAN = 0.449
-GREY_STD = 0.226
-
-_STEM_CHANNELS = 64  # output channels of conv1 in every torchvision ResNet
-
+ARCHS = RESNETS  # the torchvision names; model.arch also takes timm/<name> (bonecluster.backbones)
 
 # --------------------------------------------------------------------------- Sobel front end
 
@@ -77,55 +72,7 @@ class SobelFilter(nn.Module):
 # --------------------------------------------------------------------------- first-conv adaptation
 
 
-def adapt_first_conv(weight: Tensor, in_channels: int) -> Tensor:
-    """Turn an RGB first-conv kernel ``(O, 3, kh, kw)`` into one for ``in_channels`` inputs.
-
-    The RGB kernels are summed over the input dimension: a grey image replicated into R, G and B
-    then produces exactly the same response through the summed single-channel kernel. For more
-    than one input channel (Sobel's 2) the summed kernel is copied to every channel and divided
-    by ``in_channels``, so that a signal repeated on all channels still gives that response;
-    the Sobel channels carry different signals, so this is only a sensible starting point.
-
-    Returns a new tensor ``(O, in_channels, kh, kw)``.
-    """
-    if weight.ndim != 4 or weight.shape[1] != 3:
-        raise ValueError(f"expected an RGB conv weight of shape (O, 3, kh, kw), got {tuple(weight.shape)}")
-    if in_channels < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-    summed = weight.sum(dim=1, keepdim=True)
-    return summed.repeat(1, in_channels, 1, 1) / in_channels
-
-
 # --------------------------------------------------------------------------- the network
-
-
-def _make_stem_conv(in_channels: int, small_input: bool) -> nn.Conv2d:
-    """ResNet's first conv for ``in_channels`` inputs: ImageNet 7x7/2, or CIFAR-style 3x3/1."""
-    if small_input:
-        conv = nn.Conv2d(in_channels, _STEM_CHANNELS, kernel_size=3, stride=1, padding=1, bias=False)
-    else:
-        conv = nn.Conv2d(in_channels, _STEM_CHANNELS, kernel_size=7, stride=2, padding=3, bias=False)
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # as torchvision does
-    return conv
-
-
-def _make_backbone(arch: str, in_channels: int, small_input: bool) -> tuple[nn.Module, int]:
-    """A randomly initialised torchvision ResNet whose ``fc`` is the identity, and its feature size.
-
-    With ``small_input`` the 7x7 stride-2 conv and the max-pool are replaced by one 3x3 stride-1
-    conv (the CIFAR ResNet stem): on 32-96 px images the ImageNet stem downsamples by 4 before the
-    first residual block, leaving e.g. a 16x16 map from a 64 px image and throwing away the fine
-    bone edges clustering depends on.
-    """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
-    backbone = getattr(torchvision.models, arch)(weights=None)
-    feature_dim = backbone.fc.in_features
-    backbone.fc = nn.Identity()
-    backbone.conv1 = _make_stem_conv(in_channels, small_input)
-    if small_input:
-        backbone.maxpool = nn.Identity()
-    return backbone, feature_dim
 
 
 def _new_top_layer(feature_dim: int, num_clusters: int, generator: torch.Generator | None) -> nn.Linear:
@@ -148,16 +95,24 @@ def _new_top_layer(feature_dim: int, num_clusters: int, generator: torch.Generat
 
 
 class DeepClusterNet(nn.Module):
-    """ResNet backbone + optional Sobel + a linear top layer over the current clusters.
+    """Backbone + optional Sobel + a linear top layer over the current clusters.
 
     Args:
-        arch: one of :data:`ARCHS`.
+        arch: one of :data:`ARCHS`, or ``timm/<name>`` (:mod:`bonecluster.backbones`).
         sobel: put the fixed :class:`SobelFilter` in front (first conv then has 2 inputs).
         num_clusters: ``k``, the size of the top layer.
-        weights: ``"none"`` (random init), ``"imagenet"`` (torchvision's IMAGENET1K_V1, downloaded
-            on first use, first conv adapted to grey with :func:`adapt_first_conv`), or the path of
-            a state dict saved with ``torch.save`` (a DeepClusterNet's or a torchvision ResNet's).
-        small_input: use the CIFAR-style stem for 32-96 px images (see :func:`_make_backbone`).
+        weights: ``"none"`` (random init); ``"imagenet"`` (ResNets: torchvision's IMAGENET1K_V1,
+            downloaded on first use, first conv adapted to grey with :func:`adapt_first_conv`);
+            ``"pretrained"`` (the hub's weights for a ``timm/`` name; ``imagenet`` for a ResNet);
+            or a weights file (``.pt`` / ``.pth`` / ``.safetensors``) or a folder holding one: a
+            DeepClusterNet's state dict, or the bare backbone's (a torchvision or timm model's).
+        small_input: use the CIFAR-style stem for 32-96 px images (ResNets only; see
+            :func:`bonecluster.backbones.resnet.make_resnet`).
+        image_size: the side of the square films, for backbones sized to it (a ViT's position
+            embedding); ignored by CNNs.
+        backbone_kwargs: extra constructor arguments for a ``timm/`` backbone (config fields for ``hf/``).
+        backbone_saved: a built backbone's record from a run's files (:attr:`Backbone.saved`),
+            to rebuild it without reading the hub.
         channels_last: keep the convolutions' weights and activations in NHWC memory order. Same
             numbers up to float rounding; faster on CPUs with oneDNN (0.75x a SimCLR step on 2 cores),
             and the layout tensor cores prefer (``benchmarks/bench_memory_format.py`` measures it
@@ -175,20 +130,46 @@ class DeepClusterNet(nn.Module):
         weights: str | Path = "none",
         small_input: bool = False,
         channels_last: bool = True,
+        image_size: int | None = None,
+        backbone_kwargs: Mapping[str, Any] | None = None,
+        backbone_saved: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.arch = arch
         self.sobel_enabled = bool(sobel)
         self.small_input = bool(small_input)
+        self.image_size = int(image_size) if image_size else None
+        self.backbone_kwargs = dict(backbone_kwargs or {})
         self.sobel = SobelFilter() if sobel else None
-        self.backbone, self.feature_dim = _make_backbone(arch, self.in_channels, self.small_input)
+        spec = build_backbone(arch, in_channels=self.in_channels, small_input=self.small_input,
+                              image_size=self.image_size, weights=str(weights), kwargs=self.backbone_kwargs,
+                              saved=backbone_saved)
+        self.backbone, self.feature_dim = spec.module, spec.feature_dim
+        # what loading a weights file needs (first conv, classifier, converter), without a second
+        # reference to the module (plain attribute, not a submodule)
+        self.backbone_spec = dataclasses.replace(spec, module=None)
         self.top_layer = _new_top_layer(self.feature_dim, num_clusters, generator=None)
-        self.register_buffer("input_mean", torch.tensor(GREY_MEAN), persistent=False)
-        self.register_buffer("input_std", torch.tensor(GREY_STD), persistent=False)
+        self.register_buffer("input_mean", torch.tensor(spec.mean), persistent=False)
+        self.register_buffer("input_std", torch.tensor(spec.std), persistent=False)
         load_weights(self, weights)
         self.channels_last = bool(channels_last)
         if self.channels_last:   # after loading: copy_ into a parameter keeps its layout from here on
             self.backbone.to(memory_format=torch.channels_last)
+
+    frozen = False   # set by freeze_backbone
+
+    def freeze_backbone(self) -> None:
+        """Train the heads only: no gradient reaches the backbone, and its BatchNorm layers keep
+        their loaded statistics (the backbone stays in eval mode whatever ``train()`` says)."""
+        self.frozen = True
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+
+    def train(self, mode: bool = True) -> "DeepClusterNet":
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
 
     @property
     def in_channels(self) -> int:
@@ -207,6 +188,11 @@ class DeepClusterNet(nn.Module):
             "num_clusters": self.num_clusters,
             "small_input": self.small_input,
             "channels_last": self.channels_last,   # a layout, not an architecture: kept so a run reloads as trained
+            # only where they matter, so that a ResNet run stays readable by earlier versions
+            **({"image_size": self.image_size} if self.arch not in RESNETS and self.image_size else {}),
+            **({"backbone_kwargs": dict(self.backbone_kwargs)} if self.backbone_kwargs else {}),
+            # a transformers model's config and normalisation: rebuilt without the hub
+            **({"backbone_saved": self.backbone_spec.saved} if self.backbone_spec.saved else {}),
         }
 
     def preprocess(self, x: Tensor) -> Tensor:
@@ -222,6 +208,28 @@ class DeepClusterNet(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         """Globally average-pooled backbone features: ``(N, 1, H, W)`` -> ``(N, feature_dim)``."""
         return self.backbone(self.preprocess(x))
+
+    def pooled_and_maps(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The pooled features with the last two feature maps they came from, in one pass.
+
+        ``(N, 1, H, W)`` in ``[0, 1]`` -> ``pooled (N, D)`` (what :meth:`features` returns),
+        ``mid (N, c, h', w')`` (the next-to-last stage: a ResNet's ``layer3``) and
+        ``last (N, C, h, w)`` (the last stage: ``layer4``). For a ViT both maps are patch tokens
+        of the last two blocks on their patch grid (timm's ``forward_intermediates``).
+        Stage 2's patch score reads ``mid``; Grad-CAM reads either.
+        """
+        return self.backbone_spec.maps(self.backbone, self.preprocess(x))
+
+    def cam_layers(self) -> dict[str, tuple[nn.Module, MapFn]]:
+        """The layers Grad-CAM may explain, shallow to deep: ``name -> (module, to_map)``.
+
+        ``to_map(output, (H, W))`` turns the module's output for ``(H, W)`` films into an
+        ``(N, C, h, w)`` map: the identity for a CNN stage; for a ViT block, its patch tokens
+        (prefix tokens such as CLS dropped) on the patch grid. ResNets: ``layer1`` .. ``layer4``;
+        timm models: the stages timm lists in ``feature_info`` (the stem left out; for a ViT
+        pooled from its CLS token, the last block too, as its patch tokens feed nothing).
+        """
+        return self.backbone_spec.cam_layers(self.backbone)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits over the current pseudo-labels: ``(N, 1, H, W)`` -> ``(N, num_clusters)``."""
@@ -243,20 +251,48 @@ class DeepClusterNet(nn.Module):
 
 
 def load_weights(model: DeepClusterNet, weights: str | Path | None) -> None:
-    """Initialise ``model`` from ``"none"``, ``"imagenet"`` or a state-dict file (see DeepClusterNet)."""
-    if weights is None or str(weights).lower() == "none":
+    """Initialise ``model`` from ``"none"``, ``"imagenet"``, ``"pretrained"`` or a weights file or
+    folder (see :class:`DeepClusterNet`). Errors are one line naming the model and what to do."""
+    name = "none" if weights is None else str(weights)
+    if name.lower() == "none":
         return
-    if str(weights).lower() == "imagenet":
+    spec: Backbone = model.backbone_spec
+    if name.lower() in ("imagenet", "pretrained"):
+        if spec.weights_loaded:           # the builder already fetched the hub's weights
+            return
+        if model.arch not in RESNETS:
+            raise BackboneError(f"model.weights={name} is torchvision's ImageNet, for {', '.join(RESNETS)}; for "
+                                f"model.arch={model.arch} use model.weights=pretrained (the hub's weights for it)")
         state = _download_imagenet_state_dict(model.arch)
         _load_backbone_state(model, state, source=f"torchvision {model.arch} IMAGENET1K_V1")
         return
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"weights file {str(path)!r} not found (weights must be 'none', 'imagenet' or a state-dict file)"
-        )
+    path = weights_file(Path(name).expanduser(), model.arch)
     state = _read_state_dict(path)
     _load_backbone_state(model, state, source=f"weights file {str(path)!r}")
+
+
+# in a saved folder, the first of these that is there (Hugging Face's and timm's own names)
+_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def weights_file(path: Path, arch: str) -> Path:
+    """The file behind ``model.weights=PATH``: the file itself, or the weights inside a saved folder."""
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in _FOLDER_FILES:
+            if (path / name).is_file():
+                return path / name
+        found = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+        if len(found) == 1:
+            return found[0]
+        what = "no weights file" if not found else f"{len(found)} weights files ({', '.join(p.name for p in found[:4])})"
+        raise FileNotFoundError(f"weights folder {str(path)!r} holds {what}; give the file itself as model.weights")
+    raise FileNotFoundError(
+        f"weights file {str(path)!r} not found (model.arch={arch}; model.weights must be 'none', 'pretrained', "
+        "'imagenet', or a .pt / .safetensors file or a folder holding one)"
+    )
 
 
 def _download_imagenet_state_dict(arch: str) -> dict[str, Tensor]:
@@ -269,10 +305,18 @@ def _download_imagenet_state_dict(arch: str) -> dict[str, Tensor]:
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Load a state dict, unwrapping ``{"model": ...}`` / ``{"state_dict": ...}`` checkpoints."""
+    """Load a state dict (``torch.save`` or ``.safetensors``), unwrapping ``{"model": ...}`` /
+    ``{"state_dict": ...}`` checkpoints."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle / zip errors carry no file name
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file   # comes with timm / huggingface_hub
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError as err:
+        raise ValueError(f"weights file {str(path)!r} is a .safetensors file: pip install safetensors") from err
+    except Exception as err:  # pickle / zip / header errors carry no file name
         raise ValueError(f"could not read weights file {str(path)!r}: {err}") from err
     for key in ("model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
@@ -286,11 +330,18 @@ def _strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def _split_state(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Split a DeepClusterNet or torchvision ResNet state dict into (backbone, top layer) parts.
+def _prefixes(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"{n}." for n in names if n)
 
-    ``fc.*`` (torchvision's ImageNet classifier) is dropped: it never fits our clusters.
+
+def _split_state(state: Mapping[str, Tensor], classifier: tuple[str, ...] = ("fc",)
+                 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split a DeepClusterNet's or a bare backbone's state dict into (backbone, top layer) parts.
+
+    Keys under ``classifier`` (e.g. torchvision's ``fc``, a timm ViT's ``head``: an ImageNet
+    classifier) are dropped: it never fits our clusters.
     """
+    dropped = _prefixes(classifier)
     for wrapper in ("module.", "_orig_mod."):  # saved from DataParallel / DDP, torch.compile
         if state and all(k.startswith(wrapper) for k in state):
             state = _strip_prefix(state, wrapper)
@@ -301,30 +352,35 @@ def _split_state(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[s
             top[key[len("top_layer."):]] = value
         elif key.startswith("backbone."):
             backbone[key[len("backbone."):]] = value
-        elif not key.startswith("fc."):
+        elif not (dropped and key.startswith(dropped)):
             backbone[key] = value
     return backbone, top
 
 
 def _adapt_rgb_stem(model: DeepClusterNet, backbone_state: dict[str, Tensor], source: str) -> set[str]:
-    """Make an RGB ``conv1.weight`` fit the model's grey / Sobel stem, in place.
+    """Make an RGB first conv (or ViT patch embedding) fit the model's grey / Sobel input, in place.
 
-    The 7x7 kernel is summed to grey (:func:`adapt_first_conv`). A CIFAR-style 3x3 stem has no
-    counterpart in ImageNet weights, so it keeps its random init while the rest loads; the
+    The kernel is summed to grey (:func:`adapt_first_conv`). A ResNet's CIFAR-style 3x3 stem has
+    no counterpart in ImageNet weights, so it keeps its random init while the rest loads; the
     returned set names the keys dropped for that reason.
     """
-    weight = backbone_state.get("conv1.weight")
-    if weight is None or weight.ndim != 4 or weight.shape[1] != 3 or model.in_channels == 3:
+    first = model.backbone_spec.first_conv
+    key = f"{first}.weight"
+    weight = backbone_state.get(key)
+    if not first or weight is None or weight.ndim != 4 or weight.shape[1] != 3 or model.in_channels == 3:
         return set()
-    expected = model.backbone.conv1.weight.shape
-    if weight.shape[2:] != expected[2:]:
+    target = model.backbone.state_dict().get(key)
+    if target is None:   # the named layer holds no such weight: the mismatch report will say what is off
+        return set()
+    expected = target.shape
+    if weight.shape[2:] != expected[2:] and model.arch in RESNETS:
         log.warning(
-            "%s: RGB conv1 %s does not fit the small-input stem %s; conv1 keeps its random init",
-            source, tuple(weight.shape), tuple(expected),
+            "%s: RGB %s %s does not fit the small-input stem %s; it keeps its random init",
+            source, first, tuple(weight.shape), tuple(expected),
         )
-        del backbone_state["conv1.weight"]
-        return {"conv1.weight"}
-    backbone_state["conv1.weight"] = adapt_first_conv(weight, model.in_channels)
+        del backbone_state[key]
+        return {key}
+    backbone_state[key] = adapt_first_conv(weight, model.in_channels)
     return set()
 
 
@@ -347,14 +403,22 @@ def _mismatch_report(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]
 
 def _load_backbone_state(model: DeepClusterNet, state: Mapping[str, Tensor], source: str) -> None:
     """Load a backbone strictly (clear error naming ``source``); load the top layer only if it fits."""
-    backbone_state, top_state = _split_state(state)
+    spec: Backbone = model.backbone_spec
+    backbone_state, top_state = _split_state(state, spec.classifier)
+    if spec.filter_state is not None:   # the family's own converter (timm: resample a ViT's position embedding)
+        try:
+            converted = spec.filter_state(backbone_state, model.backbone)
+            dropped = _prefixes(spec.classifier)   # a converter may have renamed the classifier (head -> head.fc)
+            backbone_state = {k: v for k, v in converted.items() if not (dropped and k.startswith(dropped))}
+        except Exception as err:   # a foreign layout the converter cannot read: the check below names the keys
+            log.debug("%s: %s's converter failed (%s); loading the state as it is", source, model.arch, err)
     skip = _adapt_rgb_stem(model, backbone_state, source)
     expected = model.backbone.state_dict()
     report = _mismatch_report(expected, backbone_state, skip)
     if report:
         raise ValueError(
             f"{source} does not match DeepClusterNet(arch={model.arch!r}, sobel={model.sobel_enabled}, "
-            f"small_input={model.small_input}): {report}"
+            f"small_input={model.small_input}): {report}. Was it saved from another model.arch?"
         )
     model.backbone.load_state_dict(backbone_state, strict=not skip)
     _maybe_load_top_layer(model, top_state)
@@ -375,10 +439,11 @@ def build_model(cfg: Any = None, **overrides: Any) -> DeepClusterNet:
     """Build a :class:`DeepClusterNet` from a mapping or an object with matching attributes.
 
     Recognised fields: ``arch``, ``sobel``, ``num_clusters``, ``weights``, ``small_input``,
-    ``channels_last``;
+    ``channels_last``, ``image_size``, ``backbone_kwargs``;
     others are ignored, missing ones take the constructor defaults, and ``overrides`` win.
     """
-    fields = ("arch", "sobel", "num_clusters", "weights", "small_input", "channels_last")
+    fields = ("arch", "sobel", "num_clusters", "weights", "small_input", "channels_last", "image_size",
+              "backbone_kwargs", "backbone_saved")
     kwargs: dict[str, Any] = {}
     for name in fields:
         if isinstance(cfg, Mapping) and name in cfg:

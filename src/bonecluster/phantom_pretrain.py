@@ -193,7 +193,8 @@ def pretrain_on_phantoms(cfg: Config, out: str | Path, progress: bool = True) ->
     valid_set = render_corpus(p.validation_films, cfg.data, seed=cfg.seed, first=p.films, reshare_p=p.reshare_p,
                               workers=cfg.data.workers or None, progress=False) if p.validation_films else None
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_clusters=len(BODY_PARTS), weights=_start_weights(cfg.model.weights)).to(device)
+    model = build_model(cfg.model, num_clusters=len(BODY_PARTS), weights=_start_weights(cfg.model.weights),
+                        image_size=cfg.data.size).to(device)
     heads = TaskHeads(model.feature_dim, tasks).to(device)
     params = list(model.backbone.parameters()) + list(heads.parameters())
     opt = torch.optim.SGD(params, lr=p.lr, momentum=0.9, weight_decay=p.weight_decay, nesterov=True)
@@ -275,8 +276,11 @@ def _save(model: DeepClusterNet, out: Path, meta: dict) -> None:
 
 
 def _model_settings(cfg: Config) -> dict:
-    return {"arch": cfg.model.arch, "sobel": cfg.model.sobel, "small_input": cfg.model.small_input,
-            "start": _start_weights(cfg.model.weights)}
+    settings = {"arch": cfg.model.arch, "sobel": cfg.model.sobel, "small_input": cfg.model.small_input,
+                "start": _start_weights(cfg.model.weights)}
+    if cfg.model.backbone_kwargs:   # only when set: the keys of files cached before it existed stay valid
+        settings["backbone_kwargs"] = cfg.model.backbone_kwargs
+    return settings
 
 
 def _data_settings(data: DataConfig) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from bonecluster import distributed as dist
 from bonecluster.config import Config, merge, to_yaml
@@ -34,6 +35,8 @@ from bonecluster.checkpoint import FINAL_MODEL, TrainedClusters
 from bonecluster.engine import DeepClusterEngine, FitResult
 from bonecluster.io import atomic_write_text
 from bonecluster.metrics import cluster_scores, majority_mapping
+from bonecluster.backbones import BackboneError
+from bonecluster.models import build_model, weights_file
 from bonecluster.names import NAMES, load_cluster_names, save_cluster_names
 from bonecluster.phantom_pretrain import PHANTOMS, cached_phantom_weights, cached_weights_path
 from bonecluster.stage2.train import train_stage2
@@ -70,6 +73,7 @@ def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: S
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are 1 and 2")
     run = Path(run)
+    check_model(cfg)
     info = dist.setup(pick_device(cfg.train.device).type)
     try:
         cfg = resolve_phantom_weights(cfg, run, progress, info)
@@ -87,6 +91,20 @@ def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: S
     finally:
         dist.teardown(info)
     return summary
+
+
+def check_model(cfg: Config) -> None:
+    """Fail in a second, before any film is decoded: an unknown ``model.arch``, a missing package
+    (timm), a ViT whose patches do not tile ``data.size``, a missing weights file."""
+    try:
+        with torch.device("meta"):   # shapes only: no memory, no weights read, nothing downloaded
+            build_model(cfg.model, weights="none", image_size=cfg.data.size)
+    except BackboneError:
+        raise
+    except Exception:   # a model that cannot be built on the meta device: build it for real
+        build_model(cfg.model, weights="none", image_size=cfg.data.size)
+    if str(cfg.model.weights).lower() not in ("none", "imagenet", "pretrained", PHANTOMS):
+        weights_file(Path(cfg.model.weights).expanduser(), cfg.model.arch)
 
 
 def resolve_phantom_weights(cfg: Config, run: Path, progress: bool = True,

@@ -195,3 +195,42 @@ def test_two_process_ddp_run_with_gloo(phantoms, tmp_path):
     assert [int(x["epoch"]) for x in rows] == [1, 2]
     trained = TrainedClusters.load(tmp_path / "run" / "stage1")
     assert len(trained.assignments) == 56
+
+
+@pytest.mark.parametrize("method", ["deepcluster", "simclr"])
+def test_frozen_backbone_trains_only_the_heads(phantoms, tmp_path, method):
+    cfg = _cfg(1, f"method={method}", "selfsup.epochs=1", "model.freeze=true", "train.feature_bn=recompute")
+    data = _data(phantoms, tmp_path, cfg)
+    engine = DeepClusterEngine(cfg, tmp_path / "run", progress=False)
+    before = {k: v.clone() for k, v in engine.model.backbone.state_dict().items()}
+    head_moved = []
+    if method == "deepcluster":   # the top layer is redrawn every round: compare it around one step
+        step = engine.method._pseudo_label_step
+
+        def watched(net, top_optimizer, x, y):
+            start = engine.model.top_layer.weight.detach().clone()
+            loss = step(net, top_optimizer, x, y)
+            head_moved.append(not torch.equal(start, engine.model.top_layer.weight))
+            return loss
+
+        engine.method._pseudo_label_step = watched
+        engine.fit(data)
+    else:
+        head = {k: v.clone() for k, v in engine.method.head.state_dict().items()}
+        engine.fit(data)
+        head_moved.append(any(not torch.equal(head[k], v) for k, v in engine.method.head.state_dict().items()))
+    after = engine.model.backbone.state_dict()
+    # weights and BatchNorm statistics alike: precise BN is skipped for a frozen backbone
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert head_moved and all(head_moved)
+
+
+def test_backbone_lr_scale_sets_the_backbones_group(phantoms, tmp_path):
+    cfg = _cfg(1, "train.backbone_lr_scale=0.1", "train.lr=0.02")
+    engine = DeepClusterEngine(cfg, tmp_path / "run", progress=False)
+    engine.fit(_data(phantoms, tmp_path, cfg))
+    (group,) = engine.method.optimizer.param_groups
+    assert engine.method._lr(0) > 0 and group["lr_scale"] == 0.1
+    assert group["lr"] == pytest.approx(0.1 * engine.method._lr(0))
+    with pytest.raises(ValueError, match="backbone_lr_scale"):
+        DeepClusterEngine(_cfg(1, "train.backbone_lr_scale=-1"), tmp_path / "bad", progress=False)

@@ -85,3 +85,24 @@ def test_run_files_without_a_format_read_as_format_1_and_newer_ones_name_their_f
     torch.save({"format": FORMAT + 1}, tmp_path / "new.pt")
     with pytest.raises(RuntimeError, match=rf"new.pt: written in run-file format {FORMAT + 1}; this bonecluster reads"):
         load_run_file(tmp_path / "new.pt")
+
+
+def test_an_optimiser_saved_in_one_group_loads_into_backbone_and_head_groups():
+    from bonecluster.methods._base import load_optimizer_state, set_learning_rate
+
+    backbone, head = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))], [torch.nn.Parameter(torch.ones(4))]
+    old = torch.optim.SGD(backbone + head, lr=0.1, momentum=0.9)   # one group, as before lr_scale existed
+    for p in backbone + head:
+        p.grad = torch.full_like(p, 2.0)
+    old.step()
+    new = torch.optim.SGD([{"params": backbone, "lr_scale": 0.1}, {"params": head, "lr_scale": 1.0}], lr=0.1,
+                          momentum=0.9)
+    load_optimizer_state(new, old.state_dict(), "test")
+    assert [g["lr_scale"] for g in new.param_groups] == [0.1, 1.0]   # this run's scales, not the file's
+    for p in backbone + head:
+        assert torch.equal(new.state[p]["momentum_buffer"], old.state[p]["momentum_buffer"])
+    set_learning_rate(new, 0.5)
+    assert [g["lr"] for g in new.param_groups] == [pytest.approx(0.05), 0.5]
+    other = torch.optim.SGD([{"params": head}], lr=0.1)      # a frozen backbone: fewer parameters
+    with pytest.raises(ValueError, match="holds 3 parameters and this run's 1: resume with the model.freeze"):
+        load_optimizer_state(other, old.state_dict(), "test")

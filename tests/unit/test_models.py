@@ -57,7 +57,7 @@ def test_resnet50_has_2048_features():
 
 def test_archs_constant_lists_supported_models():
     assert ARCHS == ("resnet18", "resnet34", "resnet50")
-    with pytest.raises(ValueError, match="unknown arch"):
+    with pytest.raises(ValueError, match="unknown model.arch"):
         DeepClusterNet(arch="vgg16")
 
 

@@ -149,3 +149,45 @@ def warmup_cosine(base: float, epoch: int, epochs: int, warmup: int, min_ratio: 
 def backbone_parameters(model: DeepClusterNet) -> list[torch.nn.Parameter]:
     """Every parameter but the top layer's (which each clustering round replaces)."""
     return [p for n, p in model.named_parameters() if not n.startswith("top_layer.")]
+
+
+def backbone_groups(model: DeepClusterNet, lr_scale: float) -> list[dict]:
+    """The backbone's optimiser parameter group, its learning rate ``lr_scale`` times the base
+    (``train.backbone_lr_scale``); none when the backbone is frozen (``model.freeze``)."""
+    if model.frozen:
+        return []
+    return [{"params": backbone_parameters(model), "lr_scale": float(lr_scale)}]
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, what: str) -> None:
+    """Load a checkpoint's optimiser ``state`` into ``optimizer``, keeping this run's ``lr_scale``
+    per group (``train.backbone_lr_scale`` may differ from the run that wrote it).
+
+    A state saved in one group (before the backbone and the heads had a group each) is split in
+    this optimiser's group sizes: the backbone's parameters came first, in the same order. A
+    different parameter count (``model.freeze`` or the architecture changed) is one clear error.
+    """
+    groups, saved = optimizer.param_groups, state["param_groups"]
+    sizes = [len(g["params"]) for g in groups]
+    flat = [i for g in saved for i in g["params"]]
+    if len(flat) != sum(sizes):
+        raise ValueError(f"the checkpoint's {what} optimiser holds {len(flat)} parameters and this run's "
+                         f"{sum(sizes)}: resume with the model.freeze and model.arch it was trained with")
+    if len(saved) != len(groups):
+        split, start = [], 0
+        for size in sizes:
+            split.append({**saved[0], "params": flat[start:start + size]})
+            start += size
+        state = {**state, "param_groups": split}
+    scales = [g.get("lr_scale", 1.0) for g in groups]
+    optimizer.load_state_dict(state)
+    for group, scale in zip(optimizer.param_groups, scales):
+        group["lr_scale"] = scale
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer | None, lr: float) -> None:
+    """Set every group's learning rate to ``lr`` times its own ``lr_scale`` (1 when it has none)."""
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

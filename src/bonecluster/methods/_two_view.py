@@ -20,7 +20,8 @@ from bonecluster.augment import RadiographAugment
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import CachedBatches, batch_loader, to_float
 from bonecluster.data.records import study_index
-from bonecluster.methods._base import Loop, Method, backbone_parameters, epoch_generator, warmup_cosine
+from bonecluster.methods._base import (Loop, Method, backbone_groups, epoch_generator, load_optimizer_state,
+                                       set_learning_rate, warmup_cosine)
 from bonecluster.models import DeepClusterNet
 from bonecluster.study_mates import StudyMates
 
@@ -58,8 +59,9 @@ class TwoViewPretraining(Method):
         if s.epochs:   # no head without epochs: `selfsup.epochs=0` clusters the given network as it is
             self.head = self.make_head().to(loop.device)
             self.view_augment = RadiographAugment(s.augment)   # selfsup.augment: strong, two per image
-            params = backbone_parameters(loop.model) + list(self.head.parameters())
-            self.pretrain_optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum,
+            groups = (backbone_groups(loop.model, self.cfg.train.backbone_lr_scale)
+                      + [{"params": list(self.head.parameters()), "lr_scale": 1.0}])
+            self.pretrain_optimizer = torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum,
                                                       weight_decay=s.weight_decay)
 
     def make_head(self) -> torch.nn.Module:
@@ -92,8 +94,7 @@ class TwoViewPretraining(Method):
         loop, s = self.loop, self.cfg.selfsup
         gen = epoch_generator(self.cfg.seed, epoch, stream=1)
         lr = warmup_cosine(s.lr, epoch, s.epochs, s.warmup_epochs)
-        for group in self.pretrain_optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.pretrain_optimizer, lr)
         order = torch.randperm(len(data), generator=gen)
         share = order[loop.dist.rank::loop.dist.world_size]
         if len(share) >= 2 * s.batch_size:  # whole batches only: a batch of one breaks BatchNorm
@@ -162,4 +163,4 @@ class TwoViewPretraining(Method):
         super().load_state_dict(state)
         if self.head is not None and "pretrain" in state:
             self.head.load_state_dict(state["pretrain"]["head"])
-            self.pretrain_optimizer.load_state_dict(state["pretrain"]["optimizer"])
+            load_optimizer_state(self.pretrain_optimizer, state["pretrain"]["optimizer"], "pre-training")

@@ -24,7 +24,8 @@ from bonecluster import distributed as dist
 from bonecluster.cluster import KMeansResult, PCAWhitening
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import batch_loader, to_float
-from bonecluster.methods._base import Loop, Method, backbone_parameters, epoch_generator, register, warmup_cosine
+from bonecluster.methods._base import (Loop, Method, backbone_groups, epoch_generator, load_optimizer_state, register,
+                                       set_learning_rate, warmup_cosine)
 from bonecluster.metrics import nmi
 from bonecluster.sampler import UniformLabelSampler
 
@@ -40,9 +41,11 @@ class DeepCluster(Method):
     def __init__(self, loop: Loop) -> None:
         super().__init__(loop)
         t = self.cfg.train
-        # SGD with momentum over everything but the top layer (which has its own, per round).
-        self.optimizer = torch.optim.SGD(backbone_parameters(loop.model), lr=t.lr, momentum=t.momentum,
-                                         weight_decay=t.weight_decay)
+        # SGD with momentum over everything but the top layer (which has its own, per round);
+        # None when the backbone is frozen (model.freeze: only the top layer trains).
+        groups = backbone_groups(loop.model, t.backbone_lr_scale)
+        self.optimizer = (torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+                          if groups else None)
 
     @property
     def cluster_epochs(self) -> int:
@@ -121,8 +124,7 @@ class DeepCluster(Method):
                 model.top_layer.weight.copy_(top[0])
                 model.top_layer.bias.copy_(top[1])
         lr = self._lr(epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr)
         top_optimizer = torch.optim.SGD(model.top_layer.parameters(), lr=lr * t.top_lr_scale,
                                         weight_decay=t.weight_decay)
         net = loop.ddp(model)   # rebuilt per round because the top layer is new
@@ -150,17 +152,22 @@ class DeepCluster(Method):
         loop = self.loop
         with loop.autocast():
             loss = F.cross_entropy(net(x).float(), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        top_optimizer.zero_grad(set_to_none=True)
+        optimizers = [opt for opt in (self.optimizer, top_optimizer) if opt is not None]
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         loop.scaler.scale(loss).backward()
-        for opt in (self.optimizer, top_optimizer):
+        for opt in optimizers:
             loop.scaler.step(opt)
         loop.scaler.update()
         return loss.item()
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {**super().state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer else None}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = state.get("optimizer")
+        if (saved is None) != (self.optimizer is None):
+            raise ValueError(f"the checkpoint was trained with model.freeze={saved is None}: resume with that setting")
+        if saved is not None:
+            load_optimizer_state(self.optimizer, saved, "backbone")

@@ -52,19 +52,17 @@ def part_features(trained: TrainedClusters, images: np.ndarray,
                   batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, S, S) -> pooled final features (N, D) and layer3 patches (N, L, c), on the CPU.
 
-    The pooled features are what ``model.features`` returns; the patches are the ResNet's
-    ``layer3`` output, one L2-normalised c-vector per spatial position (L = h * w).
+    The pooled features are what ``model.features`` returns; the patches are the next-to-last
+    stage's map (a ResNet's ``layer3``, a ViT's patch tokens), one L2-normalised c-vector per
+    spatial position (L = h * w).
     """
     model = trained.model
-    net = model.backbone
     device = next(model.parameters()).device
     pooled, patches = [], []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).float().div_(255)
-        x = model.preprocess(x.unsqueeze(1).to(device))
-        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        mid = net.layer3(net.layer2(net.layer1(x)))
-        pooled.append(torch.flatten(net.avgpool(net.layer4(mid)), 1).float().cpu())
+        feats, mid, _ = model.pooled_and_maps(x.unsqueeze(1).to(device))
+        pooled.append(feats.float().cpu())
         patches.append(torch.nn.functional.normalize(mid.float().flatten(2).transpose(1, 2), dim=2).cpu())
     return torch.cat(pooled), torch.cat(patches)
 

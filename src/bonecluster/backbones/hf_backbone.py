@@ -1,0 +1,234 @@
+"""A Hugging Face ``transformers`` vision encoder as a backbone: ``model.arch=hf/<repo-id>``, e.g.
+``hf/microsoft/rad-dino`` or ``hf/facebook/dinov2-small``, or ``hf/<folder>`` written by
+``save_pretrained`` (``pip install 'bonecluster[hf]'``).
+
+The encoder is ``AutoModel`` of the repo's config (no task head). Its pooled output is the
+model's ``pooler_output`` (a ViT's CLS token after its final norm; a CNN's pooled last map), or
+the CLS token / mean of the last map where the model has no pooler.
+
+Weights (``model.weights``):
+
+* ``none``: the config's architecture with random weights (the config itself is read from the
+  hub once, or from the cache or a local folder);
+* ``pretrained``: ``AutoModel.from_pretrained``, fetched by huggingface_hub into its cache
+  (``HF_HOME``) on first use; with ``HF_HUB_OFFLINE=1`` only the cache is read;
+* a file or folder: loaded by :func:`bonecluster.models.load_weights` (a bonecluster run's, or the
+  bare encoder's state dict as ``save_pretrained`` writes it).
+
+Grey films: the first convolution (a ViT's patch embedding) takes the film's channels; RGB
+weights are summed over R, G and B (:func:`~bonecluster.backbones._base.adapt_first_conv`), as
+for every family. The normalisation is the repo's image processor's mean and std averaged over
+RGB (ImageNet's when the repo has no image processor). ``model.backbone_kwargs`` override config
+fields, e.g. ``{num_hidden_layers: 2}``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from bonecluster.backbones._base import Backbone, BackboneError, adapt_first_conv, identity_map, tokens_to_map
+
+log = logging.getLogger("bonecluster")
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _transformers(repo: str):
+    try:
+        import transformers
+    except ImportError as err:
+        raise BackboneError(f"model.arch=hf/{repo} needs the transformers package: pip install 'bonecluster[hf]'") from err
+    return transformers
+
+
+def _hub_error(repo: str, what: str, err: Exception) -> BackboneError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    cause = " (HF_HUB_OFFLINE is set and the cache has no copy)" if offline else ""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return BackboneError(
+        f"model.arch=hf/{repo}: its {what} could not be loaded{cause}: {reason}. Fetch it once on a machine with "
+        f"network (hf download {repo}) into the cache HF_HOME points to, or give a folder written by "
+        "save_pretrained as model.arch=hf/FOLDER")
+
+
+def read_config(repo: str, kwargs: dict[str, Any] | None = None):
+    """The repo's model config, with ``kwargs`` overriding its fields."""
+    tf = _transformers(repo)
+    try:
+        return tf.AutoConfig.from_pretrained(repo, **(kwargs or {}))
+    except (OSError, ValueError) as err:
+        raise _hub_error(repo, "config", err) from err
+
+
+def _processor_stats(tf, repo: str) -> tuple[float, float, int | None]:
+    """Grey mean, std and the processor's input side, from the repo's image processor."""
+    try:
+        proc = tf.AutoImageProcessor.from_pretrained(repo)
+    except (OSError, ValueError):
+        log.info("hf/%s has no image processor: normalising with ImageNet's mean and std", repo)
+        return float(np.mean(IMAGENET_MEAN)), float(np.mean(IMAGENET_STD)), None
+    side = None
+    for field in ("crop_size", "size"):
+        value = getattr(proc, field, None)
+        if isinstance(value, dict):
+            side = value.get("height") or value.get("shortest_edge")
+        elif isinstance(value, int):
+            side = value
+        if side:
+            break
+    mean = getattr(proc, "image_mean", None) or IMAGENET_MEAN
+    std = getattr(proc, "image_std", None) or IMAGENET_STD
+    return float(np.mean(mean)), float(np.mean(std)), int(side) if side else None
+
+
+def default_size(repo: str) -> int:
+    """The repo's input side: its image processor's crop, else its config's ``image_size``, else 224."""
+    tf = _transformers(repo)
+    _, _, side = _processor_stats(tf, repo)
+    if side:
+        return side
+    size = getattr(read_config(repo), "image_size", None)
+    return int(size[0] if isinstance(size, (tuple, list)) else size) if size else 224
+
+
+def _first_conv(model: nn.Module, channels: int) -> tuple[str, nn.Conv2d]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == channels:
+            return name, module
+    raise BackboneError(f"{type(model).__name__} has no convolution over {channels} input channels to adapt")
+
+
+def _set_input_channels(model: nn.Module, old: int, new: int) -> str:
+    """Give the first conv ``new`` input channels, its RGB weights summed; returns its name."""
+    name, conv = _first_conv(model, old)
+    if old != new:
+        adapted = nn.Conv2d(new, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                            conv.groups, conv.bias is not None, conv.padding_mode)
+        with torch.no_grad():
+            adapted.weight.copy_(adapt_first_conv(conv.weight, new) if old == 3 else adapted.weight)
+            if conv.bias is not None:
+                adapted.bias.copy_(conv.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, adapted)
+        for module in model.modules():   # the embeddings check the channel count they were built for
+            if getattr(module, "num_channels", None) == old:
+                module.num_channels = new
+        model.config.num_channels = new
+    return name
+
+
+class HFEncoder(nn.Module):
+    """``(N, C, H, W)`` normalised -> ``(N, D)`` pooled, around a transformers ``AutoModel``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        # a plain ViT needs asking to resample its position embedding at another size; DINOv2 always does
+        self._interpolate = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+
+    def run(self, x: Tensor, hidden: bool = False):
+        extra = {"interpolate_pos_encoding": True} if self._interpolate else {}
+        return self.model(pixel_values=x, output_hidden_states=hidden, **extra)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pooled(self.run(x))
+
+
+def pooled(out) -> Tensor:
+    """The model's pooler output, else the CLS token (tokens) or the mean of the last map."""
+    pool = getattr(out, "pooler_output", None)
+    if pool is not None:
+        return pool.flatten(1)
+    last = out.last_hidden_state
+    return last[:, 0] if last.ndim == 3 else last.mean(dim=(2, 3))
+
+
+def _patch(config) -> int | None:
+    patch = getattr(config, "patch_size", None)
+    return int(patch[0] if isinstance(patch, (tuple, list)) else patch) if patch else None
+
+
+def hf_maps(net: HFEncoder, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Pooled features with the last two hidden states as maps (a ViT's tokens on their grid)."""
+    out = net.run(x, hidden=True)
+    states = out.hidden_states
+    size = (x.shape[2], x.shape[3])
+    patch = _patch(net.model.config)
+
+    def as_map(state: Tensor) -> Tensor:
+        return tokens_to_map(state, size, patch) if state.ndim == 3 else state
+
+    return pooled(out), as_map(states[-2]), as_map(states[-1])
+
+
+def hf_cam_layers(net: HFEncoder) -> dict:
+    """A ViT's encoder layers (the last left out when the pooler reads the CLS token: its patch
+    tokens feed nothing) or a CNN's encoder stages."""
+    encoder = getattr(net.model, "encoder", None)
+    layers = {}
+    if encoder is not None and hasattr(encoder, "layer"):
+        patch = _patch(net.model.config)
+        for i, layer in enumerate(encoder.layer):
+            layers[f"model.encoder.layer.{i}"] = (layer, lambda out, size, p=patch: tokens_to_map(out, size, p))
+        if layers:
+            layers.popitem()
+    elif encoder is not None and hasattr(encoder, "stages"):
+        for i, stage in enumerate(encoder.stages):
+            layers[f"model.encoder.stages.{i}"] = (stage, identity_map)
+    return layers
+
+
+def _add_prefix(state: dict, module: nn.Module) -> dict:
+    """A bare encoder's state dict (``save_pretrained``'s keys) -> this wrapper's (``model.``)."""
+    if any(k.startswith("model.") for k in state):
+        return state
+    return {f"model.{k}": v for k, v in state.items()}
+
+
+def build(repo: str, *, in_channels: int, small_input: bool, image_size: int | None, weights: str,
+          kwargs: dict[str, Any], saved: dict[str, Any] | None = None) -> Backbone:
+    """A transformers encoder for ``in_channels``-channel films; see the module docstring.
+
+    ``saved`` (a run's own record: the config and normalisation it was built with) rebuilds it
+    without reading the hub or the repo folder again."""
+    tf = _transformers(repo)
+    if small_input:
+        raise BackboneError(f"model.small_input applies to the torchvision ResNets, not hf/{repo}; "
+                            "set model.small_input=false")
+    if saved:
+        values = dict(saved["config"])
+        config = tf.AutoConfig.for_model(values.pop("model_type"), **values)
+    else:
+        config = read_config(repo, kwargs)
+    rgb = int(getattr(config, "num_channels", 3))
+    fetched = str(weights).lower() == "pretrained"
+    try:
+        if fetched:
+            model = tf.AutoModel.from_pretrained(repo, config=config)
+        else:
+            if image_size and hasattr(config, "image_size"):
+                config.image_size = image_size   # random weights: size the position embedding to the films
+            model = tf.AutoModel.from_config(config)
+    except (OSError, ValueError) as err:
+        raise _hub_error(repo, "weights" if fetched else "model", err) from err
+    patch = _patch(config)
+    if patch and image_size and image_size % patch:
+        lower, upper = (image_size // patch) * patch, (image_size // patch + 1) * patch
+        raise BackboneError(f"model.arch=hf/{repo} cuts films into {patch} px patches, so data.size must be a "
+                            f"multiple of {patch}; got {image_size} (try data.size={lower or upper} or {upper})")
+    first = _set_input_channels(model, rgb, in_channels)
+    mean, std = (saved["mean"], saved["std"]) if saved else _processor_stats(tf, repo)[:2]
+    dim = getattr(config, "hidden_size", None) or getattr(config, "hidden_sizes", [None])[-1]
+    # JSON-plain, so a run file loads with torch.load(weights_only=True)
+    record = {"config": json.loads(model.config.to_json_string(use_diff=False)), "mean": mean, "std": std}
+    return Backbone(module=HFEncoder(model), feature_dim=int(dim), mean=mean, std=std,
+                    first_conv=f"model.{first}", classifier=("classifier",), filter_state=_add_prefix,
+                    weights_loaded=fetched, maps=hf_maps, cam_layers=hf_cam_layers, saved=record)
