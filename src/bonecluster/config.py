@@ -90,18 +90,20 @@ class DataConfig:
 class ModelConfig:
     """The CNN (see :class:`bonecluster.models.DeepClusterNet`)."""
 
-    # resnet18, resnet34, resnet50 (torchvision), or timm/<name>: any timm model, e.g.
-    # timm/convnext_tiny or timm/vit_small_patch14_dinov2.lvd142m (pip install 'bonecluster[timm]';
-    # docs/backbones.md)
+    # resnet18, resnet34, resnet50 (torchvision); timm/<name>: any timm model, e.g.
+    # timm/convnext_tiny or timm/vit_small_patch14_dinov2.lvd142m (pip install 'bonecluster[timm]');
+    # or hf/<repo id or folder>: a transformers encoder, e.g. hf/microsoft/rad-dino ([hf]);
+    # docs/backbones.md
     arch: str = "resnet18"
     sobel: bool = True             # DeepCluster's fixed Sobel front end
-    # none; pretrained (the hub's weights for a timm/ name, fetched on your machine; ImageNet for a
-    # ResNet); imagenet (torchvision's, ResNets); a .pt / .safetensors file or a folder holding
+    # none; pretrained (the hub's weights for a timm/ or hf/ name, fetched on your machine; ImageNet
+    # for a ResNet); imagenet (torchvision's, ResNets); a .pt / .safetensors file or a folder holding
     # one; or phantoms (pre-train on labelled phantoms first, see PhantomPretrainConfig; the file
     # is cached under the data cache)
     weights: str = "none"
     small_input: bool = False      # True: 3x3 stem without max-pool (4-16x slower on CPU); ResNets only
-    # extra constructor arguments of a timm/ backbone, e.g. {drop_path_rate: 0.1} or {depth: 2}
+    # extra constructor arguments of a timm/ backbone, e.g. {drop_path_rate: 0.1} or {depth: 2};
+    # config fields of an hf/ one, e.g. {num_hidden_layers: 6}
     backbone_kwargs: dict = field(default_factory=dict)
     # True: train the heads only (top layer, projection head); the backbone keeps its loaded
     # weights and BatchNorm statistics (so train.feature_bn is treated as "running")

@@ -11,8 +11,9 @@ inputs that map is tiny (2x2 for a 64 px image with the ImageNet stem, 1x1 at 32
 cannot localise anything, so ``layer="auto"`` takes the last block whose map is at least
 ``min_size`` positions on each side (``layer4`` from 128 px up with the default stem, else
 ``layer3``, ...). Name a block to force it. For a ``timm/`` backbone the candidates are the
-stages timm lists in its ``feature_info`` (:meth:`~bonecluster.models.DeepClusterNet.cam_layers`);
-for a ViT, a block's patch tokens on the patch grid (the usual reshape for transformers).
+stages timm lists in its ``feature_info``, for an ``hf/`` one its blocks or stages
+(:meth:`~bonecluster.models.DeepClusterNet.cam_layers`); for a ViT, a block's patch tokens on the
+patch grid (the usual reshape for transformers).
 
 **Which target.** A deep-clustering model has no class of interest, so the target is supplied by
 the caller as a function of the pooled backbone features ``(N, D) -> (N,)``. Two are provided:
@@ -60,7 +61,7 @@ def grad_cam(model: DeepClusterNet, images: torch.Tensor, target: Target, layer:
     """
     layers = model.cam_layers()
     if not layers:
-        raise ValueError(f"model.arch={model.arch} lists no feature maps (timm feature_info) to explain")
+        raise ValueError(f"model.arch={model.arch} has no feature maps to explain (no stages or blocks found)")
     if layer != "auto" and layer not in layers:
         raise ValueError(f"layer must be 'auto' or one of {tuple(layers)}, got {layer!r}")
     x = _as_batch(images, next(model.parameters()).device)

@@ -32,7 +32,7 @@ from bonecluster.backbones.resnet import GREY_MEAN, GREY_STD  # noqa: F401  (re-
 
 log = logging.getLogger("bonecluster")
 
-ARCHS = RESNETS  # the torchvision names; model.arch also takes timm/<name> (bonecluster.backbones)
+ARCHS = RESNETS  # the torchvision names; model.arch also takes timm/<name> and hf/<repo> (bonecluster.backbones)
 
 # --------------------------------------------------------------------------- Sobel front end
 
@@ -227,7 +227,8 @@ class DeepClusterNet(nn.Module):
         ``(N, C, h, w)`` map: the identity for a CNN stage; for a ViT block, its patch tokens
         (prefix tokens such as CLS dropped) on the patch grid. ResNets: ``layer1`` .. ``layer4``;
         timm models: the stages timm lists in ``feature_info`` (the stem left out; for a ViT
-        pooled from its CLS token, the last block too, as its patch tokens feed nothing).
+        pooled from its CLS token, the last block too, as its patch tokens feed nothing); hf/
+        models: a ViT's blocks (the same way) or a CNN's encoder stages.
         """
         return self.backbone_spec.cam_layers(self.backbone)
 

@@ -32,8 +32,9 @@ BACKBONES = {
 def _hf_folder(root) -> str:
     transformers = pytest.importorskip("transformers")
     folder = root / "tiny-dinov2"
+    # position embedding for 56 px films, the films 28 px: the interpolating path, as with a hub model
     config = transformers.Dinov2Config(hidden_size=48, num_hidden_layers=3, num_attention_heads=2,
-                                       intermediate_size=96, patch_size=14, image_size=28)
+                                       intermediate_size=96, patch_size=14, image_size=56)
     transformers.Dinov2Model(config).save_pretrained(folder)
     return str(folder)
 

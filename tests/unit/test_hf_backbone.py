@@ -21,15 +21,16 @@ from bonecluster.models import build_model
 
 transformers = pytest.importorskip("transformers")
 
-SIZE = 28   # 2 x 2 patches of 14 px
+SIZE = 28   # the films: 2 x 2 patches of 14 px
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    """A folder written by save_pretrained: a 3-layer DINOv2 with random weights (RGB)."""
+    """A folder written by save_pretrained: a 3-layer DINOv2 with random weights (RGB), whose
+    position embedding is for 56 px films (4 x 4 patches), as a hub model's is for its own size."""
     folder = tmp_path_factory.mktemp("hf") / "tiny-dinov2"
     config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                                       intermediate_size=64, patch_size=14, image_size=SIZE)
+                                       intermediate_size=64, patch_size=14, image_size=56)
     torch.manual_seed(0)
     transformers.Dinov2Model(config).eval().save_pretrained(folder)
     return folder
@@ -95,7 +96,11 @@ def test_bad_input_is_one_clear_line(repo, tmp_path, monkeypatch):
         build_model({"arch": f"hf/{repo}", "sobel": False}, image_size=32)
     with pytest.raises(BackboneError, match=r"hf/.*missing: its config could not be loaded"):
         build_model({"arch": f"hf/{tmp_path / 'missing'}"}, image_size=SIZE)
-    assert load_config("cpu", overrides=["data.size=0", f"model.arch=hf/{repo}"]).data.size == SIZE
+    assert load_config("cpu", overrides=["data.size=0", f"model.arch=hf/{repo}"]).data.size == 56   # its config's
+    with pytest.raises(BackboneError, match=r"\['num_hidden_layerz'\] are not fields of"):
+        build_model({"arch": f"hf/{repo}", "backbone_kwargs": {"num_hidden_layerz": 1}}, image_size=SIZE)
+    with pytest.raises(BackboneError, match=r"may not set \['num_channels'\]"):
+        build_model({"arch": f"hf/{repo}", "backbone_kwargs": {"num_channels": 1}}, image_size=SIZE)
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(BackboneError, match=r"needs the transformers package: pip install 'bonecluster\[hf\]'"):
         build_model({"arch": f"hf/{repo}"}, image_size=SIZE)
@@ -108,3 +113,46 @@ def test_offline_hub_repo_is_one_clear_line(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode != 0 and "BackboneError: model.arch=hf/microsoft/rad-dino" in last
     assert "HF_HUB_OFFLINE is set" in last
+
+
+def _save(tmp_path, name, model, processor=None):
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    return folder
+
+
+def test_a_vit_has_no_random_pooler_and_its_blocks_are_found(tmp_path):
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                                    patch_size=14, image_size=56)
+    folder = _save(tmp_path, "vit", transformers.ViTModel(config, add_pooling_layer=False))
+    model = _model(folder, weights="pretrained")
+    assert getattr(model.backbone.model, "pooler", None) is None   # the features are the normed CLS token
+    x = torch.rand(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        out = model.backbone.run(model.preprocess(x))
+    assert torch.allclose(model.features(x), out.last_hidden_state[:, 0], atol=1e-6)
+    layers = list(model.cam_layers())
+    assert len(layers) == 2 and layers[-1].endswith(".1")   # 3 blocks, the last left out
+    cam, _ = grad_cam(model, x, lambda p: p.pow(2).sum(dim=1))
+    assert cam.max() == pytest.approx(1.0)
+
+
+def test_the_processor_gives_size_and_normalisation(tmp_path):
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, patch_size=14, image_size=56)
+    processor = transformers.BitImageProcessor(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42},
+                                               image_mean=[0.5, 0.6, 0.7], image_std=[0.2, 0.3, 0.4])
+    folder = _save(tmp_path, "with-processor", transformers.Dinov2Model(config), processor)
+    assert load_config("cpu", overrides=["data.size=0", f"model.arch=hf/{folder}"]).data.size == 42
+    model = build_model({"arch": f"hf/{folder}"}, image_size=42)
+    assert float(model.input_mean) == pytest.approx(0.6) and float(model.input_std) == pytest.approx(0.3)
+
+
+def test_a_swin_type_encoder_is_refused_in_one_line(tmp_path):
+    config = transformers.SwinConfig(image_size=56, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1],
+                                     window_size=7)
+    folder = _save(tmp_path, "swin", transformers.SwinModel(config))
+    with pytest.raises(BackboneError, match="several resolutions"):
+        build_model({"arch": f"hf/{folder}"}, image_size=56)

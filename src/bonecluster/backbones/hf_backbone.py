@@ -2,9 +2,11 @@
 ``hf/microsoft/rad-dino`` or ``hf/facebook/dinov2-small``, or ``hf/<folder>`` written by
 ``save_pretrained`` (``pip install 'bonecluster[hf]'``).
 
-The encoder is ``AutoModel`` of the repo's config (no task head). Its pooled output is the
-model's ``pooler_output`` (a ViT's CLS token after its final norm; a CNN's pooled last map), or
-the CLS token / mean of the last map where the model has no pooler.
+The encoder is ``AutoModel`` of the repo's config (no task head; a ViT without its learned
+pooler), in float32. Its pooled output is the CLS token after the final norm for a ViT (DINOv2's
+``pooler_output``, or the first token of the last hidden state), a CNN's pooled last map. An
+encoder that keeps its tokens at several resolutions (Swin) is refused for now. The position
+embedding stays the checkpoint's and is interpolated to ``data.size``.
 
 Weights (``model.weights``):
 
@@ -19,11 +21,12 @@ Grey films: the first convolution (a ViT's patch embedding) takes the film's cha
 weights are summed over R, G and B (:func:`~bonecluster.backbones._base.adapt_first_conv`), as
 for every family. The normalisation is the repo's image processor's mean and std averaged over
 RGB (ImageNet's when the repo has no image processor). ``model.backbone_kwargs`` override config
-fields, e.g. ``{num_hidden_layers: 2}``.
+fields, e.g. ``{num_hidden_layers: 2}`` (an unknown field is an error).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -59,29 +62,49 @@ def _hub_error(repo: str, what: str, err: Exception) -> BackboneError:
         "save_pretrained as model.arch=hf/FOLDER")
 
 
+# config fields bonecluster sets itself (the film's channels; the position embedding stays the
+# checkpoint's and is interpolated to data.size)
+_RESERVED = {"num_channels", "image_size"}
+
+
 def read_config(repo: str, kwargs: dict[str, Any] | None = None):
-    """The repo's model config, with ``kwargs`` overriding its fields."""
+    """The repo's model config, with ``kwargs`` overriding its fields (each must be one of them)."""
     tf = _transformers(repo)
+    kwargs = dict(kwargs or {})
+    reserved = sorted(set(kwargs) & _RESERVED)
+    if reserved:
+        raise BackboneError(f"model.backbone_kwargs may not set {reserved} (model.arch=hf/{repo}): bonecluster "
+                            "sets the channels, and the position embedding follows data.size by itself")
     try:
-        return tf.AutoConfig.from_pretrained(repo, **(kwargs or {}))
+        config, unused = tf.AutoConfig.from_pretrained(repo, return_unused_kwargs=True, **kwargs)
     except (OSError, ValueError) as err:
         raise _hub_error(repo, "config", err) from err
+    if unused:
+        raise BackboneError(f"model.backbone_kwargs {sorted(unused)} are not fields of hf/{repo}'s config "
+                            f"({type(config).__name__})")
+    return config
 
 
 def _processor_stats(tf, repo: str) -> tuple[float, float, int | None]:
     """Grey mean, std and the processor's input side, from the repo's image processor."""
     try:
         proc = tf.AutoImageProcessor.from_pretrained(repo)
-    except (OSError, ValueError):
-        log.info("hf/%s has no image processor: normalising with ImageNet's mean and std", repo)
+    except (OSError, ValueError) as err:
+        # a folder without preprocessor_config.json is common (save_pretrained of the model alone);
+        # anything else (an offline cache without the file, a network error) deserves a warning
+        quiet = os.path.isdir(repo) and not os.path.exists(os.path.join(repo, "preprocessor_config.json"))
+        (log.info if quiet else log.warning)(
+            "hf/%s: no image processor could be read (%s); normalising with ImageNet's mean and std",
+            repo, str(err).splitlines()[0] if str(err) else type(err).__name__)
         return float(np.mean(IMAGENET_MEAN)), float(np.mean(IMAGENET_STD)), None
     side = None
-    for field in ("crop_size", "size"):
+    for field in ("crop_size", "size"):   # dicts in transformers 4, SizeDict objects in 5
         value = getattr(proc, field, None)
-        if isinstance(value, dict):
-            side = value.get("height") or value.get("shortest_edge")
-        elif isinstance(value, int):
+        if isinstance(value, int):
             side = value
+        elif value is not None:
+            get = value.get if hasattr(value, "get") else (lambda key, v=value: getattr(v, key, None))
+            side = get("height") or get("shortest_edge")
         if side:
             break
     mean = getattr(proc, "image_mean", None) or IMAGENET_MEAN
@@ -143,7 +166,9 @@ class HFEncoder(nn.Module):
 
 
 def pooled(out) -> Tensor:
-    """The model's pooler output, else the CLS token (tokens) or the mean of the last map."""
+    """The model's pooler output (DINOv2: the CLS token after the final norm; a CNN: its pooled
+    last map), else the first token of the normed last hidden state (a ViT built without its
+    learned pooler: the CLS token) or the mean of the last map."""
     pool = getattr(out, "pooler_output", None)
     if pool is not None:
         return pool.flatten(1)
@@ -170,19 +195,21 @@ def hf_maps(net: HFEncoder, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def hf_cam_layers(net: HFEncoder) -> dict:
-    """A ViT's encoder layers (the last left out when the pooler reads the CLS token: its patch
-    tokens feed nothing) or a CNN's encoder stages."""
-    encoder = getattr(net.model, "encoder", None)
-    layers = {}
-    if encoder is not None and hasattr(encoder, "layer"):
-        patch = _patch(net.model.config)
-        for i, layer in enumerate(encoder.layer):
-            layers[f"model.encoder.layer.{i}"] = (layer, lambda out, size, p=patch: tokens_to_map(out, size, p))
-        if layers:
+    """A ViT's blocks (the last left out: the CLS token it is pooled from gets nothing from that
+    block's patch tokens) or a CNN's encoder stages. The blocks are the model's ModuleList of
+    ``num_hidden_layers`` modules, wherever the version of transformers keeps it."""
+    config, layers = net.model.config, {}
+    blocks = getattr(config, "num_hidden_layers", None)
+    patch = _patch(config)
+    for name, module in net.model.named_modules():
+        if patch and blocks and isinstance(module, nn.ModuleList) and len(module) == blocks:
+            for i, block in enumerate(module):
+                layers[f"model.{name}.{i}"] = (block, functools.partial(tokens_to_map, reduction=patch))
             layers.popitem()
-    elif encoder is not None and hasattr(encoder, "stages"):
-        for i, stage in enumerate(encoder.stages):
-            layers[f"model.encoder.stages.{i}"] = (stage, identity_map)
+            return layers
+    stages = getattr(getattr(net.model, "encoder", None), "stages", None)
+    for i, stage in enumerate(stages or []):
+        layers[f"model.encoder.stages.{i}"] = (stage, identity_map)
     return layers
 
 
@@ -191,6 +218,33 @@ def _add_prefix(state: dict, module: nn.Module) -> dict:
     if any(k.startswith("model.") for k in state):
         return state
     return {f"model.{k}": v for k, v in state.items()}
+
+
+def _load(tf, repo: str, config, fetched: bool) -> nn.Module:
+    """``AutoModel`` of ``config``, with the hub's weights when ``fetched``; in float32 (a
+    checkpoint stored in half precision would otherwise load as such) and without a ViT's
+    learned pooler (``add_pooling_layer``): DINO-style checkpoints have none, and a random one
+    would become the features."""
+    def make(**extra):
+        if fetched:
+            return tf.AutoModel.from_pretrained(repo, config=config, dtype=torch.float32, **extra)
+        return tf.AutoModel.from_config(config, **extra)
+
+    try:
+        return make(add_pooling_layer=False)
+    except TypeError as err:          # the model has no optional pooler (DINOv2, ConvNeXt...)
+        if "add_pooling_layer" not in str(err):
+            raise
+    return make()
+
+
+def _check_layout(repo: str, model: nn.Module) -> None:
+    """Refuse, in one line, an encoder whose hidden states are neither one patch grid nor maps."""
+    config = model.config
+    if hasattr(config, "depths") and hasattr(config, "embed_dim") and _patch(config):
+        raise BackboneError(f"model.arch=hf/{repo} ({type(model).__name__}) keeps its tokens at several "
+                            "resolutions (a Swin-type model), which stage 2's patch score and Grad-CAM do not "
+                            "read yet; use a ViT or CNN encoder, or its timm/ version")
 
 
 def build(repo: str, *, in_channels: int, small_input: bool, image_size: int | None, weights: str,
@@ -208,22 +262,21 @@ def build(repo: str, *, in_channels: int, small_input: bool, image_size: int | N
         config = tf.AutoConfig.for_model(values.pop("model_type"), **values)
     else:
         config = read_config(repo, kwargs)
-    rgb = int(getattr(config, "num_channels", 3))
     fetched = str(weights).lower() == "pretrained"
+    if not fetched:   # random weights: built for the film's channels from the start, with the model's own init
+        config.num_channels = in_channels
+    rgb = int(getattr(config, "num_channels", 3))
     try:
-        if fetched:
-            model = tf.AutoModel.from_pretrained(repo, config=config)
-        else:
-            if image_size and hasattr(config, "image_size"):
-                config.image_size = image_size   # random weights: size the position embedding to the films
-            model = tf.AutoModel.from_config(config)
-    except (OSError, ValueError) as err:
+        model = _load(tf, repo, config, fetched)
+    except (OSError, ValueError, RuntimeError) as err:
         raise _hub_error(repo, "weights" if fetched else "model", err) from err
     patch = _patch(config)
     if patch and image_size and image_size % patch:
         lower, upper = (image_size // patch) * patch, (image_size // patch + 1) * patch
+        options = f"{lower} or {upper}" if lower else f"{upper}"
         raise BackboneError(f"model.arch=hf/{repo} cuts films into {patch} px patches, so data.size must be a "
-                            f"multiple of {patch}; got {image_size} (try data.size={lower or upper} or {upper})")
+                            f"multiple of {patch}; got {image_size} (try data.size={options})")
+    _check_layout(repo, model)
     first = _set_input_channels(model, rgb, in_channels)
     mean, std = (saved["mean"], saved["std"]) if saved else _processor_stats(tf, repo)[:2]
     dim = getattr(config, "hidden_size", None) or getattr(config, "hidden_sizes", [None])[-1]

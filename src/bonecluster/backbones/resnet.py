@@ -57,7 +57,7 @@ def make_resnet(arch: str, in_channels: int, small_input: bool) -> tuple[nn.Modu
 
 def build(arch: str, *, in_channels: int, small_input: bool, kwargs: dict[str, Any]) -> Backbone:
     if kwargs:
-        raise BackboneError(f"model.backbone_kwargs {sorted(kwargs)} apply to timm/ backbones; "
+        raise BackboneError(f"model.backbone_kwargs {sorted(kwargs)} apply to timm/ and hf/ backbones; "
                             f"{arch} takes none (leave model.backbone_kwargs empty)")
     module, dim = make_resnet(arch, in_channels, small_input)
     return Backbone(module=module, feature_dim=dim, mean=GREY_MEAN, std=GREY_STD,

@@ -248,11 +248,12 @@ class ViewerState:
                 out["stage2_cluster"] = int(label[0])
                 out["stage2_cluster_name"] = self.stage2_names(pred.part).get(int(label[0]))
                 pca = anomaly.pca if anomaly.pca is not None else trained.pca
-                cam, layer = grad_cam(trained.model, small, knn_distance_target(anomaly.bank, pca, anomaly.knn))
-                heatmap = _png(colourise(_resize_map(cam[0], DISPLAY_SIZE)))
-                # A refined part's score is a HOG model; the map shows the kNN distance that seeded it.
-                out.update(heatmap_layer=layer,
-                           heatmap_target="knn-distance" if anomaly.refiner is None else "knn-distance-seed")
+                if trained.model.cam_layers():   # a backbone with no map to explain gets no heatmap
+                    cam, layer = grad_cam(trained.model, small, knn_distance_target(anomaly.bank, pca, anomaly.knn))
+                    heatmap = _png(colourise(_resize_map(cam[0], DISPLAY_SIZE)))
+                    # A refined part's score is a HOG model; the map shows the kNN distance that seeded it.
+                    out.update(heatmap_layer=layer,
+                               heatmap_target="knn-distance" if anomaly.refiner is None else "knn-distance-seed")
         return _Result(out, _png(display), heatmap)
 
     def _neighbours(self, emb: np.ndarray | None) -> list[dict]:
