@@ -87,11 +87,14 @@ def build_backbone(arch: str, *, in_channels: int, small_input: bool = False, im
         from bonecluster.backbones.resnet import build as build_resnet
 
         return build_resnet(arch, in_channels=in_channels, small_input=small_input, kwargs=kwargs)
+    if small_input:   # the CIFAR stem is a ResNet's; every other family has its own stem
+        raise BackboneError(f"model.small_input applies to the torchvision ResNets, not {arch}; "
+                            "set model.small_input=false")
     for prefix, target in _FAMILIES.items():
         if arch.startswith(prefix):
             module_name, func = target.split(":")
             builder = getattr(importlib.import_module(module_name), func)
             extra = {"saved": dict(saved)} if saved else {}
-            return builder(arch[len(prefix):], in_channels=in_channels, small_input=small_input,
+            return builder(arch[len(prefix):], in_channels=in_channels,
                            image_size=image_size, weights=weights, kwargs=kwargs, **extra)
     raise AssertionError("check_arch let an unknown arch through")  # pragma: no cover

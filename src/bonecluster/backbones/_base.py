@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,3 +96,23 @@ def adapt_first_conv(weight: Tensor, in_channels: int) -> Tensor:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
     summed = weight.sum(dim=1, keepdim=True)
     return summed.repeat(1, in_channels, 1, 1) / in_channels
+
+
+def hub_failure(arch: str, what: str, err: Exception, fetch: str, instead: str) -> BackboneError:
+    """One line for hub files that could not be had: ``arch``'s ``what``, why (offline with an empty
+    cache, or the error's first line), how to ``fetch`` them once, and what to give ``instead``."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    cause = " (HF_HUB_OFFLINE is set and the cache has no copy)" if offline else ""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return BackboneError(f"model.arch={arch}: its {what} could not be loaded{cause}: {reason}. Fetch "
+                         f"{'them' if what.endswith('s') else 'it'} once on a machine with network ({fetch}) "
+                         f"into the cache HF_HOME points to, or {instead}")
+
+
+def check_patch_multiple(arch: str, patch: int | None, image_size: int | None) -> None:
+    """A ViT cuts films into ``patch`` px patches: ``data.size`` must be a multiple of it."""
+    if patch and image_size and image_size % patch:
+        lower, upper = (image_size // patch) * patch, (image_size // patch + 1) * patch
+        options = f"{lower} or {upper}" if lower else f"{upper}"
+        raise BackboneError(f"model.arch={arch} cuts films into {patch} px patches, so data.size must be a "
+                            f"multiple of {patch}; got {image_size} (try data.size={options})")

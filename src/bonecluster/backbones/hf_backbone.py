@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bonecluster.backbones._base import Backbone, BackboneError, adapt_first_conv, identity_map, tokens_to_map
+from bonecluster.backbones._base import (Backbone, BackboneError, adapt_first_conv, check_patch_multiple, hub_failure,
+                                        identity_map, tokens_to_map)
 
 log = logging.getLogger("bonecluster")
 
@@ -53,13 +54,8 @@ def _transformers(repo: str):
 
 
 def _hub_error(repo: str, what: str, err: Exception) -> BackboneError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    cause = " (HF_HUB_OFFLINE is set and the cache has no copy)" if offline else ""
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return BackboneError(
-        f"model.arch=hf/{repo}: its {what} could not be loaded{cause}: {reason}. Fetch it once on a machine with "
-        f"network (hf download {repo}) into the cache HF_HOME points to, or give a folder written by "
-        "save_pretrained as model.arch=hf/FOLDER")
+    return hub_failure(f"hf/{repo}", what, err, f"hf download {repo}",
+                       "give a folder written by save_pretrained as model.arch=hf/FOLDER")
 
 
 # config fields bonecluster sets itself (the film's channels; the position embedding stays the
@@ -247,16 +243,13 @@ def _check_layout(repo: str, model: nn.Module) -> None:
                             "read yet; use a ViT or CNN encoder, or its timm/ version")
 
 
-def build(repo: str, *, in_channels: int, small_input: bool, image_size: int | None, weights: str,
+def build(repo: str, *, in_channels: int, image_size: int | None, weights: str,
           kwargs: dict[str, Any], saved: dict[str, Any] | None = None) -> Backbone:
     """A transformers encoder for ``in_channels``-channel films; see the module docstring.
 
     ``saved`` (a run's own record: the config and normalisation it was built with) rebuilds it
     without reading the hub or the repo folder again."""
     tf = _transformers(repo)
-    if small_input:
-        raise BackboneError(f"model.small_input applies to the torchvision ResNets, not hf/{repo}; "
-                            "set model.small_input=false")
     if saved:
         values = dict(saved["config"])
         config = tf.AutoConfig.for_model(values.pop("model_type"), **values)
@@ -270,12 +263,7 @@ def build(repo: str, *, in_channels: int, small_input: bool, image_size: int | N
         model = _load(tf, repo, config, fetched)
     except (OSError, ValueError, RuntimeError) as err:
         raise _hub_error(repo, "weights" if fetched else "model", err) from err
-    patch = _patch(config)
-    if patch and image_size and image_size % patch:
-        lower, upper = (image_size // patch) * patch, (image_size // patch + 1) * patch
-        options = f"{lower} or {upper}" if lower else f"{upper}"
-        raise BackboneError(f"model.arch=hf/{repo} cuts films into {patch} px patches, so data.size must be a "
-                            f"multiple of {patch}; got {image_size} (try data.size={options})")
+    check_patch_multiple(f"hf/{repo}", _patch(config), image_size)
     _check_layout(repo, model)
     first = _set_input_channels(model, rgb, in_channels)
     mean, std = (saved["mean"], saved["std"]) if saved else _processor_stats(tf, repo)[:2]

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import difflib
 import functools
-import os
 import sys
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from bonecluster.backbones._base import Backbone, BackboneError, identity_map, nhwc_map, tokens_to_map
+from bonecluster.backbones._base import (Backbone, BackboneError, check_patch_multiple, hub_failure, identity_map,
+                                        nhwc_map, tokens_to_map)
 
 
 # constructor arguments bonecluster sets itself
@@ -85,36 +85,20 @@ def _patch_size(model: nn.Module) -> int | None:
     return int(patch[0]) if isinstance(patch, (tuple, list)) else int(patch)
 
 
-def _check_patch_multiple(name: str, patch: int | None, image_size: int | None) -> None:
-    if patch and image_size and image_size % patch:
-        lower, upper = (image_size // patch) * patch, (image_size // patch + 1) * patch
-        options = f"{lower} or {upper}" if lower else f"{upper}"
-        raise BackboneError(f"model.arch=timm/{name} cuts films into {patch} px patches, so data.size must be a "
-                            f"multiple of {patch}; got {image_size} (try data.size={options})")
-
-
 def _pretrained(timm, name: str, image_size: int | None, **kwargs: Any) -> nn.Module:
     """The model with the hub's weights, or one clear line saying why they are not here."""
     try:
         return _create(timm, name, image_size, pretrained=True, **kwargs)
     except (OSError, RuntimeError) as err:   # hub unreachable / offline with an empty cache / no weights
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        cause = " (HF_HUB_OFFLINE is set and the cache has no copy)" if offline else ""
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise BackboneError(
-            f"model.arch=timm/{name}: its pretrained weights could not be loaded{cause}: {reason}. "
-            f"Fetch them once on a machine with network (python -c \"import timm; "
-            f"timm.create_model('{name}', pretrained=True)\") into the cache HF_HOME points to, "
-            "or give a file with model.weights=FILE") from err
+        fetch = f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\""
+        raise hub_failure(f"timm/{name}", "pretrained weights", err, fetch,
+                          "give a file with model.weights=FILE") from err
 
 
-def build(name: str, *, in_channels: int, small_input: bool, image_size: int | None, weights: str,
+def build(name: str, *, in_channels: int, image_size: int | None, weights: str,
           kwargs: dict[str, Any]) -> Backbone:
     """A timm model for ``in_channels``-channel films of side ``image_size``; see the module docstring."""
     timm = _timm(name)
-    if small_input:
-        raise BackboneError(f"model.small_input applies to the torchvision ResNets, not timm/{name}; "
-                            "set model.small_input=false")
     if not timm.is_model(name):
         raise _unknown(timm, name)
     reserved = sorted(set(kwargs) & _RESERVED)
@@ -128,7 +112,7 @@ def build(name: str, *, in_channels: int, small_input: bool, image_size: int | N
         given = f" with model.backbone_kwargs={kwargs}" if kwargs else ""
         raise BackboneError(f"model.arch=timm/{name} could not be built{given}: {type(err).__name__}: {err}") from err
     patch = _patch_size(model)
-    _check_patch_multiple(name, patch, image_size)
+    check_patch_multiple(f"timm/{name}", patch, image_size)
     fetched = str(weights).lower() == "pretrained"
     if fetched:
         model = _pretrained(timm, name, image_size, **args)
