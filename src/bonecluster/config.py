@@ -341,6 +341,9 @@ class PhantomPretrainConfig:
     # Share of films turned into re-shared copies first (turned by 90-degree steps, darkened,
     # low-contrast, JPEG-blocked: data.phantoms.reshare_film), as many real films found online are.
     reshare_p: float = 0.0
+    # Strength of trabecular streaks in the marrow and mottled soft tissue (data.phantoms.texture_field):
+    # 0 draws them flat, 1 is the default ranges, up to 2.
+    texture: float = 0.0
 
 
 @dataclass

@@ -120,3 +120,14 @@ def test_reshare_p_changes_only_the_share_of_films_it_asks_for():
     assert all(np.array_equal(plain.labels[t], half.labels[t]) for t in TASK_CLASSES)
     with pytest.raises(ValueError, match="reshare_p"):
         render_corpus(4, cfg.data, workers=1, progress=False, reshare_p=1.5)
+
+
+def test_texture_changes_the_films_but_not_their_labels():
+    cfg = load_config("cpu", overrides=["data.size=32", "data.fit=letterbox", "phantoms.texture=1"])
+    assert cfg.phantoms.texture == 1.0
+    plain = render_corpus(12, cfg.data, workers=1, progress=False)
+    rough = render_corpus(12, cfg.data, workers=1, progress=False, texture=cfg.phantoms.texture)
+    assert all(np.array_equal(plain.labels[t], rough.labels[t]) for t in TASK_CLASSES)
+    assert sum(not np.array_equal(a, b) for a, b in zip(plain.images, rough.images)) >= 10
+    with pytest.raises(ValueError, match="phantoms.texture"):
+        render_corpus(4, cfg.data, workers=1, progress=False, texture=3.0)

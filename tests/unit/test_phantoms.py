@@ -14,7 +14,7 @@ from PIL import Image
 
 from bonecluster import BODY_PARTS
 from bonecluster.data.phantoms import (FINDINGS, generate_phantoms, make_contact_sheet,
-                                       plan_studies, render_phantom)
+                                       plan_studies, render_labelled, render_phantom, texture_field)
 
 _IMAGE = re.compile(r"^XR_(?P<part>[A-Z]+)/patient(?P<patient>\d{5})/study(?P<study>\d+)_"
                     r"(?P<label>positive|negative)/image(?P<image>\d+)\.png$")
@@ -241,3 +241,51 @@ def test_render_rejects_unknown_part_and_finding():
         render_phantom("hand", "tumour", rng, 64)
     with pytest.raises(ValueError, match="n must be"):
         plan_studies(0)
+
+
+def test_texture_field_is_standardised_band_limited_and_streaked():
+    field = texture_field(128, 96, 8.0, np.random.default_rng(0))
+    assert field.shape == (128, 96) and field.dtype == np.float32
+    assert abs(float(field.mean())) < 1e-5 and abs(float(field.std()) - 1.0) < 1e-4
+    assert np.array_equal(field, texture_field(128, 96, 8.0, np.random.default_rng(0)))
+    # Its power peaks near the asked frequency, 1/8 cycles per pixel.
+    power = np.abs(np.fft.fft2(texture_field(256, 256, 8.0, np.random.default_rng(1)))) ** 2
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(256), np.fft.fftfreq(256)))
+    rings = np.array([power[(f >= lo) & (f < lo + 0.02)].mean() for lo in np.arange(0.0, 0.5, 0.02)])
+    assert 0.08 <= 0.02 * int(rings.argmax()) + 0.01 <= 0.17, rings.argmax()
+    # Elongated along the vertical axis: it changes faster across (x) than along (y).
+    streaks = texture_field(256, 256, 8.0, np.random.default_rng(2), elongation=3.0, axis=(0.0, 1.0))
+    across, along = np.abs(np.diff(streaks, axis=1)).mean(), np.abs(np.diff(streaks, axis=0)).mean()
+    assert across > 2.0 * along, (across, along)
+    with pytest.raises(ValueError, match="wavelength"):
+        texture_field(8, 8, 0.0, np.random.default_rng(0))
+
+
+def test_texture_roughens_marrow_and_tissue_and_leaves_the_film_otherwise_alone():
+    change = {k: [] for k in ("marrow", "tissue", "cortex", "background")}
+    spread_flat, spread_textured = [], []
+    for i, part in enumerate(("FOREARM", "HUMERUS", "FINGER", "ELBOW")):
+        flat, masks = render_phantom(part, None, np.random.default_rng(i), 192, return_masks=True)
+        textured, masks_t = render_phantom(part, None, np.random.default_rng(i), 192, return_masks=True,
+                                           texture=1.0)
+        assert flat.shape == textured.shape
+        assert all(np.array_equal(masks[k], masks_t[k]) for k in masks)   # same anatomy, pose, markers
+        diff = textured.astype(np.float32) - flat
+        for k in change:
+            change[k].append(float(diff[masks[k]].std()))
+        spread_flat.append(float(flat[masks["marrow"]].std()))
+        spread_textured.append(float(textured[masks["marrow"]].std()))
+    mean = {k: np.mean(v) for k, v in change.items()}
+    # Grey levels: the streaks sit in the marrow, the mottle in the tissue; the cortex moves only
+    # where the blur mixes it with marrow, and the background only next to the tissue's edge.
+    assert mean["marrow"] > 5 and mean["marrow"] > 2 * mean["cortex"], mean
+    assert mean["tissue"] > 2 and mean["background"] < 1, mean
+    assert all(t > f for t, f in zip(spread_textured, spread_flat)), (spread_flat, spread_textured)
+    plain = render_labelled(5, 64)
+    assert np.array_equal(plain.pixels, render_labelled(5, 64, texture=0.0).pixels)
+    rough = render_labelled(5, 64, texture=2.0)
+    assert (rough.part, rough.view, rough.finding) == (plain.part, plain.view, plain.finding)
+    assert not np.array_equal(plain.pixels, rough.pixels)
+    for bad in (-0.1, 2.5, True, "1"):
+        with pytest.raises(ValueError, match="phantoms.texture"):
+            render_labelled(0, 64, texture=bad)

@@ -70,8 +70,8 @@ from bonecluster import BODY_PARTS
 
 __all__ = [
     "FINDINGS", "VIEWS", "LabelledFilm", "PhantomSummary", "StudyPlan", "generate_phantoms",
-    "make_contact_sheet", "plan_studies", "render_labelled", "render_phantom", "render_study",
-    "reshare_film",
+    "check_texture", "make_contact_sheet", "plan_studies", "render_labelled", "render_phantom",
+    "render_study", "reshare_film", "texture_field",
 ]
 
 FINDINGS: tuple[str, ...] = ("fracture", "plate", "lesion", "dislocation")
@@ -79,6 +79,7 @@ FINDINGS: tuple[str, ...] = ("fracture", "plate", "lesion", "dislocation")
 # Independent random streams: the plan, each patient's anatomy, each study's views.
 _PLAN_STREAM, _PATIENT_STREAM, _STUDY_STREAM, _SHEET_STREAM = 101, 202, 303, 404
 _LABELLED_STREAM = 505  # single films with their labels, for pre-training (render_labelled)
+_TEXTURE_STREAM = 707   # trabecular and soft-tissue texture (phantoms.texture), apart from the rest
 
 # Patients of a split other than train are numbered from here, so that studies of a train
 # and a valid split written with the same seed never share a patient id.
@@ -1011,6 +1012,7 @@ class _Layers:
     def __init__(self, h: int, w: int):
         self.bone, self.cover, self.cortex, self.marrow, self.metal, self.hole, self.tissue = (
             np.zeros((h, w), np.float32) for _ in range(7))
+        self.tissue_gain: np.ndarray | float = 1.0  # mottled soft tissue (phantoms.texture); 1 = flat
 
 
 def _draw_bone(bone: Bone, cv: _Canvas, lay: _Layers) -> None:
@@ -1065,6 +1067,53 @@ def _draw_tissue(an: Anatomy, cv: _Canvas, lay: _Layers) -> None:
     lay.tissue = np.sqrt(depth * (2.0 - depth))  # a rounded limb: thickness grows like a circle
 
 
+def texture_field(height: int, width: int, wavelength: float, rng: np.random.Generator,
+                  elongation: float = 1.0, axis: Point = (0.0, 1.0)) -> np.ndarray:
+    """Band-pass noise: float32 (H, W), mean 0, std 1, blobs about ``wavelength`` pixels apart.
+
+    White noise is filtered in Fourier space by a Gaussian ring around the frequency
+    ``1 / wavelength`` (cycles per pixel), half as wide as its radius. ``elongation`` > 1
+    stretches the blobs into streaks along ``axis`` (a pixel-space direction (dx, dy)), as
+    trabeculae run along a long bone: the frequency along the axis counts ``elongation`` times.
+    """
+    if wavelength <= 0 or elongation < 1:
+        raise ValueError(f"need wavelength > 0 and elongation >= 1, got {wavelength}, {elongation}")
+    noise = rng.standard_normal((height, width))
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    norm = math.hypot(*axis) or 1.0
+    ux, uy = axis[0] / norm, axis[1] / norm
+    along, across = fx * ux + fy * uy, -fx * uy + fy * ux
+    radius = np.sqrt((elongation * along) ** 2 + across ** 2)
+    f0 = 1.0 / wavelength
+    ring = np.exp(-0.5 * ((radius - f0) / (0.5 * f0)) ** 2)
+    field = np.fft.irfft2(np.fft.rfft2(noise) * ring, s=(height, width))
+    field -= field.mean()
+    return (field / max(float(field.std()), 1e-12)).astype(np.float32)
+
+
+def _add_texture(lay: _Layers, cv: _Canvas, strength: float, rng: np.random.Generator) -> None:
+    """Trabecular streaks in the marrow and a mottled soft tissue (``phantoms.texture``).
+
+    Real marrow is a lattice of trabeculae, not the flat fill the bones are drawn with, and soft
+    tissue has fat planes and uneven thickness. Both are multiplicative: the marrow's
+    attenuation varies by about +-15-35 % (times ``strength``) in streaks 1.5-4 % of the film's
+    long side apart (never under 2.5 px), along the limb (the body frame's y axis on the film);
+    the tissue's by
+    +-5-15 % in blobs 6-15 % of it apart. The cortex and the masks stay as they were.
+    """
+    if strength <= 0:
+        return
+    c, s = math.cos(cv.pose.angle), math.sin(cv.pose.angle)
+    # A pixel cannot show anything finer than 2.5 px: at 96 px the streaks are that coarse.
+    streaks = texture_field(cv.h, cv.w, max(rng.uniform(0.015, 0.04) * cv.long, 2.5), rng,
+                            elongation=rng.uniform(1.5, 3.0), axis=(-s, c))
+    mottle = texture_field(cv.h, cv.w, rng.uniform(0.06, 0.15) * cv.long, rng)
+    marrow_share = strength * rng.uniform(0.15, 0.35)
+    lay.bone *= np.clip(1.0 + marrow_share * streaks * lay.marrow, 0.0, None)
+    lay.tissue_gain = np.clip(1.0 + strength * rng.uniform(0.05, 0.15) * mottle, 0.0, None)
+
+
 def _draw_anatomy(an: Anatomy, cv: _Canvas) -> _Layers:
     lay = _Layers(cv.h, cv.w)
     _draw_tissue(an, cv, lay)
@@ -1098,7 +1147,7 @@ def _sample_pose(part: str, rng: np.random.Generator) -> Pose:
 def _expose(lay: _Layers, patient: Patient, cv: _Canvas, rng: np.random.Generator) -> np.ndarray:
     """Attenuation -> brightness: overlaps add up and saturate, metal burns white."""
     gain = rng.uniform(0.95, 1.5)
-    a = patient.tissue_mu * lay.tissue + lay.bone + lay.metal
+    a = patient.tissue_mu * (lay.tissue * lay.tissue_gain) + lay.bone + lay.metal
     img = 1.0 - np.exp(-gain * a)
     img = np.power(img, rng.uniform(0.75, 1.3))
     img = rng.uniform(0.0, 0.08) + rng.uniform(0.85, 1.1) * img
@@ -1222,11 +1271,14 @@ def _masks(lay: _Layers, keep: np.ndarray, marks: np.ndarray) -> dict[str, np.nd
 
 
 def _render_view(patient: Patient, view: View, finding: Sequence[FindingSpec], side: str,
-                 size: int, rng: np.random.Generator, with_masks: bool = False):
+                 size: int, rng: np.random.Generator, with_masks: bool = False,
+                 texture: float = 0.0, texture_rng: np.random.Generator | None = None):
     anatomy = apply_finding(build_anatomy(patient, view), finding)
     h, w = _film_shape(patient.part, size, rng)
     cv = _Canvas(h, w, _sample_pose(patient.part, rng))
     lay = _draw_anatomy(anatomy, cv)
+    if texture > 0:   # its own stream, so that the film's other draws stay as they were
+        _add_texture(lay, cv, texture, texture_rng)
     img = _expose(lay, patient, cv, rng)
     keep = _collimate(img, cv, rng)
     img = _finish(img, rng)
@@ -1279,20 +1331,32 @@ def _check_size(size: int, least: int = 32) -> int:
     return _check_int(size, "size", least, " pixels")
 
 
+def check_texture(texture: float) -> float:
+    """``phantoms.texture``: 0 (flat marrow and tissue, the default) to 2 (twice the default ranges)."""
+    if isinstance(texture, bool) or not isinstance(texture, (int, float)) or not 0.0 <= texture <= 2.0:
+        raise ValueError(f"phantoms.texture must be a number in [0, 2], got {texture!r}")
+    return float(texture)
+
+
 def render_phantom(part: str, finding: str | None, rng: np.random.Generator, size: int, *,
-                   return_masks: bool = False):
+                   return_masks: bool = False, texture: float = 0.0):
     """One film of a new random patient: uint8 (H, W) with ``max(H, W) == size``.
 
     ``finding`` is None (normal) or one of :data:`FINDINGS`. With ``return_masks`` the result
     is ``(image, masks)``; masks are boolean (H, W) arrays named bone, cortex, marrow (single,
-    unoccluded bone only), tissue, background, metal, lesion and marker.
+    unoccluded bone only), tissue, background, metal, lesion and marker. ``texture`` is
+    :func:`render_labelled`'s; its noise comes from a child of ``rng`` (``rng.spawn``), which
+    leaves ``rng``'s own draws, and so the film's anatomy, pose and exposure, as they were.
     """
     part, finding, size = _check_part(part), _check_finding(finding), _check_size(size, 16)
+    texture = check_texture(texture)
+    texture_rng = rng.spawn(1)[0] if texture > 0 else None
     patient = sample_patient(part, rng)
     specs = sample_finding(finding, part, build_anatomy(patient, View(0.0, 0.5)), rng)
     view = _sample_views(1, rng)[0]
     side = "L" if rng.random() < 0.5 else "R"
-    return _render_view(patient, view, specs, side, size, rng, with_masks=return_masks)
+    return _render_view(patient, view, specs, side, size, rng, with_masks=return_masks,
+                        texture=texture, texture_rng=texture_rng)
 
 
 @dataclass(frozen=True)
@@ -1305,14 +1369,17 @@ class LabelledFilm:
     finding: str | None      # None (normal) or one of FINDINGS
 
 
-def render_labelled(index: int, size: int, seed: int = 0) -> LabelledFilm:
+def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0) -> LabelledFilm:
     """Film number ``index`` of an endless seeded stream of single films of new patients.
 
     The part is drawn uniformly, the study is abnormal with the part's share (about 0.4) and then
     carries one finding from the part's mix, and the view is one of :data:`VIEWS`. The film depends
-    only on ``(seed, index, size)``, so any process can draw any slice of the stream.
+    only on ``(seed, index, size, texture)``, so any process can draw any slice of the stream.
+    ``texture`` > 0 adds trabecular and soft-tissue texture of that strength (1 = the default
+    ranges, :func:`_add_texture`) from a stream of its own: the anatomy, pose and exposure stay.
     """
     index, size, seed = _check_int(index, "index", 0), _check_size(size, 16), _check_seed(seed)
+    texture = check_texture(texture)
     rng = np.random.default_rng([seed, _LABELLED_STREAM, index])
     part = BODY_PARTS[int(rng.integers(len(BODY_PARTS)))]
     finding = FINDINGS[_pick(rng, _FINDING_WEIGHTS[part])] if rng.random() < _ABNORMAL_SHARE[part] else None
@@ -1320,7 +1387,8 @@ def render_labelled(index: int, size: int, seed: int = 0) -> LabelledFilm:
     specs = sample_finding(finding, part, build_anatomy(patient, View(0.0, 0.5)), rng)
     view = _sample_views(1, rng)[0]
     side = "L" if rng.random() < 0.5 else "R"
-    pixels = _render_view(patient, view, specs, side, size, rng)
+    texture_rng = np.random.default_rng([seed, _TEXTURE_STREAM, index]) if texture > 0 else None
+    pixels = _render_view(patient, view, specs, side, size, rng, texture=texture, texture_rng=texture_rng)
     return LabelledFilm(pixels=pixels, part=part, view=view.label, finding=finding)
 
 
