@@ -39,7 +39,9 @@ from bonecluster.backbones import BackboneError
 from bonecluster.models import build_model, weights_file
 from bonecluster.names import NAMES, load_cluster_names, save_cluster_names
 from bonecluster.phantom_pretrain import PHANTOMS, cached_phantom_weights, cached_weights_path
+from bonecluster.stage2.scoring import embed_images
 from bonecluster.stage2.train import train_stage2
+from bonecluster.typicality import TYPICALITY, Typicality
 
 STAGES = (1, 2)
 
@@ -130,7 +132,19 @@ def train_stage1(data: PreparedDataset, run: str | Path, cfg: Config, resume: bo
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         if not (out / NAMES).exists() or not resume:
             save_cluster_names(out, default_cluster_names(data, fit.assignments, cfg.cluster.k))
+        if not fit.interrupted:
+            write_typicality(out, data, engine.device)
     return StageOneResult(fit, summary)
+
+
+def write_typicality(stage1: Path, data: PreparedDataset, device: str | torch.device = "cpu") -> Typicality:
+    """Embed the training films with the final stage-1 model and keep them, with their own
+    leave-one-out neighbour distances, as ``stage1/typicality.npz``: the reference the
+    out-of-distribution flag of every prediction is placed against (:mod:`bonecluster.typicality`)."""
+    trained = TrainedClusters.load(stage1, device)
+    typicality = Typicality.fit(embed_images(trained, data.images()))
+    typicality.save(stage1 / TYPICALITY)
+    return typicality
 
 
 def default_cluster_names(data: PreparedDataset, assignments: np.ndarray, k: int) -> dict[int, str]:

@@ -36,6 +36,7 @@ from bonecluster.checkpoint import FINAL_MODEL, TrainedClusters
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.records import study_index
 from bonecluster.stage2.scoring import ANOMALY, PartAnomaly, embed_images
+from bonecluster.typicality import TYPICALITY, Typicality
 
 # Softmax temperature over negative squared distances to the stage-1 centroids. Embeddings are
 # L2-normalised, so squared distances lie in [0, 4]; 0.1 turns a 0.2 gap into e^-2. The result
@@ -54,6 +55,11 @@ class ImagePrediction:
     threshold: float | None
     abnormal: bool | None
     study: str | None = None   # the record's study id (None when the input has no studies)
+    # How typical the film is of the run's training films (bonecluster.typicality): the % of
+    # training films at least as far from their own nearest neighbours; None for a run without
+    # stage1/typicality.npz (no stage 1, or trained before the flag existed).
+    typicality: float | None = None
+    in_distribution: bool | None = None  # typicality within the documented percentile (99th)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +80,7 @@ class Predictor:
         has_stage1 = (stage1 / FINAL_MODEL).exists()
         self.stage1 = TrainedClusters.load(stage1, device) if has_stage1 else None
         self.names = load_cluster_names(stage1) if has_stage1 else {}
+        self.typicality = Typicality.load(stage1 / TYPICALITY) if (stage1 / TYPICALITY).is_file() else None
         self.parts = self._load_parts(device)
         if self.stage1 is None and not self.parts:
             raise FileNotFoundError(f"{self.run}: no trained model (neither stage1/ nor stage2/<PART>/)")
@@ -100,6 +107,7 @@ class Predictor:
         names = [None if c is None else self.names.get(int(c), f"cluster-{int(c)}") for c in clusters]
         parts = [(r.body_part if use_metadata_parts and r.body_part else nm) for r, nm in zip(data.records, names)]
         scores = self._stage2(images, parts)
+        typical, inside = self._typicality(embeddings, n)
         out = []
         for i, rec in enumerate(data.records):
             model = self.parts.get(parts[i])
@@ -107,8 +115,16 @@ class Predictor:
             score = scores.get(i)
             out.append(ImagePrediction(rec.path, _opt(int, clusters[i]), names[i], _opt(float, confidence[i]),
                                        parts[i] if model else None, score, threshold,
-                                       None if score is None else bool(score >= threshold), rec.study))
+                                       None if score is None else bool(score >= threshold), rec.study,
+                                       _opt(float, typical[i]), _opt(bool, inside[i])))
         return out, embeddings
+
+    def _typicality(self, embeddings: np.ndarray | None, n: int) -> tuple[list, list]:
+        """Typicality (%) and in-distribution flag of each image; Nones without a reference."""
+        if self.typicality is None or embeddings is None:
+            return [None] * n, [None] * n
+        typical = self.typicality.typicality(torch.from_numpy(embeddings))
+        return typical.tolist(), self.typicality.in_distribution(typical).tolist()
 
     def _stage1(self, images: np.ndarray, records=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Clusters, confidences and embeddings (N, d). A run trained with ``cluster.by_study``
@@ -145,7 +161,7 @@ def _opt(kind, value):
 # ----------------------------------------------------------------------------- predict_paths
 
 CSV_COLUMNS = ("path", "cluster", "cluster_name", "confidence", "part", "score", "threshold", "abnormal",
-               "study", "study_score", "study_abnormal")
+               "study", "study_score", "study_abnormal", "typicality", "in_distribution")
 
 
 @dataclass

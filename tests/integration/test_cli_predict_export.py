@@ -115,6 +115,35 @@ def test_predict_api_lists_skipped_files_with_reasons(run, study_folder):
     assert report.to_dict()["skipped"] == [s.to_dict() for s in report.skipped]
 
 
+def test_predict_places_each_film_among_the_training_films(run, phantoms, tmp_path):
+    """typicality.npz holds the training films' stage-1 embeddings; predictions are placed
+    against it (how well the flag separates real out-of-distribution films is measured in
+    docs/RESULTS.md, not here: a 28-film, one-epoch run has no notion of typical)."""
+    from PIL import Image
+
+    from bonecluster.checkpoint import TrainedClusters
+    from bonecluster.typicality import Typicality
+
+    kept = Typicality.load(run / "stage1" / "typicality.npz")
+    trained = TrainedClusters.load(run / "stage1")
+    assert kept.bank.shape == (N, trained.centroids.shape[1]) and len(kept.reference) == N
+    noise = tmp_path / "odd" / "noise.png"
+    noise.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(noise)
+    report = predict_paths(run, [phantoms, noise.parent], progress=False)
+    assert len(report.images) == N + 1
+    for p in report.images:
+        assert 0.0 <= p.typicality <= 100.0
+        assert p.in_distribution == (p.typicality >= 100.0 - kept.percentile)
+    # a training film is its own nearest neighbour: no training film is farther out than itself
+    assert all(p.in_distribution for p in report.images if p.path != str(noise))
+    # the bank is the training films' embeddings: predicting them again places them alike
+    again = sorted(p.typicality for p in report.images if p.path != str(noise))
+    np.testing.assert_allclose(again, np.sort(kept.typicality(kept.bank)), atol=1e-9)
+    report_csv = list(csv.DictReader(io.StringIO(report.to_csv())))
+    assert {r["in_distribution"] for r in report_csv} <= {"true", "false"}
+
+
 def test_predict_flat_folder_has_no_studies(run, phantoms, tmp_path, capsys):
     flat = tmp_path / "flat"
     flat.mkdir()

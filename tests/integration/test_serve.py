@@ -113,6 +113,7 @@ def test_predict_png_returns_prediction_heatmap_and_neighbours(client, phantom_p
     sims = [n["similarity"] for n in d["neighbours"]]
     assert sims == sorted(sims, reverse=True)
     assert sims[0] == pytest.approx(1.0, abs=1e-3)  # a training image finds itself first
+    assert d["in_distribution"] is True and 0 <= d["typicality"] <= 100   # it is typical of itself
     for n in d["neighbours"]:
         assert _is_png(client.get(n["url"])).size == (32, 32)
         assert n["cluster_name"] and n["url"] == f"/api/images/{n['index']}.png"

@@ -197,8 +197,12 @@ class ViewerState:
     def train_embeddings(self) -> torch.Tensor | None:
         """Stage-1 embeddings of every training image (computed on first use; call under the lock)."""
         if self._train_embeddings is None and self.stage1_assignments() is not None:
-            images = np.asarray(self.pixels[self.data.rows])
-            self._train_embeddings = embed_images(self.predictor.stage1, images)
+            kept = self.predictor.typicality   # the same embeddings, kept at training time
+            if kept is not None and len(kept.bank) == self.n_images:
+                self._train_embeddings = kept.bank
+            else:
+                images = np.asarray(self.pixels[self.data.rows])
+                self._train_embeddings = embed_images(self.predictor.stage1, images)
         return self._train_embeddings
 
     # -- names --------------------------------------------------------------------------------

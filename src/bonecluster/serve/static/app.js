@@ -73,9 +73,20 @@ function render(r) {
     $("heatmap-note").textContent = "No heatmap: no stage-2 model scored this image.";
   }
 
+  // A film unlike the run's training films still lands in a cluster; say so, and do not
+  // present its body part (or its confidence) as if it were one the run knows.
+  const unusual = r.in_distribution === false;
+  $("ood-warning").hidden = !unusual;
+  $("ood-warning").textContent = unusual ?
+    `Unlike the films this run was trained on: typicality ${r.typicality.toFixed(1)}% ` +
+    "(farther from its nearest training films than nearly all of them are from theirs). " +
+    "The body part below is a guess, not a finding." : "";
+  $("part").className = unusual ? "value doubtful" : "value";
   if (r.cluster_name !== null) {
-    $("part").textContent = r.cluster_name;
-    $("confidence").textContent = `cluster ${r.cluster}, confidence ${pct(r.confidence)}`;
+    $("part").textContent = unusual ? `${r.cluster_name}?` : r.cluster_name;
+    const typical = r.typicality === null ? "" : `, typicality ${r.typicality.toFixed(0)}%`;
+    $("confidence").textContent = unusual ? `nearest cluster ${r.cluster} (out of distribution${typical})` :
+      `cluster ${r.cluster}, confidence ${pct(r.confidence)}${typical}`;
   } else {
     $("part").textContent = "-";
     $("confidence").textContent = "this run has no stage-1 model";

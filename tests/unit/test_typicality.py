@@ -1,0 +1,91 @@
+"""The out-of-distribution flag's building blocks: k-NN distances and their percentile."""
+
+import numpy as np
+import pytest
+import torch
+
+from bonecluster.typicality import Typicality, knn_distances
+
+
+def _unit(angles_deg):
+    """Points on the unit circle at the given angles, (N, 2)."""
+    a = torch.tensor(np.radians(angles_deg), dtype=torch.float32)
+    return torch.stack([a.cos(), a.sin()], 1)
+
+
+def test_knn_distances_are_mean_cosine_distances_to_the_k_nearest():
+    bank = _unit([0, 90, 180])
+    query = _unit([0])
+    # cosine distances to the bank: 0, 1, 2
+    assert knn_distances(query, bank, k=1).item() == pytest.approx(0.0, abs=1e-6)
+    assert knn_distances(query, bank, k=2).item() == pytest.approx(0.5, abs=1e-6)
+    assert knn_distances(query, bank, k=3).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_knn_distances_ignore_vector_length():
+    bank = _unit([0, 90])
+    assert knn_distances(torch.tensor([[5.0, 0.0]]), bank, k=1).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_leave_one_out_skips_the_row_itself_across_batches():
+    bank = _unit([0, 10, 30, 70])
+    loo = knn_distances(bank, bank, k=1, leave_one_out=True, batch_size=3)
+    nearest_gap = np.radians([10, 10, 20, 40])
+    np.testing.assert_allclose(loo.numpy(), 1 - np.cos(nearest_gap), atol=1e-6)
+    # without leaving out, every film is its own nearest neighbour
+    assert knn_distances(bank, bank, k=1).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_knn_distances_refuse_impossible_k(k):
+    bank = _unit([0, 10, 30, 70])
+    with pytest.raises(ValueError, match="neighbours"):
+        knn_distances(bank, bank, k=k, leave_one_out=True)
+
+
+def test_leave_one_out_needs_the_bank_as_queries():
+    with pytest.raises(ValueError, match="bank itself"):
+        knn_distances(_unit([0]), _unit([0, 10]), k=1, leave_one_out=True)
+
+
+def test_typicality_places_a_distance_among_the_training_films_own():
+    # ten training films 1 degree apart: leave-one-out nearest gaps are all 1 degree
+    typ = Typicality.fit(_unit(np.arange(10.0)), k=1, percentile=99)
+    assert typ.k == 1 and len(typ.reference) == 10
+    inside, edge, far = _unit([4.5]), _unit([9.8]), _unit([90.0])
+    t = typ.typicality(torch.cat([inside, edge, far]))
+    # 0.5 and 0.8 degree from the nearest: every training film is at least as far out -> 100;
+    # 80 degrees beyond the last: none is -> 0
+    np.testing.assert_allclose(t, [100.0, 100.0, 0.0])
+    np.testing.assert_array_equal(typ.in_distribution(t), [True, True, False])
+
+
+def test_typicality_percentile_sets_the_threshold():
+    films = _unit([0, 1, 2, 3, 4, 5, 6, 7, 8, 20])    # one training film far from the others
+    typ = Typicality.fit(films, k=1, percentile=90)
+    # the far film's own distance is the 100th percentile; a film 10 degrees from all sits
+    # between the nine 1-degree films and the far one: 1 of 10 at least as far -> 10 %
+    t = typ.typicality(_unit([14.0]))
+    assert t[0] == pytest.approx(10.0)
+    assert bool(typ.in_distribution(t)[0])                        # 10 >= 100 - 90
+    assert not bool(Typicality(typ.bank, typ.reference, 1, 80.0).in_distribution(t)[0])
+
+
+def test_fit_lowers_k_for_tiny_runs_and_refuses_one_film():
+    assert Typicality.fit(_unit([0, 5, 9])).k == 2
+    with pytest.raises(ValueError, match="two training films"):
+        Typicality.fit(_unit([0]))
+    with pytest.raises(ValueError, match="percentile"):
+        Typicality.fit(_unit([0, 5]), percentile=0)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    typ = Typicality.fit(torch.randn(30, 8), k=3, percentile=95)
+    typ.save(tmp_path / "typicality.npz")
+    back = Typicality.load(tmp_path / "typicality.npz")
+    assert back.k == 3 and back.percentile == 95
+    torch.testing.assert_close(back.bank, typ.bank)
+    np.testing.assert_array_equal(back.reference, typ.reference)
+    queries = torch.randn(5, 8)
+    np.testing.assert_array_equal(back.typicality(queries), typ.typicality(queries))
+    assert [p.name for p in tmp_path.iterdir()] == ["typicality.npz"]   # no temporary left behind
