@@ -101,3 +101,32 @@ def test_cluster_browser_names_a_cluster(server, browser):
     card.locator("button").click()
     sync_api.expect(card.locator(".rename span")).to_contain_text("cannot be empty")
     page.close()
+
+
+def test_an_atypical_film_is_shown_with_a_warning(server, browser):
+    """The page's side of the out-of-distribution flag: the server's answer is marked atypical
+    on its way to the page (a tiny phantom run has no notion of typical to test it on)."""
+    url, _, phantoms = server
+    image = sorted(phantoms.glob("train/XR_HAND/**/*.png"))[0]
+    page = browser.new_page()
+
+    def atypical(route):
+        # Chromium does not hand an <input type=file> upload's body to a route, so the server is
+        # asked directly and its answer passed on, marked atypical
+        import httpx
+
+        answer = httpx.post(url + "/api/predict", files={"file": (image.name, image.read_bytes(), "image/png")})
+        body = answer.json()
+        assert answer.status_code == 200 and body["in_distribution"] is True, body   # as the server sees it
+        route.fulfill(status=200, json={**body, "in_distribution": False, "typicality": 0.4})
+
+    page.route("**/api/predict", atypical)
+    page.goto(url + "/")
+    page.set_input_files("#file", str(image))
+    sync_api.expect(page.locator("#result")).to_be_visible(timeout=60_000)
+    sync_api.expect(page.locator("#ood-warning")).to_be_visible()
+    sync_api.expect(page.locator("#ood-warning")).to_contain_text("typicality 0.4%")
+    sync_api.expect(page.locator("#part")).to_contain_text("?")
+    sync_api.expect(page.locator("#confidence")).to_contain_text("out of distribution")
+    assert "confidence" not in page.locator("#confidence").inner_text()
+    page.close()

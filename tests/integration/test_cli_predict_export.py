@@ -10,7 +10,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from bonecluster.cli import main
 from bonecluster.data.phantoms import generate_phantoms
