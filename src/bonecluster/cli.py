@@ -395,16 +395,41 @@ def cmd_export(args) -> int:
 
 
 def _add_name(sub) -> None:
-    p = sub.add_parser("name", help="name a stage-1 cluster (kept in RUN/stage1/names.json)")
+    p = sub.add_parser("name", help="name stage-1 clusters (kept in RUN/stage1/names.json)",
+                       description="Name one cluster (--cluster N --as NAME), or every cluster from a few labelled "
+                                   "films each (--from DATA --per-cluster M: the M films of DATA in the cluster "
+                                   "nearest its centroid, by majority; audit in RUN/stage1/naming.json).")
     p.add_argument("run", help="run folder")
-    p.add_argument("--cluster", type=int, required=True, help="cluster id")
-    p.add_argument("--as", dest="name", required=True, help="the new name, e.g. WRIST")
+    p.add_argument("--cluster", type=int, help="cluster id")
+    p.add_argument("--as", dest="name", help="the new name, e.g. WRIST")
+    p.add_argument("--from", dest="labelled", nargs="+", metavar="DATA",
+                   help="labelled films (folders, MURA trees, manifests) to name every cluster from")
+    p.add_argument("--per-cluster", type=int, default=5, metavar="M",
+                   help="labelled films looked at per cluster (default 5)")
+    p.add_argument("--eval", dest="evaluation", nargs="+", metavar="DATA", default=[],
+                   help="the data the names will be scored on: --from sharing a film or study with it is refused")
+    p.add_argument("--cache", help="keep the decoded --from films here (default: a temporary folder)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_name)
 
 
 def cmd_name(args) -> int:
     from bonecluster.names import name_cluster
+    from bonecluster.naming import name_clusters
 
+    if args.labelled:
+        if args.cluster is not None or args.name is not None:
+            raise ValueError("give either --from DATA (name every cluster) or --cluster N --as NAME, not both")
+        audit = name_clusters(args.run, args.labelled, args.per_cluster, args.evaluation, cache=args.cache,
+                              progress=not args.quiet)
+        for c, n in sorted(audit.clusters.items()):
+            votes = ", ".join(f"{p} {v}" for p, v in sorted(n.votes.items(), key=lambda kv: -kv[1])) or "no labelled film"
+            print(f"cluster {c}: {n.name} ({votes})")
+        print(f"named {audit.n_names} of {len(audit.clusters)} clusters from {audit.n_labels_read} labelled films "
+              f"(audit: {args.run}/stage1/naming.json)")
+        return 0
+    if args.cluster is None or args.name is None:
+        raise ValueError("give --cluster N --as NAME, or --from DATA to name every cluster")
     names = name_cluster(args.run, args.cluster, args.name)
     print("stage-1 clusters: " + ", ".join(f"{k}={v}" for k, v in sorted(names.items())))
     return 0

@@ -2,8 +2,9 @@
 
 ``metrics.json`` has exactly these keys (a field whose labels are missing is left out)::
 
-    {"stage1": {"n_images", "accuracy_hungarian", "accuracy_majority", "nmi", "ari",
+    {"stage1": {"n_images", "accuracy_hungarian", "accuracy_majority", "accuracy_named", "nmi", "ari",
                 "per_part": {PART: {"n", "sensitivity", "specificity", "precision"}},
+                "n_names", "n_labels_read",
                 "macro": {"sensitivity", "specificity", "precision"}},
      "stage2": {"per_part": {PART: {"n_images", "n_studies", "auroc", "sensitivity", "specificity",
                                     "precision", "kappa_study"}},
@@ -18,8 +19,14 @@ Definitions (values are fractions in [0, 1]):
 
 - stage 1 scores the stage-1 clusters against the body-part labels. ``accuracy_hungarian`` maps
   clusters to parts one-to-one (Hungarian); ``accuracy_majority`` names every cluster after its
-  commonest part (many-to-one). ``per_part`` is one-vs-rest on the cluster *names* of the run
-  (``names.json``): sensitivity TP/(TP+FN), specificity TN/(TN+FP), precision TP/(TP+FP).
+  commonest part (many-to-one) *on the evaluation labels*, a ceiling for any naming.
+  ``accuracy_named`` uses the run's own cluster names (``names.json``; several clusters may share
+  a name): the share of images whose cluster's name is their part, an unnamed ``cluster-N``
+  counting as wrong. ``n_names`` counts the clusters with a name of their own and
+  ``n_labels_read`` the labels those names were given from (the audit ``naming.json``: every
+  labelled training film for the default names, the films looked at for ``bonecluster name
+  --from``; left out when the run has no audit). ``per_part`` is one-vs-rest on the cluster
+  names: sensitivity TP/(TP+FN), specificity TN/(TN+FP), precision TP/(TP+FP).
 - stage 2 scores each body part's abnormality model: AUROC of the image scores, and sensitivity,
   specificity and precision of the image flags at the run's label-free threshold.
   ``kappa_study`` is Cohen's kappa between study labels and study flags (a study's score is the
@@ -48,6 +55,7 @@ from bonecluster.data import PreparedDataset, prepare_sources
 from bonecluster.io import atomic_write_text
 from bonecluster.metrics import (auroc, binary_scores, cluster_scores, cohen_kappa, macro,
                                  per_class_binary, study_level)
+from bonecluster.naming import load_naming_audit
 from bonecluster.predict import ImagePrediction, Predictor
 from bonecluster.report import write_report
 from bonecluster.stage2.fewlabel import PROBE, FewLabelProbe
@@ -67,7 +75,8 @@ def evaluate(run: str | Path, sources: Sequence[str | Path], json_path: str | Pa
     predictor = Predictor(run)
     preds, embeddings = predictor.predict_with_embeddings(data)
     few_preds, probes = few_label_predictions(predictor, data, preds)
-    metrics = score(data, preds, study_how=cfg.stage2.study_score, few_preds=few_preds, probes=probes)
+    metrics = score(data, preds, study_how=cfg.stage2.study_score, few_preds=few_preds, probes=probes,
+                    naming=naming_counts(run, predictor.names))
     atomic_write_text(Path(json_path) if json_path else run / "metrics.json", json.dumps(metrics, indent=2))
     if report_dir is not None:
         write_report(run, data, preds, metrics, Path(report_dir) / "report.html", embeddings, cfg.seed,
@@ -103,12 +112,21 @@ def few_label_predictions(predictor: Predictor, data: PreparedDataset, preds: li
     return few, probes
 
 
+def naming_counts(run: str | Path, names: dict[int, str]) -> dict:
+    """``n_names``: clusters with a name of their own (not ``cluster-N``); ``n_labels_read``: the
+    labels the names were given from, per the naming audit (None when the run has none)."""
+    audit = load_naming_audit(Path(run) / "stage1")
+    return {"n_names": sum(1 for c, n in names.items() if n != f"cluster-{c}"),
+            "n_labels_read": None if audit is None else int(audit["n_labels_read"])}
+
+
 def score(data: PreparedDataset, preds: list[ImagePrediction], study_how: str = "mean",
-          few_preds: list[ImagePrediction] | None = None, probes: dict | None = None) -> dict:
+          few_preds: list[ImagePrediction] | None = None, probes: dict | None = None,
+          naming: dict | None = None) -> dict:
     out: dict = {}
     s1 = stage1_metrics(data, preds)
     if s1:
-        out["stage1"] = s1
+        out["stage1"] = {**s1, **(naming or {})}
     s2 = stage2_metrics(data, preds, study_how)
     if s2:
         out["stage2"] = s2
@@ -142,7 +160,8 @@ def stage1_metrics(data: PreparedDataset, preds: list[ImagePrediction]) -> dict:
     names = [p.cluster_name for p, _ in pairs]
     truth = [t for _, t in pairs]
     per_part = per_class_binary(names, truth, sorted(set(truth)))
-    return {"n_images": len(pairs), **cluster_scores(clusters, truth), "per_part": per_part,
+    named = float(np.mean([n == t for n, t in zip(names, truth)]))   # cluster-N never equals a part
+    return {"n_images": len(pairs), **cluster_scores(clusters, truth), "accuracy_named": named, "per_part": per_part,
             "macro": macro(per_part, BINARY)}
 
 

@@ -22,7 +22,9 @@ inside the graph. N is dynamic.
 * ``cluster`` (N,) int64: the nearest centroid (names in the manifest's ``clusters``); for a run
   trained with ``cluster.by_study`` this is the image alone, and ``predict`` assigns the study's
   mean embedding instead (the manifest then carries the ``centroids`` to do the same);
-* ``confidence`` (N,) float32: ``probabilities[cluster]`` (what ``bonecluster predict`` reports).
+* ``confidence`` (N,) float32: ``probabilities[cluster]``. ``bonecluster predict`` reports the sum
+  of ``probabilities`` over the clusters that share the cluster's name (the same, unless names
+  are shared: names can change after export, so that sum is left to the caller).
 
 ``stage2_<PART>.onnx`` outputs (the scoring of :class:`bonecluster.stage2.scoring.PartAnomaly` is in the
 graph, its kNN banks are constants):
@@ -279,7 +281,8 @@ def _readme(m: dict) -> str:
                   f"- `embedding` (N, {s1['embedding_dim']}): PCA-whitened, L2-normalised features",
                   f"- `probabilities` (N, {s1['k']}): softmax(-squared distance to centroid / "
                   f"{s1['confidence_temperature']})",
-                  "- `cluster` (N,) int64: nearest centroid; `confidence` (N,): its probability", "",
+                  "- `cluster` (N,) int64: nearest centroid; `confidence` (N,): its probability "
+                  "(`predict` sums `probabilities` over the clusters that share a name)", "",
                   "Clusters: " + ", ".join(f"{k} = {v}" for k, v in s1["clusters"].items()), ""]
         if s1.get("by_study"):
             lines += ["This run clusters studies (`cluster.by_study`): `bonecluster predict` gives every image of a "

@@ -38,6 +38,7 @@ from bonecluster.metrics import cluster_scores, majority_mapping
 from bonecluster.backbones import BackboneError
 from bonecluster.models import build_model, weights_file
 from bonecluster.names import NAMES, load_cluster_names, save_cluster_names
+from bonecluster.naming import training_metadata_audit
 from bonecluster.phantom_pretrain import PHANTOMS, cached_phantom_weights, cached_weights_path
 from bonecluster.stage2.scoring import embed_images
 from bonecluster.stage2.train import train_stage2
@@ -131,7 +132,9 @@ def train_stage1(data: PreparedDataset, run: str | Path, cfg: Config, resume: bo
     if engine.dist.is_main:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         if not (out / NAMES).exists() or not resume:
-            save_cluster_names(out, default_cluster_names(data, fit.assignments, cfg.cluster.k))
+            names = default_cluster_names(data, fit.assignments, cfg.cluster.k)
+            save_cluster_names(out, names)
+            training_metadata_audit(data.records, fit.assignments, names).save(out)
         if not fit.interrupted:
             write_typicality(out, data, engine.device)
     return StageOneResult(fit, summary)

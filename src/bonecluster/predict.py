@@ -49,7 +49,8 @@ class ImagePrediction:
     path: str
     cluster: int | None        # stage-1 cluster id (None when the run has no stage 1)
     cluster_name: str | None   # its name (majority body part, cluster-N, or a user's name)
-    confidence: float | None   # softmax over centroid distances, see CONFIDENCE_TEMPERATURE
+    confidence: float | None   # softmax over centroid distances (CONFIDENCE_TEMPERATURE), summed
+                               # over the clusters that share the name
     part: str | None           # the body part whose stage-2 model scored it
     score: float | None        # stage-2 abnormality score (see stage2.score), None without a part model
     threshold: float | None
@@ -126,6 +127,12 @@ class Predictor:
         typical = self.typicality.typicality(torch.from_numpy(embeddings))
         return typical.tolist(), self.typicality.in_distribution(typical).tolist()
 
+    def stage1_assignments(self, data: PreparedDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stage-1 clusters (N,), confidences (N,) and embeddings (N, d) of a prepared dataset."""
+        if self.stage1 is None:
+            raise ValueError(f"{self.run}: no stage-1 model")
+        return self._stage1(data.images(), data.records)
+
     def _stage1(self, images: np.ndarray, records=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Clusters, confidences and embeddings (N, d). A run trained with ``cluster.by_study``
         assigns studies as it clustered them: each image takes the cluster (and confidence) of its
@@ -139,10 +146,17 @@ class Predictor:
         centroids = self.stage1.centroids.float()
         labels, _ = assign(points, centroids)
         sq = (points.pow(2).sum(1, keepdim=True) - 2 * points @ centroids.T + centroids.pow(2).sum(1)).clamp_min(0)
-        prob = torch.softmax(-sq / CONFIDENCE_TEMPERATURE, dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
+        # a name several clusters share (over-clustering, many-to-one names) is one answer: its
+        # confidence is the sum over those clusters
+        prob = (torch.softmax(-sq / CONFIDENCE_TEMPERATURE, dim=1) * self._same_name(len(centroids))[labels]).sum(1)
         if studies is not None:
             labels, prob = labels[studies], prob[studies]
         return labels.numpy(), prob.numpy(), x.numpy()
+
+    def _same_name(self, k: int) -> torch.Tensor:
+        """(k, k) float: 1 where clusters i and j carry the same name (the diagonal always)."""
+        names = [self.names.get(c, f"cluster-{c}") for c in range(k)]
+        return torch.tensor([[float(a == b) for b in names] for a in names])
 
     def _stage2(self, images: np.ndarray, parts: list[str]) -> dict[int, float]:
         scores: dict[int, float] = {}

@@ -106,8 +106,9 @@ def test_evaluate_writes_the_documented_metrics_schema(phantoms, tmp_path, capsy
     assert "http://" not in page and "https://" not in page  # opens offline
     m = json.loads((tmp_path / "m.json").read_text())
     assert set(m) == {"stage1", "stage2", "skipped_files"}
-    assert set(m["stage1"]) == {"n_images", "accuracy_hungarian", "accuracy_majority", "nmi", "ari",
-                                "per_part", "macro"}
+    assert set(m["stage1"]) == {"n_images", "accuracy_hungarian", "accuracy_majority", "accuracy_named", "nmi", "ari",
+                                "per_part", "macro", "n_names", "n_labels_read"}
+    assert m["stage1"]["n_labels_read"] == 42   # the default names read every training film's part
     assert m["stage1"]["n_images"] == 42 and set(m["stage1"]["macro"]) <= {"sensitivity", "specificity", "precision"}
     assert set(m["stage2"]) == {"per_part", "macro"}
     for part, row in m["stage2"]["per_part"].items():

@@ -57,3 +57,15 @@ def test_comparison_table_puts_preprint_specificity_under_precision():
     assert "40.00" in row and "99.53" in row
     spec = next(line for line in table.splitlines() if line.startswith("stage1 specificity"))
     assert "99.53" not in spec and "99.63" in spec
+
+
+def test_accuracy_named_counts_shared_names_and_unnamed_clusters():
+    recs = [Record(f"{i}", body_part=bp) for i, bp in enumerate(["HAND", "HAND", "WRIST", "WRIST", "ELBOW"])]
+    # clusters 0 and 2 are both HAND (many-to-one); cluster 3 has no name: its film counts as wrong
+    preds = [_pred(0, "HAND", None, None), _pred(2, "HAND", None, None), _pred(1, "WRIST", None, None),
+             _pred(2, "HAND", None, None), _pred(3, "cluster-3", None, None)]
+    s1 = score(_data(recs), preds, naming={"n_names": 3, "n_labels_read": 12})["stage1"]
+    assert s1["accuracy_named"] == pytest.approx(3 / 5)
+    assert s1["n_names"] == 3 and s1["n_labels_read"] == 12
+    unknown = score(_data(recs), preds, naming={"n_names": 3, "n_labels_read": None})["stage1"]
+    assert "n_labels_read" not in unknown   # no audit: left out, as the schema says
