@@ -1,0 +1,257 @@
+"""How well the out-of-distribution flag (``typicality`` / ``in_distribution``) separates films a
+run was not trained on from films like its training films. Two settings (issue 23):
+
+    python benchmarks/bench_ood.py --data ../shared/data [--only phantom|upper-limb] [--set KEY=VALUE ...]
+
+1. **A run trained on phantoms** (``--phantom-preset``, default ``cpu``, stage 1 only, on
+   ``--phantoms`` generated films; or ``--phantom-run RUN``, e.g. the demo's run): the share of
+   real films flagged (each real source apart and all together) against the share of new phantoms
+   (another generator seed) flagged.
+2. **A run trained on real upper-limb films** (``--preset``, default ``cpu-real``, stage 1 only;
+   or ``--upper-run RUN`` trained by this script before): the training side (split by study, the
+   rule of ``bench_real.py``) of mura-humerus, mura-elbow, FracAtlas's upper-limb films
+   (region ``hand``) and fracture-parts' films with a part, plus mura-unlabelled. Scored on the
+   held-out side of the same sources against every FracAtlas leg and hip film (one region only;
+   no such film is trained on): both flagged shares and the AUROC between the two groups, with the
+   mean 5-NN cosine distance as the score (typicality is that distance's rank among the training
+   films' own).
+
+Each figure is given for the space that ships (the stage-1 embedding, ``stage1/typicality.npz``)
+and, for comparison, for the backbone's pooled features (L2-normalised, same k and percentile).
+Labels (regions, parts) only choose which films are upper-limb, legs or hips; the training itself
+reads none. Prints a JSON result and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_real import split_source  # noqa: E402  (one split rule)
+from bench_real_suite import SOURCES, _embed  # noqa: E402
+
+REAL = ("mura-humerus", "mura-elbow", "fracatlas", "fracture-parts", "mura-unlabelled")
+UPPER_REGION = "hand"          # FracAtlas: any upper-limb film
+OUTSIDE_REGIONS = ("leg", "hip")
+
+
+def _write_manifest(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "body_part", "abnormal", "patient", "study", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _rows(manifest: Path) -> list[dict]:
+    with open(manifest, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _regions(data: Path) -> dict[str, str]:
+    """FracAtlas film (absolute path) -> its region, every film (joined regions keep their '+')."""
+    manifest = data / SOURCES["fracatlas"]
+    with open(manifest, newline="") as f:
+        return {os.path.abspath(manifest.parent / r["path"]): (r.get("region") or "").strip() for r in csv.DictReader(f)}
+
+
+def upper_limb_sets(data: Path, work: Path) -> dict[str, list[str]]:
+    """Sources (manifests or folders) of: the label-free training pool, the held-out upper-limb
+    films, and the leg and hip films. Missing sources are left out; MURA folders are upper limb."""
+    sets: dict[str, list[str]] = {"train": [], "held_out": [], "outside": []}
+    for name in ("mura-humerus", "mura-elbow"):
+        if (data / SOURCES[name]).exists():
+            tr, ev = split_source(str(data / SOURCES[name]), 0.3, work / "splits" / name)
+            sets["train"].append(str(tr))
+            sets["held_out"].append(str(ev))
+    if (data / SOURCES["fracture-parts"]).exists():   # only films with a part are known upper-limb ones
+        tr, ev = split_source(str(data / SOURCES["fracture-parts"]), 0.3, work / "splits" / "fracture-parts")
+        for side, path in (("train", tr), ("held_out", ev)):
+            rows = [r for r in _rows(path) if r["body_part"]]
+            sets[side].append(str(_write_manifest(work / "sets" / f"fracture-parts-{side}.csv", rows)))
+    if (data / SOURCES["fracatlas"]).exists():
+        regions = _regions(data)
+        tr, ev = split_source(str(data / SOURCES["fracatlas"]), 0.3, work / "splits" / "fracatlas")
+        outside = []
+        for side, path in (("train", tr), ("held_out", ev)):
+            rows = _rows(path)
+            upper = [r for r in rows if regions.get(r["path"]) == UPPER_REGION]
+            sets[side].append(str(_write_manifest(work / "sets" / f"fracatlas-upper-{side}.csv", upper)))
+            outside += [r for r in rows if regions.get(r["path"]) in OUTSIDE_REGIONS]
+        sets["outside"].append(str(_write_manifest(work / "sets" / "fracatlas-leg-hip.csv", outside)))
+    if (data / SOURCES["mura-unlabelled"]).exists():
+        sets["train"].append(str(data / SOURCES["mura-unlabelled"]))
+    missing = [k for k, v in sets.items() if not v]
+    if missing:
+        raise SystemExit(f"{data}: no films for {', '.join(missing)} (needs MURA folders and fracatlas)")
+    return sets
+
+
+def _features(trained, sources: list[str], cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(stage-1 embedding (N, d), pooled features (N, D)) of every film of ``sources``."""
+    from bonecluster.data import prepare_sources
+
+    ds = prepare_sources(sources, trained.cfg.data, cache=cache, progress=False)
+    return _embed(trained, ds.images())
+
+
+def _auroc(inside: np.ndarray, outside: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
+    return float(roc_auc_score(y, np.r_[inside, outside]))
+
+
+def _flag_stats(typ, queries: np.ndarray) -> dict:
+    import torch
+
+    t = typ.typicality(torch.from_numpy(queries))
+    return {"films": len(queries), "flagged": float(np.mean(~typ.in_distribution(t))),
+            "median_typicality": float(np.median(t))}
+
+
+def _spaces(run: Path, train_sources: list[str], cache: Path) -> tuple[object, dict]:
+    """The run's model and one Typicality per space: the shipped one and pooled features."""
+    import torch
+
+    from bonecluster.checkpoint import TrainedClusters
+    from bonecluster.typicality import TYPICALITY, Typicality
+
+    trained = TrainedClusters.load(run / "stage1")
+    shipped = Typicality.load(run / "stage1" / TYPICALITY)
+    emb, raw = _features(trained, train_sources, cache)
+    refit = Typicality.fit(torch.from_numpy(emb))
+    drift = float(np.abs(refit.reference - shipped.reference).max())   # the shipped file is this run's
+    return trained, {"embedding": shipped, "pooled": Typicality.fit(torch.from_numpy(raw))}, drift
+
+
+def phantom_setting(args, work: Path, data: Path) -> dict:
+    from bonecluster.config import load_config
+    from bonecluster.data.phantoms import generate_phantoms
+    from bonecluster.pipeline import train
+
+    t0 = time.perf_counter()
+    if args.phantom_run:
+        run = Path(args.phantom_run)
+        train_src = [str(Path(args.phantom_run_data))] if args.phantom_run_data else None
+        if train_src is None:
+            raise SystemExit("--phantom-run needs --phantom-run-data (the phantoms it was trained on)")
+    else:
+        cfg = load_config(args.phantom_preset, overrides=args.phantom_overrides)
+        root = work / "phantoms"
+        if not root.exists():
+            generate_phantoms(root, n=args.phantoms, size=cfg.data.size, seed=0, progress=not args.quiet)
+        run = work / "phantom-run"
+        train([str(root)], run, cfg, stages=[1], progress=not args.quiet)
+        train_src = [str(root)]
+    trained_s = time.perf_counter() - t0
+    cache = work / "cache-phantom-run"
+    trained, spaces, drift = _spaces(run, train_src, cache)
+    fresh = work / "phantoms-new"   # another generator seed, at the run's size
+    if not fresh.exists():
+        generate_phantoms(fresh, n=max(args.phantoms // 4, 70), size=trained.cfg.data.size, seed=1, progress=False)
+    queries = {"new phantoms": _features(trained, [str(fresh)], cache)}
+    for name in REAL:
+        if (data / SOURCES[name]).exists():
+            queries[name] = _features(trained, [str(data / SOURCES[name])], cache)
+    real = [q for name, q in queries.items() if name in REAL]
+    queries["all real films"] = tuple(np.concatenate([q[i] for q in real]) for i in range(2))
+    out = {"run": str(run), "train_seconds": round(trained_s, 1), "reference_drift": drift, "spaces": {}}
+    for space, typ in spaces.items():
+        col = 0 if space == "embedding" else 1
+        out["spaces"][space] = {name: _flag_stats(typ, q[col]) for name, q in queries.items()}
+    return out
+
+
+def upper_limb_setting(args, work: Path, data: Path) -> dict:
+    import torch
+
+    from bonecluster.config import load_config
+    from bonecluster.pipeline import train
+
+    sets = upper_limb_sets(data, work)
+    t0 = time.perf_counter()
+    run = Path(args.upper_run) if args.upper_run else work / "upper-run"
+    if not args.upper_run:
+        cfg = load_config(args.preset, overrides=args.overrides)
+        train(sets["train"], run, cfg, stages=[1], progress=not args.quiet)
+    trained_s = time.perf_counter() - t0
+    cache = work / "cache-upper-run"
+    trained, spaces, drift = _spaces(run, sets["train"], cache)
+    held, outside = _features(trained, sets["held_out"], cache), _features(trained, sets["outside"], cache)
+    out = {"run": str(run), "train_seconds": round(trained_s, 1), "reference_drift": drift,
+           "train_films": len(spaces["embedding"].reference), "spaces": {}}
+    for space, typ in spaces.items():
+        col = 0 if space == "embedding" else 1
+        d_in = typ.distance(torch.from_numpy(held[col]))
+        d_out = typ.distance(torch.from_numpy(outside[col]))
+        out["spaces"][space] = {"held-out upper limb": _flag_stats(typ, held[col]),
+                                "leg and hip": _flag_stats(typ, outside[col]),
+                                "auroc": _auroc(d_in, d_out)}
+    return out
+
+
+def print_tables(result: dict) -> None:
+    if "phantom" in result:
+        r = result["phantom"]
+        print(f"\n1. run trained on phantoms ({r['run']}): share flagged out of distribution")
+        names = list(next(iter(r["spaces"].values())))
+        print("| space | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for space, rows in r["spaces"].items():
+            print(f"| {space} | " + " | ".join(f"{rows[n]['flagged']:.3f} ({rows[n]['films']})" for n in names) + " |")
+    if "upper_limb" in result:
+        r = result["upper_limb"]
+        print(f"\n2. run trained on {r['train_films']} real upper-limb films ({r['run']})")
+        print("| space | held-out upper limb flagged | leg and hip flagged | AUROC (5-NN distance) |")
+        print("|---|---|---|---|")
+        for space, rows in r["spaces"].items():
+            h, o = rows["held-out upper limb"], rows["leg and hip"]
+            print(f"| {space} | {h['flagged']:.3f} ({h['films']}) | {o['flagged']:.3f} ({o['films']}) | {rows['auroc']:.3f} |")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="../shared/data", help="the folder holding the real-film sources")
+    ap.add_argument("--only", choices=("phantom", "upper-limb"), help="run one of the two settings")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_ood"))
+    ap.add_argument("--phantoms", type=int, default=700, help="phantoms the phantom run trains on (default 700)")
+    ap.add_argument("--phantom-preset", default="cpu")
+    ap.add_argument("--phantom-set", dest="phantom_overrides", action="append", default=[],
+                    help="config override for the phantom run")
+    ap.add_argument("--phantom-run", help="use this phantom-trained run instead of training one")
+    ap.add_argument("--phantom-run-data", help="the phantom folder --phantom-run was trained on")
+    ap.add_argument("--preset", default="cpu-real", help="preset of the upper-limb run (default cpu-real)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for the upper-limb run")
+    ap.add_argument("--upper-run", help="use this upper-limb run (trained by this script before) instead of training one")
+    ap.add_argument("--json", help="write the result here too")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+
+    data, work = Path(args.data), Path(args.work)
+    if not data.is_dir():
+        raise SystemExit(f"{data}: no such folder (give --data, the folder with the real-film sources)")
+    result: dict = {}
+    if args.only in (None, "phantom"):
+        result["phantom"] = phantom_setting(args, work, data)
+    if args.only in (None, "upper-limb"):
+        result["upper_limb"] = upper_limb_setting(args, work, data)
+    print(json.dumps(result, indent=2))
+    print_tables(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

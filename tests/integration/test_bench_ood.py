@@ -1,0 +1,51 @@
+"""benchmarks/bench_ood.py end to end on a phantom stand-in for ../shared/data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+from tests.conftest import load_benchmark
+from tests.integration.test_bench_real_suite import _stand_in
+from tests.integration.test_engine import TINY
+
+
+def test_both_settings_report_flagged_shares_and_the_auroc(tmp_path, single_torch_thread):
+    data = _stand_in(tmp_path)   # its fracatlas calls HUMERUS films "leg", and has no hip
+    tiny = TINY + ["train.epochs=1", "selfsup.epochs=1", "cluster.n_init=1"]
+    sets = [a for s in tiny for a in ("--set", s)]
+    phantom_sets = [a for s in tiny for a in ("--phantom-set", s)]
+    out = tmp_path / "result.json"
+    work = tmp_path / "work"
+    result = load_benchmark("bench_ood").main(["--data", str(data), "--work", str(work), "--phantoms", "70",
+                                               "--json", str(out), "--quiet", *sets, *phantom_sets])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+
+    phantom = result["phantom"]
+    assert phantom["reference_drift"] < 1e-4   # the shipped reference is this run's training films
+    for space in ("embedding", "pooled"):
+        rows = phantom["spaces"][space]
+        assert set(rows) == {"new phantoms", "mura-humerus", "mura-elbow", "fracatlas", "fracture-parts",
+                             "mura-unlabelled", "all real films"}
+        assert rows["all real films"]["films"] == sum(rows[n]["films"] for n in rows if n not in
+                                                      ("new phantoms", "all real films"))
+        assert rows["new phantoms"]["films"] == 70
+        for r in rows.values():
+            assert 0 <= r["flagged"] <= 1 and 0 <= r["median_typicality"] <= 100
+
+    upper = result["upper_limb"]
+    assert upper["reference_drift"] < 1e-4
+    with open(data / "fracatlas" / "manifest.csv") as f:
+        regions = {os.path.abspath(data / "fracatlas" / r["path"]): r["region"] for r in csv.DictReader(f)}
+    legs = sum(region == "leg" for region in regions.values())
+    trained = json.loads((work / "upper-run" / "data.json").read_text())
+    trained_paths = {os.path.abspath(r["path"]) for r in trained["records"]}
+    assert upper["train_films"] == len(trained_paths)
+    # no leg film and no non-upper-limb FracAtlas film is trained on
+    assert not any(regions.get(p, "hand") != "hand" for p in trained_paths)
+    for space in ("embedding", "pooled"):
+        rows = upper["spaces"][space]
+        assert rows["leg and hip"]["films"] == legs
+        assert 0 < rows["held-out upper limb"]["films"]
+        assert 0 <= rows["auroc"] <= 1
