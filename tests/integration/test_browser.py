@@ -8,6 +8,7 @@ also writes the screenshot to docs/viewer.png (on a somewhat larger run, for a r
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 from pathlib import Path
@@ -130,3 +131,52 @@ def test_an_atypical_film_is_shown_with_a_warning(server, browser):
     sync_api.expect(page.locator("#confidence")).to_contain_text("out of distribution")
     assert "confidence" not in page.locator("#confidence").inner_text()
     page.close()
+
+
+def test_naming_flow_by_keyboard_then_an_upload_reports_the_named_part(server, browser):
+    import httpx
+
+    url, run, phantoms = server
+    names_file = run / "stage1" / "names.json"
+    original = names_file.read_text()
+    listing = httpx.get(url + "/api/clusters?per_cluster=0").json()
+    stage1 = next(s for s in listing["stages"] if s["key"] == "stage1")
+    for c in stage1["clusters"]:   # start from unnamed clusters, as on unlabelled films
+        assert httpx.post(url + c["rename_url"], json={"name": f"cluster-{c['id']}"}).status_code == 200
+    by_size = sorted(stage1["clusters"], key=lambda c: (-c["size"], c["id"]))
+    assert all(len(c["central"]) == min(12, c["size"]) for c in stage1["clusters"])
+    assert all(not set(c["edge"]) & set(c["central"]) for c in stage1["clusters"])
+    film = sorted(phantoms.glob("train/XR_ELBOW/**/*.png"))[0]
+    before = httpx.post(url + "/api/predict", files={"file": (film.name, film.read_bytes(), "image/png")}).json()
+    assert before["cluster_name"] == f"cluster-{before['cluster']}"
+
+    page = browser.new_page()
+    try:
+        page.goto(url + "/")
+        page.click("#tab-naming")
+        sync_api.expect(page.locator("#naming-list article")).to_have_count(len(by_size))
+        sync_api.expect(page.locator("#naming-counter")).to_have_text(f"0 of {len(by_size)} named")
+        cards = page.locator("#naming-list article")
+        sync_api.expect(cards.nth(0)).to_have_class(re.compile(r"\bcurrent\b"))
+        sync_api.expect(cards.nth(0).locator("img")).to_have_count(len(by_size[0]["central"]) + len(by_size[0]["edge"]))
+        given = {}
+        for i, (key, part) in enumerate((("4", "HAND"), ("7", "WRIST"), ("1", "ELBOW"))):
+            page.keyboard.press(key)   # names the current cluster, then moves to the next
+            sync_api.expect(cards.nth(i).locator(".current-name")).to_have_text(part)
+            given[by_size[i]["id"]] = part
+        sync_api.expect(page.locator("#naming-counter")).to_have_text(f"3 of {len(by_size)} named")
+        if before["cluster"] not in given:   # the film's own cluster: pick it and name it too
+            page.click(f"#naming-{before['cluster']} header")
+            page.keyboard.press("2")
+            given[before["cluster"]] = "FINGER"
+            sync_api.expect(page.locator("#naming-counter")).to_have_text(f"4 of {len(by_size)} named")
+        saved = json.loads(names_file.read_text())
+        assert {int(k): v for k, v in saved.items() if v in given.values()} == given
+
+        page.click("#tab-predict")
+        page.set_input_files("#file", str(film))
+        sync_api.expect(page.locator("#part")).to_have_text(given[before["cluster"]], timeout=60_000)
+    finally:
+        page.close()
+        for c in stage1["clusters"]:   # the other tests see the run's own names again
+            httpx.post(url + c["rename_url"], json={"name": json.loads(original)[str(c["id"])]})

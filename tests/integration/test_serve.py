@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from bonecluster.cli import main
@@ -163,6 +164,25 @@ def test_cluster_listing_covers_both_stages(client):
     assert first["rename_url"] == "/api/clusters/stage1/0/name"
     assert _is_png(client.get(d["image_url_template"].format(index=first["images"][0]))).mode == "L"
     assert client.get("/api/clusters", params={"per_cluster": 100000}).status_code == 422
+
+
+def test_stage1_clusters_list_their_central_and_edge_images(client, tiny):
+    from bonecluster.checkpoint import TrainedClusters
+    from bonecluster.typicality import Typicality
+
+    d = client.get("/api/clusters", params={"per_cluster": 500}).json()
+    trained = TrainedClusters.load(tiny[0] / "stage1")
+    bank = Typicality.load(tiny[0] / "stage1" / "typicality.npz").bank
+    distance = (bank - trained.centroids.float()[torch.from_numpy(trained.assignments)]).pow(2).sum(1)
+    for c in d["stages"][0]["clusters"]:
+        members, central, edge = set(c["images"]), c["central"], c["edge"]
+        assert len(members) == c["size"] and len(central) == min(12, c["size"])
+        assert len(edge) == min(4, c["size"] - len(central)) and not set(edge) & set(central)
+        assert set(central) | set(edge) <= members
+        ranked = [distance[i].item() for i in central] + sorted((distance[i].item() for i in members - set(central)))
+        assert ranked == sorted(ranked)   # nearest first, and every central film nearer than the rest
+        assert [distance[i].item() for i in edge] == sorted(ranked, reverse=True)[:len(edge)]   # farthest first
+    assert all("central" not in c for s in d["stages"][1:] for c in s["clusters"])
 
 
 def test_naming_persists_and_a_new_predictor_sees_it(client, tiny, phantom_png):

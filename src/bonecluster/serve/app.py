@@ -12,6 +12,7 @@ Swagger/ReDoc pages are off because they load their scripts from a CDN)::
     GET  /api/results/{id}/image.png         the decoded upload, as the page shows it
     GET  /api/results/{id}/heatmap.png       its Grad-CAM overlay (RGBA, same size)
     GET  /api/clusters                       every stage-1 and stage-2 cluster: name, size, images
+                                             (stage 1 also: its 12 most central and 4 edge images)
     POST /api/clusters/stage1/{id}/name      {"name": "..."} -> RUN/stage1/names.json
     POST /api/clusters/stage2/{part}/{id}/name   -> RUN/stage2/<PART>/names.json
     GET  /api/images/{index}.png             training image ``index`` (row of RUN/data.json) from the cache
@@ -77,6 +78,7 @@ log = logging.getLogger("bonecluster")
 DEFAULT_MAX_UPLOAD = 50 * 2**20
 DEFAULT_MAX_DECODES = 2   # uploads decoded at once: each may take ~16 bytes per pixel up to the pixel cap
 NEIGHBOURS = 8
+NAMING_CENTRAL, NAMING_EDGE = 12, 4   # films per stage-1 cluster in the naming flow
 DISPLAY_SIZE = 256        # side of the image and heatmap the page shows
 NAME_MAX = 64             # as names.name_cluster allows
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
@@ -300,10 +302,14 @@ class ViewerState:
         s1 = self.predictor.stage1
         if s1 is not None:
             assignments = self.stage1_assignments()
-            stages.append(self._stage_listing("stage1", "Stage 1: body parts", None, len(s1.centroids),
-                                              self.predictor.names, assignments,
-                                              np.arange(self.n_images) if assignments is not None else None,
-                                              "/api/clusters/stage1/{id}/name", per_cluster))
+            listing = self._stage_listing("stage1", "Stage 1: body parts", None, len(s1.centroids),
+                                          self.predictor.names, assignments,
+                                          np.arange(self.n_images) if assignments is not None else None,
+                                          "/api/clusters/stage1/{id}/name", per_cluster)
+            shown = self.central_and_edge(assignments)
+            for c in listing["clusters"]:
+                c["central"], c["edge"] = shown.get(c["id"], ([], []))
+            stages.append(listing)
         for part, (trained, anomaly) in self.predictor.parts.items():
             positions = self.part_positions[part]
             listing = self._stage_listing(f"stage2/{part}", f"Stage 2: {part}", part, len(trained.centroids),
@@ -314,6 +320,27 @@ class ViewerState:
             stages.append(listing)
         return {"image_url_template": "/api/images/{index}.png", "n_training_images": self.n_images,
                 "stages": stages}
+
+    def central_and_edge(self, assignments: np.ndarray | None) -> dict[int, tuple[list[int], list[int]]]:
+        """Per stage-1 cluster, the training images nearest its centroid (NAMING_CENTRAL, nearest
+        first) and the farthest ones (NAMING_EDGE, farthest first, none of them central): what
+        the naming flow shows. Empty without the training images."""
+        if assignments is None:
+            return {}
+        with self.lock:
+            bank = self.train_embeddings()
+        if bank is None:
+            return {}
+        centroids = self.predictor.stage1.centroids.float()
+        labels = torch.from_numpy(np.asarray(assignments, np.int64))
+        distance = (bank.float() - centroids[labels]).pow(2).sum(1).numpy()
+        out = {}
+        for c in range(len(centroids)):
+            members = np.flatnonzero(assignments == c)
+            order = members[np.argsort(distance[members], kind="stable")]
+            central, rest = order[:NAMING_CENTRAL], order[NAMING_CENTRAL:]
+            out[c] = ([int(i) for i in central], [int(i) for i in rest[::-1][:NAMING_EDGE]])
+        return out
 
     @staticmethod
     def _stage_listing(key, title, part, k, names, assignments, positions, rename, per_cluster) -> dict:

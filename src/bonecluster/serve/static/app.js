@@ -36,7 +36,9 @@ function showTab(name) {
   for (const tab of document.querySelectorAll(".tab")) tab.classList.toggle("active", tab.dataset.tab === name);
   $("panel-predict").hidden = name !== "predict";
   $("panel-clusters").hidden = name !== "clusters";
+  $("panel-naming").hidden = name !== "naming";
   if (name === "clusters" && !clustersLoaded) loadClusters();
+  if (name === "naming") loadNaming();
 }
 
 // ------------------------------------------------------------------ predict
@@ -191,6 +193,120 @@ function clusterCard(stage, c) {
     thumbs);
 }
 
+// ------------------------------------------------------------------ naming flow
+
+// The picker: key "1".."9" -> name. "other" and "mixed" are names too (a decision was made).
+const PICKS = ["ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST", "other", "mixed"];
+let naming = null;   // {clusters: [...largest first], current: index}
+
+async function loadNaming() {
+  $("naming-status").textContent = "Loading clusters ...";
+  $("naming-status").className = "status";
+  try {
+    const all = await api("/api/clusters?per_cluster=0");
+    const stage = all.stages.find((s) => s.key === "stage1");
+    if (!stage) {
+      $("naming-status").textContent = "This run has no stage-1 clusters to name.";
+      $("naming-list").replaceChildren();
+      return;
+    }
+    const clusters = [...stage.clusters].sort((a, b) => (b.size ?? 0) - (a.size ?? 0) || a.id - b.id);
+    naming = { clusters, current: 0, template: all.image_url_template };
+    $("naming-status").textContent = stage.images_available ? "" : "The training images are unavailable; names can still be given.";
+    renderNaming();
+  } catch (err) {
+    $("naming-status").textContent = `Could not load clusters: ${err.message}`;
+    $("naming-status").className = "status error";
+  }
+}
+
+function isNamed(c) { return c.name !== `cluster-${c.id}`; }
+
+function updateCounter() {
+  const named = naming.clusters.filter(isNamed).length;
+  $("naming-counter").textContent = `${named} of ${naming.clusters.length} named`;
+}
+
+function renderNaming() {
+  const list = $("naming-list");
+  list.replaceChildren(...naming.clusters.map((c, i) => namingCard(c, i)));
+  updateCounter();
+  selectCluster(naming.current, false);
+}
+
+function thumbStrip(indices, label) {
+  const strip = el("div", { class: "grid small-grid" });
+  for (const index of indices) {
+    const url = naming.template.replace("{index}", String(index));
+    strip.append(el("img", { src: url, alt: `${label} training image ${index}`, title: `training image ${index}`,
+                             loading: "lazy", class: "mini" }));
+  }
+  return strip;
+}
+
+function namingCard(c, i) {
+  const picker = el("div", { class: "picker" });
+  PICKS.forEach((name, k) => {
+    const button = el("button", { type: "button", "data-name": name, text: `${k + 1} ${name}` });
+    button.addEventListener("click", () => { selectCluster(i, false); nameCurrent(name); });
+    picker.append(button);
+  });
+  const card = el("article", { class: "cluster naming-card", id: `naming-${c.id}` },
+    el("header", {}, el("strong", { text: `#${c.id}` }),
+       el("span", { class: "current-name", text: c.name }),
+       el("span", { class: "muted small", text: c.size === null ? "" : `${c.size} images` }),
+       el("span", { class: "muted small note" })),
+    el("div", { class: "muted small", text: "most central" }), thumbStrip(c.central || [], "central"),
+    el("div", { class: "muted small", text: "edge" }), thumbStrip(c.edge || [], "edge"),
+    picker);
+  card.addEventListener("click", () => selectCluster(i, false));
+  markCard(card, c);
+  return card;
+}
+
+function markCard(card, c) {
+  card.classList.toggle("named", isNamed(c));
+  card.querySelector(".current-name").textContent = c.name;
+  for (const b of card.querySelectorAll(".picker button")) b.classList.toggle("chosen", b.dataset.name === c.name);
+}
+
+function selectCluster(i, scroll = true) {
+  if (!naming || !naming.clusters.length) return;
+  naming.current = Math.max(0, Math.min(i, naming.clusters.length - 1));
+  naming.clusters.forEach((c, k) => $(`naming-${c.id}`).classList.toggle("current", k === naming.current));
+  if (scroll) $(`naming-${naming.clusters[naming.current].id}`).scrollIntoView({ block: "nearest" });
+}
+
+async function nameCurrent(name) {
+  const c = naming.clusters[naming.current];
+  const card = $(`naming-${c.id}`);
+  const note = card.querySelector(".note");
+  note.textContent = "saving ...";
+  try {
+    const r = await api(c.rename_url, { method: "POST", headers: { "Content-Type": "application/json" },
+                                        body: JSON.stringify({ name }) });
+    c.name = r.name;
+    note.textContent = "saved";
+    markCard(card, c);
+    updateCounter();
+    clustersLoaded = false;   // the Clusters tab reloads with the new names
+    if (naming.clusters[naming.current] === c) selectCluster(naming.current + 1);
+  } catch (err) {
+    note.textContent = err.message;
+  }
+}
+
+function namingKeys(event) {
+  if ($("panel-naming").hidden || !naming || event.ctrlKey || event.metaKey || event.altKey) return;
+  if (event.target && ["INPUT", "SELECT", "TEXTAREA"].includes(event.target.tagName)) return;
+  const digit = Number(event.key);
+  if (Number.isInteger(digit) && digit >= 1 && digit <= PICKS.length) nameCurrent(PICKS[digit - 1]);
+  else if (event.key === "ArrowDown" || event.key === "j") selectCluster(naming.current + 1);
+  else if (event.key === "ArrowUp" || event.key === "k") selectCluster(naming.current - 1);
+  else return;
+  event.preventDefault();
+}
+
 // ------------------------------------------------------------------ start
 
 function start() {
@@ -210,6 +326,7 @@ function start() {
   $("opacity").addEventListener("input", (event) => { $("heatmap").style.opacity = event.target.value / 100; });
   $("heatmap").style.opacity = $("opacity").value / 100;
   $("stage-select").addEventListener("change", renderGallery);
+  document.addEventListener("keydown", namingKeys);
   api("/health").then((h) => {
     $("run").textContent = `run ${h.run} \u00b7 ${h.n_training_images} training images \u00b7 ` +
       `${h.parts.length} stage-2 part model(s)`;
