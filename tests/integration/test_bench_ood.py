@@ -27,7 +27,8 @@ def test_both_settings_report_flagged_shares_and_the_auroc(tmp_path, single_torc
     for space in ("embedding", "pooled"):
         rows = phantom["spaces"][space]
         assert set(rows) == {"new phantoms", "mura-humerus", "mura-elbow", "fracatlas", "fracture-parts",
-                             "mura-unlabelled", "all real films"}
+                             "mura-unlabelled", "all real films", "auroc", "probe_auroc"}
+        assert 0 <= rows.pop("auroc") <= 1 and 0 <= rows.pop("probe_auroc") <= 1
         assert rows["all real films"]["films"] == sum(rows[n]["films"] for n in rows if n not in
                                                       ("new phantoms", "all real films"))
         assert rows["new phantoms"]["films"] == 70
@@ -48,4 +49,4 @@ def test_both_settings_report_flagged_shares_and_the_auroc(tmp_path, single_torc
         rows = upper["spaces"][space]
         assert rows["leg and hip"]["films"] == legs
         assert 0 < rows["held-out upper limb"]["films"]
-        assert 0 <= rows["auroc"] <= 1
+        assert 0 <= rows["auroc"] <= 1 and 0 <= rows["probe_auroc"] <= 1
