@@ -17,7 +17,8 @@ run was not trained on from films like its training films. Two settings (issue 2
    films' own).
 
 Each figure is given for the space that ships (the stage-1 embedding, ``stage1/typicality.npz``)
-and, for comparison, for the backbone's pooled features (L2-normalised, same k and percentile).
+and, for comparison, for the backbone's pooled features (L2-normalised, same k and percentile) and
+for a lever not shipped, ``pooled-mahalanobis`` (:class:`ClusterMahalanobis`).
 Beside each AUROC, a supervised reference: logistic regression told which group each film is in,
 5-fold cross-validated on the same films (a ceiling for what the features hold, not a flag).
 Labels (regions, parts) only choose which films are upper-limb, legs or hips; the training itself
@@ -137,6 +138,42 @@ def _flag_stats(typ, queries: np.ndarray) -> dict:
             "median_typicality": float(np.median(t))}
 
 
+class ClusterMahalanobis:
+    """A lever measured beside the shipped flag (not shipped): the smallest Mahalanobis distance
+    from a film's pooled features (N, D) to the run's stage-1 cluster means, with one shared
+    Ledoit-Wolf covariance of the training films around their cluster's mean (Lee et al. 2018,
+    "A simple unified framework for detecting out-of-distribution samples", with the label-free
+    clusters for classes). Typicality as :class:`bonecluster.typicality.Typicality`, against the
+    training films' own (in-sample) distances."""
+
+    def __init__(self, feats: np.ndarray, clusters: np.ndarray, percentile: float = 99.0):
+        from sklearn.covariance import LedoitWolf
+
+        if len(feats) != len(clusters):
+            raise ValueError(f"{len(feats)} training films but {len(clusters)} cluster assignments")
+        feats = feats.astype(np.float64)
+        self.means = np.stack([feats[clusters == c].mean(0) for c in np.unique(clusters)])
+        labels = np.searchsorted(np.unique(clusters), clusters)
+        self.precision = LedoitWolf().fit(feats - self.means[labels]).precision_
+        self.percentile = percentile
+        self.reference = np.sort(self.distance(feats))
+
+    def distance(self, x) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        best = np.full(len(x), np.inf)
+        for mean in self.means:
+            diff = x - mean
+            best = np.minimum(best, np.einsum("nd,de,ne->n", diff, self.precision, diff))
+        return np.sqrt(np.maximum(best, 0.0))
+
+    def typicality(self, x) -> np.ndarray:
+        d = self.distance(x)
+        return 100.0 * (len(self.reference) - np.searchsorted(self.reference, d, side="left")) / len(self.reference)
+
+    def in_distribution(self, typicality: np.ndarray) -> np.ndarray:
+        return np.asarray(typicality) >= 100.0 - self.percentile
+
+
 def _spaces(run: Path, train_sources: list[str], cache: Path) -> tuple[object, dict]:
     """The run's model and one Typicality per space: the shipped one and pooled features."""
     import torch
@@ -149,7 +186,9 @@ def _spaces(run: Path, train_sources: list[str], cache: Path) -> tuple[object, d
     emb, raw = _features(trained, train_sources, cache)
     refit = Typicality.fit(torch.from_numpy(emb))
     drift = float(np.abs(refit.reference - shipped.reference).max())   # the shipped file is this run's
-    return trained, {"embedding": shipped, "pooled": Typicality.fit(torch.from_numpy(raw))}, drift
+    spaces = {"embedding": shipped, "pooled": Typicality.fit(torch.from_numpy(raw)),
+              "pooled-mahalanobis": ClusterMahalanobis(raw, trained.assignments)}
+    return trained, spaces, drift
 
 
 def phantom_setting(args, work: Path, data: Path) -> dict:
