@@ -6,8 +6,13 @@ CPU with one torch thread. For each run it keeps the final assignments, the metr
 without its timing columns, ``names.json`` and a SHA-256 of the final network, PCA-whitening
 and centroids. A refactor that changes any bit of any of them fails here.
 
-The record depends on the CPU's kernels (the golden file names the capability it was recorded
-on). A deliberate change of behaviour (new phantoms, a new default) re-records it::
+The record depends on the CPU's kernels (MKL and oneDNN pick their own code paths, so not even
+``ATEN_CPU_CAPABILITY`` makes two CPUs agree), so there is one golden file per capability:
+``stage1_methods.json`` (AVX2, the pre-refactor record) and ``stage1_methods.<CAPABILITY>.json``
+for others, each naming the commit it was recorded at. ``stage1_methods.AVX512.json`` was recorded
+at d06171d, a commit whose behaviour matched the AVX2 record on an AVX2 CPU; on a CPU with no
+golden file of its own the test is skipped, saying so. A deliberate change of behaviour (new
+phantoms, a new default) re-records this CPU's file::
 
     .venv/bin/python tests/integration/test_method_equivalence.py --record
 """
@@ -92,9 +97,22 @@ def make_phantoms(root: Path) -> Path:
     return root / "ph"
 
 
+def golden_path(capability: str) -> Path:
+    """This capability's golden file: the AVX2 one keeps its original name."""
+    return GOLDEN if capability == "AVX2" else GOLDEN.with_name(f"{GOLDEN.stem}.{capability}.json")
+
+
 @pytest.fixture(scope="module")
 def golden() -> dict:
-    return json.loads(GOLDEN.read_text())
+    here = torch.backends.cpu.get_cpu_capability()
+    path = golden_path(here)
+    if not path.is_file():
+        pytest.skip(f"no golden run recorded for CPU capability {here} (only for "
+                    f"{', '.join(sorted(p.name for p in GOLDEN.parent.glob(GOLDEN.stem + '*.json')))}); "
+                    "record one at a commit known to match (--record)")
+    data = json.loads(path.read_text())
+    assert data["cpu_capability"] == here, f"{path} was recorded on {data['cpu_capability']}, not {here}"
+    return data
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +152,15 @@ def record() -> None:
         for name, overrides in RUNS.items():
             print(f"recording {name}", flush=True)
             runs[name] = run_fingerprint(phantoms, Path(tmp) / name, overrides)
-    GOLDEN.parent.mkdir(exist_ok=True)
-    GOLDEN.write_text(json.dumps({"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                                  "torch": torch.__version__, "runs": runs}, indent=1) + "\n")
-    print(f"wrote {GOLDEN}")
+    import subprocess
+
+    here = torch.backends.cpu.get_cpu_capability()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    path = golden_path(here)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"cpu_capability": here, "torch": torch.__version__,
+                                "recorded_at": commit.stdout.strip() or None, "runs": runs}, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -58,11 +58,17 @@ def test_stage1_graph_matches_the_predictor(trained, images, tmp_path):
     emb, prob, cluster, conf = _run(path, (queries.astype(np.float32) / 255)[:, None])
     predictor = Predictor.__new__(Predictor)
     predictor.stage1 = trained
+    predictor.names = {}   # every cluster its own cluster-N: predict's confidence is the graph's
     labels, confidence, _ = predictor._stage1(queries)
     assert np.abs(emb - embed_images(trained, queries).numpy()).max() < 1e-4
     assert cluster.tolist() == labels.tolist()
     assert np.abs(conf - confidence).max() < 1e-4
     assert prob.shape == (7, 3)
+    # clusters 0 and 1 named alike: predict sums the graph's probabilities over them
+    predictor.names = {0: "HAND", 1: "HAND", 2: "WRIST"}
+    _, shared, _ = predictor._stage1(queries)
+    summed = np.where(cluster < 2, prob[:, 0] + prob[:, 1], prob[:, 2])
+    assert np.abs(shared - summed).max() < 1e-4
 
 
 @pytest.mark.parametrize("kind", ["global", "patch", "global+patch"])
