@@ -184,8 +184,11 @@ def _spaces(run: Path, train_sources: list[str], cache: Path) -> tuple[object, d
     trained = TrainedClusters.load(run / "stage1")
     shipped = Typicality.load(run / "stage1" / TYPICALITY)
     emb, raw = _features(trained, train_sources, cache)
-    refit = Typicality.fit(torch.from_numpy(emb))
-    drift = float(np.abs(refit.reference - shipped.reference).max())   # the shipped file is this run's
+    if shipped.bank.shape != emb.shape:
+        raise SystemExit(f"{run}: its typicality reference holds {tuple(shipped.bank.shape)} but the training "
+                         f"films give {emb.shape}: not the films this run was trained on")
+    # the shipped file is this run's, row for row (the cluster assignments are paired by position)
+    drift = float(np.abs(emb - shipped.bank.numpy()).max())
     spaces = {"embedding": shipped, "pooled": Typicality.fit(torch.from_numpy(raw)),
               "pooled-mahalanobis": ClusterMahalanobis(raw, trained.assignments)}
     return trained, spaces, drift

@@ -4,7 +4,7 @@
 
     {"stage1": {"n_images", "accuracy_hungarian", "accuracy_majority", "accuracy_named", "nmi", "ari",
                 "per_part": {PART: {"n", "sensitivity", "specificity", "precision"}},
-                "n_names", "n_labels_read",
+                "n_names", "n_labels_read", "n_named_from_evaluation",   # the last only when not 0
                 "macro": {"sensitivity", "specificity", "precision"}},
      "stage2": {"per_part": {PART: {"n_images", "n_studies", "auroc", "sensitivity", "specificity",
                                     "precision", "kappa_study"}},
@@ -42,6 +42,7 @@ Definitions (values are fractions in [0, 1]):
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -55,12 +56,13 @@ from bonecluster.data import PreparedDataset, prepare_sources
 from bonecluster.io import atomic_write_text
 from bonecluster.metrics import (auroc, binary_scores, cluster_scores, cohen_kappa, macro,
                                  per_class_binary, study_level)
-from bonecluster.naming import load_naming_audit
+from bonecluster.naming import films_named_from, load_naming_audit
 from bonecluster.predict import ImagePrediction, Predictor
 from bonecluster.report import write_report
 from bonecluster.stage2.fewlabel import PROBE, FewLabelProbe
 
 BINARY = ("sensitivity", "specificity", "precision")
+log = logging.getLogger(__name__)
 
 
 def evaluate(run: str | Path, sources: Sequence[str | Path], json_path: str | Path | None = None,
@@ -76,7 +78,7 @@ def evaluate(run: str | Path, sources: Sequence[str | Path], json_path: str | Pa
     preds, embeddings = predictor.predict_with_embeddings(data)
     few_preds, probes = few_label_predictions(predictor, data, preds)
     metrics = score(data, preds, study_how=cfg.stage2.study_score, few_preds=few_preds, probes=probes,
-                    naming=naming_counts(run, predictor.names))
+                    naming=naming_counts(run, predictor.names, data.records))
     atomic_write_text(Path(json_path) if json_path else run / "metrics.json", json.dumps(metrics, indent=2))
     if report_dir is not None:
         write_report(run, data, preds, metrics, Path(report_dir) / "report.html", embeddings, cfg.seed,
@@ -112,12 +114,20 @@ def few_label_predictions(predictor: Predictor, data: PreparedDataset, preds: li
     return few, probes
 
 
-def naming_counts(run: str | Path, names: dict[int, str]) -> dict:
+def naming_counts(run: str | Path, names: dict[int, str], records=()) -> dict:
     """``n_names``: clusters with a name of their own (not ``cluster-N``); ``n_labels_read``: the
-    labels the names were given from, per the naming audit (None when the run has none)."""
+    labels the names were given from, per the naming audit (None when the run has none);
+    ``n_named_from_evaluation`` (only when not 0, with a warning): evaluation films that share a
+    file or a study with the films whose labels gave the names."""
     audit = load_naming_audit(Path(run) / "stage1")
-    return {"n_names": sum(1 for c, n in names.items() if n != f"cluster-{c}"),
-            "n_labels_read": None if audit is None else int(audit["n_labels_read"])}
+    out = {"n_names": sum(1 for c, n in names.items() if n != f"cluster-{c}"),
+           "n_labels_read": None if audit is None else int(audit["n_labels_read"])}
+    leaked = films_named_from(audit, records)
+    if leaked:
+        log.warning("%d evaluation film(s) share a file or a study with the films the cluster names were read "
+                    "from (RUN/stage1/naming.json): accuracy_named is not a held-out figure", leaked)
+        out["n_named_from_evaluation"] = leaked
+    return out
 
 
 def score(data: PreparedDataset, preds: list[ImagePrediction], study_how: str = "mean",

@@ -13,6 +13,7 @@ from pathlib import Path
 from bonecluster.io import atomic_write_text
 
 NAMES = "names.json"
+NAMING = "naming.json"   # the audit of how the names were given (bonecluster.naming), beside names.json
 
 
 def save_cluster_names(stage_dir: Path, names: dict[int, str]) -> None:
@@ -36,4 +37,17 @@ def name_cluster(run: str | Path, cluster: int, name: str, stage: str = "stage1"
         raise ValueError(f"cluster name {name!r} must be 1-64 characters without slashes")
     names[cluster] = name
     save_cluster_names(stage_dir, names)
+    _mark_manual(stage_dir, cluster, name)
     return names
+
+
+def _mark_manual(stage_dir: Path, cluster: int, name: str) -> None:
+    """Keep the naming audit true after a person's rename: the cluster's entry says so (no stored
+    label was read for it; the labels read for the earlier name stay counted)."""
+    path = Path(stage_dir) / NAMING
+    if not path.is_file():
+        return
+    audit = json.loads(path.read_text())
+    entry = audit.setdefault("clusters", {}).setdefault(str(cluster), {"votes": {}, "files": []})
+    entry.update(name=name, manual=True)
+    atomic_write_text(path, json.dumps(audit, indent=2) + "\n")

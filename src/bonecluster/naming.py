@@ -25,9 +25,7 @@ import numpy as np
 
 from bonecluster.data.records import Record, study_key
 from bonecluster.io import atomic_write_text
-from bonecluster.names import NAMES, save_cluster_names
-
-NAMING = "naming.json"   # the audit of how a stage's names were given, beside names.json
+from bonecluster.names import NAMES, NAMING, save_cluster_names
 
 
 @dataclass
@@ -46,6 +44,7 @@ class NamingAudit:
     per_cluster: int | None
     n_labels_read: int
     clusters: dict[int, ClusterNaming] = field(default_factory=dict)
+    studies_read: list[str] = field(default_factory=list)   # study ids of the films read (evaluate checks them)
 
     @property
     def n_names(self) -> int:
@@ -60,6 +59,16 @@ class NamingAudit:
 
     def save(self, stage_dir: Path) -> None:
         atomic_write_text(Path(stage_dir) / NAMING, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def films_named_from(audit: dict | None, records: Sequence[Record]) -> int:
+    """How many of ``records`` (evaluation films) share a file or a study with the films whose
+    labels named the clusters (0 without an audit)."""
+    if not audit:
+        return 0
+    files = {os.path.realpath(f) for c in audit.get("clusters", {}).values() for f in c.get("files", [])}
+    studies = set(audit.get("studies_read", []))
+    return sum(1 for r in records if os.path.realpath(r.path) in files or (r.study and r.study in studies))
 
 
 def load_naming_audit(stage_dir: str | Path) -> dict | None:
@@ -139,6 +148,7 @@ def name_clusters(run: str | Path, labelled: Sequence[str | Path], per_cluster: 
     for c in range(k):
         name, votes, shown = named.get(c, (f"cluster-{c}", Counter(), []))
         audit.clusters[c] = ClusterNaming(name, dict(votes), [data.records[i].path for i in shown])
+    audit.studies_read = sorted({data.records[i].study for v in named.values() for i in v[2] if data.records[i].study})
     save_cluster_names(stage1, {c: n.name for c, n in audit.clusters.items()})
     audit.save(stage1)
     return audit
@@ -155,5 +165,5 @@ def training_metadata_audit(records: Sequence[Record], assignments: np.ndarray, 
     return audit
 
 
-__all__ = ["NAMING", "ClusterNaming", "NamingAudit", "check_no_overlap", "load_naming_audit", "name_clusters",
-           "names_from_nearest", "training_metadata_audit"]
+__all__ = ["NAMING", "ClusterNaming", "NamingAudit", "check_no_overlap", "films_named_from", "load_naming_audit",
+           "name_clusters", "names_from_nearest", "training_metadata_audit"]

@@ -127,6 +127,8 @@ def train_stage1(data: PreparedDataset, run: str | Path, cfg: Config, resume: bo
                  progress: bool = True) -> StageOneResult:
     out = Path(run) / "stage1"
     engine = DeepClusterEngine(cfg, out, progress=progress)
+    if engine.dist.is_main and not resume:   # an earlier run's reference must not outlive its model
+        (out / TYPICALITY).unlink(missing_ok=True)
     fit = engine.fit(data, resume=resume)
     summary = stage1_summary(data, fit, cfg.cluster.k)
     if engine.dist.is_main:

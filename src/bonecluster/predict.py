@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,7 @@ from bonecluster.typicality import TYPICALITY, Typicality
 # L2-normalised, so squared distances lie in [0, 4]; 0.1 turns a 0.2 gap into e^-2. The result
 # ranks how clearly an image belongs to its cluster; it is not a calibrated probability.
 CONFIDENCE_TEMPERATURE = 0.1
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,10 +83,23 @@ class Predictor:
         has_stage1 = (stage1 / FINAL_MODEL).exists()
         self.stage1 = TrainedClusters.load(stage1, device) if has_stage1 else None
         self.names = load_cluster_names(stage1) if has_stage1 else {}
-        self.typicality = Typicality.load(stage1 / TYPICALITY) if (stage1 / TYPICALITY).is_file() else None
+        self.typicality = self._load_typicality(stage1) if has_stage1 else None
         self.parts = self._load_parts(device)
         if self.stage1 is None and not self.parts:
             raise FileNotFoundError(f"{self.run}: no trained model (neither stage1/ nor stage2/<PART>/)")
+
+    def _load_typicality(self, stage1: Path) -> Typicality | None:
+        """The out-of-distribution reference, when it belongs to this model (same number of
+        training films, same embedding size); otherwise a warning and no flag."""
+        if not (stage1 / TYPICALITY).is_file():
+            return None
+        kept = Typicality.load(stage1 / TYPICALITY)
+        n, d = len(self.stage1.assignments), self.stage1.centroids.shape[1]
+        if kept.bank.shape != (n, d):
+            log.warning("%s: made for %d films of %d dimensions, but the model has %d of %d; predictions carry "
+                        "no typicality", stage1 / TYPICALITY, *kept.bank.shape, n, d)
+            return None
+        return kept
 
     def _load_parts(self, device) -> dict[str, tuple[TrainedClusters, PartAnomaly]]:
         parts = {}

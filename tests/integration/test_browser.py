@@ -160,8 +160,10 @@ def test_naming_flow_by_keyboard_then_an_upload_reports_the_named_part(server, b
         sync_api.expect(cards.nth(0)).to_have_class(re.compile(r"\bcurrent\b"))
         sync_api.expect(cards.nth(0).locator("img")).to_have_count(len(by_size[0]["central"]) + len(by_size[0]["edge"]))
         given = {}
-        for i, (key, part) in enumerate((("4", "HAND"), ("7", "WRIST"), ("1", "ELBOW"))):
-            page.keyboard.press(key)   # names the current cluster, then moves to the next
+        picks = (("4", "HAND"), ("7", "WRIST"), ("1", "ELBOW"))
+        for key, _ in picks:   # back to back: each key names the current cluster and moves on at once
+            page.keyboard.press(key)
+        for i, (_, part) in enumerate(picks):
             sync_api.expect(cards.nth(i).locator(".current-name")).to_have_text(part)
             given[by_size[i]["id"]] = part
         sync_api.expect(page.locator("#naming-counter")).to_have_text(f"3 of {len(by_size)} named")

@@ -105,3 +105,40 @@ def test_naming_from_the_evaluation_data_is_refused(setup, capsys):
     assert (run / "stage1" / "names.json").read_text() == before   # nothing written
     assert main(["name", str(run), "--from", str(root / "labelled"), "--cluster", "0", "--quiet"]) == 1
     assert "not both" in capsys.readouterr().err
+
+
+def test_evaluating_on_the_films_that_gave_the_names_is_flagged(setup, tmp_path):
+    root, run = setup
+    assert main(["name", str(run), "--from", str(root / "labelled"), "--per-cluster", "2", "--quiet"]) == 0
+    held_out, leaked = tmp_path / "held.json", tmp_path / "leaked.json"
+    assert main(["evaluate", str(run), str(root / "eval"), "--json", str(held_out), "--quiet"]) == 0
+    assert main(["evaluate", str(run), str(root / "labelled"), "--json", str(leaked), "--quiet"]) == 0
+    assert "n_named_from_evaluation" not in json.loads(held_out.read_text())["stage1"]
+    audit = json.loads((run / "stage1" / "naming.json").read_text())
+    read = {f for c in audit["clusters"].values() for f in c["files"]}
+    studies = set(audit["studies_read"])
+    assert read and studies
+    # every film of a study one of the read films belongs to
+    n = json.loads(leaked.read_text())["stage1"]["n_named_from_evaluation"]
+    assert n >= len(read)
+
+
+def test_a_persons_rename_is_marked_in_the_audit(setup):
+    root, run = setup
+    assert main(["name", str(run), "--cluster", "0", "--as", "WRIST"]) == 0
+    entry = json.loads((run / "stage1" / "naming.json").read_text())["clusters"]["0"]
+    assert entry["name"] == "WRIST" and entry["manual"] is True
+
+
+def test_a_reference_from_another_model_is_ignored(setup, tmp_path, caplog):
+    import shutil
+
+    from bonecluster.typicality import Typicality
+
+    root, run = setup
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    Typicality.fit(torch.randn(9, 5)).save(copy / "stage1" / "typicality.npz")   # not this model's films
+    predictor = Predictor(copy)
+    assert predictor.typicality is None and "predictions carry no typicality" in caplog.text
+    assert Predictor(run).typicality is not None

@@ -86,7 +86,7 @@ function render(r) {
   $("part").className = unusual ? "value doubtful" : "value";
   if (r.cluster_name !== null) {
     $("part").textContent = unusual ? `${r.cluster_name}?` : r.cluster_name;
-    const typical = r.typicality === null ? "" : `, typicality ${r.typicality.toFixed(0)}%`;
+    const typical = r.typicality == null ? "" : `, typicality ${r.typicality.toFixed(0)}%`;
     $("confidence").textContent = unusual ? `nearest cluster ${r.cluster} (out of distribution${typical})` :
       `cluster ${r.cluster}, confidence ${pct(r.confidence)}${typical}`;
   } else {
@@ -277,22 +277,30 @@ function selectCluster(i, scroll = true) {
   if (scroll) $(`naming-${naming.clusters[naming.current].id}`).scrollIntoView({ block: "nearest" });
 }
 
-async function nameCurrent(name) {
-  const c = naming.clusters[naming.current];
-  const card = $(`naming-${c.id}`);
-  const note = card.querySelector(".note");
-  note.textContent = "saving ...";
+function nameCurrent(name) {
+  // Move on at once, so that keys pressed in a row name clusters in a row; a cluster's saves go
+  // one at a time, in order, and only the last choice made for it is shown.
+  const i = naming.current, c = naming.clusters[i];
+  selectCluster(i + 1);
+  const card = $(`naming-${c.id}`), note = card.querySelector(".note");
+  c.pending = name;
+  note.textContent = `saving ${name} ...`;
+  c.saving = (c.saving || Promise.resolve()).then(() => saveName(c, name, card, note));
+}
+
+async function saveName(c, name, card, note) {
+  if (c.pending !== name) return;   // replaced by a later choice before it was sent
   try {
     const r = await api(c.rename_url, { method: "POST", headers: { "Content-Type": "application/json" },
                                         body: JSON.stringify({ name }) });
+    if (c.pending !== name) return;
     c.name = r.name;
     note.textContent = "saved";
     markCard(card, c);
     updateCounter();
     clustersLoaded = false;   // the Clusters tab reloads with the new names
-    if (naming.clusters[naming.current] === c) selectCluster(naming.current + 1);
   } catch (err) {
-    note.textContent = err.message;
+    if (c.pending === name) note.textContent = err.message;
   }
 }
 
@@ -300,7 +308,9 @@ function namingKeys(event) {
   if ($("panel-naming").hidden || !naming || event.ctrlKey || event.metaKey || event.altKey) return;
   if (event.target && ["INPUT", "SELECT", "TEXTAREA"].includes(event.target.tagName)) return;
   const digit = Number(event.key);
-  if (Number.isInteger(digit) && digit >= 1 && digit <= PICKS.length) nameCurrent(PICKS[digit - 1]);
+  if (Number.isInteger(digit) && digit >= 1 && digit <= PICKS.length) {
+    if (!event.repeat) nameCurrent(PICKS[digit - 1]);   // a held key names one cluster, not many
+  }
   else if (event.key === "ArrowDown" || event.key === "j") selectCluster(naming.current + 1);
   else if (event.key === "ArrowUp" || event.key === "k") selectCluster(naming.current - 1);
   else return;
