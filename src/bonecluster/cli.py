@@ -404,8 +404,8 @@ def _add_name(sub) -> None:
     p.add_argument("--as", dest="name", help="the new name, e.g. WRIST")
     p.add_argument("--from", dest="labelled", nargs="+", metavar="DATA",
                    help="labelled films (folders, MURA trees, manifests) to name every cluster from")
-    p.add_argument("--per-cluster", type=int, default=5, metavar="M",
-                   help="labelled films looked at per cluster (default 5)")
+    p.add_argument("--per-cluster", type=int, metavar="M",
+                   help="with --from: labelled films looked at per cluster (default 5)")
     p.add_argument("--eval", dest="evaluation", nargs="+", metavar="DATA", default=[],
                    help="the data the names will be scored on: --from sharing a film or study with it is refused")
     p.add_argument("--cache", help="keep the decoded --from films here (default: a temporary folder)")
@@ -420,7 +420,8 @@ def cmd_name(args) -> int:
     if args.labelled:
         if args.cluster is not None or args.name is not None:
             raise ValueError("give either --from DATA (name every cluster) or --cluster N --as NAME, not both")
-        audit = name_clusters(args.run, args.labelled, args.per_cluster, args.evaluation, cache=args.cache,
+        per_cluster = 5 if args.per_cluster is None else args.per_cluster
+        audit = name_clusters(args.run, args.labelled, per_cluster, args.evaluation, cache=args.cache,
                               progress=not args.quiet)
         for c, n in sorted(audit.clusters.items()):
             votes = ", ".join(f"{p} {v}" for p, v in sorted(n.votes.items(), key=lambda kv: -kv[1])) or "no labelled film"
@@ -430,6 +431,8 @@ def cmd_name(args) -> int:
         return 0
     if args.cluster is None or args.name is None:
         raise ValueError("give --cluster N --as NAME, or --from DATA to name every cluster")
+    if args.per_cluster is not None or args.evaluation or args.cache:
+        raise ValueError("--per-cluster, --eval and --cache go with --from, not with --cluster N --as NAME")
     names = name_cluster(args.run, args.cluster, args.name)
     print("stage-1 clusters: " + ", ".join(f"{k}={v}" for k, v in sorted(names.items())))
     return 0

@@ -105,6 +105,8 @@ def test_naming_from_the_evaluation_data_is_refused(setup, capsys):
     assert (run / "stage1" / "names.json").read_text() == before   # nothing written
     assert main(["name", str(run), "--from", str(root / "labelled"), "--cluster", "0", "--quiet"]) == 1
     assert "not both" in capsys.readouterr().err
+    assert main(["name", str(run), "--cluster", "0", "--as", "HAND", "--per-cluster", "3"]) == 1
+    assert "go with --from" in capsys.readouterr().err
 
 
 def test_evaluating_on_the_films_that_gave_the_names_is_flagged(setup, tmp_path):
@@ -142,3 +144,25 @@ def test_a_reference_from_another_model_is_ignored(setup, tmp_path, caplog):
     predictor = Predictor(copy)
     assert predictor.typicality is None and "predictions carry no typicality" in caplog.text
     assert Predictor(run).typicality is not None
+
+
+def test_name_from_on_a_study_level_run(setup, tmp_path):
+    """cluster.by_study (the cpu preset's): films go to their study's cluster, and the films shown
+    are still the labelled ones in that cluster nearest its centroid."""
+    root, _ = setup
+    sets = [a for s in TINY + ["train.epochs=1", "cluster.k=7", "cluster.by_study=true", "cluster.n_init=1"]
+            for a in ("--set", s)]
+    run = tmp_path / "run"
+    assert main(["train", str(root / "train"), "--out", str(run), "--stages", "1", "--quiet", *sets]) == 0
+    assert main(["name", str(run), "--from", str(root / "labelled"), "--per-cluster", "2", "--quiet"]) == 0
+    audit = json.loads((run / "stage1" / "naming.json").read_text())
+    predictor = Predictor(run)
+    data = prepare_sources([str(root / "labelled")], load_run_config(run).data, cache=tmp_path / "cache",
+                           progress=False)
+    clusters, _, _ = predictor.stage1_assignments(data)
+    cluster_of = {r.path: int(c) for r, c in zip(data.records, clusters)}
+    study_of = {r.path: r.study for r in data.records}
+    for c, entry in audit["clusters"].items():
+        assert len(entry["files"]) <= 2 and all(cluster_of[f] == int(c) for f in entry["files"])
+    assert set(audit["studies_read"]) == {study_of[f] for e in audit["clusters"].values() for f in e["files"]}
+    assert audit["n_labels_read"] == sum(len(e["files"]) for e in audit["clusters"].values())
