@@ -26,7 +26,6 @@ and on the pooled features), from ``bench_real_suite.score_evaluation`` on the s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -37,7 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_real import restart_seeds  # noqa: E402
-from bench_real_suite import EVALUATIONS, _embed, pool_sources, region_labels, score_evaluation, split_all  # noqa: E402
+from bench_real_suite import (EVALUATIONS, _embed, emit, pool_sources, region_labels, require_data,  # noqa: E402
+                              score_evaluation, split_all)
 
 NAMING_EVALUATIONS = ("a", "b")
 
@@ -121,9 +121,7 @@ def main(argv=None) -> dict:
     from bonecluster.config import load_config
     from bonecluster.pipeline import train
 
-    data, work = Path(args.data), Path(args.work)
-    if not data.is_dir():
-        raise SystemExit(f"{data}: no such folder (give --data, the folder with the real-film sources)")
+    data, work = require_data(args.data), Path(args.work)
     splits = split_all(data, work)
     t0 = time.perf_counter()
     if args.run:
@@ -142,11 +140,7 @@ def main(argv=None) -> dict:
         evaluations[ev.key]["reference"] = score_evaluation(ev, run, trained, splits, regions, args.restarts)
     result = {"run": str(run), "seconds": round(time.perf_counter() - t0, 1), "k": args.k, "m": args.m,
               "restarts": args.restarts, "evaluations": evaluations}
-    print(json.dumps(result, indent=2))
-    print_table(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return result
+    return emit(result, print_table, args.json)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_real import split_source  # noqa: E402  (one split rule)
-from bench_real_suite import SOURCES, _embed  # noqa: E402
+from bench_real_suite import SOURCES, _embed, emit, require_data  # noqa: E402
 
 REAL = ("mura-humerus", "mura-elbow", "fracatlas", "fracture-parts", "mura-unlabelled")
 UPPER_REGION = "hand"          # FracAtlas: any upper-limb film
@@ -167,8 +166,9 @@ class ClusterMahalanobis:
         return np.sqrt(np.maximum(best, 0.0))
 
     def typicality(self, x) -> np.ndarray:
-        d = self.distance(x)
-        return 100.0 * (len(self.reference) - np.searchsorted(self.reference, d, side="left")) / len(self.reference)
+        from bonecluster.typicality import percentile_rank
+
+        return percentile_rank(self.reference, self.distance(x))
 
     def in_distribution(self, typicality: np.ndarray) -> np.ndarray:
         return np.asarray(typicality) >= 100.0 - self.percentile
@@ -304,19 +304,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
-    data, work = Path(args.data), Path(args.work)
-    if not data.is_dir():
-        raise SystemExit(f"{data}: no such folder (give --data, the folder with the real-film sources)")
+    data, work = require_data(args.data), Path(args.work)
     result: dict = {}
     if args.only in (None, "phantom"):
         result["phantom"] = phantom_setting(args, work, data)
     if args.only in (None, "upper-limb"):
         result["upper_limb"] = upper_limb_setting(args, work, data)
-    print(json.dumps(result, indent=2))
-    print_tables(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return result
+    return emit(result, print_tables, args.json)
 
 
 if __name__ == "__main__":

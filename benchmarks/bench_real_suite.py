@@ -88,6 +88,23 @@ EVALUATIONS = (
 )
 
 
+def require_data(data: str | Path) -> Path:
+    """``--data`` as a Path; exits with a message when it is not a folder."""
+    data = Path(data)
+    if not data.is_dir():
+        raise SystemExit(f"{data}: no such folder (give --data, the folder with the real-film sources)")
+    return data
+
+
+def emit(result: dict, print_table, json_path: str | None) -> dict:
+    """Print the result as JSON and as a table, and write the JSON to ``json_path`` too."""
+    print(json.dumps(result, indent=2))
+    print_table(result)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return result
+
+
 def split_all(data: Path, work: Path, holdout: float = 0.3) -> dict[str, tuple[Path, Path]]:
     """(train.csv, eval.csv) per labelled source present under ``data``, written under ``work/splits``."""
     splits = {}
@@ -256,9 +273,7 @@ def main(argv=None) -> dict:
     from bonecluster.config import apply_override, load_config
     from bonecluster.pipeline import train
 
-    data, work = Path(args.data), Path(args.work)
-    if not data.is_dir():
-        raise SystemExit(f"{data}: no such folder (give --data, the folder with the real-film sources)")
+    data, work = require_data(args.data), Path(args.work)
     splits = split_all(data, work)
     t0 = time.perf_counter()
     if args.run:
@@ -290,11 +305,7 @@ def main(argv=None) -> dict:
               "train_films": n_train if n_train is not None else len(trained.assignments),
               "train_seconds": round(t1 - t0, 1), "score_seconds": round(time.perf_counter() - t1, 1),
               "k": trained.cfg.cluster.k, "evaluations": evaluations}
-    print(json.dumps(result, indent=2))
-    print_table(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return result
+    return emit(result, print_table, args.json)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bonecluster.data.records import Record, study_key
+from bonecluster.data.records import Record
 from bonecluster.io import atomic_write_text
 from bonecluster.names import NAMES, NAMING, save_cluster_names
 
@@ -61,14 +61,20 @@ class NamingAudit:
         atomic_write_text(Path(stage_dir) / NAMING, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+def _sharing(records: Sequence[Record], paths: Sequence[str], studies: Sequence[str]) -> list[Record]:
+    """The ``records`` that are one of ``paths`` (resolved) or belong to one of ``studies``."""
+    paths = {os.path.realpath(p) for p in paths}
+    studies = set(studies)
+    return [r for r in records if os.path.realpath(r.path) in paths or (r.study and r.study in studies)]
+
+
 def films_named_from(audit: dict | None, records: Sequence[Record]) -> int:
     """How many of ``records`` (evaluation films) share a file or a study with the films whose
     labels named the clusters (0 without an audit)."""
     if not audit:
         return 0
-    files = {os.path.realpath(f) for c in audit.get("clusters", {}).values() for f in c.get("files", [])}
-    studies = set(audit.get("studies_read", []))
-    return sum(1 for r in records if os.path.realpath(r.path) in files or (r.study and r.study in studies))
+    files = [f for c in audit.get("clusters", {}).values() for f in c.get("files", [])]
+    return len(_sharing(records, files, audit.get("studies_read", [])))
 
 
 def load_naming_audit(stage_dir: str | Path) -> dict | None:
@@ -106,12 +112,10 @@ def names_from_nearest(clusters: np.ndarray, sq_distances: np.ndarray, parts: Se
 def check_no_overlap(labelled: Sequence[Record], evaluation: Sequence[Record], labelled_name: str,
                      evaluation_name: str) -> None:
     """ValueError when a film or a study is on both sides (names must not read evaluation labels)."""
-    paths = {os.path.realpath(r.path) for r in evaluation}
-    studies = {study_key(r) for r in evaluation if r.study}
-    same = [r.path for r in labelled if os.path.realpath(r.path) in paths or (r.study and study_key(r) in studies)]
+    same = _sharing(labelled, [r.path for r in evaluation], [r.study for r in evaluation if r.study])
     if same:
         raise ValueError(f"{labelled_name} overlaps the evaluation data {evaluation_name}: {len(same)} film(s) "
-                         f"share a file or a study with it, e.g. {same[0]}; name clusters from films kept apart")
+                         f"share a file or a study with it, e.g. {same[0].path}; name clusters from films kept apart")
 
 
 def name_clusters(run: str | Path, labelled: Sequence[str | Path], per_cluster: int,

@@ -61,6 +61,13 @@ def knn_distances(queries: Tensor, bank: Tensor, k: int, leave_one_out: bool = F
     return torch.cat(out)
 
 
+def percentile_rank(reference: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """% of ``reference`` (sorted ascending) at least as large as each of ``distances``: 100 for
+    a film as close as the closest training film, 0 beyond the farthest."""
+    farther = len(reference) - np.searchsorted(reference, distances, side="left")
+    return 100.0 * farther / len(reference)
+
+
 @dataclass
 class Typicality:
     """The training films' embeddings and their own leave-one-out distances.
@@ -91,9 +98,7 @@ class Typicality:
 
     def typicality(self, embeddings: Tensor) -> np.ndarray:
         """% of training films (N,) at least as far from their own neighbours as each new film."""
-        d = self.distance(embeddings)
-        farther = len(self.reference) - np.searchsorted(self.reference, d, side="left")
-        return 100.0 * farther / len(self.reference)
+        return percentile_rank(self.reference, self.distance(embeddings))
 
     def in_distribution(self, typicality: np.ndarray) -> np.ndarray:
         """Boolean (N,): no farther out than ``percentile`` % of the training films."""
