@@ -41,6 +41,7 @@ from bonecluster.checkpoint import TrainedClusters
 from bonecluster.metrics import auroc
 from bonecluster.stage2.parts import group_by_part
 from bonecluster.stage2.train import fit_part_anomaly, saved_extra_seeds
+from bonecluster.yardstick import hog_reference
 
 
 def main() -> None:
@@ -135,23 +136,6 @@ def hog_reference_at_size(work: Path, cfg, size: int) -> dict[str, float]:
             out[part] = hog_reference(train.images()[pos], train.abnormal(pos),
                                       valid.images()[vpos], valid.abnormal(vpos))
     return out
-
-
-def hog_reference(train_images: np.ndarray, train_truth: np.ndarray, valid_images: np.ndarray,
-                  valid_truth: np.ndarray) -> float:
-    """Held-out AUROC of an L2 logistic regression on HOG of each image and its mirror, every label."""
-    from sklearn.linear_model import LogisticRegression
-
-    from bonecluster.descriptors import hog_features, mirror
-    from bonecluster.selftrain import standardisation
-
-    feats = [hog_features(a).double() for a in (train_images, mirror(train_images), valid_images,
-                                                 mirror(valid_images))]
-    mean, scale = standardisation(feats[0])
-    z = [((f - mean) / scale).numpy() for f in feats]
-    model = LogisticRegression(C=0.01, class_weight="balanced", max_iter=5000).fit(
-        np.concatenate(z[:2]), np.concatenate([train_truth, train_truth]))
-    return auroc(valid_truth, (model.predict_proba(z[2])[:, 1] + model.predict_proba(z[3])[:, 1]) / 2)
 
 
 def supervised_ceiling(folder: Path, train_images: np.ndarray, train_truth: np.ndarray, valid_images: np.ndarray,

@@ -451,8 +451,7 @@ def _add_demo(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from bonecluster.demo import DEMO_OVERRIDES, run_demo
-    from bonecluster.report import comparison_table
+    from bonecluster.demo import DEMO_OVERRIDES, run_demo, summary_screen
 
     args.overrides[:0] = DEMO_OVERRIDES
     print(f"demo settings (before --set): {' '.join(DEMO_OVERRIDES)}")
@@ -461,9 +460,7 @@ def cmd_demo(args) -> int:
     _print_stage2(summary["stage2"])
     print("\nevaluation on held-out phantoms (labels used only to score):")
     _print_metrics(summary["metrics"])
-    print(comparison_table(summary["metrics"]))
-    print(f"total {summary['seconds']:.0f} s; run folder: {args.out}")
-    print(f"report: {Path(args.out) / 'report.html'}")
+    print(summary_screen(summary))
     return 0
 
 

@@ -2,7 +2,9 @@
 
 It generates phantom radiographs, trains both stages with the given config (the ``cpu`` preset by
 default), and evaluates the run on held-out phantoms (other patients; labels used only to score)
-into ``OUT/metrics.json`` and ``OUT/report.html``.
+into ``OUT/metrics.json`` and ``OUT/report.html``. Beside the label-free figures it fits the
+supervised yardstick (:mod:`bonecluster.yardstick`: every training label, per part) so that a
+reader sees what the images allow at all, and it times each phase (``OUT/demo.json``).
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import time
 from pathlib import Path
 
 from bonecluster.config import Config
+from bonecluster.data import prepare_sources
 from bonecluster.evaluate import evaluate
 from bonecluster.io import atomic_write_text
 from bonecluster.pipeline import train
+from bonecluster.report import comparison_table
+from bonecluster.timing import PhaseTimer, format_phase_table, phase_rows
+from bonecluster.yardstick import hog_reference_by_part
 
 PHANTOM_SIZE = 128
 
@@ -29,15 +35,73 @@ DEMO_OVERRIDES = ["stage2.networks=1", "train.epochs=12"]
 
 
 def run_demo(out: str | Path, cfg: Config, n: int = 1400, seed: int = 0, progress: bool = True) -> dict:
-    t0 = time.perf_counter()
+    """Phantoms -> both stages -> evaluation, report and yardstick; the summary is also
+    ``OUT/demo.json`` (``phases``: :func:`bonecluster.timing.phase_rows`)."""
+    t0, timer = time.perf_counter(), PhaseTimer()
     out = Path(out)
-    phantoms = make_demo_phantoms(out / "phantoms", n, seed, "train", progress)
-    held_out = make_demo_phantoms(out / "phantoms-valid", max(n // 4, 7), seed, "valid", progress)
-    summary = train([phantoms], out, cfg, stages=[1, 2], progress=progress)
-    summary["metrics"] = evaluate(out, [held_out], out / "metrics.json", report_dir=out, progress=progress)
+    with timer.phase("phantoms"):
+        phantoms = make_demo_phantoms(out / "phantoms", n, seed, "train", progress)
+        held_out = make_demo_phantoms(out / "phantoms-valid", max(n // 4, 7), seed, "valid", progress)
+    summary = train([phantoms], out, cfg, stages=[1, 2], progress=progress, timer=timer)
+    summary["metrics"] = evaluate(out, [held_out], out / "metrics.json", report_dir=out, progress=progress,
+                                  timer=timer)
+    with timer.phase("supervised yardstick"):
+        summary["yardstick"] = supervised_yardstick(phantoms, held_out, out, cfg)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["phases"] = phase_rows(timer.laps)
+    summary["out"] = str(out)
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=2))
     return summary
+
+
+def supervised_yardstick(phantoms: Path, held_out: Path, out: Path, cfg: Config) -> dict:
+    """The HOG reference fitted on every training label of each part, scored on the held-out
+    phantoms (:func:`bonecluster.yardstick.hog_reference_by_part`): not part of the run."""
+    cache = cfg.data.cache or out / "cache"
+    train_set = prepare_sources([phantoms], cfg.data, cache=cache, progress=False)
+    valid_set = prepare_sources([held_out], cfg.data, cache=cache, progress=False)
+    per_part = hog_reference_by_part(train_set, valid_set)
+    macro = sum(per_part.values()) / len(per_part) if per_part else None
+    return {"hog_auroc_by_part": per_part, "hog_auroc_macro": macro}
+
+
+def summary_screen(summary: dict) -> str:
+    """The demo's last screen: what was trained, the held-out figures beside the supervised
+    yardstick and the preprint's, the time of each phase, where the report is, what to try next."""
+    out, s1, metrics = summary["out"], summary["stage1"], summary["metrics"]
+    per_part = metrics.get("stage2", {}).get("per_part", {})
+    hog = summary.get("yardstick", {}).get("hog_auroc_by_part", {})
+    lines = ["", "=" * 72,
+             f"bonecluster demo: done in {_minutes(summary['seconds'])}",
+             f"trained: stage 1 on {s1['n_images']} phantoms ({s1['epochs_run']} epoch(s), k = {s1['k']}), "
+             f"stage 2: {len(summary['stage2'])} part models",
+             f"held out: {metrics.get('stage1', {}).get('n_images', '?')} phantoms of other patients "
+             "(labels only score)", ""]
+    m1 = metrics.get("stage1")
+    if m1:
+        lines.append(f"stage 1 body parts: Hungarian accuracy {m1['accuracy_hungarian']:.3f}")
+    lines.append(f"stage 2 abnormality, AUROC per part: {'label-free':>11}{'supervised HOG':>16}")
+    for part, m in per_part.items():
+        ours = f"{m['auroc']:.3f}" if "auroc" in m else "-"
+        ref = f"{hog[part]:.3f}" if part in hog else "-"
+        lines.append(f"  {part:<35}{ours:>11}{ref:>16}")
+    ours_macro = [m["auroc"] for m in per_part.values() if "auroc" in m]
+    if ours_macro:
+        ref_macro = summary.get("yardstick", {}).get("hog_auroc_macro")
+        lines.append(f"  {'macro':<35}{sum(ours_macro) / len(ours_macro):>11.3f}"
+                     f"{(f'{ref_macro:.3f}' if ref_macro is not None else '-'):>16}")
+    lines += ["  (supervised HOG: a logistic regression on every training label of the part, the yardstick;",
+              "   the label-free stage never reads a label)", "",
+              comparison_table(metrics), "",
+              format_phase_table(summary["phases"], summary["seconds"]), "",
+              f"report:  {Path(out) / 'report.html'}",
+              f"next:    bonecluster serve {out}      (upload a film, browse and name the clusters)",
+              "=" * 72]
+    return "\n".join(lines)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(round(seconds % 60)):02d} s" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def make_demo_phantoms(folder: Path, n: int, seed: int, split: str, progress: bool) -> Path:

@@ -60,29 +60,34 @@ from bonecluster.naming import films_named_from, load_naming_audit
 from bonecluster.predict import ImagePrediction, Predictor
 from bonecluster.report import write_report
 from bonecluster.stage2.fewlabel import PROBE, FewLabelProbe
+from bonecluster.timing import NO_TIMER, NoTimer
 
 BINARY = ("sensitivity", "specificity", "precision")
 log = logging.getLogger(__name__)
 
 
 def evaluate(run: str | Path, sources: Sequence[str | Path], json_path: str | Path | None = None,
-             report_dir: str | Path | None = None, progress: bool = True, limits: dict | None = None) -> dict:
+             report_dir: str | Path | None = None, progress: bool = True, limits: dict | None = None,
+             timer: NoTimer = NO_TIMER) -> dict:
     """Predict with the run on ``sources``, score against their labels, and write
     ``metrics.json`` (default RUN/metrics.json) and, with ``report_dir``, ``report.html``.
-    ``limits``: input-limit overrides of the run's config, e.g. ``{"pixel_cap": 4_000_000}``."""
+    ``limits``: input-limit overrides of the run's config, e.g. ``{"pixel_cap": 4_000_000}``.
+    ``timer`` records the phases "evaluation" and "report" (:mod:`bonecluster.timing`)."""
     run = Path(run)
     cfg = config_from_dict(read_yaml(run / "config.yaml"))
     cfg.data = cfg.data.with_limits(**(limits or {}))
-    data = prepare_sources(sources, cfg.data, cache=cfg.data.cache or run / "cache", progress=progress)
-    predictor = Predictor(run)
-    preds, embeddings = predictor.predict_with_embeddings(data)
-    few_preds, probes = few_label_predictions(predictor, data, preds)
-    metrics = score(data, preds, study_how=cfg.stage2.study_score, few_preds=few_preds, probes=probes,
-                    naming=naming_counts(run, predictor.names, data.records))
-    atomic_write_text(Path(json_path) if json_path else run / "metrics.json", json.dumps(metrics, indent=2))
+    with timer.phase("evaluation"):
+        data = prepare_sources(sources, cfg.data, cache=cfg.data.cache or run / "cache", progress=progress)
+        predictor = Predictor(run)
+        preds, embeddings = predictor.predict_with_embeddings(data)
+        few_preds, probes = few_label_predictions(predictor, data, preds)
+        metrics = score(data, preds, study_how=cfg.stage2.study_score, few_preds=few_preds, probes=probes,
+                        naming=naming_counts(run, predictor.names, data.records))
+        atomic_write_text(Path(json_path) if json_path else run / "metrics.json", json.dumps(metrics, indent=2))
     if report_dir is not None:
-        write_report(run, data, preds, metrics, Path(report_dir) / "report.html", embeddings, cfg.seed,
-                     few_preds=few_preds)
+        with timer.phase("report"):
+            write_report(run, data, preds, metrics, Path(report_dir) / "report.html", embeddings, cfg.seed,
+                         few_preds=few_preds)
     return metrics
 
 

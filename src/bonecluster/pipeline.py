@@ -42,6 +42,7 @@ from bonecluster.naming import training_metadata_audit
 from bonecluster.phantom_pretrain import PHANTOMS, cached_phantom_weights, cached_weights_path
 from bonecluster.stage2.scoring import embed_images
 from bonecluster.stage2.train import train_stage2
+from bonecluster.timing import NO_TIMER, NoTimer
 from bonecluster.typicality import TYPICALITY, Typicality
 
 STAGES = (1, 2)
@@ -70,8 +71,12 @@ def prepare_run_data(sources: Sequence[str | Path], run: str | Path, cfg: Config
 
 
 def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: Sequence[int] = STAGES,
-          resume: bool = False, progress: bool = True) -> dict:
-    """Train the requested stages into ``run``; returns a summary per stage."""
+          resume: bool = False, progress: bool = True, timer: NoTimer = NO_TIMER) -> dict:
+    """Train the requested stages into ``run``; returns a summary per stage.
+
+    ``timer`` (a :class:`bonecluster.timing.PhaseTimer`) records the phases "decoding", "stage 1"
+    and "stage 2 <PART>", each with the engine's phases inside (``bonecluster demo`` prints them).
+    """
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are 1 and 2")
@@ -82,13 +87,15 @@ def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: S
         cfg = resolve_phantom_weights(cfg, run, progress, info)
         if info.is_main:
             atomic_write_text(run / "config.yaml", to_yaml(cfg))
-        data = prepare_run_data(sources, run, cfg, progress, info)
+        with timer.phase("decoding"):
+            data = prepare_run_data(sources, run, cfg, progress, info)
         summary = {"skipped_files": len(data.skipped), "is_main": info.is_main}
         if 1 in stages:
-            summary["stage1"] = train_stage1(data, run, cfg, resume=resume, progress=progress).summary
+            with timer.phase("stage 1"):
+                summary["stage1"] = train_stage1(data, run, cfg, resume=resume, progress=progress, timer=timer).summary
         if 2 in stages:
             names = stage1_image_names(run, len(data)) if any(r.body_part is None for r in data.records) else None
-            summary["stage2"] = train_stage2(data, run, cfg, names, resume=resume, progress=progress)
+            summary["stage2"] = train_stage2(data, run, cfg, names, resume=resume, progress=progress, timer=timer)
             if info.is_main:
                 atomic_write_text(run / "stage2" / "summary.json", json.dumps(summary["stage2"], indent=2))
     finally:
@@ -124,9 +131,10 @@ def resolve_phantom_weights(cfg: Config, run: Path, progress: bool = True,
 
 
 def train_stage1(data: PreparedDataset, run: str | Path, cfg: Config, resume: bool = False,
-                 progress: bool = True) -> StageOneResult:
+                 progress: bool = True, timer: NoTimer = NO_TIMER) -> StageOneResult:
     out = Path(run) / "stage1"
     engine = DeepClusterEngine(cfg, out, progress=progress)
+    engine.timer = timer
     if engine.dist.is_main and not resume:   # an earlier run's reference must not outlive its model
         (out / TYPICALITY).unlink(missing_ok=True)
     fit = engine.fit(data, resume=resume)
@@ -138,7 +146,8 @@ def train_stage1(data: PreparedDataset, run: str | Path, cfg: Config, resume: bo
             save_cluster_names(out, names)
             training_metadata_audit(data.records, fit.assignments, names).save(out)
         if not fit.interrupted:
-            write_typicality(out, data, engine.device)
+            with timer.phase("typicality reference"):
+                write_typicality(out, data, engine.device)
     return StageOneResult(fit, summary)
 
 

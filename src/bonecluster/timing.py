@@ -90,3 +90,43 @@ class PhaseTimer(NoTimer):
     def _sync(self) -> None:
         if self._cuda:
             torch.cuda.synchronize(self._device)
+
+
+# How the engine's phases fold into the rows of a phase table (``bonecluster demo``); the rest,
+# including the time a phase spends outside every nested one, count as "other".
+_PHASE_GROUPS = {"features": "feature pass", "bn stats": "BN pass", "pca": "k-means",
+                 "training step": "training", "augmentation": "training", "cache reads": "cache reads",
+                 "checkpoint write": "checkpoints"}
+
+
+def phase_group(name: str) -> str:
+    """The table row an engine phase counts towards: "k-means restart 2" -> "k-means"."""
+    return "k-means" if name.startswith("k-means restart") else _PHASE_GROUPS.get(name, "other")
+
+
+def phase_rows(laps: Iterable[Lap]) -> list[dict]:
+    """One row per top-level phase, in order: ``{"phase", "seconds", "inside"}`` where ``inside``
+    maps :func:`phase_group` names to seconds (empty when nothing was timed inside the phase)."""
+    rows = []
+    for lap in laps:
+        inside: dict[str, float] = {}
+        for name, seconds in lap.phases.items():
+            group = "other" if name == lap.name else phase_group(name)
+            inside[group] = inside.get(group, 0.0) + seconds
+        rows.append({"phase": lap.name, "seconds": round(lap.seconds, 2),
+                     "inside": {g: round(s, 2) for g, s in inside.items()} if set(inside) != {"other"} else {}})
+    return rows
+
+
+def format_phase_table(rows: list[dict], total: float | None = None, detail: tuple[str, ...] = ("stage 1",)) -> str:
+    """The rows of :func:`phase_rows` as text: seconds and share of ``total`` (default: their sum);
+    the inside rows of the phases named in ``detail`` indented under them, largest first."""
+    total = total if total else sum(r["seconds"] for r in rows) or 1.0
+    lines = [f"{'phase':<24}{'seconds':>9}{'share':>8}"]
+    for r in rows:
+        lines.append(f"{r['phase']:<24}{r['seconds']:>9.1f}{r['seconds'] / total:>8.0%}")
+        inside = r["inside"] if r["phase"] in detail else {}
+        for group, seconds in sorted(inside.items(), key=lambda gs: -gs[1]):
+            lines.append(f"{'  ' + group:<24}{seconds:>9.1f}{seconds / total:>8.0%}")
+    lines.append(f"{'total':<24}{total:>9.1f}")
+    return "\n".join(lines)

@@ -88,6 +88,19 @@ def test_demo_runs_end_to_end_small(tmp_path, capsys):
     assert (tmp_path / "demo" / "demo.json").is_file()
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["stage1"]["n_images"] == 7  # the held-out set: n // 4, at least 7
+    # the summary screen: figures beside the yardstick, the phase table, the report, the next command
+    assert "supervised HOG" in out and f"report:  {tmp_path / 'demo' / 'report.html'}" in out
+    assert f"next:    bonecluster serve {tmp_path / 'demo'}" in out
+    demo = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    phases = [r["phase"] for r in demo["phases"]]
+    assert phases[:3] == ["phantoms", "decoding", "stage 1"] and phases[-3:] == ["evaluation", "report",
+                                                                                   "supervised yardstick"]
+    assert [p for p in phases if p.startswith("stage 2 ")] == [f"stage 2 {p}" for p in sorted(demo["stage2"])]
+    stage1 = demo["phases"][2]
+    assert {"feature pass", "BN pass", "k-means", "training"} <= set(stage1["inside"])
+    assert sum(r["seconds"] for r in demo["phases"]) <= demo["seconds"] + 0.1
+    for line in ("stage 1", "  training", "stage 2 HAND", "evaluation", "total"):
+        assert any(row.startswith(line) for row in out.splitlines()), line
 
 
 def test_evaluate_writes_the_documented_metrics_schema(phantoms, tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bonecluster.cluster import kmeans, kmeans_best_of
-from bonecluster.timing import Lap, NoTimer, PhaseTimer
+from bonecluster.timing import Lap, NoTimer, PhaseTimer, format_phase_table, phase_group, phase_rows
 
 
 class Clock:
@@ -85,3 +85,42 @@ def test_kmeans_best_of_times_each_restart_and_keeps_its_result():
     assert torch.equal(timed.assignments, plain.assignments) and timed.inertia == plain.inertia
     assert timed.inertia == min(kmeans(x, 5, niter=3, seed=s, backend="torch").inertia for s in (1, 2, 3))
     assert set(timer.laps[0].phases) == {"round", "k-means restart 1", "k-means restart 2", "k-means restart 3"}
+
+
+def test_phase_rows_fold_engine_phases_into_the_table_groups():
+    clock = Clock()
+    timer = PhaseTimer(clock=clock)
+    with timer.phase("phantoms"):
+        clock.now += 3
+    with timer.phase("stage 1"):
+        clock.now += 1                      # the stage's own time, outside every nested phase
+        with timer.phase("epoch"):
+            with timer.phase("features"):
+                clock.now += 2
+            with timer.phase("k-means restart 1"):
+                clock.now += 4
+            with timer.phase("k-means restart 2"):
+                clock.now += 4
+            with timer.phase("pca"):
+                clock.now += 1
+            with timer.phase("augmentation"):
+                clock.now += 5
+            with timer.phase("training step"):
+                clock.now += 10
+    rows = phase_rows(timer.laps)
+    assert rows[0] == {"phase": "phantoms", "seconds": 3.0, "inside": {}}
+    assert rows[1]["seconds"] == 27.0
+    assert rows[1]["inside"] == {"other": 1.0, "feature pass": 2.0, "k-means": 9.0, "training": 15.0}
+    assert sum(rows[1]["inside"].values()) == rows[1]["seconds"]   # nothing counted twice or lost
+    assert phase_group("bn stats") == "BN pass" and phase_group("something new") == "other"
+
+
+def test_phase_table_details_only_the_named_phases_and_shares_the_total():
+    rows = [{"phase": "stage 1", "seconds": 30.0, "inside": {"training": 20.0, "k-means": 10.0}},
+            {"phase": "stage 2 HAND", "seconds": 10.0, "inside": {"training": 10.0}}]
+    lines = format_phase_table(rows, total=40.0).splitlines()
+    assert lines[1].split() == ["stage", "1", "30.0", "75%"]
+    assert lines[2].split() == ["training", "20.0", "50%"]     # largest first, indented
+    assert lines[3].split() == ["k-means", "10.0", "25%"]
+    assert lines[4].split() == ["stage", "2", "HAND", "10.0", "25%"]   # not detailed
+    assert lines[5].split() == ["total", "40.0"]

@@ -29,6 +29,7 @@ from bonecluster.stage2.parts import group_by_part
 from bonecluster.stage2.fewlabel import PROBE, labels_to_choose, parse_probe_features, pseudo_shares, train_part_probe
 from bonecluster.stage2.refine import refine_scores
 from bonecluster.stage2.scoring import ANOMALY, SCORES, PartAnomaly, knn_fit, knn_groups, knn_seed_scores
+from bonecluster.timing import NO_TIMER, NoTimer
 
 log = logging.getLogger("bonecluster")
 
@@ -66,8 +67,9 @@ def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, s2: Stage2
 
 
 def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_names: list[str] | None = None,
-                 resume: bool = False, progress: bool = True) -> dict:
-    """Train one model per part into RUN/stage2/<PART>; returns a summary per part."""
+                 resume: bool = False, progress: bool = True, timer: NoTimer = NO_TIMER) -> dict:
+    """Train one model per part into RUN/stage2/<PART>; returns a summary per part. ``timer``
+    records each part as the phase "stage 2 <PART>" (:mod:`bonecluster.timing`)."""
     s2cfg = stage2_config(cfg)
     labels_to_choose(cfg.stage2.labels_fraction, 0)   # fail early on a fraction outside [0, 1]
     parse_probe_features(cfg.stage2.probe_features)
@@ -92,12 +94,16 @@ def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_nam
             log.warning("stage 2: skipping %s (%d images; at least %d needed)", part, len(positions),
                         max(cfg.stage2.min_images, cfg.stage2.k))
             continue
-        summary[part] = _train_part(data.subset(positions), Path(run) / "stage2" / part, s2cfg, resume, progress)
+        with timer.phase(f"stage 2 {part}"):
+            summary[part] = _train_part(data.subset(positions), Path(run) / "stage2" / part, s2cfg, resume,
+                                        progress, timer)
     return summary
 
 
-def _train_part(subset: PreparedDataset, out: Path, cfg: Config, resume: bool, progress: bool) -> dict:
+def _train_part(subset: PreparedDataset, out: Path, cfg: Config, resume: bool, progress: bool,
+                timer: NoTimer = NO_TIMER) -> dict:
     engine = DeepClusterEngine(cfg, out, progress=progress)
+    engine.timer = timer
     resume = resume and (out / CHECKPOINT).exists()
     fit = engine.fit(subset, resume=resume)
     trained = TrainedClusters.load(out, engine.device)

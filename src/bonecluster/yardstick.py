@@ -1,0 +1,60 @@
+"""The supervised yardstick: how much of the abnormality a model that reads *every* label sees.
+
+A label-free stage-2 figure means something only beside what the same images allow at all
+(issue 24). The reference here is an L2 logistic regression on HOG of each image and its mirror
+(:func:`bonecluster.descriptors.hog_features`), fitted on one body part's training images with
+all their labels and scored on held-out images of the part. It is never part of a trained run:
+``bonecluster demo`` prints it beside its label-free figures, and ``benchmarks/bench_findings.py``
+and ``benchmarks/bench_stage2.py --ceiling`` report it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bonecluster.data.cache import PreparedDataset
+from bonecluster.metrics import auroc
+from bonecluster.stage2.parts import group_by_part
+
+HOG_C = 0.01   # L2 strength, fixed (not tuned on held-out images)
+
+
+def hog_reference_scores(train_images: np.ndarray, train_truth: np.ndarray, valid_images: np.ndarray) -> np.ndarray:
+    """Abnormality probability of each held-out image, image and mirror averaged.
+
+    ``train_images`` (N, H, W) and ``valid_images`` (M, H, W) uint8; ``train_truth`` (N,) bool,
+    both classes present. Returns (M,) floats.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from bonecluster.descriptors import hog_features, mirror
+    from bonecluster.selftrain import standardisation
+
+    feats = [hog_features(a).double() for a in (train_images, mirror(train_images), valid_images,
+                                                 mirror(valid_images))]
+    mean, scale = standardisation(feats[0])
+    z = [((f - mean) / scale).numpy() for f in feats]
+    model = LogisticRegression(C=HOG_C, class_weight="balanced", max_iter=5000).fit(
+        np.concatenate(z[:2]), np.concatenate([train_truth, train_truth]))
+    return (model.predict_proba(z[2])[:, 1] + model.predict_proba(z[3])[:, 1]) / 2
+
+
+def hog_reference(train_images: np.ndarray, train_truth: np.ndarray, valid_images: np.ndarray,
+                  valid_truth: np.ndarray) -> float:
+    """Held-out AUROC of :func:`hog_reference_scores`."""
+    return auroc(valid_truth, hog_reference_scores(train_images, train_truth, valid_images))
+
+
+def hog_reference_by_part(train: PreparedDataset, valid: PreparedDataset) -> dict[str, float]:
+    """Held-out AUROC per body part (the metadata's part), for parts with both labels on both sides."""
+    out = {}
+    valid_groups = group_by_part(valid)
+    for part, pos in group_by_part(train).items():
+        vpos = valid_groups.get(part)
+        if vpos is None:
+            continue
+        truth, vtruth = train.abnormal(pos), valid.abnormal(vpos)
+        if truth.all() or not truth.any() or vtruth.all() or not vtruth.any():
+            continue
+        out[part] = hog_reference(train.images()[pos], truth, valid.images()[vpos], vtruth)
+    return out
