@@ -8,11 +8,14 @@ and centroids. A refactor that changes any bit of any of them fails here.
 
 The record depends on the CPU's kernels (MKL and oneDNN pick their own code paths, so not even
 ``ATEN_CPU_CAPABILITY`` makes two CPUs agree), so there is one golden file per capability:
-``stage1_methods.json`` (AVX2, the pre-refactor record) and ``stage1_methods.<CAPABILITY>.json``
-for others, each naming the commit it was recorded at. ``stage1_methods.AVX512.json`` was recorded
-at d06171d, a commit whose behaviour matched the AVX2 record on an AVX2 CPU; on a CPU with no
-golden file of its own the test is skipped, saying so. A deliberate change of behaviour (new
-phantoms, a new default) re-records this CPU's file::
+``stage1_methods.json`` (AVX2) and ``stage1_methods.<CAPABILITY>.json`` for others, each naming
+the commit it was recorded at. ``stage1_methods.AVX512.json`` was first recorded at d06171d, a
+commit whose behaviour matched the AVX2 record on an AVX2 CPU, and recorded again when issue 24
+made the phantoms' findings conspicuous (the phantoms the runs train on changed; the code did not:
+the record at d06171d still matched just before). The AVX2 record predates that change and was
+removed, since no AVX2 CPU was at hand to record it again; on a CPU with no golden file of its own
+the test is skipped, saying so. A deliberate change of behaviour (new phantoms, a new default)
+re-records this CPU's file::
 
     .venv/bin/python tests/integration/test_method_equivalence.py --record
 """

@@ -13,8 +13,10 @@ import pytest
 from PIL import Image
 
 from bonecluster import BODY_PARTS
-from bonecluster.data.phantoms import (FINDINGS, generate_phantoms, make_contact_sheet,
-                                       plan_studies, render_labelled, render_phantom, texture_field)
+from bonecluster.data import phantoms as ph
+from bonecluster.data.phantoms import (FINDINGS, generate_phantoms, make_contact_sheet, make_twin_sheet,
+                                       plan_studies, render_labelled, render_phantom, render_twins,
+                                       texture_field)
 
 _IMAGE = re.compile(r"^XR_(?P<part>[A-Z]+)/patient(?P<patient>\d{5})/study(?P<study>\d+)_"
                     r"(?P<label>positive|negative)/image(?P<image>\d+)\.png$")
@@ -289,3 +291,118 @@ def test_texture_roughens_marrow_and_tissue_and_leaves_the_film_otherwise_alone(
     for bad in (-0.1, 2.5, True, "1"):
         with pytest.raises(ValueError, match="phantoms.texture"):
             render_labelled(0, 64, texture=bad)
+
+
+# ----------------------------------------------------------------------------- conspicuous findings (issue 24)
+
+
+def _anatomy(part: str, seed: int = 0):
+    rng = np.random.default_rng([seed, 1])
+    return ph.build_anatomy(ph.sample_patient(part, rng), ph.View(0.0, 0.5))
+
+
+def _px(n: float) -> float:
+    return n / ph.FINDING_REFERENCE_PX
+
+
+def test_a_fracture_drawn_as_small_as_allowed_still_has_its_minimum_gap_step_and_angulation():
+    an = _anatomy("HUMERUS")
+    bone = max(range(len(an.bones)), key=lambda i: an.bones[i].target)
+    tiny = ph.Fracture(bone=bone, t=0.5, tilt=0.0, gap=0.0, shift=0.0, slide=0.0, turn=0.0, swelling=0.0)
+    before = an.bones[bone]
+    u, site = before.shaft.direction, before.shaft.at(0.5)
+    ph.apply_finding(an, [tiny])
+    near, far = an.bones[bone], an.bones[-1]
+    # tilt 0: the fracture line's normal is the shaft; the near fragment ends half a gap before the site
+    half_gap = near.cuts[-1][2] + (u[0] * site[0] + u[1] * site[1])
+    assert 2 * half_gap >= _px(ph.MIN_FRACTURE_GAP_PX) - 1e-9
+    # the far fragment turns about the site, then steps sideways: the site's image is the step
+    moved_site = far.shaft.at(0.5)
+    step = (moved_site[0] - site[0]) * -u[1] + (moved_site[1] - site[1]) * u[0]
+    assert abs(step) >= _px(ph.MIN_FRACTURE_STEP_PX) - 1e-9
+    v = far.shaft.direction
+    turn = abs(np.degrees(np.arctan2(u[0] * v[1] - u[1] * v[0], u[0] * v[0] + u[1] * v[1])))
+    assert turn >= ph.MIN_FRACTURE_TURN_DEG - 1e-6
+
+
+def test_a_mild_fracture_under_a_plate_keeps_its_own_small_sizes():
+    an = _anatomy("FOREARM")
+    bone = max(range(len(an.bones)), key=lambda i: an.bones[i].target)
+    tiny = ph.Fracture(bone=bone, t=0.5, tilt=0.0, gap=0.0, shift=0.0, slide=0.0, turn=0.0, swelling=0.0)
+    plate = ph.Plate(bone=bone, t=0.5, length=0.4, side=1, thick=0.0, screws=3, mu=4.0, screw_r=0.0,
+                     screw_tilt=0.0, fracture=tiny)
+    ph.apply_finding(an, [plate])
+    (_, _, c_near), (_, _, c_far) = an.bones[bone].cuts[-1], an.bones[-1].cuts[-1]
+    assert abs(-c_near - c_far) < _px(ph.MIN_FRACTURE_GAP_PX)     # the metal is the finding, not the gap
+    plate_capsule = an.metal[0][0]
+    assert 2 * plate_capsule.ra >= _px(ph.MIN_PLATE_THICK_PX) - 1e-9
+    screws = [prim for prim, _ in an.metal[1:] if isinstance(prim, ph.Capsule)]
+    assert screws and all(2 * sc.ra >= _px(ph.MIN_SCREW_PX) - 1e-9 for sc in screws)
+
+
+def test_a_lesion_is_at_least_four_pixels_across_with_a_rim():
+    an = _anatomy("FINGER")
+    bone = max(range(len(an.bones)), key=lambda i: an.bones[i].target)
+    tiny = ph.Lesion(bone=bone, t=0.5, across=0.01, along=0.01, offset=0.0, depth=0.8, rim=0.0, satellites=())
+    ph.apply_finding(an, [tiny])
+    hole = an.holes[0]
+    assert 2 * min(hole.shape.rx, hole.shape.ry) >= _px(ph.MIN_LESION_PX) - 1e-9
+    assert hole.rim >= ph.MIN_RIM_DENSITY and hole.rim_width >= _px(ph.MIN_RIM_PX) - 1e-9
+
+
+def test_a_dislocation_moves_the_joint_at_least_three_pixels():
+    an = _anatomy("ELBOW")
+    joint = an.joints[0]
+    moving = next(b for b in an.bones if b.group in joint.groups)
+    before = moving.shaft.at(0.0)
+    tiny = ph.Dislocation(joint=0, shift=0.01, pull=0.0, turn=0.0, swelling=0.0)
+    ph.apply_finding(an, [tiny])
+    after = next(b for b in an.bones if b.group in joint.groups).shaft.at(0.0)
+    assert np.hypot(after[0] - before[0], after[1] - before[1]) >= _px(ph.MIN_DISLOCATION_PX) - 1e-9
+
+
+def test_finding_sites_fall_inside_the_box_every_film_of_the_part_shows():
+    for part in BODY_PARTS:
+        half_w, half_h = ph._shown_box(part)
+        for kind in FINDINGS:
+            for seed in range(6):
+                rng = np.random.default_rng([seed, 2])
+                an = ph.build_anatomy(ph.sample_patient(part, rng), ph.View(0.0, 0.5))
+                for spec in ph.sample_finding(kind, part, an, rng):
+                    x, y = ph._site(an, spec)
+                    assert abs(x) <= half_w and abs(y) <= half_h, (part, kind, seed)
+
+
+def test_normal_films_are_the_same_bytes_as_before_the_findings_changed():
+    """Issue 24 changed how findings are drawn, not normal anatomy: this digest was taken at a5eeea1."""
+    h = hashlib.sha256()
+    for i, part in enumerate(BODY_PARTS):
+        h.update(render_phantom(part, None, np.random.default_rng([31, i]), 64).tobytes())
+    assert h.hexdigest() == "7b87e3499517ee3c1787b07b6afe429eae78b7ab0872ad78252d6464cadbfb4e"
+
+
+def test_every_finding_shows_on_the_64px_thumbnail_against_its_normal_twin():
+    """Twins share patient, view, pose and exposure; the finding must change a visible patch."""
+    for part in BODY_PARTS:
+        for kind in FINDINGS:
+            visible = 0
+            for seed in range(6):
+                normal, abnormal = render_twins(part, kind, np.random.default_rng([seed, 3]), 64)
+                assert normal.shape == abnormal.shape
+                changed = np.abs(normal.astype(int) - abnormal.astype(int)) >= 25
+                visible += changed.sum() >= 10
+            assert visible >= 5, (part, kind, visible)
+
+
+def test_twins_differ_only_where_a_local_finding_is():
+    normal, abnormal = render_twins("HUMERUS", "lesion", np.random.default_rng([0, 4]), 64)
+    changed = np.abs(normal.astype(int) - abnormal.astype(int)) > 0
+    assert 0 < changed.mean() < 0.1
+    with pytest.raises(ValueError, match="needs a finding"):
+        render_twins("HAND", None, np.random.default_rng(0), 64)
+
+
+def test_twin_sheet(tmp_path):
+    path = make_twin_sheet(tmp_path / "twins.png", size=32, zoom=2, seed=0)
+    with Image.open(path) as im:
+        assert im.mode == "L" and im.width > 2 * 64 * len(FINDINGS) and im.height > 64 * len(BODY_PARTS)
