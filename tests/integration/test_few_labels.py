@@ -52,11 +52,14 @@ def test_probe_files_audit_exactly_the_fraction(run):
         assert summary[part]["few_labels"]["pseudo_shares"] == [0.3, 0.4, 0.5, 0.6, 0.7]
         assert probe.coef.shape[0] == 5 == len(probe.intercept)
         # the default few-label score mixes in the label-free score, and its threshold flags as
-        # many training images as the probe's own 0.5 does
+        # many training images as the probe's own 0.5 does (more only where scores tie with the
+        # threshold: mixed percentiles of ranks can tie)
         assert summary[part]["few_labels"]["mix"] == 0.25 == probe.mix
         assert len(probe.train_probabilities) == len(probe.train_unsupervised) == len(positions)
-        flagged = probe.mixed(probe.train_probabilities, probe.train_unsupervised) >= probe.threshold
-        assert int(flagged.sum()) == int((probe.train_probabilities >= 0.5).sum())
+        scores = probe.mixed(probe.train_probabilities, probe.train_unsupervised)
+        wanted = int((probe.train_probabilities >= 0.5).sum())
+        assert int((scores > probe.threshold).sum()) <= wanted <= int((scores >= probe.threshold).sum())
+        assert int((scores >= probe.threshold).sum()) - wanted <= int((scores == probe.threshold).sum()) - 1
     assert probes >= 5   # a part whose pick holds one class only is skipped with a warning
 
 

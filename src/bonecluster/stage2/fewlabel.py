@@ -267,8 +267,9 @@ class FewLabelProbe:
 
         ``train_probabilities`` and ``train_unsupervised`` (N,): the probe's probabilities and the
         label-free scores of the part's N training images, the reference of both percentiles. The
-        threshold flags the same share of training images as the probe's 0.5 does, so the mix
-        changes which images are flagged, not how many (no label is read to set it).
+        threshold flags the same share of training images as the probe's 0.5 does (a few more
+        where training scores tie with the threshold), so the mix changes which images are
+        flagged, not how many (no label is read to set it).
         """
         if not 0.0 <= mix <= 1.0:
             raise ValueError(f"stage2.probe_mix must be in [0, 1], got {mix}")
