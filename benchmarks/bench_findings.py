@@ -66,12 +66,13 @@ def yardstick(n: int, valid_n: int, seed: int, cfg, work: Path) -> dict:
     (train, _), (valid, valid_findings) = sets["train"], sets["valid"]
     train_groups, valid_groups = group_by_part(train), group_by_part(valid)
     per_part, scored = {}, []   # scored: (finding kind, part, score) for every held-out film
+    images, valid_images = train.images(), valid.images()   # each call copies every row: once
     for part in BODY_PARTS:
         if part not in train_groups or part not in valid_groups:
             continue
         pos, vpos = train_groups[part], valid_groups[part]
         truth = valid.abnormal(vpos)
-        scores = hog_reference_scores(train.images()[pos], train.abnormal(pos), valid.images()[vpos])
+        scores = hog_reference_scores(images[pos], train.abnormal(pos), valid_images[vpos])
         per_part[part] = auroc(truth, scores)
         scored += [(finding_of(valid.records[i].path, valid_findings), part, s) for i, s in zip(vpos, scores)]
     # within each part (the model is per part), each kind's films against that part's normals

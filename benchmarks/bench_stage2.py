@@ -41,7 +41,7 @@ from bonecluster.checkpoint import TrainedClusters
 from bonecluster.metrics import auroc
 from bonecluster.stage2.parts import group_by_part
 from bonecluster.stage2.train import fit_part_anomaly, saved_extra_seeds
-from bonecluster.yardstick import hog_reference
+from bonecluster.yardstick import hog_reference, hog_reference_by_part
 
 
 def main() -> None:
@@ -129,13 +129,7 @@ def hog_reference_at_size(work: Path, cfg, size: int) -> dict[str, float]:
     data_cfg = replace(cfg.data, size=size)
     train = prepare_sources([work / "phantoms"], data_cfg, cache=work / "cache", progress=False)
     valid = prepare_sources([work / "phantoms-valid"], data_cfg, cache=work / "cache", progress=False)
-    valid_groups, out = group_by_part(valid), {}
-    for part, pos in group_by_part(train).items():
-        if part in valid_groups:
-            vpos = valid_groups[part]
-            out[part] = hog_reference(train.images()[pos], train.abnormal(pos),
-                                      valid.images()[vpos], valid.abnormal(vpos))
-    return out
+    return hog_reference_by_part(train, valid)
 
 
 def supervised_ceiling(folder: Path, train_images: np.ndarray, train_truth: np.ndarray, valid_images: np.ndarray,

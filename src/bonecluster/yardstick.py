@@ -49,6 +49,7 @@ def hog_reference_by_part(train: PreparedDataset, valid: PreparedDataset) -> dic
     """Held-out AUROC per body part (the metadata's part), for parts with both labels on both sides."""
     out = {}
     valid_groups = group_by_part(valid)
+    images, valid_images = train.images(), valid.images()   # each call copies every row: once
     for part, pos in group_by_part(train).items():
         vpos = valid_groups.get(part)
         if vpos is None:
@@ -56,5 +57,5 @@ def hog_reference_by_part(train: PreparedDataset, valid: PreparedDataset) -> dic
         truth, vtruth = train.abnormal(pos), valid.abnormal(vpos)
         if truth.all() or not truth.any() or vtruth.all() or not vtruth.any():
             continue
-        out[part] = hog_reference(train.images()[pos], truth, valid.images()[vpos], vtruth)
+        out[part] = hog_reference(images[pos], truth, valid_images[vpos], vtruth)
     return out
