@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from bonecluster.descriptors import float_batches, hog, hog_features, mirror
+from bonecluster.linear import fit_l2_logistic, row_space_basis
 
 
 def study_mean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -92,8 +93,6 @@ def self_train(views: list[np.ndarray], groups: np.ndarray, initial: np.ndarray,
         (coef ``(D,)``, intercept) of the last fit, or None when the ranking has no top to split
         off (every study tied), so there is nothing to learn.
     """
-    from sklearn.linear_model import LogisticRegression
-
     if not 0.0 < share < 1.0:
         raise ValueError(f"share must be in (0, 1), got {share}")
     m = len(groups)
@@ -102,14 +101,14 @@ def self_train(views: list[np.ndarray], groups: np.ndarray, initial: np.ndarray,
     pseudo_weight = len(y_true) / (len(views) * m) if len(y_true) else 1.0
     weight = np.concatenate([np.ones(len(y_true)), np.full(len(views) * m, pseudo_weight)])
     ranking, fitted = np.asarray(initial, float), None
+    basis = row_space_basis(x_fit)   # the rows stay the same every round; only the labels change
     for _ in range(rounds):
         ranking = study_mean(ranking, groups)
         pseudo = ranking >= np.quantile(ranking, 1 - share)
         if pseudo.all() or not pseudo.any():
             break
         y_fit = np.concatenate([y_true, *([pseudo] * len(views))])
-        model = LogisticRegression(C=C, class_weight="balanced", max_iter=5000).fit(x_fit, y_fit, sample_weight=weight)
-        fitted = model.coef_.ravel(), float(model.intercept_[0])
+        fitted = fit_l2_logistic(x_fit, y_fit, C, sample_weight=weight, basis=basis)
         ranking = probability(views, *fitted)
     return fitted
 
