@@ -189,6 +189,11 @@ class TrainConfig:
     #   ("precise BN", Wu & Johnson 2021), so features never use stale or untrained statistics;
     # "batch" = per-batch statistics of the extraction batches (train-mode BN, running stats untouched).
     feature_bn: str = "running"
+    # With feature_bn=recompute, estimate the statistics on at most this many images (a seeded
+    # subset, the same every epoch; 0 = all). Means and variances over a few hundred images x
+    # every pixel position are already steady, and the pass then costs a fraction of the
+    # feature pass on a large dataset (docs/BENCHMARKS.md, "Where the demo's time goes").
+    bn_images: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -213,7 +213,7 @@ class DeepClusterEngine:
             bn.momentum = None
         self.model.train()
         try:
-            self.forward_all(data, "bn stats", keep=False)
+            self.forward_all(self._bn_subset(data), "bn stats", keep=False)
         finally:
             for bn, momentum in zip(bns, saved):
                 bn.momentum = momentum
@@ -223,6 +223,16 @@ class DeepClusterEngine:
                 for stat in (bn.running_mean, bn.running_var):
                     torch.distributed.all_reduce(stat)
                     stat.div_(self.dist.world_size)
+
+    def _bn_subset(self, data: PreparedDataset) -> PreparedDataset:
+        """The images precise BN estimates its statistics on: all, or ``train.bn_images`` of them
+        drawn with the run's seed (the same subset every epoch, in dataset order)."""
+        most = self.cfg.train.bn_images
+        if not most or len(data) <= most:
+            return data
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        chosen = torch.randperm(len(data), generator=generator)[:most].sort().values
+        return data.subset(chosen.numpy())
 
     def cluster(self, feats: torch.Tensor, seed_offset: int, k: int | None = None) -> tuple[KMeansResult, PCAWhitening]:
         """PCA-whiten + L2 + the method's clustering (k-means, :meth:`Method.cluster_points`) into ``k``
@@ -347,6 +357,8 @@ def _check_choices(cfg: Config) -> None:
             raise ValueError(f"config {key}={value!r}: choose one of {', '.join(allowed)}")
     if cfg.cluster.n_init < 1 or cfg.train.warmup_epochs < 0 or cfg.train.images_per_epoch < 0:
         raise ValueError("cluster.n_init must be >= 1, train.warmup_epochs and train.images_per_epoch >= 0")
+    if not isinstance(cfg.train.bn_images, int) or cfg.train.bn_images < 0:
+        raise ValueError(f"train.bn_images must be a whole number >= 0 (0 = every image), got {cfg.train.bn_images!r}")
     if cfg.train.backbone_lr_scale < 0:
         raise ValueError(f"train.backbone_lr_scale must be >= 0, got {cfg.train.backbone_lr_scale}")
     if cfg.cluster.train_k < 0:

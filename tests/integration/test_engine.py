@@ -234,3 +234,33 @@ def test_backbone_lr_scale_sets_the_backbones_group(phantoms, tmp_path):
     assert group["lr"] == pytest.approx(0.1 * engine.method._lr(0))
     with pytest.raises(ValueError, match="backbone_lr_scale"):
         DeepClusterEngine(_cfg(1, "train.backbone_lr_scale=-1"), tmp_path / "bad", progress=False)
+
+
+def _bn_stats(engine):
+    return [t.clone() for m in engine.model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+            for t in (m.running_mean, m.running_var)]
+
+
+def test_precise_bn_on_a_subset_reads_exactly_the_seeded_subset(phantoms, tmp_path):
+    data = _data(phantoms, tmp_path, _cfg(1))
+    engine = DeepClusterEngine(_cfg(1, "train.feature_bn=recompute", "train.bn_images=20"), tmp_path / "a",
+                               progress=False)
+    chosen = engine._bn_subset(data)
+    again = engine._bn_subset(data)
+    assert len(chosen) == 20 and list(chosen.rows) == list(again.rows)   # the same films every epoch
+    assert list(chosen.rows) == sorted(set(chosen.rows)) and set(chosen.rows) <= set(data.rows)
+    engine._recompute_bn_stats(data)
+    on_subset = _bn_stats(engine)
+    everything = DeepClusterEngine(_cfg(1, "train.feature_bn=recompute"), tmp_path / "b", progress=False)
+    everything._recompute_bn_stats(chosen)   # the full pass over just those films: the same statistics
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(on_subset, _bn_stats(everything)))
+    everything._recompute_bn_stats(data)   # and other statistics than the pass over every film
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(on_subset, _bn_stats(everything)))
+    # a subset at least as large as the data is the data
+    assert DeepClusterEngine(_cfg(1, "train.bn_images=56"), tmp_path / "c", progress=False)._bn_subset(data) is data
+
+
+@pytest.mark.parametrize("value", ["-1", "2.5"])
+def test_a_bad_bn_subset_size_fails_before_training(value):
+    with pytest.raises(ValueError, match="train.bn_images"):
+        DeepClusterEngine(_cfg(1, f"train.bn_images={value}"), "/nonexistent", progress=False)
