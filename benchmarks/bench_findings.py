@@ -112,15 +112,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--valid-n", type=int, help="held-out phantoms (default n/4, the demo's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="phantom seeds")
     ap.add_argument("--preset", default="cpu", help="decoding settings (data.size, data.fit) of this preset")
-    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_findings")
+    ap.add_argument("--work", type=Path, help="keep the phantoms here and reuse them on the next run with the same "
+                    "--work (default: a fresh temporary folder, removed at the end, so a phantom change is "
+                    "always drawn anew)")
     ap.add_argument("--json", type=Path, help="write the result here too")
     args = ap.parse_args(argv)
     cfg = load_config(args.preset)
     valid_n = args.valid_n or max(args.n // 4, len(BODY_PARTS))
     rows = []
-    for seed in args.seeds:
-        rows.append(yardstick(args.n, valid_n, seed, cfg, args.work))
-        print_row(rows[-1])
+    with tempfile.TemporaryDirectory(prefix="bench_findings-") as scratch:
+        work = args.work or Path(scratch)
+        for seed in args.seeds:
+            rows.append(yardstick(args.n, valid_n, seed, cfg, work))
+            print_row(rows[-1])
     result = {"n": args.n, "valid_n": valid_n, "size": cfg.data.size, "fit": cfg.data.fit, "rows": rows,
               "macro_mean": float(np.mean([r["macro"] for r in rows])),
               "worst_part": float(min(min(r["per_part"].values()) for r in rows))}

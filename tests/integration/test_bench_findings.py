@@ -39,3 +39,13 @@ def test_finding_of_reads_the_generator_index(tmp_path):
     findings = bench.study_findings(tmp_path, "valid")
     assert bench.finding_of("/x/phantoms/valid/XR_HAND/patient90001/study1_positive/image2.png", findings) == "plate"
     assert bench.finding_of("/x/phantoms/valid/XR_HAND/patient90002/study1_negative/image1.png", findings) == ""
+
+
+def test_without_work_the_phantoms_are_drawn_afresh_and_removed(tmp_path, monkeypatch):
+    bench = load_benchmark("bench_findings")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    result = bench.main(["--n", "70", "--valid-n", "70", "--seeds", "4"])
+    assert result["rows"][0]["n_valid"] == 70
+    assert list(scratch.iterdir()) == []   # no stale phantoms for the next run to reuse
