@@ -1,6 +1,7 @@
 """Stage-2 abnormality scores: per-part image AUROC on held-out phantoms, labels used only to score.
 
-Trains (or reuses) a demo run -- ``bonecluster.demo.run_demo``: 1,400 training phantoms and
+Trains (or reuses) a demo run -- ``bonecluster.demo.run_demo`` with the demo's settings
+(``DEMO_OVERRIDES``, then ``--set``): 1,400 training phantoms and
 n/4 held-out ``valid`` phantoms of the given seed -- then, for each body part, refits the
 label-free anomaly model (``stage2.*`` settings, ``--set`` overrides applied) from the part model
 and the part's training images, and scores the held-out images of that part. Refitting only the
@@ -59,9 +60,10 @@ def main() -> None:
 
     work = args.work
     if not (work / "stage2").is_dir():
-        from bonecluster.demo import run_demo
+        from bonecluster.demo import DEMO_OVERRIDES, run_demo
 
-        cfg = load_config(args.preset, overrides=[f"seed={args.seed}", *args.set])
+        # as `bonecluster demo` trains: its settings first, then --set
+        cfg = load_config(args.preset, overrides=[*DEMO_OVERRIDES, f"seed={args.seed}", *args.set])
         t0 = time.perf_counter()
         run_demo(work, cfg, n=args.n, seed=args.seed, progress=False)
         print(f"trained the demo run in {time.perf_counter() - t0:.0f} s")
