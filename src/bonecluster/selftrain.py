@@ -74,9 +74,17 @@ def standardisation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(0), torch.where(scale > 1e-8, scale, torch.ones_like(scale))
 
 
+_COMPUTE = object()   # self_train's default basis: compute it from the rows
+
+
+def _fit_rows(views: list[np.ndarray], labelled_x: np.ndarray | None) -> np.ndarray:
+    """The rows a self-training fit reads: the labelled rows first, then every view."""
+    return np.concatenate(([] if labelled_x is None else [labelled_x]) + list(views))
+
+
 def self_train(views: list[np.ndarray], groups: np.ndarray, initial: np.ndarray, share: float, C: float,
                rounds: int, labelled_x: np.ndarray | None = None, labelled_y: np.ndarray | None = None,
-               ) -> tuple[np.ndarray, float] | None:
+               basis=_COMPUTE) -> tuple[np.ndarray, float] | None:
     """Fit an L2 logistic model to study-level pseudo-labels, ``rounds`` times.
 
     Args:
@@ -89,6 +97,8 @@ def self_train(views: list[np.ndarray], groups: np.ndarray, initial: np.ndarray,
         labelled_x, labelled_y: optional ``(n, D)`` rows with true labels (few-label mode). They
             keep weight 1 each and the pseudo-labelled rows weigh as much in total, so a few
             true labels are not drowned; without them every row weighs 1.
+        basis: :func:`bonecluster.linear.row_space_basis` of the fitted rows when the caller
+            has it already (None: fit all features); computed here by default.
     Returns:
         (coef ``(D,)``, intercept) of the last fit, or None when the ranking has no top to split
         off (every study tied), so there is nothing to learn.
@@ -96,12 +106,13 @@ def self_train(views: list[np.ndarray], groups: np.ndarray, initial: np.ndarray,
     if not 0.0 < share < 1.0:
         raise ValueError(f"share must be in (0, 1), got {share}")
     m = len(groups)
-    x_fit = np.concatenate(([] if labelled_x is None else [labelled_x]) + list(views))
+    x_fit = _fit_rows(views, labelled_x)
     y_true = np.zeros(0, bool) if labelled_y is None else np.asarray(labelled_y, bool)
     pseudo_weight = len(y_true) / (len(views) * m) if len(y_true) else 1.0
     weight = np.concatenate([np.ones(len(y_true)), np.full(len(views) * m, pseudo_weight)])
     ranking, fitted = np.asarray(initial, float), None
-    basis = row_space_basis(x_fit)   # the rows stay the same every round; only the labels change
+    if basis is _COMPUTE:   # the rows stay the same every round; only the labels change
+        basis = row_space_basis(x_fit)
     for _ in range(rounds):
         ranking = study_mean(ranking, groups)
         pseudo = ranking >= np.quantile(ranking, 1 - share)
@@ -123,7 +134,8 @@ def self_train_per_share(views: list[np.ndarray], groups: np.ndarray, initial: n
     Returns (the shares that gave a model, coef ``(E, D)``, intercepts ``(E,)``), or None when no
     share did (every study tied).
     """
-    fits = [(float(share), self_train(views, groups, initial, share, C, rounds, labelled_x, labelled_y))
+    basis = row_space_basis(_fit_rows(views, labelled_x))   # the same rows for every share
+    fits = [(float(share), self_train(views, groups, initial, share, C, rounds, labelled_x, labelled_y, basis))
             for share in shares]
     fits = [(share, fitted) for share, fitted in fits if fitted is not None]
     if not fits:

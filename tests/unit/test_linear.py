@@ -28,9 +28,22 @@ def test_the_basis_drops_directions_the_rows_do_not_have():
     np.testing.assert_allclose(x @ basis.T @ basis, x, atol=1e-9)
 
 
-def test_no_basis_when_rows_outnumber_features_and_one_direction_for_zero_rows():
+def test_no_basis_when_the_rows_are_more_than_half_the_features_and_one_direction_for_zero_rows():
     assert row_space_basis(np.ones((10, 4))) is None
+    assert row_space_basis(_wide(n=51, d=100)[0]) is None
+    assert row_space_basis(_wide(n=50, d=100)[0]).shape == (50, 100)
     assert row_space_basis(np.zeros((3, 8))).shape == (1, 8)
+
+
+def test_the_basis_stays_orthonormal_when_the_rows_are_ill_conditioned():
+    rng = np.random.default_rng(1)
+    u, _ = np.linalg.qr(rng.standard_normal((80, 80)))
+    v, _ = np.linalg.qr(rng.standard_normal((400, 80)))
+    x = (u * np.logspace(0, -5, 80)) @ v.T   # singular values from 1 down to 1e-5
+    basis = row_space_basis(x)
+    assert basis.shape == (80, 400)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(80), atol=1e-12)
+    np.testing.assert_allclose(x @ basis.T @ basis, x, atol=1e-12)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
