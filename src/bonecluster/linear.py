@@ -52,11 +52,33 @@ def fit_l2_logistic(x: np.ndarray, y: np.ndarray, C: float, sample_weight: np.nd
     ``basis``: :func:`row_space_basis` of ``x`` (or of rows that span the same space), to fit in
     r unknowns with Newton steps; None fits all D features with L-BFGS (as when n > D / 2).
     """
+    x = np.asarray(x, float)
+    return _fit_projected(x if basis is None else x @ basis.T, basis, y, C, sample_weight, class_weight, max_iter)
+
+
+class RowSpace:
+    """Rows ``x`` (n, D) that several L2 logistic fits read with different labels (self-training's
+    rounds and shares): their :func:`row_space_basis` and coordinates in it, computed once."""
+
+    def __init__(self, x: np.ndarray):
+        x = np.asarray(x, float)
+        self.basis = row_space_basis(x)                              # (r, D) or None
+        self.coords = x if self.basis is None else x @ self.basis.T  # (n, r) or x itself
+
+    def fit(self, y: np.ndarray, C: float, sample_weight: np.ndarray | None = None,
+            class_weight: str | None = "balanced", max_iter: int = 5000) -> tuple[np.ndarray, float]:
+        """:func:`fit_l2_logistic` of ``y`` (n,) on these rows: (coef (D,), intercept)."""
+        return _fit_projected(self.coords, self.basis, y, C, sample_weight, class_weight, max_iter)
+
+
+def _fit_projected(z: np.ndarray, basis: np.ndarray | None, y: np.ndarray, C: float,
+                   sample_weight: np.ndarray | None, class_weight: str | None,
+                   max_iter: int) -> tuple[np.ndarray, float]:
+    """The fit on coordinates ``z`` in ``basis`` (None: the features themselves), its weights
+    mapped back to the D features."""
     from sklearn.linear_model import LogisticRegression
 
-    x = np.asarray(x, float)
     solver = "lbfgs" if basis is None else "newton-cholesky"
-    z = x if basis is None else x @ basis.T
     model = LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter, solver=solver)
     model.fit(z, y, sample_weight=sample_weight)
     coef = model.coef_.ravel()

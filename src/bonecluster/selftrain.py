@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from bonecluster.descriptors import float_batches, hog, hog_features, mirror
-from bonecluster.linear import fit_l2_logistic, row_space_basis
+from bonecluster.linear import RowSpace
 
 
 def study_mean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -74,9 +74,6 @@ def standardisation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(0), torch.where(scale > 1e-8, scale, torch.ones_like(scale))
 
 
-_COMPUTE = object()   # self_train's default basis: compute it from the rows
-
-
 def _fit_rows(views: list[np.ndarray], labelled_x: np.ndarray | None) -> np.ndarray:
     """The rows a self-training fit reads: the labelled rows first, then every view."""
     return np.concatenate(([] if labelled_x is None else [labelled_x]) + list(views))
@@ -84,7 +81,7 @@ def _fit_rows(views: list[np.ndarray], labelled_x: np.ndarray | None) -> np.ndar
 
 def self_train(views: list[np.ndarray], groups: np.ndarray, initial: np.ndarray, share: float, C: float,
                rounds: int, labelled_x: np.ndarray | None = None, labelled_y: np.ndarray | None = None,
-               basis=_COMPUTE) -> tuple[np.ndarray, float] | None:
+               space: RowSpace | None = None) -> tuple[np.ndarray, float] | None:
     """Fit an L2 logistic model to study-level pseudo-labels, ``rounds`` times.
 
     Args:
@@ -97,8 +94,8 @@ def self_train(views: list[np.ndarray], groups: np.ndarray, initial: np.ndarray,
         labelled_x, labelled_y: optional ``(n, D)`` rows with true labels (few-label mode). They
             keep weight 1 each and the pseudo-labelled rows weigh as much in total, so a few
             true labels are not drowned; without them every row weighs 1.
-        basis: :func:`bonecluster.linear.row_space_basis` of the fitted rows when the caller
-            has it already (None: fit all features); computed here by default.
+        space: the fitted rows as a :class:`bonecluster.linear.RowSpace` when the caller has it
+            already (the same rows for several shares); built here by default.
     Returns:
         (coef ``(D,)``, intercept) of the last fit, or None when the ranking has no top to split
         off (every study tied), so there is nothing to learn.
@@ -106,20 +103,18 @@ def self_train(views: list[np.ndarray], groups: np.ndarray, initial: np.ndarray,
     if not 0.0 < share < 1.0:
         raise ValueError(f"share must be in (0, 1), got {share}")
     m = len(groups)
-    x_fit = _fit_rows(views, labelled_x)
     y_true = np.zeros(0, bool) if labelled_y is None else np.asarray(labelled_y, bool)
     pseudo_weight = len(y_true) / (len(views) * m) if len(y_true) else 1.0
     weight = np.concatenate([np.ones(len(y_true)), np.full(len(views) * m, pseudo_weight)])
     ranking, fitted = np.asarray(initial, float), None
-    if basis is _COMPUTE:   # the rows stay the same every round; only the labels change
-        basis = row_space_basis(x_fit)
+    space = space or RowSpace(_fit_rows(views, labelled_x))   # the rows stay the same every round; only the labels change
     for _ in range(rounds):
         ranking = study_mean(ranking, groups)
         pseudo = ranking >= np.quantile(ranking, 1 - share)
         if pseudo.all() or not pseudo.any():
             break
         y_fit = np.concatenate([y_true, *([pseudo] * len(views))])
-        fitted = fit_l2_logistic(x_fit, y_fit, C, sample_weight=weight, basis=basis)
+        fitted = space.fit(y_fit, C, sample_weight=weight)
         ranking = probability(views, *fitted)
     return fitted
 
@@ -134,8 +129,8 @@ def self_train_per_share(views: list[np.ndarray], groups: np.ndarray, initial: n
     Returns (the shares that gave a model, coef ``(E, D)``, intercepts ``(E,)``), or None when no
     share did (every study tied).
     """
-    basis = row_space_basis(_fit_rows(views, labelled_x))   # the same rows for every share
-    fits = [(float(share), self_train(views, groups, initial, share, C, rounds, labelled_x, labelled_y, basis))
+    space = RowSpace(_fit_rows(views, labelled_x))   # the same rows for every share
+    fits = [(float(share), self_train(views, groups, initial, share, C, rounds, labelled_x, labelled_y, space))
             for share in shares]
     fits = [(share, fitted) for share, fitted in fits if fitted is not None]
     if not fits:
