@@ -42,7 +42,7 @@ from bonecluster.checkpoint import TrainedClusters
 from bonecluster.metrics import auroc
 from bonecluster.stage2.parts import group_by_part
 from bonecluster.stage2.train import fit_part_anomaly, saved_extra_seeds
-from bonecluster.yardstick import hog_reference, hog_reference_by_part
+from bonecluster.yardstick import cnn_reference, hog_reference, hog_reference_by_part
 
 
 def main() -> None:
@@ -138,35 +138,12 @@ def supervised_ceiling(folder: Path, train_images: np.ndarray, train_truth: np.n
                        valid_truth: np.ndarray, seed: int, epochs: int = 20) -> dict:
     """Held-out AUROC of two references trained on every training label of one part."""
     import torch
-    import torchvision.transforms.v2 as T
-
-    from bonecluster.descriptors import float_batches
 
     hog_auroc = hog_reference(train_images, train_truth, valid_images, valid_truth)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)   # before loading: the network's construction draws from it (figures recorded so)
     model = TrainedClusters.load(folder).model
-    head = torch.nn.Linear(model.feature_dim, 1)
-    x = torch.cat(list(float_batches(train_images)))
-    y = torch.as_tensor(train_truth, dtype=torch.float32)
-    jitter = T.Compose([T.RandomHorizontalFlip(), T.RandomAffine(10, translate=(0.08, 0.08), scale=(0.9, 1.1))])
-    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-3, weight_decay=1e-4)
-    steps = epochs * -(-len(x) // 32)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    model.train()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(x)).split(32):
-            logits = head(model.features(torch.stack([jitter(im) for im in x[batch]]))).squeeze(1)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[batch])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    with torch.no_grad():
-        cnn_scores = torch.cat([(torch.sigmoid(head(model.features(v))) + torch.sigmoid(head(model.features(v.flip(-1)))))
-                                .squeeze(1) / 2 for v in float_batches(valid_images)]).numpy()
-    return {"hog_sup": hog_auroc, "cnn_sup": auroc(valid_truth, cnn_scores)}
-
+    return {"hog_sup": hog_auroc,
+            "cnn_sup": cnn_reference(model, train_images, train_truth, valid_images, valid_truth, seed=None, epochs=epochs)}
 
 if __name__ == "__main__":
     main()

@@ -183,8 +183,9 @@ def _add_prepare(sub) -> None:
     p.add_argument("data", nargs="+", help="MURA root, CSV manifest, or folder of images/DICOMs")
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--size", type=int, help="square side in pixels (default: the preset's; 0: the backbone's own)")
-    p.add_argument("--fit", choices=["squash", "letterbox", "deskew"],
-                   help="how to make images square (deskew: straighten a tilted film, crop, letterbox)")
+    p.add_argument("--fit", choices=["squash", "letterbox", "deskew", "crop"],
+                   help="how to make images square (deskew: straighten a tilted film, crop, letterbox; "
+                        "crop: cut to the film's box, squash)")
     p.add_argument("--workers", type=int, help="decoding processes (default: one per core)")
     _add_config_options(p)
     _add_limit_options(p)

@@ -34,7 +34,8 @@ class DataConfig:
     """
 
     size: int = 64                 # 0 = the backbone's default (224 for the ResNets; a timm model's own)
-    fit: str = "squash"            # "squash", "letterbox" (keeps aspect, pads) or "deskew" (straightens, crops, letterboxes)
+    fit: str = "squash"            # "squash", "letterbox" (keeps aspect, pads), "deskew" (straightens, crops, letterboxes)
+    #                                or "crop" (cuts to the film's box, squashes)
     pct_low: float = 0.5           # robust intensity scaling percentiles
     pct_high: float = 99.5
     pixel_cap: int = 64_000_000    # decompression-bomb guard: width*height above it is skipped (--max-pixels)

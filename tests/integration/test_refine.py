@@ -43,6 +43,10 @@ def test_refined_parts_score_with_their_hog_model(run):
         assert bool(((scores > 0) & (scores < 1)).all()) and 0 < anomaly.threshold < 1
         # the kNN score that seeded it is still there, on its own scale
         assert not torch.allclose(anomaly.knn_score(trained, images), scores)
+        # the label-free checks of the training scores were stored with them (stage2.guard)
+        checks = raw["checks"]
+        assert set(checks) == {"seed_agreement", "framing", "warnings"} and anomaly.checks == checks
+        assert -1 <= checks["seed_agreement"] <= 1 and -1 <= checks["framing"] <= 1
 
 
 def test_evaluate_scores_the_refined_parts(run):

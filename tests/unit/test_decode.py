@@ -15,6 +15,7 @@ from bonecluster.data.decode import (
     IMAGE_SUFFIXES,
     Limits,
     Preprocess,
+    crop_to_film,
     deskew_film,
     fit_to_square,
     is_dicom,
@@ -324,6 +325,26 @@ def test_fit_deskew_of_a_large_film_matches_straightening_at_full_size():
     assert np.abs(layout(fast) - layout(full)).max() <= 1   # at most a pixel's rounding apart
 
 
+def test_crop_to_film_cuts_the_black_canvas_away_without_turning_the_film():
+    img = np.zeros((40, 60), np.uint8)
+    img[5:25, 10:50] = 120                      # the film
+    img[12, 0] = 5                              # canvas noise under the background level
+    out = crop_to_film(img)
+    assert out.shape == (20, 40) and np.all(out == 120)
+    black = np.zeros((30, 50), np.uint8)        # no film: unchanged
+    np.testing.assert_array_equal(crop_to_film(black), black)
+
+
+def test_fit_crop_squashes_the_film_box_so_the_canvas_does_not_set_the_anatomys_size():
+    small = np.zeros((300, 300), np.uint8)
+    small[100:200, 120:180] = 120               # a small film in a large canvas
+    small[100:200, 145:155] = 230
+    framed = fit_to_square(small, 32, "crop")
+    alone = fit_to_square(small[100:200, 120:180].copy(), 32, "squash")
+    np.testing.assert_array_equal(framed, alone)
+    assert (fit_to_square(small, 32, "squash") > 8).mean() < 0.1 and (framed > 8).all()
+
+
 def test_fit_upscale_and_bad_arguments():
     out = fit_to_square(np.array([[0, 255]], np.uint8), 8, "squash")
     assert out.shape == (8, 8) and np.all(np.diff(out[0].astype(int)) >= 0)
@@ -353,6 +374,7 @@ def test_preprocess_key_changes_with_every_field():
         Preprocess(size=64),
         Preprocess(fit="letterbox"),
         Preprocess(fit="deskew"),
+        Preprocess(fit="crop"),
         Preprocess(pct_low=1.0),
         Preprocess(pct_high=99.0),
         Preprocess(pct_low=0.5000001),

@@ -69,3 +69,28 @@ def test_by_part_fits_each_part_alone_and_skips_a_part_without_both_labels():
     assert got["ELBOW"] > 0.9 and got["HAND"] > 0.9
     pooled = hog_reference(train[:80], train_truth[:80], valid[:40], valid_truth[:40])
     assert pooled < 0.8
+
+
+def test_cnn_reference_fine_tunes_a_copy_and_is_reproducible_by_seed():
+    import torch
+
+    from bonecluster.models import build_model
+    from bonecluster.yardstick import cnn_reference, cnn_reference_scores
+
+    rng = np.random.default_rng(0)
+    train, train_truth = _films(48, rng)
+    valid, valid_truth = _films(16, rng)
+    torch.manual_seed(0)
+    start = build_model({"arch": "resnet18", "sobel": False, "num_clusters": 2})
+    state = {k: v.clone() for k, v in start.state_dict().items()}
+
+    def fresh():
+        model = build_model({"arch": "resnet18", "sobel": False, "num_clusters": 2})
+        model.load_state_dict(state)
+        return model
+
+    a = cnn_reference_scores(fresh(), train, train_truth, valid, seed=3, epochs=2, batch_size=16)
+    b = cnn_reference_scores(fresh(), train, train_truth, valid, seed=3, epochs=2, batch_size=16)
+    assert a.shape == (16,) and np.all((a > 0) & (a < 1))
+    np.testing.assert_allclose(a, b, atol=1e-6)                 # same seed, same start: same scores
+    assert 0 <= cnn_reference(fresh(), train, train_truth, valid, valid_truth, seed=3, epochs=2) <= 1

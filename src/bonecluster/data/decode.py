@@ -60,9 +60,9 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 ) | DICOM_SUFFIXES
 
-FITS: tuple[str, ...] = ("squash", "letterbox", "deskew")
+FITS: tuple[str, ...] = ("squash", "letterbox", "deskew", "crop")
 
-# "deskew": pixels above this grey level (after percentile scaling) belong to the film; the
+# "deskew" and "crop": pixels above this grey level (after percentile scaling) belong to the film; the
 # black around a film that was rotated or photographed at an angle stays below it.
 DESKEW_BACKGROUND = 8
 # The straightening angle is measured on a copy whose long side is at most this many pixels.
@@ -132,9 +132,10 @@ class Limits:
 class Preprocess:
     """How a decoded image becomes a network input: uint8 (size, size).
 
-    ``fit`` is "squash" (resize ignoring aspect), "letterbox" (keep aspect, pad with 0) or
+    ``fit`` is "squash" (resize ignoring aspect), "letterbox" (keep aspect, pad with 0),
     "deskew" (straighten a tilted film, crop it to its content, then letterbox; see
-    :func:`deskew_film`). ``pct_low``/``pct_high`` are the percentiles mapped to 0 and 255.
+    :func:`deskew_film`) or "crop" (cut to the film's bounding box, then squash; see
+    :func:`crop_to_film`). ``pct_low``/``pct_high`` are the percentiles mapped to 0 and 255.
     """
 
     size: int = 128
@@ -609,6 +610,8 @@ def fit_to_square(img_u8: np.ndarray, size: int, fit: str = "squash") -> np.ndar
     "squash" resizes to size x size, ignoring aspect. "letterbox" scales the longer
     side to ``size``, keeps the aspect, and centres the result on a zero background.
     "deskew" straightens and crops the film first (:func:`deskew_film`), then letterboxes.
+    "crop" cuts the image to its film's bounding box (:func:`crop_to_film`), then squashes: the
+    black canvas around a scanned or re-shared film no longer sets how large the anatomy is.
 
     Resampling is PIL BILINEAR for both directions. Pillow's resize is a true
     convolution whose support widens with the reduction factor, so BILINEAR is
@@ -628,6 +631,8 @@ def fit_to_square(img_u8: np.ndarray, size: int, fit: str = "squash") -> np.ndar
         raise ValueError(f"empty image {img_u8.shape}")
     if fit == "squash":
         return _resize(img_u8, size, size)
+    if fit == "crop":
+        return _resize(crop_to_film(img_u8), size, size)
     if fit == "deskew":
         # Rotating a 3000-px film costs ~90 ms; at 4x the output size it costs a few, and the
         # final resize to `size` cannot show the difference.
@@ -660,7 +665,17 @@ def deskew_film(img_u8: np.ndarray, background: int = DESKEW_BACKGROUND) -> np.n
     if abs(angle) > 0.25:   # under a quarter degree, rotating would only blur
         pil = Image.fromarray(img_u8).rotate(-angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=0)
         img_u8 = np.asarray(pil, dtype=np.uint8)
-        film = img_u8 > background
+    return crop_to_film(img_u8, background)
+
+
+def crop_to_film(img_u8: np.ndarray, background: int = DESKEW_BACKGROUND) -> np.ndarray:
+    """uint8 (H, W) -> the bounding box of its pixels above ``background`` (the film), uint8 (H', W').
+
+    An image with fewer than 16 film pixels comes back unchanged (nothing to crop to).
+    """
+    film = img_u8 > background
+    if film.sum() < 16:
+        return img_u8
     rows, cols = np.flatnonzero(film.any(axis=1)), np.flatnonzero(film.any(axis=0))
     return np.ascontiguousarray(img_u8[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
 

@@ -21,6 +21,12 @@ from bonecluster.selftrain import ScoreRefiner
 log = logging.getLogger("bonecluster")
 
 
+def refinement_seed(scores: torch.Tensor, extra_seeds: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """(N,) the refinement's seed: the kNN ``scores`` (N,), or their mean rank with the extra
+    networks' ``extra_seeds`` (N,) each."""
+    return mean_rank([scores, *extra_seeds]) if extra_seeds else scores
+
+
 def refine_scores(images: np.ndarray, scores: torch.Tensor, extra_seeds: tuple[torch.Tensor, ...],
                   groups: torch.Tensor, s2: Stage2Config) -> tuple[ScoreRefiner | None, torch.Tensor]:
     """The refiner of a part and its scores of the part's training ``images`` (uint8 (N, S, S)),
@@ -28,7 +34,7 @@ def refine_scores(images: np.ndarray, scores: torch.Tensor, extra_seeds: tuple[t
     (None, ``scores``) when refinement is off or the seed ranks every training study alike."""
     refiner = None
     if s2.refine_rounds > 0:
-        seed = mean_rank([scores, *extra_seeds]) if extra_seeds else scores
+        seed = refinement_seed(scores, extra_seeds)
         refiner = ScoreRefiner.fit(images, seed.numpy(), groups.numpy(), s2.refine_rounds, s2.refine_share,
                                    s2.refine_C)
         if refiner is None:

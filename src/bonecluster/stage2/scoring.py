@@ -14,7 +14,7 @@ fitted by :func:`bonecluster.stage2.train.fit_part_anomaly`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +87,7 @@ class PartAnomaly:
     patch_knn: int = 1
     train_parts: tuple = ()            # per-score training scores (for combine_scores' scales)
     refiner: ScoreRefiner | None = None
+    checks: dict = field(default_factory=dict)   # label-free checks of the training scores (stage2.guard)
 
     def score(self, trained: TrainedClusters, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
         """Abnormality scores of new images (uint8 (M, S, S)) with the part model ``trained``."""
@@ -118,7 +119,8 @@ class PartAnomaly:
                           "pca": None if self.pca is None else self.pca.state_dict(),
                           "patch_bank": self.patch_bank, "patch_knn": self.patch_knn,
                           "train_parts": list(self.train_parts),
-                          "refiner": None if self.refiner is None else self.refiner.state_dict()})
+                          "refiner": None if self.refiner is None else self.refiner.state_dict(),
+                          "checks": self.checks})
 
     @classmethod
     def load(cls, path: Path) -> "PartAnomaly":
@@ -127,7 +129,7 @@ class PartAnomaly:
         return cls(d["bank"], d["train_scores"], float(d["threshold"]), d["threshold_method"], int(d["knn"]),
                    d.get("score_kind", "global"), None if pca is None else PCAWhitening.from_state_dict(pca),
                    d.get("patch_bank"), int(d.get("patch_knn", 1)), tuple(d.get("train_parts", ())),
-                   None if refiner is None else ScoreRefiner.from_state_dict(refiner))
+                   None if refiner is None else ScoreRefiner.from_state_dict(refiner), d.get("checks") or {})
 
 
 def study_groups(data: PreparedDataset) -> torch.Tensor:

@@ -27,7 +27,8 @@ from bonecluster.engine import DeepClusterEngine
 from bonecluster.selftrain import share_list
 from bonecluster.stage2.parts import group_by_part
 from bonecluster.stage2.fewlabel import PROBE, labels_to_choose, parse_probe_features, pseudo_shares, train_part_probe
-from bonecluster.stage2.refine import refine_scores
+from bonecluster.stage2.guard import score_checks
+from bonecluster.stage2.refine import refine_scores, refinement_seed
 from bonecluster.stage2.scoring import ANOMALY, SCORES, PartAnomaly, knn_fit, knn_groups, knn_seed_scores
 from bonecluster.timing import NO_TIMER, NoTimer
 
@@ -51,19 +52,23 @@ def stage2_config(cfg: Config) -> Config:
 
 
 def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, s2: Stage2Config,
-                     extra_seeds: tuple[torch.Tensor, ...] = (), *, seed: int, batch_size: int) -> PartAnomaly:
-    """The part's scorer. ``extra_seeds``: (N,) kNN scores of the same images under other networks
+                     extra_seeds: tuple[torch.Tensor, ...] = (), *, seed: int, batch_size: int,
+                     part: str = "") -> PartAnomaly:
+    """The part's scorer, with its label-free checks (:mod:`bonecluster.stage2.guard`; ``part``
+    names it in their warnings). ``extra_seeds``: (N,) kNN scores of the same images under other networks
     (``stage2.networks``); with them the refinement starts from the mean rank of all seeds.
     ``seed``: the run's (patch bank subset, threshold mixture); ``batch_size``: ``train.feature_batch_size``."""
     if s2.score not in SCORES:
         raise ValueError(f"stage2.score must be one of {SCORES}, got {s2.score!r}")
     images = data.images()
     groups = knn_groups(data)
-    scores, parts, pca, bank, patch_bank = knn_fit(trained, images, groups, s2, seed=seed, batch_size=batch_size)
-    refiner, scores = refine_scores(images, scores, extra_seeds, groups, s2)
+    knn, parts, pca, bank, patch_bank = knn_fit(trained, images, groups, s2, seed=seed, batch_size=batch_size)
+    refiner, scores = refine_scores(images, knn, extra_seeds, groups, s2)
+    seed_scores = refinement_seed(knn, extra_seeds).numpy() if refiner is not None else None
+    checks = score_checks(scores.numpy(), seed_scores, images, groups.numpy(), part)
     t = label_free_threshold(scores.numpy(), s2.fallback_quantile, seed=seed)
     return PartAnomaly(bank, scores, t.value, t.method, s2.knn, s2.score, pca, patch_bank, s2.patch_knn,
-                       tuple(parts) if len(parts) > 1 else (), refiner)
+                       tuple(parts) if len(parts) > 1 else (), refiner, checks)
 
 
 def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_names: list[str] | None = None,
@@ -109,7 +114,7 @@ def _train_part(subset: PreparedDataset, out: Path, cfg: Config, resume: bool, p
     trained = TrainedClusters.load(out, engine.device)
     extra_seeds, extra_seconds = _extra_seed_scores(subset, out, cfg, resume, progress)
     anomaly = fit_part_anomaly(trained, subset, cfg.stage2, extra_seeds, seed=cfg.seed,
-                               batch_size=cfg.train.feature_batch_size)
+                               batch_size=cfg.train.feature_batch_size, part=out.name)
     probe = None
     if cfg.stage2.labels_fraction > 0:
         probe = train_part_probe(trained, subset, anomaly, cfg.stage2, out.name,
@@ -124,7 +129,7 @@ def _train_part(subset: PreparedDataset, out: Path, cfg: Config, resume: bool, p
     summary = {"n_images": len(subset), "epochs_run": fit.epochs_run, "networks": 1 + len(extra_seeds),
                "seconds": round(fit.seconds + extra_seconds, 1),
                "threshold": round(anomaly.threshold, 5), "threshold_method": anomaly.threshold_method,
-               "flagged_share": round(flagged, 4)}
+               "flagged_share": round(flagged, 4), "checks": anomaly.checks}
     if probe is not None:
         summary["few_labels"] = probe.audit()
     return summary

@@ -1,0 +1,295 @@
+"""Stage 2 on real films, piece by piece: held-out AUROC of each part of the label-free score.
+
+    python benchmarks/bench_real_stage2.py --data ../shared/data --source mura-humerus [--set data.size=128 ...]
+    python benchmarks/bench_real_stage2.py --source mura-humerus --run /tmp/bench_real_stage2/mura-humerus/run
+    python benchmarks/bench_real_stage2.py --source fracatlas-hand --ceiling --labels-seeds 0 1 2
+
+One source is split by study (the file, where there is none: FracAtlas) with the fixed seed and
+30% hold-out of ``bench_real.split_source``. One stage-2 part model is trained on the training side
+without labels (``bonecluster.stage2.train.train_stage2``; preset ``cpu`` unless ``--preset``),
+then every piece of its score is scored on the held-out films (image AUROC; labels only score):
+
+* ``knn_global`` and ``knn_patch``: the kNN distances in the pooled features and the layer-3
+  patches, and ``knn``, the two combined (``stage2.score``), the refiner's seed (with
+  ``stage2.networks`` > 1 the seed is the mean rank with the extra networks, which keep only
+  their training scores, so only this network's kNN is scored here);
+* ``label_free``: the product's score (the refined one by default), with its sensitivity,
+  specificity and study kappa at the label-free threshold;
+* ``seed_agreement``: the Spearman correlation, over the *training* studies (no label), of the
+  refined score with this network's kNN seed, study means. A refinement that inverts its seed
+  shows here as a negative figure without any label;
+* with ``--labels-fraction F`` (default 0.05) and ``--labels-seeds``: the few-label probe, fitted
+  afterwards on the trained part (``stage2.labels_*``; only its audited share of training labels is
+  read), one row per label seed;
+* with ``--ceiling``: the supervised yardsticks on the same films with *every* training label,
+  HOG logistic regression (``bonecluster.yardstick.hog_reference``) and the part's network
+  fine-tuned (``cnn_reference``).
+
+Sources (``--source``): ``mura-humerus`` (256 px films), ``mura-humerus-64`` (the same studies
+squashed to 64 px), ``mura-elbow``, and FracAtlas by region, ``fracatlas-hand`` (any upper-limb
+film) and ``fracatlas-leg`` (single-region films; FracAtlas's fracture label). FracAtlas films
+carry no MURA part, so the model is trained under the region's name. ``--eval-source`` scores
+another source's held-out films with the same model (e.g. a MURA humerus model on FracAtlas
+upper-limb films: the transfer to another hospital).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_real import split_source  # noqa: E402
+
+SOURCES = {   # name: (folder or manifest under --data, FracAtlas region or None)
+    "mura-humerus": ("mura-humerus", None),
+    "mura-humerus-64": ("mura-humerus-64", None),
+    "mura-elbow": ("mura-elbow", None),
+    "fracatlas-hand": ("fracatlas/manifest.csv", "hand"),
+    "fracatlas-leg": ("fracatlas/manifest.csv", "leg"),
+}
+
+
+def split_by_study(data: Path, name: str, work: Path) -> tuple[Path, Path]:
+    """train.csv and eval.csv of a source, split by study with ``bench_real.split_source``'s seed
+    and 30% hold-out. A FracAtlas region is the whole of FracAtlas split so (the split of
+    ``bench_real_suite.py``), then cut to the region's single-region films with a label."""
+    where, region = SOURCES[name]
+    path = data / where
+    if not path.exists():
+        raise SystemExit(f"{path}: not found (is --data the folder that holds the real-film sources?)")
+    train_csv, eval_csv = split_source(str(path), 0.3, work / "split")
+    if region is None:
+        return train_csv, eval_csv
+    with open(path, newline="") as f:
+        keep = {os.path.abspath(path.parent / row["path"]) for row in csv.DictReader(f)
+                if (row.get("region") or "").strip() == region and (row.get("abnormal") or "") != ""}
+    out = []
+    for side in (train_csv, eval_csv):
+        with open(side, newline="") as f:
+            rows = list(csv.reader(f))
+        target = side.with_name(f"{side.stem}-{region}.csv")
+        with open(target, "w", newline="") as g:
+            csv.writer(g).writerows([rows[0], *(r for r in rows[1:] if r[0] in keep)])
+        out.append(target)
+    return out[0], out[1]
+
+
+def part_name(name: str) -> str:
+    """The name the part model is trained under: MURA's folder part, or the FracAtlas region."""
+    return {"mura-humerus": "HUMERUS", "mura-humerus-64": "HUMERUS", "mura-elbow": "ELBOW"}.get(
+        name, name.upper())
+
+
+def train_part(train_csv: Path, run: Path, cfg, part: str, progress: bool) -> float:
+    """Train the stage-2 model of one part on ``train_csv`` (labels unused); returns the seconds."""
+    from bonecluster.data import prepare_sources
+    from bonecluster.stage2.train import train_stage2
+
+    t0 = time.perf_counter()
+    data = prepare_sources([str(train_csv)], cfg.data, cache=run / "cache", progress=progress)
+    train_stage2(data, run, cfg, stage1_names=[part] * len(data), progress=progress)
+    return time.perf_counter() - t0
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def study_means(records, scores: np.ndarray) -> tuple[list, np.ndarray]:
+    from bonecluster.metrics import study_level
+
+    ids = [r.study or r.patient or r.path for r in records]
+    return study_level(ids, scores)
+
+
+def threshold_metrics(records, scores: np.ndarray, threshold: float) -> dict:
+    """Sensitivity, specificity (image) and Cohen's kappa (study means) at a threshold."""
+    from bonecluster.metrics import binary_scores, cohen_kappa
+
+    truth = np.array([bool(r.abnormal) for r in records])
+    out = {k: binary_scores(truth, scores >= threshold)[k] for k in ("sensitivity", "specificity")}
+    keys, study_scores = study_means(records, scores)
+    _, study_truth = study_means(records, truth.astype(float))
+    out["kappa_study"] = cohen_kappa(study_truth >= 0.5, study_scores >= threshold)
+    out["flagged_share"] = float((scores >= threshold).mean())
+    return out
+
+
+def score_pieces(folder: Path, train, held_out) -> dict:
+    """Held-out AUROC of every piece of a trained part's score, and the training-side agreement."""
+    import torch
+
+    from bonecluster.anomaly import knn_scores, patch_knn_scores
+    from bonecluster.checkpoint import TrainedClusters
+    from bonecluster.cluster import l2_normalise
+    from bonecluster.metrics import auroc
+    from bonecluster.stage2.scoring import ANOMALY, PartAnomaly, knn_groups, knn_seed_scores, part_features
+
+    trained = TrainedClusters.load(folder, torch.device("cpu"))
+    anomaly = PartAnomaly.load(folder / ANOMALY)
+    images = held_out.images()
+    truth = held_out.abnormal(np.arange(len(held_out)))
+    pooled, patches = part_features(trained, images)
+    pieces = {}
+    if anomaly.pca is not None:
+        pieces["knn_global"] = knn_scores(anomaly.bank, l2_normalise(anomaly.pca.transform(pooled)), k=anomaly.knn)
+    if anomaly.patch_bank is not None:
+        pieces["knn_patch"] = patch_knn_scores(anomaly.patch_bank, patches, k=anomaly.patch_knn)
+    pieces["knn"] = anomaly.knn_score(trained, images)
+    label_free = anomaly.score(trained, images)
+    pieces["label_free"] = label_free
+    out = {name: auroc(truth, s.numpy()) for name, s in pieces.items()}
+    out.update(threshold_metrics(held_out.records, label_free.numpy(), anomaly.threshold))
+    out["threshold_method"] = anomaly.threshold_method
+    out["refined"] = anomaly.refiner is not None
+    if anomaly.refiner is not None:   # label-free check: does the refinement keep its seed's direction?
+        seed = knn_seed_scores(trained, train, trained.cfg.stage2, seed=trained.cfg.seed,
+                               batch_size=trained.cfg.train.feature_batch_size)
+        _, a = study_means(train.records, anomaly.train_scores.numpy())
+        _, b = study_means(train.records, seed.numpy())
+        out["seed_agreement"] = spearman(a, b)
+    out["n_held_out"], out["abnormal_share"] = len(held_out), float(truth.mean())
+    out["n_train"], out["n_train_groups"] = len(train), int(len(torch.unique(knn_groups(train))))
+    return out
+
+
+def few_label_rows(folder: Path, train, held_out, fraction: float, label_seeds: list[int]) -> list[dict]:
+    """Held-out AUROC of the few-label probe fitted on the trained part, one row per label seed."""
+    import torch
+    from dataclasses import replace
+
+    from bonecluster.checkpoint import TrainedClusters
+    from bonecluster.metrics import auroc
+    from bonecluster.stage2.fewlabel import train_part_probe
+    from bonecluster.stage2.scoring import ANOMALY, PartAnomaly
+
+    trained = TrainedClusters.load(folder, torch.device("cpu"))
+    anomaly = PartAnomaly.load(folder / ANOMALY)
+    images = held_out.images()
+    truth = held_out.abnormal(np.arange(len(held_out)))
+    unsupervised = anomaly.score(trained, images)
+    rows = []
+    for s in label_seeds:
+        s2 = replace(trained.cfg.stage2, labels_fraction=fraction, labels_seed=s)
+        probe = train_part_probe(trained, train, anomaly, s2, folder.name,
+                                 batch_size=trained.cfg.train.feature_batch_size)
+        if probe is None:
+            rows.append({"labels_seed": s, "auroc": None})
+            continue
+        prob = probe.score(trained, images, anomaly, unsupervised=unsupervised)
+        rows.append({"labels_seed": s, "auroc": auroc(truth, prob.numpy()), "labels_read": probe.n_labels})
+    return rows
+
+
+def yardsticks(folder: Path, train, held_out, seed: int) -> dict:
+    """Supervised references with every training label (not the product's scores)."""
+    import torch
+
+    from bonecluster.checkpoint import TrainedClusters
+    from bonecluster.yardstick import cnn_reference, hog_reference
+
+    truth = train.abnormal(np.arange(len(train)))
+    vtruth = held_out.abnormal(np.arange(len(held_out)))
+    images, vimages = train.images(), held_out.images()
+    model = TrainedClusters.load(folder, torch.device("cpu")).model
+    return {"hog_sup": hog_reference(images, truth, vimages, vtruth),
+            "cnn_sup": cnn_reference(model, images, truth, vimages, vtruth, seed=seed)}
+
+
+def print_table(result: dict) -> None:
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    for key, r in result["evaluations"].items():
+        print(f"\n{key}: {r['n_held_out']} held-out films ({r['abnormal_share']:.0%} abnormal), model trained on "
+              f"{r['n_train']} films in {r['n_train_groups']} studies, size {result['size']} px")
+        for name in ("knn_global", "knn_patch", "knn", "label_free"):
+            if name in r:
+                print(f"  {name:12s} AUROC {f(r[name])}")
+        print(f"  at the label-free threshold ({r['threshold_method']}): sensitivity {f(r['sensitivity'])}, "
+              f"specificity {f(r['specificity'])}, study kappa {f(r['kappa_study'])}, flagged {r['flagged_share']:.0%}")
+        if "seed_agreement" in r:
+            print(f"  seed agreement (training studies, no label): Spearman {r['seed_agreement']:+.3f}")
+        rows = r.get("few_label") or []
+        vals = [x["auroc"] for x in rows if x["auroc"] is not None]
+        if vals:
+            print(f"  few-label ({result['labels_fraction']:.0%}) AUROC {np.mean(vals):.3f} ± {np.std(vals):.3f} "
+                  f"over {len(vals)} label seeds: {', '.join(f(v) for v in vals)}")
+        if r.get("yardstick"):
+            y = r["yardstick"]
+            print(f"  yardstick (every label): HOG {f(y['hog_sup'])}, CNN {f(y['cnn_sup'])}")
+    print(f"\ntraining {result['train_seconds']} s, scoring {result['score_seconds']} s")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="../shared/data", help="the folder holding the real-film sources")
+    ap.add_argument("--source", choices=sorted(SOURCES), default="mura-humerus", help="train and evaluate on this")
+    ap.add_argument("--eval-source", choices=sorted(SOURCES), action="append", default=[],
+                    help="also score this source's held-out films with the same model")
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
+    ap.add_argument("--run", help="score this trained run (its RUN/stage2/<PART>) instead of training one")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_real_stage2"))
+    ap.add_argument("--labels-fraction", type=float, default=0.05)
+    ap.add_argument("--labels-seeds", type=int, nargs="*", default=[], help="few-label probe label seeds (none: off)")
+    ap.add_argument("--ceiling", action="store_true", help="also train the supervised yardsticks (every label)")
+    ap.add_argument("--json", help="write the result here too")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+
+    from bonecluster.config import load_config
+    from bonecluster.data import prepare_sources
+
+    data, work = Path(args.data), Path(args.work)
+    splits = {}
+    for name in dict.fromkeys([args.source, *args.eval_source]):
+        splits[name] = split_by_study(data, name, work / name)
+    part = part_name(args.source)
+    if args.run:
+        run = Path(args.run)
+        train_seconds = None
+    else:
+        run = work / args.source / "run"
+        cfg = load_config(args.preset, overrides=args.overrides)
+        train_seconds = round(train_part(splits[args.source][0], run, cfg, part, not args.quiet), 1)
+    t1 = time.perf_counter()
+    folder = run / "stage2" / part
+    if not folder.is_dir():
+        raise SystemExit(f"{folder}: no trained stage-2 part model here")
+    from bonecluster.checkpoint import TrainedClusters
+
+    cfg = TrainedClusters.load(folder).cfg
+    train = prepare_sources([str(splits[args.source][0])], cfg.data, cache=run / "cache", progress=False)
+    evaluations = {}
+    for name in splits:
+        held_out = prepare_sources([str(splits[name][1])], cfg.data, cache=run / "cache", progress=False)
+        r = score_pieces(folder, train, held_out)
+        if args.labels_seeds and name == args.source:
+            r["few_label"] = few_label_rows(folder, train, held_out, args.labels_fraction, args.labels_seeds)
+        if args.ceiling and name == args.source:
+            r["yardstick"] = yardsticks(folder, train, held_out, cfg.seed)
+        evaluations[name] = r
+    result = {"source": args.source, "part": part, "preset": args.preset, "overrides": args.overrides,
+              "size": cfg.data.size, "fit": cfg.data.fit, "labels_fraction": args.labels_fraction,
+              "train_seconds": train_seconds, "score_seconds": round(time.perf_counter() - t1, 1),
+              "evaluations": evaluations}
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
