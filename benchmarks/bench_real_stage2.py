@@ -153,6 +153,7 @@ def score_pieces(folder: Path, train, held_out) -> dict:
     out.update(threshold_metrics(held_out.records, label_free.numpy(), anomaly.threshold))
     out["threshold_method"] = anomaly.threshold_method
     out["refined"] = anomaly.refiner is not None
+    out["checks"] = anomaly.checks   # training's own label-free checks (stage2.guard), when it recorded them
     if anomaly.refiner is not None:   # label-free check: does the refinement keep its seed's direction?
         seed = knn_seed_scores(trained, train, trained.cfg.stage2, seed=trained.cfg.seed,
                                batch_size=trained.cfg.train.feature_batch_size)
@@ -221,6 +222,9 @@ def print_table(result: dict) -> None:
               f"specificity {f(r['specificity'])}, study kappa {f(r['kappa_study'])}, flagged {r['flagged_share']:.0%}")
         if "seed_agreement" in r:
             print(f"  seed agreement (training studies, no label): Spearman {r['seed_agreement']:+.3f}")
+        if (r.get("checks") or {}).get("framing") is not None:
+            print(f"  framing (training films, no label): Spearman {r['checks']['framing']:+.3f} with the fill share"
+                  + (" -- warned" if any("framing" in w for w in r["checks"]["warnings"]) else ""))
         rows = r.get("few_label") or []
         vals = [x["auroc"] for x in rows if x["auroc"] is not None]
         if vals:

@@ -83,12 +83,23 @@ def evaluate(run: str | Path, sources: Sequence[str | Path], json_path: str | Pa
         few_preds, probes = few_label_predictions(predictor, data, preds)
         metrics = score(data, preds, study_how=cfg.stage2.study_score, few_preds=few_preds, probes=probes,
                         naming=naming_counts(run, predictor.names, data.records))
+        checks = score_checks_of(predictor)
+        if checks:
+            metrics["stage2_checks"] = checks
         atomic_write_text(Path(json_path) if json_path else run / "metrics.json", json.dumps(metrics, indent=2))
     if report_dir is not None:
         with timer.phase("report"):
             write_report(run, data, preds, metrics, Path(report_dir) / "report.html", embeddings, cfg.seed,
                          few_preds=few_preds)
     return metrics
+
+
+def score_checks_of(predictor: Predictor) -> dict[str, dict]:
+    """Each part's label-free checks of its training scores, as training recorded them
+    (:mod:`bonecluster.stage2.guard`; parts trained before the checks existed have none). They
+    read no label, of the training films or of these: a warning here says the score may rank
+    framing or have turned its seed round, whatever the held-out figures."""
+    return {part: anomaly.checks for part, (_, anomaly) in sorted(predictor.parts.items()) if anomaly.checks}
 
 
 def load_probes(run: str | Path, parts) -> dict[str, FewLabelProbe]:

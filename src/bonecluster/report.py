@@ -49,6 +49,8 @@ def write_report(run: str | Path, data: PreparedDataset, preds: list[ImagePredic
         ("Stage 1: sample images per cluster", _gallery(data, preds)),
         ("Stage 2: ROC curves per body part", _roc(data, preds, few_preds, metrics)),
         ("Stage 2: confusion matrices at the label-free threshold", _stage2_confusion(data, preds)),
+        *([("Stage 2: label-free checks of each part's score", _checks(metrics))]
+          if "stage2_checks" in metrics else []),
         *([("Stage 2 with few labels (reported apart)", _few_labels(metrics))]
           if "stage2_few_labels" in metrics else []),
         (f"Skipped files ({len(data.skipped)})", _skipped(data)),
@@ -218,6 +220,22 @@ def _stage2_confusion(data, preds) -> str:
         _heatmap(ax, table, ["normal", "abnormal"], ["flag: no", "flag: yes"])
         ax.set_title(part, fontsize=9)
     return _img(fig)
+
+
+def _checks(metrics: dict) -> str:
+    """One row per part: the training scores' framing and seed-agreement checks, and any warning."""
+    def num(v):
+        return "-" if v is None else f"{v:+.2f}"
+
+    rows = "".join(
+        f"<tr><td>{html.escape(part)}</td><td>{num(c.get('framing'))}</td><td>{num(c.get('seed_agreement'))}</td>"
+        f"<td>{'<br>'.join(html.escape(w) for w in c.get('warnings', [])) or 'none'}</td></tr>"
+        for part, c in metrics["stage2_checks"].items())
+    return ("<table><tr><th>part</th><th>framing ρ</th><th>seed agreement ρ</th><th>warnings</th></tr>"
+            f"{rows}</table><p class=note>Computed at training on the training films, without labels: the "
+            "Spearman correlation of the score with how much of the frame each film fills (|ρ| ≥ 0.5 warns: the "
+            "score may rank framing, not findings), and of the refined score with its kNN seed over the training "
+            "studies (below 0 warns). See docs/stage2.md.</p>")
 
 
 def _few_labels(metrics: dict) -> str:

@@ -34,6 +34,7 @@ def test_every_piece_is_scored_held_out_with_the_seed_agreement_the_probe_and_th
         for piece in ("knn_global", "knn_patch", "knn", "label_free"):
             assert 0 <= r[piece] <= 1
         assert r["refined"] and -1 <= r["seed_agreement"] <= 1
+        assert set(r["checks"]) == {"seed_agreement", "framing", "warnings"}
         assert 0 <= r["sensitivity"] <= 1 and 0 <= r["specificity"] <= 1 and 0 <= r["flagged_share"] <= 1
     rows = own["few_label"]
     assert [x["labels_seed"] for x in rows] == [0, 1]

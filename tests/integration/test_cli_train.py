@@ -118,7 +118,12 @@ def test_evaluate_writes_the_documented_metrics_schema(phantoms, tmp_path, capsy
     assert page.count("data:image/png;base64,") >= 5 + 7  # five figures, a thumbnail or more per cluster
     assert "http://" not in page and "https://" not in page  # opens offline
     m = json.loads((tmp_path / "m.json").read_text())
-    assert set(m) == {"stage1", "stage2", "skipped_files"}
+    assert set(m) == {"stage1", "stage2", "stage2_checks", "skipped_files"}
+    # every part's label-free checks, as training stored them, in the metrics and in the report
+    assert set(m["stage2_checks"]) == set(m["stage2"]["per_part"])
+    for c in m["stage2_checks"].values():
+        assert set(c) == {"seed_agreement", "framing", "warnings"} and -1 <= c["framing"] <= 1
+    assert "label-free checks of each part" in page and "framing ρ" in page
     assert set(m["stage1"]) == {"n_images", "accuracy_hungarian", "accuracy_majority", "accuracy_named", "nmi", "ari",
                                 "per_part", "macro", "n_names", "n_labels_read"}
     assert m["stage1"]["n_labels_read"] == 42   # the default names read every training film's part

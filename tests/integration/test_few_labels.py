@@ -92,7 +92,7 @@ def test_evaluate_reports_few_labels_apart(run, capsys):
     printed = capsys.readouterr().out
     assert "few-label auroc" in printed
     m = json.loads((out / "m.json").read_text())
-    assert set(m) == {"stage2", "stage2_few_labels", "skipped_files"}
+    assert set(m) == {"stage2", "stage2_checks", "stage2_few_labels", "skipped_files"}
     few, s2 = m["stage2_few_labels"], m["stage2"]
     assert set(s2) == {"per_part", "macro"}
     assert set(few) == {"per_part", "macro", "labels_fraction", "labels_used"} and few["labels_fraction"] == 0.2
