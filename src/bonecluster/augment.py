@@ -52,6 +52,12 @@ class AugmentConfig:
       with probability 1/2, gets a band of up to ``shutter_max`` of the image side filled with one
       grey level drawn uniformly in [0, 1] per image (real films are collimated, the shutters
       dark or bright, so the network should not sort films by them). 0 disables it.
+    * ``zoom_out_p``: probability of shrinking an image inside its frame after the crop, by a side
+      factor drawn uniformly in ``zoom_out`` (e.g. (1, 2): down to half the side), at a random place,
+      with black around it. How much of the frame a film fills says how it was framed (a scanned
+      film in a black canvas, a tight collimation), not what it shows; it led stage-2 scores on
+      real films (docs/RESULTS.md, issue 27) and splits stage-1 clusters. 0 (the default) disables
+      it and draws no random numbers.
     * ``enabled=False`` makes the module return its input untouched (evaluation).
     """
 
@@ -69,6 +75,8 @@ class AugmentConfig:
     shutter_max: float = 0.15
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.5, 1.5)
+    zoom_out_p: float = 0.0
+    zoom_out: tuple[float, float] = (1.0, 2.0)
 
     def __post_init__(self) -> None:
         # Accept lists (YAML) and validate once, so bad configs fail before training starts.
@@ -78,6 +86,9 @@ class AugmentConfig:
         self.contrast = _as_range(self.contrast, "contrast")
         self.gamma = _as_range(self.gamma, "gamma")
         self.blur_sigma = _as_range(self.blur_sigma, "blur_sigma")
+        self.zoom_out = _as_range(self.zoom_out, "zoom_out")
+        if self.zoom_out[0] < 1.0:
+            raise ValueError(f"zoom_out factors must be >= 1 (1 = no shrinking), got {self.zoom_out}")
         if not (0.0 < self.crop_scale[0] and self.crop_scale[1] <= 1.0):
             raise ValueError(f"crop_scale must lie in (0, 1], got {self.crop_scale}")
         if self.crop_ratio[0] <= 0.0:
@@ -90,7 +101,7 @@ class AugmentConfig:
             raise ValueError(f"shutter_max must be in [0, 0.5), got {self.shutter_max}")
         if self.blur_sigma[0] < 0.0:
             raise ValueError(f"blur_sigma must be >= 0 pixels, got {self.blur_sigma}")
-        for name in ("hflip_p", "vflip_p", "shutter_p", "blur_p"):
+        for name in ("hflip_p", "vflip_p", "shutter_p", "blur_p", "zoom_out_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if self.rotation_degrees < 0.0 or self.noise_std < 0.0:
@@ -138,7 +149,9 @@ def sample_affine(
     ``p = t + R @ S @ F @ u``: flip the output (F = diag(+-1, +-1)), shrink it to the crop size
     (S = diag(w, h) as fractions of the image side), rotate it about the crop centre (R, a
     rotation in pixel space expressed in normalised coordinates), and move it to the crop
-    centre ``t``, drawn so that the unrotated crop lies inside the image.
+    centre ``t``, drawn so that the unrotated crop lies inside the image. With ``cfg.zoom_out_p``
+    the output window grows past the crop by the zoom factor (the crop shrinks inside the frame),
+    its centre drawn so that the crop stays inside the window; the rest samples zeros.
     Draws come from ``generator`` on its device; thetas are float32 on that device.
     """
     scale = _uniform(*cfg.crop_scale, n, generator)
@@ -156,6 +169,17 @@ def sample_affine(
     angle = torch.deg2rad(_uniform(-cfg.rotation_degrees, cfg.rotation_degrees, n, generator))
     flip_x = 1.0 - 2.0 * _bernoulli(cfg.hflip_p, n, generator).float()
     flip_y = 1.0 - 2.0 * _bernoulli(cfg.vflip_p, n, generator).float()
+    if cfg.zoom_out_p > 0:   # drawn last, so the draws above stay as they were without it
+        zoomed = _bernoulli(cfg.zoom_out_p, n, generator)
+        zoom = torch.where(zoomed, _uniform(*cfg.zoom_out, n, generator), torch.ones(n, device=zoomed.device))
+        # The window (zoom x the crop) moves the crop anywhere inside it: its centre shifts by up to
+        # (zoom - 1) x the crop's half side, in the rotated, flipped frame of the window.
+        shift_x = (zoom - 1.0) * crop_w * _uniform(-1.0, 1.0, n, generator)
+        shift_y = (zoom - 1.0) * crop_h * _uniform(-1.0, 1.0, n, generator)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        centre_x = centre_x + cos * shift_x - sin * (height / width) * shift_y
+        centre_y = centre_y + sin * (width / height) * shift_x + cos * shift_y
+        crop_w, crop_h = crop_w * zoom, crop_h * zoom
 
     cos, sin = torch.cos(angle), torch.sin(angle)
     sx, sy = crop_w * flip_x, crop_h * flip_y

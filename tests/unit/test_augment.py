@@ -253,6 +253,39 @@ def test_blur_is_per_image_keeps_flat_images_flat_and_smooths():
 # --------------------------------------------------------------------------- config and helpers
 
 
+def test_zoom_out_shrinks_the_image_inside_a_black_frame():
+    ones = torch.ones(64, 1, SIDE, SIDE)
+    out = RadiographAugment(identity_with(zoom_out_p=1.0, zoom_out=(2.0, 2.0)))(ones, generator=seeded(5))
+    # half the side: a quarter of the frame keeps the film, the rest is black, at a random place
+    film = out > 0.5
+    assert torch.allclose(film.float().mean(dim=(1, 2, 3)), torch.full((64,), 0.25), atol=0.04)
+    rows = film.any(dim=3).squeeze(1).float().sum(dim=1)
+    assert torch.all((rows - SIDE / 2).abs() <= 1)
+    tops = film.any(dim=3).squeeze(1).float().argmax(dim=1)
+    assert len(torch.unique(tops)) > 4 and int(tops.max()) <= SIDE // 2     # placed anywhere inside
+
+
+def test_zoom_out_keeps_rotated_crops_inside_the_window():
+    cfg = identity_with(zoom_out_p=1.0, zoom_out=(1.5, 2.5), rotation_degrees=40.0, crop_scale=(0.5, 1.0))
+    theta = sample_affine(500, SIDE, SIDE, cfg, seeded(6))
+    # the crop's centre in output coordinates must lie within the window by the crop's half side
+    a, t = theta[:, :, :2], theta[:, :, 2]
+    base = sample_affine(500, SIDE, SIDE, replace(cfg, zoom_out_p=0.0), seeded(6))
+    u = torch.linalg.solve(a, (base[:, :, 2] - t).unsqueeze(-1)).squeeze(-1)   # old crop centre, output coords
+    half = torch.linalg.norm(base[:, :, :2], dim=1) / torch.linalg.norm(a, dim=1)   # crop half side, per axis
+    assert torch.all(u.abs() <= 1 - half + 1e-5)
+
+
+def test_zoom_out_off_draws_nothing(batch):
+    base = RadiographAugment(AugmentConfig())(batch, generator=seeded(3))
+    other = RadiographAugment(AugmentConfig(zoom_out=(1.5, 3.0)))(batch, generator=seeded(3))
+    assert torch.equal(base, other)
+    with pytest.raises(ValueError, match="zoom_out"):
+        AugmentConfig(zoom_out=(0.5, 2.0))
+    with pytest.raises(ValueError, match="zoom_out_p"):
+        AugmentConfig(zoom_out_p=1.5)
+
+
 def test_config_accepts_lists_and_validates():
     cfg = AugmentConfig(crop_scale=[0.4, 1.0])
     assert cfg.crop_scale == (0.4, 1.0)
