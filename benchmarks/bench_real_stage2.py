@@ -100,12 +100,6 @@ def train_part(train_csv: Path, run: Path, cfg, part: str, progress: bool) -> fl
     return time.perf_counter() - t0
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic)
-
-
 def study_means(records, scores: np.ndarray) -> tuple[list, np.ndarray]:
     from bonecluster.metrics import study_level
 
@@ -134,6 +128,7 @@ def score_pieces(folder: Path, train, held_out) -> dict:
     from bonecluster.checkpoint import TrainedClusters
     from bonecluster.cluster import l2_normalise
     from bonecluster.metrics import auroc
+    from bonecluster.stage2.guard import spearman
     from bonecluster.stage2.scoring import ANOMALY, PartAnomaly, knn_groups, knn_seed_scores, part_features
 
     trained = TrainedClusters.load(folder, torch.device("cpu"))
@@ -220,7 +215,7 @@ def print_table(result: dict) -> None:
                 print(f"  {name:12s} AUROC {f(r[name])}")
         print(f"  at the label-free threshold ({r['threshold_method']}): sensitivity {f(r['sensitivity'])}, "
               f"specificity {f(r['specificity'])}, study kappa {f(r['kappa_study'])}, flagged {r['flagged_share']:.0%}")
-        if "seed_agreement" in r:
+        if r.get("seed_agreement") is not None:
             print(f"  seed agreement (training studies, no label): Spearman {r['seed_agreement']:+.3f}")
         if (r.get("checks") or {}).get("framing") is not None:
             print(f"  framing (training films, no label): Spearman {r['checks']['framing']:+.3f} with the fill share"
