@@ -101,10 +101,10 @@ def train_part(train_csv: Path, run: Path, cfg, part: str, progress: bool) -> fl
 
 
 def study_means(records, scores: np.ndarray) -> tuple[list, np.ndarray]:
+    from bonecluster.data.records import study_key
     from bonecluster.metrics import study_level
 
-    ids = [r.study or r.patient or r.path for r in records]
-    return study_level(ids, scores)
+    return study_level([study_key(r) for r in records], scores)
 
 
 def threshold_metrics(records, scores: np.ndarray, threshold: float) -> dict:
@@ -124,9 +124,7 @@ def score_pieces(folder: Path, train, held_out) -> dict:
     """Held-out AUROC of every piece of a trained part's score, and the training-side agreement."""
     import torch
 
-    from bonecluster.anomaly import knn_scores, patch_knn_scores
     from bonecluster.checkpoint import TrainedClusters
-    from bonecluster.cluster import l2_normalise
     from bonecluster.metrics import auroc
     from bonecluster.stage2.guard import spearman
     from bonecluster.stage2.scoring import ANOMALY, PartAnomaly, knn_groups, knn_seed_scores, part_features
@@ -135,14 +133,10 @@ def score_pieces(folder: Path, train, held_out) -> dict:
     anomaly = PartAnomaly.load(folder / ANOMALY)
     images = held_out.images()
     truth = held_out.abnormal(np.arange(len(held_out)))
-    pooled, patches = part_features(trained, images)
-    pieces = {}
-    if anomaly.pca is not None:
-        pieces["knn_global"] = knn_scores(anomaly.bank, l2_normalise(anomaly.pca.transform(pooled)), k=anomaly.knn)
-    if anomaly.patch_bank is not None:
-        pieces["knn_patch"] = patch_knn_scores(anomaly.patch_bank, patches, k=anomaly.patch_knn)
-    pieces["knn"] = anomaly.knn_score(trained, images)
-    label_free = anomaly.score(trained, images)
+    parts = anomaly.knn_parts(trained, *part_features(trained, images))   # one feature pass for every piece
+    pieces = {f"knn_{kind}": score for kind, score in parts.items()}
+    pieces["knn"] = anomaly.combine(parts)
+    label_free = anomaly.refiner.score(images) if anomaly.refiner is not None else pieces["knn"]
     pieces["label_free"] = label_free
     out = {name: auroc(truth, s.numpy()) for name, s in pieces.items()}
     out.update(threshold_metrics(held_out.records, label_free.numpy(), anomaly.threshold))

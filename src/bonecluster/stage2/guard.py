@@ -45,9 +45,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def study_means(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """(N,) values -> (G,) their mean per group id (groups (N,) ints), in sorted group order."""
-    _, inverse = np.unique(groups, return_inverse=True)
-    return np.bincount(inverse, weights=values) / np.bincount(inverse)
+    """(N,) values -> (G,) their mean per group id (groups (N,) ints), in sorted group order: one
+    entry per study of :func:`bonecluster.selftrain.study_mean`."""
+    from bonecluster.selftrain import study_mean
+
+    _, first = np.unique(groups, return_index=True)
+    return study_mean(values, groups)[first]
 
 
 def score_checks(scores: np.ndarray, seed: np.ndarray | None, images: np.ndarray, groups: np.ndarray,

@@ -101,16 +101,24 @@ class PartAnomaly:
         """The kNN score (``stage2.score``) of new images: the score itself, or the refiner's seed."""
         if len(images) == 0:
             return torch.zeros(0)
-        pooled, patches = part_features(trained, images, batch_size)
-        parts = []
+        return self.combine(self.knn_parts(trained, *part_features(trained, images, batch_size)))
+
+    def knn_parts(self, trained: TrainedClusters, pooled: torch.Tensor, patches: torch.Tensor
+                  ) -> dict[str, torch.Tensor]:
+        """The kNN distances ``stage2.score`` is made of, from :func:`part_features`' pooled (M, D)
+        and patch (M, L, c) features: ``{"global": (M,), "patch": (M,)}``, those the score uses."""
+        parts = {}
         if self.score_kind in ("global", "global+patch"):
             pca = self.pca if self.pca is not None else trained.pca
-            parts.append(knn_scores(self.bank, l2_normalise(pca.transform(pooled)), k=self.knn))
+            parts["global"] = knn_scores(self.bank, l2_normalise(pca.transform(pooled)), k=self.knn)
         if self.score_kind in ("patch", "global+patch"):
-            parts.append(patch_knn_scores(self.patch_bank, patches, k=self.patch_knn))
-        if len(parts) == 1:
-            return parts[0]
-        return combine_scores(list(self.train_parts), parts)[1]
+            parts["patch"] = patch_knn_scores(self.patch_bank, patches, k=self.patch_knn)
+        return parts
+
+    def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`knn_parts` -> the kNN score (M,): the one part, or both on the training scales."""
+        scores = list(parts.values())
+        return scores[0] if len(scores) == 1 else combine_scores(list(self.train_parts), scores)[1]
 
     def save(self, path: Path) -> None:
         save_torch(path, {"bank": self.bank, "train_scores": self.train_scores, "threshold": self.threshold,
