@@ -14,7 +14,8 @@ then every piece of its score is scored on the held-out films (image AUROC; labe
   ``stage2.networks`` > 1 the seed is the mean rank with the extra networks, which keep only
   their training scores, so only this network's kNN is scored here);
 * ``label_free``: the product's score (the refined one by default), with its sensitivity,
-  specificity and study kappa at the label-free threshold;
+  specificity and study kappa at the label-free threshold; ``label_free_study``: each held-out
+  image scored with its study's mean label-free score (the views of a study share one label);
 * ``seed_agreement``: the Spearman correlation, over the *training* studies (no label), of the
   refined score with this network's kNN seed, study means. A refinement that inverts its seed
   shows here as a negative figure without any label;
@@ -126,8 +127,10 @@ def score_pieces(folder: Path, train, held_out) -> dict:
 
     from bonecluster.checkpoint import TrainedClusters
     from bonecluster.metrics import auroc
+    from bonecluster.selftrain import study_mean
     from bonecluster.stage2.guard import spearman
-    from bonecluster.stage2.scoring import ANOMALY, PartAnomaly, knn_groups, knn_seed_scores, part_features
+    from bonecluster.stage2.scoring import (ANOMALY, PartAnomaly, knn_groups, knn_seed_scores, part_features,
+                                            study_groups)
 
     trained = TrainedClusters.load(folder, torch.device("cpu"))
     anomaly = PartAnomaly.load(folder / ANOMALY)
@@ -138,6 +141,8 @@ def score_pieces(folder: Path, train, held_out) -> dict:
     pieces["knn"] = anomaly.combine(parts)
     label_free = anomaly.refiner.score(images) if anomaly.refiner is not None else pieces["knn"]
     pieces["label_free"] = label_free
+    # Every view of a study carries the study's mean label-free score (MURA labels whole studies).
+    pieces["label_free_study"] = torch.as_tensor(study_mean(label_free.numpy(), study_groups(held_out).numpy()))
     out = {name: auroc(truth, s.numpy()) for name, s in pieces.items()}
     out.update(threshold_metrics(held_out.records, label_free.numpy(), anomaly.threshold))
     out["threshold_method"] = anomaly.threshold_method
@@ -204,7 +209,7 @@ def print_table(result: dict) -> None:
     for key, r in result["evaluations"].items():
         print(f"\n{key}: {r['n_held_out']} held-out films ({r['abnormal_share']:.0%} abnormal), model trained on "
               f"{r['n_train']} films in {r['n_train_groups']} studies, size {result['size']} px")
-        for name in ("knn_global", "knn_patch", "knn", "label_free"):
+        for name in ("knn_global", "knn_patch", "knn", "label_free", "label_free_study"):
             if name in r:
                 print(f"  {name:12s} AUROC {f(r[name])}")
         print(f"  at the label-free threshold ({r['threshold_method']}): sensitivity {f(r['sensitivity'])}, "

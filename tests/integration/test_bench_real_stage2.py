@@ -31,11 +31,13 @@ def test_every_piece_is_scored_held_out_with_the_seed_agreement_the_probe_and_th
     assert result["part"] == "HUMERUS" and result["size"] == 32 and result["train_seconds"] > 0
     own, other = result["evaluations"]["mura-humerus"], result["evaluations"]["fracatlas-hand"]
     for r in (own, other):
-        for piece in ("knn_global", "knn_patch", "knn", "label_free"):
+        for piece in ("knn_global", "knn_patch", "knn", "label_free", "label_free_study"):
             assert 0 <= r[piece] <= 1
         assert r["refined"] and -1 <= r["seed_agreement"] <= 1
         assert set(r["checks"]) == {"seed_agreement", "framing", "warnings"}
         assert 0 <= r["sensitivity"] <= 1 and 0 <= r["specificity"] <= 1 and 0 <= r["flagged_share"] <= 1
+    # FracAtlas films are each their own study: the study mean is the film's own score
+    assert other["label_free_study"] == pytest.approx(other["label_free"])
     rows = own["few_label"]
     assert [x["labels_seed"] for x in rows] == [0, 1]
     assert all(x["auroc"] is None or 0 <= x["auroc"] <= 1 for x in rows)
