@@ -17,8 +17,11 @@ run was not trained on from films like its training films. Two settings (issue 2
    films' own).
 
 Each figure is given for the space that ships (the stage-1 embedding, ``stage1/typicality.npz``)
-and, for comparison, for the backbone's pooled features (L2-normalised, same k and percentile) and
-for a lever not shipped, ``pooled-mahalanobis`` (:class:`ClusterMahalanobis`).
+and, for comparison, for the backbone's pooled features (L2-normalised, same k and percentile),
+for a lever not shipped, ``pooled-mahalanobis`` (:class:`ClusterMahalanobis`), for the
+network-free ``appearance`` histograms (``bonecluster.descriptors.appearance``, standardised by
+the training films) and for ``embedding+appearance`` (:class:`EitherFlags`: flagged when either
+flags).
 Beside each AUROC, a supervised reference: logistic regression told which group each film is in,
 5-fold cross-validated on the same films (a ceiling for what the features hold, not a flag).
 Labels (regions, parts) only choose which films are upper-limb, legs or hips; the training itself
@@ -99,12 +102,42 @@ def upper_limb_sets(data: Path, work: Path) -> dict[str, list[str]]:
     return sets
 
 
-def _features(trained, sources: list[str], cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(stage-1 embedding (N, d), pooled features (N, D)) of every film of ``sources``."""
+def _features(trained, sources: list[str], cache: Path) -> dict[str, np.ndarray]:
+    """Every film of ``sources`` in each space: the stage-1 embedding (N, d), the pooled features
+    (N, D) and the network-free appearance histograms (N, 64), by name."""
     from bonecluster.data import prepare_sources
+    from bonecluster.descriptors import appearance
 
     ds = prepare_sources(sources, trained.cfg.data, cache=cache, progress=False)
-    return _embed(trained, ds.images())
+    images = ds.images()
+    emb, raw = _embed(trained, images)
+    return {"embedding": emb, "pooled": raw, "appearance": appearance(images).numpy()}
+
+
+def _inputs(feats: dict, space: str):
+    """What a space reads: one array, or a tuple of arrays for a combined space ("a+b")."""
+    keys = space.split("+")
+    return feats[keys[0]] if len(keys) == 1 else tuple(feats[k] for k in keys)
+
+
+class EitherFlags:
+    """Two typicalities at once (a lever measured beside the shipped flag): a film is out of
+    distribution when either flags it, and its typicality is the smaller (same percentile).
+    Queries are a pair of arrays, one per space; ``distance`` is 100 - typicality (for the AUROC)."""
+
+    def __init__(self, first, second):
+        if first.percentile != second.percentile:
+            raise ValueError("the two typicalities need the same percentile")
+        self.parts, self.percentile = (first, second), first.percentile
+
+    def typicality(self, queries) -> np.ndarray:
+        return np.minimum(*(t.typicality(q) for t, q in zip(self.parts, queries)))
+
+    def distance(self, queries) -> np.ndarray:
+        return 100.0 - self.typicality(queries)
+
+    def in_distribution(self, typicality: np.ndarray) -> np.ndarray:
+        return np.asarray(typicality) >= 100.0 - self.percentile
 
 
 def _auroc(inside: np.ndarray, outside: np.ndarray) -> float:
@@ -129,11 +162,19 @@ def _probe_auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     return _auroc(*np.split(cross_val_predict(model, x, y, cv=folds, method="predict_proba")[:, 1], [len(inside)]))
 
 
-def _flag_stats(typ, queries: np.ndarray) -> dict:
+def _as_query(x):
     import torch
 
-    t = typ.typicality(torch.from_numpy(queries))
-    return {"films": len(queries), "flagged": float(np.mean(~typ.in_distribution(t))),
+    return tuple(torch.from_numpy(a) for a in x) if isinstance(x, tuple) else torch.from_numpy(x)
+
+
+def _joined(x) -> np.ndarray:
+    return np.concatenate(x, axis=1) if isinstance(x, tuple) else x
+
+
+def _flag_stats(typ, queries) -> dict:
+    t = typ.typicality(_as_query(queries))
+    return {"films": len(t), "flagged": float(np.mean(~typ.in_distribution(t))),
             "median_typicality": float(np.median(t))}
 
 
@@ -183,7 +224,8 @@ def _spaces(run: Path, train_sources: list[str], cache: Path) -> tuple[object, d
 
     trained = TrainedClusters.load(run / "stage1")
     shipped = Typicality.load(run / "stage1" / TYPICALITY)
-    emb, raw = _features(trained, train_sources, cache)
+    feats = _features(trained, train_sources, cache)
+    emb, raw = feats["embedding"], feats["pooled"]
     if shipped.bank.shape != emb.shape:
         raise SystemExit(f"{run}: its typicality reference holds {tuple(shipped.bank.shape)} but the training "
                          f"films give {emb.shape}: not the films this run was trained on")
@@ -191,12 +233,13 @@ def _spaces(run: Path, train_sources: list[str], cache: Path) -> tuple[object, d
     drift = float(np.abs(emb - shipped.bank.numpy()).max())
     spaces = {"embedding": shipped, "pooled": Typicality.fit(torch.from_numpy(raw)),
               "pooled-mahalanobis": ClusterMahalanobis(raw, trained.assignments)}
+    spaces["appearance"] = Typicality.fit(torch.from_numpy(feats["appearance"]), standardise=True,
+                                          metric="euclidean")
+    spaces["embedding+appearance"] = EitherFlags(shipped, spaces["appearance"])
     return trained, spaces, drift
 
 
 def phantom_setting(args, work: Path, data: Path) -> dict:
-    import torch
-
     from bonecluster.config import load_config
     from bonecluster.data.phantoms import generate_phantoms
     from bonecluster.pipeline import train
@@ -226,20 +269,18 @@ def phantom_setting(args, work: Path, data: Path) -> dict:
         if (data / SOURCES[name]).exists():
             queries[name] = _features(trained, [str(data / SOURCES[name])], cache)
     real = [q for name, q in queries.items() if name in REAL]
-    queries["all real films"] = tuple(np.concatenate([q[i] for q in real]) for i in range(2))
+    queries["all real films"] = {key: np.concatenate([q[key] for q in real]) for key in real[0]}
     out = {"run": str(run), "train_seconds": round(trained_s, 1), "reference_drift": drift, "spaces": {}}
     for space, typ in spaces.items():
-        col = 0 if space == "embedding" else 1
-        out["spaces"][space] = {name: _flag_stats(typ, q[col]) for name, q in queries.items()}
-        new, real = queries["new phantoms"][col], queries["all real films"][col]
-        out["spaces"][space]["auroc"] = _auroc(typ.distance(torch.from_numpy(new)), typ.distance(torch.from_numpy(real)))
-        out["spaces"][space]["probe_auroc"] = _probe_auroc(new, real)
+        key = "pooled" if space.startswith("pooled") else space
+        out["spaces"][space] = {name: _flag_stats(typ, _inputs(q, key)) for name, q in queries.items()}
+        new, real = _inputs(queries["new phantoms"], key), _inputs(queries["all real films"], key)
+        out["spaces"][space]["auroc"] = _auroc(typ.distance(_as_query(new)), typ.distance(_as_query(real)))
+        out["spaces"][space]["probe_auroc"] = _probe_auroc(_joined(new), _joined(real))
     return out
 
 
 def upper_limb_setting(args, work: Path, data: Path) -> dict:
-    import torch
-
     from bonecluster.config import load_config
     from bonecluster.pipeline import train
 
@@ -256,12 +297,12 @@ def upper_limb_setting(args, work: Path, data: Path) -> dict:
     out = {"run": str(run), "train_seconds": round(trained_s, 1), "reference_drift": drift,
            "train_films": len(spaces["embedding"].reference), "spaces": {}}
     for space, typ in spaces.items():
-        col = 0 if space == "embedding" else 1
-        d_in = typ.distance(torch.from_numpy(held[col]))
-        d_out = typ.distance(torch.from_numpy(outside[col]))
-        out["spaces"][space] = {"held-out upper limb": _flag_stats(typ, held[col]),
-                                "leg and hip": _flag_stats(typ, outside[col]),
-                                "auroc": _auroc(d_in, d_out), "probe_auroc": _probe_auroc(held[col], outside[col])}
+        key = "pooled" if space.startswith("pooled") else space
+        inside, beyond = _inputs(held, key), _inputs(outside, key)
+        d_in, d_out = typ.distance(_as_query(inside)), typ.distance(_as_query(beyond))
+        out["spaces"][space] = {"held-out upper limb": _flag_stats(typ, inside),
+                                "leg and hip": _flag_stats(typ, beyond),
+                                "auroc": _auroc(d_in, d_out), "probe_auroc": _probe_auroc(_joined(inside), _joined(beyond))}
     return out
 
 

@@ -4,6 +4,8 @@
   humerus films a linear model on HOG separates abnormal studies far better than the stage-2
   network's own features (docs/RESULTS.md), so the few-label probe and the label-free score
   refinement (:mod:`bonecluster.selftrain`) both read it.
+* :func:`appearance` — grey-level and gradient-magnitude histograms, for the out-of-distribution
+  flag's second reference (:mod:`bonecluster.typicality`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,34 @@ def hog(x: torch.Tensor, cell: int = 8, bins: int = 9) -> torch.Tensor:
     blocks = blocks.clamp_max(0.2)
     blocks = blocks / torch.sqrt(blocks.pow(2).sum(-1, keepdim=True) + 1e-6)
     return blocks.flatten(1)
+
+
+# appearance(): gradient magnitudes (grey levels in [0, 1], central differences) are binned over
+# [0, APPEARANCE_MAX_GRADIENT]; steeper edges fall in the last bin.
+APPEARANCE_MAX_GRADIENT = 0.5
+
+
+@torch.no_grad()
+def appearance(images: np.ndarray, bins: int = 32, batch_size: int = 512) -> torch.Tensor:
+    """How a film looks, whatever it shows: uint8 (N, S, S) -> (N, 2 * bins) float32, the share of
+    its pixels in each of ``bins`` grey levels, then in each of ``bins`` gradient magnitudes.
+
+    A network-free description for the out-of-distribution flag (:mod:`bonecluster.typicality`):
+    a phantom and a real film differ in exposure, noise and edges before they differ in anatomy.
+    """
+    out = []
+    for x in float_batches(images, batch_size):
+        n = len(x)
+        grey = torch.clamp((x * bins).long(), max=bins - 1).view(n, -1)
+        gx = F.pad(x, (1, 1, 0, 0), mode="replicate")
+        gy = F.pad(x, (0, 0, 1, 1), mode="replicate")
+        mag = torch.sqrt((gx[..., :, 2:] - gx[..., :, :-2]) ** 2 + (gy[..., 2:, :] - gy[..., :-2, :]) ** 2)
+        edge = torch.clamp((mag / APPEARANCE_MAX_GRADIENT * bins).long(), max=bins - 1).view(n, -1)
+        rows = torch.arange(n).unsqueeze(1) * bins     # one bincount for the whole batch
+        shares = [torch.bincount((v + rows).view(-1), minlength=n * bins).view(n, bins).float() / v.shape[1]
+                  for v in (grey, edge)]
+        out.append(torch.cat(shares, dim=1))
+    return torch.cat(out) if out else torch.zeros(0, 2 * bins)
 
 
 def mirror(images: np.ndarray) -> np.ndarray:

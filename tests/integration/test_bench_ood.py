@@ -24,7 +24,7 @@ def test_both_settings_report_flagged_shares_and_the_auroc(tmp_path, single_torc
 
     phantom = result["phantom"]
     assert phantom["reference_drift"] < 1e-4   # the shipped reference is this run's training films
-    for space in ("embedding", "pooled", "pooled-mahalanobis"):
+    for space in ("embedding", "pooled", "pooled-mahalanobis", "appearance", "embedding+appearance"):
         rows = phantom["spaces"][space]
         assert set(rows) == {"new phantoms", "mura-humerus", "mura-elbow", "fracatlas", "fracture-parts",
                              "mura-unlabelled", "all real films", "auroc", "probe_auroc"}
@@ -45,7 +45,7 @@ def test_both_settings_report_flagged_shares_and_the_auroc(tmp_path, single_torc
     assert upper["train_films"] == len(trained_paths)
     # no leg film and no non-upper-limb FracAtlas film is trained on
     assert not any(regions.get(p, "hand") != "hand" for p in trained_paths)
-    for space in ("embedding", "pooled", "pooled-mahalanobis"):
+    for space in ("embedding", "pooled", "pooled-mahalanobis", "appearance", "embedding+appearance"):
         rows = upper["spaces"][space]
         assert rows["leg and hip"]["films"] == legs
         assert 0 < rows["held-out upper limb"]["films"]

@@ -89,3 +89,37 @@ def test_save_and_load_round_trip(tmp_path):
     queries = torch.randn(5, 8)
     np.testing.assert_array_equal(back.typicality(queries), typ.typicality(queries))
     assert [p.name for p in tmp_path.iterdir()] == ["typicality.npz"]   # no temporary left behind
+
+
+def test_standardise_scales_each_column_by_the_training_films_and_survives_save(tmp_path):
+    rng = np.random.default_rng(0)
+    # column 0 spreads 1000 times wider than column 1: unstandardised, cosine distances see column 0 only
+    train = torch.from_numpy(np.c_[rng.normal(0, 1000, 40), rng.normal(0, 1, 40)].astype(np.float32))
+    typ = Typicality.fit(train, k=3, standardise=True, metric="euclidean")
+    np.testing.assert_allclose(typ.bank.mean(0).numpy(), 0, atol=1e-4)
+    np.testing.assert_allclose(typ.bank.std(0).numpy(), 1, atol=1e-4)
+    # a film far out in the narrow column only is flagged once the columns are standardised
+    odd = torch.tensor([[0.0, 50.0]])
+    assert typ.typicality(odd)[0] < 1.0
+    assert Typicality.fit(train, k=3, metric="euclidean").typicality(torch.tensor([[1.0, 50.0]]))[0] > 1.0
+    typ.save(tmp_path / "t.npz")
+    back = Typicality.load(tmp_path / "t.npz")
+    assert back.metric == "euclidean"
+    np.testing.assert_allclose(back.distance(odd), typ.distance(odd), rtol=1e-6)
+
+
+def test_a_constant_column_does_not_divide_by_zero():
+    train = torch.tensor([[1.0, 2.0], [1.0, 3.0], [1.0, 5.0]])
+    typ = Typicality.fit(train, k=1, standardise=True, metric="euclidean")
+    assert torch.isfinite(typ.bank).all() and np.isfinite(typ.distance(torch.tensor([[4.0, 2.0]]))).all()
+
+
+def test_euclidean_distances_count_the_length_and_cosine_ones_do_not():
+    bank = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    query = torch.tensor([[2.0, 0.0]])
+    assert knn_distances(query, bank, k=2, metric="euclidean").item() == pytest.approx(1.0)
+    assert knn_distances(query, bank, k=2).item() == pytest.approx(0.0, abs=1e-6)
+    loo = knn_distances(bank, bank, k=1, leave_one_out=True, metric="euclidean", batch_size=2)
+    np.testing.assert_allclose(loo.numpy(), [2.0, 2.0, np.sqrt(5)], rtol=1e-6)
+    with pytest.raises(ValueError, match="metric"):
+        knn_distances(query, bank, k=1, metric="manhattan")
