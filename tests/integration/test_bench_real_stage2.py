@@ -55,8 +55,10 @@ def test_every_piece_is_scored_held_out_with_the_seed_agreement_the_probe_and_th
         assert other["n_held_out"] == sum(1 for _ in csv.DictReader(f)) > 0
     # scoring a trained run again gives the same figures, without training
     again = bench.main(["--data", str(data), "--work", str(work), "--source", "mura-humerus", "--quiet",
-                        "--run", str(work / "mura-humerus" / "run")])
+                        "--run", str(work / "mura-humerus" / "run"), "--ceiling", "hog"])
     assert again["train_seconds"] is None
+    hog_only = again["evaluations"]["mura-humerus"]["yardstick"]
+    assert hog_only["cnn_sup"] is None and hog_only["hog_sup"] == pytest.approx(own["yardstick"]["hog_sup"])
     assert again["evaluations"]["mura-humerus"]["label_free"] == pytest.approx(own["label_free"])
 
 
