@@ -216,7 +216,8 @@ class ClusterMahalanobis:
 
 
 def _spaces(run: Path, train_sources: list[str], cache: Path) -> tuple[object, dict]:
-    """The run's model and one Typicality per space: the shipped one and pooled features."""
+    """The run's model and one typicality per space: the shipped one, the pooled features (plain
+    and cluster Mahalanobis), the appearance histograms, and the shipped one with the appearance."""
     import torch
 
     from bonecluster.checkpoint import TrainedClusters
@@ -311,7 +312,7 @@ def print_tables(result: dict) -> None:
         r = result["phantom"]
         print(f"\n1. run trained on phantoms ({r['run']}): share flagged out of distribution")
         names = [n for n in next(iter(r["spaces"].values())) if n not in ("auroc", "probe_auroc")]
-        print("| space | " + " | ".join(names) + " | AUROC new phantoms vs real (5-NN distance) | supervised reference |")
+        print("| space | " + " | ".join(names) + " | AUROC new phantoms vs real (5-NN distance; combined: 100 - typicality) | supervised reference |")
         print("|---|" + "---|" * (len(names) + 2))
         for space, rows in r["spaces"].items():
             print(f"| {space} | " + " | ".join(f"{rows[n]['flagged']:.3f} ({rows[n]['films']})" for n in names)
@@ -319,7 +320,7 @@ def print_tables(result: dict) -> None:
     if "upper_limb" in result:
         r = result["upper_limb"]
         print(f"\n2. run trained on {r['train_films']} real upper-limb films ({r['run']})")
-        print("| space | held-out upper limb flagged | leg and hip flagged | AUROC (5-NN distance) | supervised reference |")
+        print("| space | held-out upper limb flagged | leg and hip flagged | AUROC (5-NN distance; combined: 100 - typicality) | supervised reference |")
         print("|---|---|---|---|---|")
         for space, rows in r["spaces"].items():
             h, o = rows["held-out upper limb"], rows["leg and hip"]

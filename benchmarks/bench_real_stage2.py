@@ -214,7 +214,7 @@ def print_table(result: dict) -> None:
               f"{r['n_train']} films in {r['n_train_groups']} studies, size {result['size']} px")
         for name in ("knn_global", "knn_patch", "knn", "label_free", "label_free_study"):
             if name in r:
-                print(f"  {name:12s} AUROC {f(r[name])}")
+                print(f"  {name:16s} AUROC {f(r[name])}")
         print(f"  at the label-free threshold ({r['threshold_method']}): sensitivity {f(r['sensitivity'])}, "
               f"specificity {f(r['specificity'])}, study kappa {f(r['kappa_study'])}, flagged {r['flagged_share']:.0%}")
         if r.get("seed_agreement") is not None:

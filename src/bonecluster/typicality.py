@@ -61,8 +61,10 @@ def knn_distances(queries: Tensor, bank: Tensor, k: int, leave_one_out: bool = F
         q, b = F.normalize(q, dim=1), F.normalize(b, dim=1)
     out = []
     for start in range(0, len(q), batch_size):
-        # the negated distance, so that the nearest rows are the largest
-        near = q[start:start + batch_size] @ b.T - 1.0 if metric == "cosine" else -torch.cdist(q[start:start + batch_size], b)
+        chunk = q[start:start + batch_size]
+        # the negated distance, so that the nearest rows are the largest (cdist exactly, not by matmul)
+        near = (chunk @ b.T - 1.0 if metric == "cosine"
+                else -torch.cdist(chunk, b, compute_mode="donot_use_mm_for_euclid_dist"))
         if leave_one_out:
             rows = torch.arange(len(near))
             near[rows, rows + start] = -float("inf")

@@ -34,6 +34,10 @@ def test_both_settings_report_flagged_shares_and_the_auroc(tmp_path, single_torc
         assert rows["new phantoms"]["films"] == 70
         for r in rows.values():
             assert 0 <= r["flagged"] <= 1 and 0 <= r["median_typicality"] <= 100
+    # flagged by either reference: at least as often as by each, at most as by both together
+    for name, either in phantom["spaces"]["embedding+appearance"].items():
+        parts = [phantom["spaces"][space][name]["flagged"] for space in ("embedding", "appearance")]
+        assert max(parts) - 1e-9 <= either["flagged"] <= sum(parts) + 1e-9
 
     upper = result["upper_limb"]
     assert upper["reference_drift"] < 1e-4

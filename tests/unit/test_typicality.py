@@ -101,7 +101,7 @@ def test_standardise_scales_each_column_by_the_training_films_and_survives_save(
     # a film far out in the narrow column only is flagged once the columns are standardised
     odd = torch.tensor([[0.0, 50.0]])
     assert typ.typicality(odd)[0] < 1.0
-    assert Typicality.fit(train, k=3, metric="euclidean").typicality(torch.tensor([[1.0, 50.0]]))[0] > 1.0
+    assert Typicality.fit(train, k=3, metric="euclidean").typicality(odd)[0] > 1.0
     typ.save(tmp_path / "t.npz")
     back = Typicality.load(tmp_path / "t.npz")
     assert back.metric == "euclidean"
@@ -123,3 +123,13 @@ def test_euclidean_distances_count_the_length_and_cosine_ones_do_not():
     np.testing.assert_allclose(loo.numpy(), [2.0, 2.0, np.sqrt(5)], rtol=1e-6)
     with pytest.raises(ValueError, match="metric"):
         knn_distances(query, bank, k=1, metric="manhattan")
+
+
+def test_a_file_written_before_standardise_and_metric_loads_as_cosine(tmp_path):
+    bank = _unit([0, 40, 90, 200])
+    old = Typicality.fit(bank, k=1)
+    np.savez(tmp_path / "old.npz", bank=old.bank.numpy(), reference=old.reference, k=np.int64(1),
+             percentile=np.float64(99.0))
+    back = Typicality.load(tmp_path / "old.npz")
+    assert back.metric == "cosine" and back.center is None and back.scale is None
+    np.testing.assert_allclose(back.distance(_unit([10])), old.distance(_unit([10])))
