@@ -115,8 +115,9 @@ def _features(trained, sources: list[str], cache: Path) -> dict[str, np.ndarray]
 
 
 def _inputs(feats: dict, space: str):
-    """What a space reads: one array, or a tuple of arrays for a combined space ("a+b")."""
-    keys = space.split("+")
+    """What a space reads: one array, or a tuple of arrays for a combined space ("a+b"); the
+    pooled-feature spaces ("pooled", "pooled-mahalanobis") read the pooled features."""
+    keys = ["pooled" if k.startswith("pooled") else k for k in space.split("+")]
     return feats[keys[0]] if len(keys) == 1 else tuple(feats[k] for k in keys)
 
 
@@ -273,9 +274,8 @@ def phantom_setting(args, work: Path, data: Path) -> dict:
     queries["all real films"] = {key: np.concatenate([q[key] for q in real]) for key in real[0]}
     out = {"run": str(run), "train_seconds": round(trained_s, 1), "reference_drift": drift, "spaces": {}}
     for space, typ in spaces.items():
-        key = "pooled" if space.startswith("pooled") else space
-        out["spaces"][space] = {name: _flag_stats(typ, _inputs(q, key)) for name, q in queries.items()}
-        new, real = _inputs(queries["new phantoms"], key), _inputs(queries["all real films"], key)
+        out["spaces"][space] = {name: _flag_stats(typ, _inputs(q, space)) for name, q in queries.items()}
+        new, real = _inputs(queries["new phantoms"], space), _inputs(queries["all real films"], space)
         out["spaces"][space]["auroc"] = _auroc(typ.distance(_as_query(new)), typ.distance(_as_query(real)))
         out["spaces"][space]["probe_auroc"] = _probe_auroc(_joined(new), _joined(real))
     return out
@@ -298,8 +298,7 @@ def upper_limb_setting(args, work: Path, data: Path) -> dict:
     out = {"run": str(run), "train_seconds": round(trained_s, 1), "reference_drift": drift,
            "train_films": len(spaces["embedding"].reference), "spaces": {}}
     for space, typ in spaces.items():
-        key = "pooled" if space.startswith("pooled") else space
-        inside, beyond = _inputs(held, key), _inputs(outside, key)
+        inside, beyond = _inputs(held, space), _inputs(outside, space)
         d_in, d_out = typ.distance(_as_query(inside)), typ.distance(_as_query(beyond))
         out["spaces"][space] = {"held-out upper limb": _flag_stats(typ, inside),
                                 "leg and hip": _flag_stats(typ, beyond),

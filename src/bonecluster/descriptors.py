@@ -17,6 +17,14 @@ import torch
 import torch.nn.functional as F
 
 
+def central_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Horizontal and vertical central differences of float (N, 1, S, S), edges replicated: two
+    (N, 1, S, S) tensors."""
+    gx = F.pad(x, (1, 1, 0, 0), mode="replicate")
+    gy = F.pad(x, (0, 0, 1, 1), mode="replicate")
+    return gx[..., :, 2:] - gx[..., :, :-2], gy[..., 2:, :] - gy[..., :-2, :]
+
+
 def hog(x: torch.Tensor, cell: int = 8, bins: int = 9) -> torch.Tensor:
     """Histograms of oriented gradients (Dalal & Triggs 2005): float (N, 1, S, S) in [0, 1] -> (N, D).
 
@@ -26,10 +34,7 @@ def hog(x: torch.Tensor, cell: int = 8, bins: int = 9) -> torch.Tensor:
     Plain tensor operations only (the votes are one-hot masks, not a scatter), so the ONNX
     export carries it (:mod:`bonecluster.export`).
     """
-    gx = F.pad(x, (1, 1, 0, 0), mode="replicate")
-    gy = F.pad(x, (0, 0, 1, 1), mode="replicate")
-    gx = gx[..., :, 2:] - gx[..., :, :-2]
-    gy = gy[..., 2:, :] - gy[..., :-2, :]
+    gx, gy = central_gradients(x)
     mag = torch.sqrt(gx ** 2 + gy ** 2)
     pos = torch.remainder(torch.atan2(gy, gx), math.pi) / math.pi * bins - 0.5   # bin centres at 0..bins-1
     low = torch.floor(pos)
@@ -64,9 +69,8 @@ def appearance(images: np.ndarray, bins: int = 32, batch_size: int = 512) -> tor
     for x in float_batches(images, batch_size):
         n = len(x)
         grey = torch.clamp((x * bins).long(), max=bins - 1).view(n, -1)
-        gx = F.pad(x, (1, 1, 0, 0), mode="replicate")
-        gy = F.pad(x, (0, 0, 1, 1), mode="replicate")
-        mag = torch.sqrt((gx[..., :, 2:] - gx[..., :, :-2]) ** 2 + (gy[..., 2:, :] - gy[..., :-2, :]) ** 2)
+        gx, gy = central_gradients(x)
+        mag = torch.sqrt(gx ** 2 + gy ** 2)
         edge = torch.clamp((mag / APPEARANCE_MAX_GRADIENT * bins).long(), max=bins - 1).view(n, -1)
         rows = torch.arange(n).unsqueeze(1) * bins     # one bincount for the whole batch
         shares = [torch.bincount((v + rows).view(-1), minlength=n * bins).view(n, bins).float() / v.shape[1]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bonecluster.io import atomic_write_bytes
+from bonecluster.selftrain import standardisation
 
 TYPICALITY = "typicality.npz"   # in a run's stage1/ folder
 DEFAULT_K = 5                   # neighbours averaged
@@ -110,8 +111,7 @@ class Typicality:
         bank = embeddings.detach().float().cpu()
         center = scale = None
         if standardise:   # a column constant over the training films gets scale 1: it then only adds distance
-            center, scale = bank.mean(0), bank.std(0)
-            scale = torch.where(scale > 1e-6, scale, torch.ones_like(scale))
+            center, scale = standardisation(bank)
             bank = (bank - center) / scale
         k = min(k, len(bank) - 1)
         reference = np.sort(knn_distances(bank, bank, k, leave_one_out=True, metric=metric).double().numpy())
