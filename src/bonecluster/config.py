@@ -350,6 +350,10 @@ class PhantomPretrainConfig:
     # Strength of trabecular streaks in the marrow and mottled soft tissue (data.phantoms.texture_field):
     # 0 draws them flat, 1 is the default ranges, up to 2.
     texture: float = 0.0
+    # How widely magnification, centring and shutters vary (data.phantoms.render_labelled): 0 as the
+    # demo's phantoms (magnification 0.85-1.08, shutters up to 13% of a side), 1 wider (0.65-1.30,
+    # 30%), up to 2.
+    framing: float = 0.0
 
 
 @dataclass

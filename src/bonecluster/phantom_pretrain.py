@@ -41,8 +41,8 @@ from bonecluster import BODY_PARTS
 from bonecluster.augment import RadiographAugment, uint8_to_unit_float
 from bonecluster.config import Config, DataConfig, PhantomPretrainConfig
 from bonecluster.data.decode import fit_to_square, scale_percentiles
-from bonecluster.data.phantoms import (FINDINGS, VIEWS, _default_workers, _progress_bar, check_texture,
-                                      render_labelled, reshare_film)
+from bonecluster.data.phantoms import (FINDINGS, VIEWS, _default_workers, _progress_bar, check_framing,
+                                      check_texture, render_labelled, reshare_film)
 from bonecluster.device import amp_enabled, pick_device, seed_everything
 from bonecluster.io import atomic_write_text
 from bonecluster.models import DeepClusterNet, build_model
@@ -84,29 +84,45 @@ class PhantomCorpus:
         return len(self.images)
 
 
-def _render_slice(job: tuple[int, int, int, int, str, float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """Films ``first .. first+count-1`` of the seeded stream, prepared like a decoded real film:
-    percentile scaling (the cache's) then the configured fit to a square. A ``reshare_p`` share
-    of them are first turned into re-shared copies (:func:`reshare_film`); ``texture`` is
-    :func:`render_labelled`'s."""
-    first, count, seed, size, fit, pct_low, pct_high, reshare_p, texture = job
-    images = np.empty((count, size, size), dtype=np.uint8)
-    labels = np.empty((count, len(TASK_CLASSES)), dtype=np.int64)
-    for i in range(count):
-        film = render_labelled(first + i, size, seed, texture=texture)
+@dataclass(frozen=True)
+class _Slice:
+    """Films ``first .. first+count-1`` of the labelled stream, and how to draw and prepare them."""
+
+    first: int
+    count: int
+    seed: int
+    data: DataConfig
+    reshare_p: float
+    texture: float
+    framing: float
+
+
+def _render_slice(job: _Slice) -> tuple[np.ndarray, np.ndarray]:
+    """The slice's films, prepared like a decoded real film: percentile scaling (the cache's)
+    then the configured fit to a square. A ``reshare_p`` share of them are first turned into
+    re-shared copies (:func:`reshare_film`); ``texture`` and ``framing`` are
+    :func:`render_labelled`'s. Returns images uint8 ``(count, S, S)`` and labels int64
+    ``(count, tasks)``."""
+    size = job.data.size
+    images = np.empty((job.count, size, size), dtype=np.uint8)
+    labels = np.empty((job.count, len(TASK_CLASSES)), dtype=np.int64)
+    for i in range(job.count):
+        index = job.first + i
+        film = render_labelled(index, size, job.seed, texture=job.texture, framing=job.framing)
         pixels = film.pixels
-        if reshare_p > 0:   # its own stream: switching it on leaves the films themselves unchanged
-            rng = np.random.default_rng([seed, _RESHARE_STREAM, first + i])
-            if rng.random() < reshare_p:
+        if job.reshare_p > 0:   # its own stream: switching it on leaves the films themselves unchanged
+            rng = np.random.default_rng([job.seed, _RESHARE_STREAM, index])
+            if rng.random() < job.reshare_p:
                 pixels = reshare_film(pixels, rng)
-        images[i] = fit_to_square(scale_percentiles(pixels, pct_low, pct_high), size, fit)
+        images[i] = fit_to_square(scale_percentiles(pixels, job.data.pct_low, job.data.pct_high), size, job.data.fit)
         labels[i] = (TASK_CLASSES["part"].index(film.part), TASK_CLASSES["view"].index(film.view),
                      TASK_CLASSES["finding"].index(film.finding or "normal"))
     return images, labels
 
 
 def render_corpus(n: int, data: DataConfig, seed: int = 0, first: int = 0, workers: int | None = None,
-                  progress: bool = True, reshare_p: float = 0.0, texture: float = 0.0) -> PhantomCorpus:
+                  progress: bool = True, reshare_p: float = 0.0, texture: float = 0.0,
+                  framing: float = 0.0) -> PhantomCorpus:
     """Films ``first .. first+n-1`` of the labelled phantom stream at ``data.size`` with ``data.fit``.
 
     Rendering takes about 3 ms a film at 96 px on one core; ``workers`` processes (default: one
@@ -119,16 +135,15 @@ def render_corpus(n: int, data: DataConfig, seed: int = 0, first: int = 0, worke
     chunk = 256
     if not 0.0 <= reshare_p <= 1.0:
         raise ValueError(f"phantoms.reshare_p must be in [0, 1], got {reshare_p}")
-    texture = check_texture(texture)
-    jobs = [(first + s, min(chunk, n - s), seed, data.size, data.fit, data.pct_low, data.pct_high, reshare_p, texture)
-            for s in range(0, n, chunk)]
+    texture, framing = check_texture(texture), check_framing(framing)
+    jobs = [_Slice(first + s, min(chunk, n - s), seed, data, reshare_p, texture, framing) for s in range(0, n, chunk)]
     bar = _bar(n, progress, "phantom films")
     parts = []
     try:
         if workers <= 1:
             for job in jobs:
                 parts.append(_render_slice(job))
-                bar.update(job[1])
+                bar.update(job.count)
         else:
             # spawn: safe when the caller already runs torch threads.
             ctx = multiprocessing.get_context("spawn")
@@ -191,9 +206,9 @@ def pretrain_on_phantoms(cfg: Config, out: str | Path, progress: bool = True) ->
     device = pick_device(cfg.train.device)
     seed_everything(cfg.seed)
     train_set = render_corpus(p.films, cfg.data, seed=cfg.seed, workers=cfg.data.workers or None, progress=progress,
-                              reshare_p=p.reshare_p, texture=p.texture)
+                              reshare_p=p.reshare_p, texture=p.texture, framing=p.framing)
     valid_set = render_corpus(p.validation_films, cfg.data, seed=cfg.seed, first=p.films, reshare_p=p.reshare_p,
-                              texture=p.texture,
+                              texture=p.texture, framing=p.framing,
                               workers=cfg.data.workers or None, progress=False) if p.validation_films else None
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_clusters=len(BODY_PARTS), weights=_start_weights(cfg.model.weights),

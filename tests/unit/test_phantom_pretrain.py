@@ -131,3 +131,14 @@ def test_texture_changes_the_films_but_not_their_labels():
     assert sum(not np.array_equal(a, b) for a, b in zip(plain.images, rough.images)) >= 10
     with pytest.raises(ValueError, match="phantoms.texture"):
         render_corpus(4, cfg.data, workers=1, progress=False, texture=3.0)
+
+
+def test_framing_changes_the_films_but_not_their_labels():
+    cfg = load_config("cpu", overrides=["data.size=32", "data.fit=letterbox", "phantoms.framing=1"])
+    assert cfg.phantoms.framing == 1.0
+    plain = render_corpus(12, cfg.data, workers=1, progress=False)
+    framed = render_corpus(12, cfg.data, workers=1, progress=False, framing=cfg.phantoms.framing)
+    assert all(np.array_equal(plain.labels[t], framed.labels[t]) for t in TASK_CLASSES)
+    assert sum(not np.array_equal(a, b) for a, b in zip(plain.images, framed.images)) >= 10
+    with pytest.raises(ValueError, match="phantoms.framing"):
+        render_corpus(4, cfg.data, workers=1, progress=False, framing=-1.0)

@@ -293,6 +293,39 @@ def test_texture_roughens_marrow_and_tissue_and_leaves_the_film_otherwise_alone(
             render_labelled(0, 64, texture=bad)
 
 
+def test_framing_widens_magnification_centring_and_shutters_only():
+    """phantoms.framing: the pose's scale and shift and the shutters' reach widen with it; the
+    same number of draws keeps every other property of the film (its labels here) in place."""
+    def poses(framing):
+        rng = np.random.default_rng(0)
+        return [ph._sample_pose("HUMERUS", rng, framing) for _ in range(2000)]
+
+    narrow, wide = poses(0.0), poses(1.0)
+    assert 0.85 <= min(p.scale for p in narrow) and max(p.scale for p in narrow) <= 1.08
+    assert min(p.scale for p in wide) < 0.70 and max(p.scale for p in wide) > 1.25
+    assert max(abs(p.shift[0]) for p in narrow) <= 0.05 < max(abs(p.shift[0]) for p in wide) <= 0.15
+    assert [p.angle for p in narrow] == [p.angle for p in wide]   # the other draws stay in step
+
+    def kept_share(framing):   # how much of the film the shutters leave, over films that have them
+        shares = []
+        for i in range(200):
+            cv = ph._Canvas(64, 48, ph._sample_pose("WRIST", np.random.default_rng(i)))
+            shares.append(float(ph._collimate(np.zeros((64, 48), np.float32), cv,
+                                              np.random.default_rng(i), framing).mean()))
+        return np.array(shares)
+
+    assert kept_share(1.0).min() < kept_share(0.0).min() - 0.1
+    assert kept_share(1.0).mean() < kept_share(0.0).mean()
+    plain = render_labelled(7, 64)
+    assert np.array_equal(plain.pixels, render_labelled(7, 64, framing=0.0).pixels)
+    framed = render_labelled(7, 64, framing=1.0)
+    assert (framed.part, framed.view, framed.finding) == (plain.part, plain.view, plain.finding)
+    assert not np.array_equal(plain.pixels, framed.pixels)
+    for bad in (-0.5, 2.1, False, None):
+        with pytest.raises(ValueError, match="phantoms.framing"):
+            render_labelled(0, 64, framing=bad)
+
+
 # ----------------------------------------------------------------------------- conspicuous findings (issue 24)
 
 

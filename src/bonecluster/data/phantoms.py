@@ -70,7 +70,7 @@ from bonecluster import BODY_PARTS
 
 __all__ = [
     "FINDINGS", "VIEWS", "LabelledFilm", "PhantomSummary", "StudyPlan", "generate_phantoms",
-    "check_texture", "make_contact_sheet", "make_twin_sheet", "plan_studies", "render_labelled",
+    "check_framing", "check_texture", "make_contact_sheet", "make_twin_sheet", "plan_studies", "render_labelled",
     "render_phantom", "render_study", "render_twins", "reshare_film", "texture_field",
 ]
 
@@ -1219,10 +1219,14 @@ def _film_shape(part: str, size: int, rng: np.random.Generator) -> tuple[int, in
     return size, max(int(round(size * aspect)), 1)
 
 
-def _sample_pose(part: str, rng: np.random.Generator) -> Pose:
-    return Pose(scale=_ZOOM[part] * rng.uniform(0.85, 1.08),
+def _sample_pose(part: str, rng: np.random.Generator, framing: float = 0.0) -> Pose:
+    """The film's pose. ``framing`` (``phantoms.framing``) widens the magnification and the
+    off-centre shift; it changes the ranges, not the number of draws, so the rest of the film
+    stays as it was."""
+    shift = 0.05 + 0.10 * framing
+    return Pose(scale=_ZOOM[part] * rng.uniform(0.85 - 0.20 * framing, 1.08 + 0.22 * framing),
                 angle=math.radians(rng.uniform(-1, 1) * _MAX_TURN[part]),
-                shift=(rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05)),
+                shift=(rng.uniform(-shift, shift), rng.uniform(-shift, shift)),
                 mirror=-1.0 if rng.random() < 0.5 else 1.0)
 
 
@@ -1238,11 +1242,12 @@ def _expose(lay: _Layers, patient: Patient, cv: _Canvas, rng: np.random.Generato
     return (img * (1.0 + rng.uniform(0.0, 0.25) * ramp)).astype(np.float32)
 
 
-def _collimate(img: np.ndarray, cv: _Canvas, rng: np.random.Generator) -> np.ndarray:
-    """Shutters: a slightly rotated rectangle; outside it the film is dark or bright."""
+def _collimate(img: np.ndarray, cv: _Canvas, rng: np.random.Generator, framing: float = 0.0) -> np.ndarray:
+    """Shutters: a slightly rotated rectangle; outside it the film is dark or bright.
+    ``framing`` lets each shutter reach further in (up to 0.13 + 0.17 * framing of the side)."""
     if rng.random() < 0.3:
         return np.ones_like(img)
-    insets = np.where(rng.random(4) < 0.6, rng.uniform(0.02, 0.13, 4), -1.0)
+    insets = np.where(rng.random(4) < 0.6, rng.uniform(0.02, 0.13 + 0.17 * framing, 4), -1.0)
     angle = math.radians(rng.uniform(-3, 3))
     c, s = math.cos(angle), math.sin(angle)
     u = c * cv.fx + s * cv.fy
@@ -1354,15 +1359,16 @@ def _masks(lay: _Layers, keep: np.ndarray, marks: np.ndarray) -> dict[str, np.nd
 
 def _render_view(patient: Patient, view: View, finding: Sequence[FindingSpec], side: str,
                  size: int, rng: np.random.Generator, with_masks: bool = False,
-                 texture: float = 0.0, texture_rng: np.random.Generator | None = None):
+                 texture: float = 0.0, texture_rng: np.random.Generator | None = None,
+                 framing: float = 0.0):
     anatomy = apply_finding(build_anatomy(patient, view), finding)
     h, w = _film_shape(patient.part, size, rng)
-    cv = _Canvas(h, w, _sample_pose(patient.part, rng))
+    cv = _Canvas(h, w, _sample_pose(patient.part, rng, framing))
     lay = _draw_anatomy(anatomy, cv)
     if texture > 0:   # its own stream, so that the film's other draws stay as they were
         _add_texture(lay, cv, texture, texture_rng)
     img = _expose(lay, patient, cv, rng)
-    keep = _collimate(img, cv, rng)
+    keep = _collimate(img, cv, rng, framing)
     img = _finish(img, rng)
     marks = _markers(img, side, view, rng)
     pixels = _to_uint8(img)
@@ -1420,6 +1426,13 @@ def check_texture(texture: float) -> float:
     return float(texture)
 
 
+def check_framing(framing: float) -> float:
+    """``phantoms.framing``: 0 (today's magnification, centring and shutters, the default) to 2."""
+    if isinstance(framing, bool) or not isinstance(framing, (int, float)) or not 0.0 <= framing <= 2.0:
+        raise ValueError(f"phantoms.framing must be a number in [0, 2], got {framing!r}")
+    return float(framing)
+
+
 def render_phantom(part: str, finding: str | None, rng: np.random.Generator, size: int, *,
                    return_masks: bool = False, texture: float = 0.0):
     """One film of a new random patient: uint8 (H, W) with ``max(H, W) == size``.
@@ -1470,7 +1483,8 @@ class LabelledFilm:
     finding: str | None      # None (normal) or one of FINDINGS
 
 
-def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0) -> LabelledFilm:
+def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
+                    framing: float = 0.0) -> LabelledFilm:
     """Film number ``index`` of an endless seeded stream of single films of new patients.
 
     The part is drawn uniformly, the study is abnormal with the part's share (about 0.4) and then
@@ -1478,9 +1492,13 @@ def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0) 
     only on ``(seed, index, size, texture)``, so any process can draw any slice of the stream.
     ``texture`` > 0 adds trabecular and soft-tissue texture of that strength (1 = the default
     ranges, :func:`_add_texture`) from a stream of its own: the anatomy, pose and exposure stay.
+    ``framing`` > 0 varies the magnification (0.65-1.30 of the usual size at 1, against 0.85-1.08),
+    the centring (up to 15% of the film off centre, against 5%) and how far the shutters reach in
+    (up to 30% of a side, against 13%): real films range from a whole arm on a large cassette to
+    a tightly coned joint. Each film keeps its anatomy, finding, view and exposure.
     """
     index, size, seed = _check_int(index, "index", 0), _check_size(size, 16), _check_seed(seed)
-    texture = check_texture(texture)
+    texture, framing = check_texture(texture), check_framing(framing)
     rng = np.random.default_rng([seed, _LABELLED_STREAM, index])
     part = BODY_PARTS[int(rng.integers(len(BODY_PARTS)))]
     finding = FINDINGS[_pick(rng, _FINDING_WEIGHTS[part])] if rng.random() < _ABNORMAL_SHARE[part] else None
@@ -1489,7 +1507,8 @@ def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0) 
     view = _sample_views(1, rng)[0]
     side = "L" if rng.random() < 0.5 else "R"
     texture_rng = np.random.default_rng([seed, _TEXTURE_STREAM, index]) if texture > 0 else None
-    pixels = _render_view(patient, view, specs, side, size, rng, texture=texture, texture_rng=texture_rng)
+    pixels = _render_view(patient, view, specs, side, size, rng, texture=texture, texture_rng=texture_rng,
+                          framing=framing)
     return LabelledFilm(pixels=pixels, part=part, view=view.label, finding=finding)
 
 
