@@ -306,6 +306,8 @@ class SelfSupConfig:
     # image's second view is made from another film of its study, when it has one, so the two
     # views show one part in two projections. 0 = off (draws nothing); study ids only, no label.
     study_pair_p: float = 0.0
+    # simclr-phantoms: weight of the labelled phantoms' task loss beside NT-Xent (methods/simclr_phantoms.py)
+    phantom_weight: float = 1.0
     # DINO only. Its paper starts the teacher's momentum at 0.996 over about 10^5 steps; a few
     # thousand images make a few hundred steps here, so the teacher starts faster (0.99, cosine to 1).
     dino_prototypes: int = 256

@@ -168,7 +168,7 @@ class PretrainResult:
     history: list[dict]           # per epoch: loss, and held-out phantom accuracy per task
 
 
-def _check_tasks(tasks) -> tuple[str, ...]:
+def check_tasks(tasks) -> tuple[str, ...]:
     tasks = tuple(tasks)
     unknown = [t for t in tasks if t not in TASK_CLASSES]
     if not tasks or unknown:
@@ -200,7 +200,7 @@ def pretrain_on_phantoms(cfg: Config, out: str | Path, progress: bool = True) ->
     task on ``phantoms.validation_films`` other phantoms. Both are written atomically.
     """
     p: PhantomPretrainConfig = cfg.phantoms
-    tasks = _check_tasks(p.tasks)
+    tasks = check_tasks(p.tasks)
     out = Path(out)
     t0 = time.perf_counter()
     device = pick_device(cfg.train.device)

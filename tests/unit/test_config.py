@@ -64,7 +64,7 @@ def test_cli_method_choices_are_the_registered_methods():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     method = next(a for a in train._actions if a.dest == "method")
     assert tuple(method.choices) == method_names() and method_names()[0] == "deepcluster"
-    assert {"deepcluster", "sela", "simclr", "simclr-deepcluster", "simclr-scan", "dino"} <= set(method_names())
+    assert {"deepcluster", "sela", "simclr", "simclr-deepcluster", "simclr-scan", "dino", "simclr-phantoms"} <= set(method_names())
 
 
 def test_method_and_selfsup_keys_override():
