@@ -40,7 +40,7 @@ FINAL_MODEL = "model.pt"
 METRICS = "metrics.csv"
 FORMAT = 1   # the layout of checkpoint.pt and model.pt; raise it when a key changes meaning
 # target_entropy: DINO's teacher targets, mean entropy / ln K (near 1 = collapsed to flat outputs);
-# phantom_loss: simclr-phantoms' task cross-entropy on its labelled phantoms (included in loss)
+# phantom_loss: simclr-phantoms' task cross-entropy on its labelled phantoms (loss adds it times selfsup.phantom_weight)
 METRIC_COLUMNS = ("epoch", "phase", "loss", "nmi_prev", "largest_share", "n_empty_splits", "cluster_sizes",
                   "images_per_s", "seconds", "kmeans_seconds", "lr", "target_entropy", "phantom_loss")
 

@@ -308,7 +308,10 @@ def _data_settings(data: DataConfig) -> dict:
 def weights_key(cfg: Config) -> str:
     """A short digest of every setting that changes the pre-trained weights, except the device and
     ``model.channels_last``, which change them only by float rounding."""
-    settings = {"version": PRETRAIN_VERSION, "phantoms": asdict(cfg.phantoms), "model": _model_settings(cfg),
+    phantoms = asdict(cfg.phantoms)
+    if not phantoms["framing"]:   # only when set: the keys of files cached before it existed stay valid
+        del phantoms["framing"]
+    settings = {"version": PRETRAIN_VERSION, "phantoms": phantoms, "model": _model_settings(cfg),
                 "data": _data_settings(cfg.data), "augment": asdict(cfg.train.augment), "seed": cfg.seed}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:16]
 

@@ -17,6 +17,10 @@ DistributedDataParallel wrapper, so its gradients would not be averaged across r
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,8 +28,24 @@ import torch.nn.functional as F
 from bonecluster.augment import RadiographAugment, uint8_to_unit_float
 from bonecluster.methods._base import Loop, epoch_generator, register
 from bonecluster.methods.simclr import SimCLR
-from bonecluster.phantom_pretrain import TaskHeads, check_tasks, render_corpus
+from bonecluster.phantom_pretrain import PhantomCorpus, TaskHeads, check_tasks, render_corpus
 from bonecluster.selfsup import ProjectionHead
+
+
+@contextmanager
+def frozen_batchnorm_statistics(module: torch.nn.Module) -> Iterator[None]:
+    """BatchNorm layers of ``module`` still normalise with the batch's own statistics (train mode)
+    but do not move their running mean and variance: the phantom batches must not leave phantom
+    statistics in a network that will embed real films."""
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in layers]
+    try:
+        for m in layers:
+            m.momentum = 0.0
+        yield
+    finally:
+        for m, momentum in zip(layers, saved):
+            m.momentum = momentum
 
 
 class ProjectionAndTasks(torch.nn.Module):
@@ -51,16 +71,12 @@ class SimCLRPhantoms(SimCLR):
             raise ValueError("method simclr-phantoms runs in one process for now (its phantom batches bypass "
                              "DistributedDataParallel); use --method simclr with model.weights=phantoms under torchrun")
         self.tasks = check_tasks(loop.cfg.phantoms.tasks)
+        weight = loop.cfg.selfsup.phantom_weight
+        if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"selfsup.phantom_weight must be a finite number >= 0, got {weight!r}")
         super().__init__(loop)
-        self.corpus = None
-        if self.cfg.selfsup.epochs:
-            p = self.cfg.phantoms
-            # One film per phantom step: the films of all epochs, each of a new patient.
-            self.corpus = render_corpus(p.films, self.cfg.data, seed=self.cfg.seed, workers=self.cfg.data.workers or None,
-                                        progress=loop.dist.is_main, reshare_p=p.reshare_p, texture=p.texture,
-                                        framing=p.framing)
-            self.labels = {t: torch.from_numpy(self.corpus.labels[t]) for t in self.tasks}
-            self.phantom_augment = RadiographAugment(self.cfg.train.augment)
+        self.corpus: PhantomCorpus | None = None   # drawn at the first pre-training epoch (not on a resume past them)
+        self._gen: torch.Generator | None = None
         self._order: np.ndarray = np.empty(0, dtype=np.int64)
         self._next = 0
         self._phantom_loss = self._phantom_seen = 0.0
@@ -71,11 +87,23 @@ class SimCLRPhantoms(SimCLR):
                                   TaskHeads(self.loop.model.feature_dim, self.tasks))
 
     def start_epoch(self, epoch: int) -> None:
+        if self.corpus is None:
+            self._draw_corpus()
         # A seeded order of the phantoms per epoch, so a resumed run draws the same batches.
-        gen = epoch_generator(self.cfg.seed, epoch, stream=2)
+        gen = epoch_generator(self.cfg.seed, epoch, stream=3)
         self._order = torch.randperm(len(self.corpus), generator=gen).numpy()
         self._gen, self._next = gen, 0
         self._phantom_loss = self._phantom_seen = 0.0
+
+    def _draw_corpus(self) -> None:
+        """``phantoms.films`` labelled phantoms, drawn once per run and shuffled every epoch
+        (batches wrap round when the epochs ask for more films than there are)."""
+        p = self.cfg.phantoms
+        self.corpus = render_corpus(p.films, self.cfg.data, seed=self.cfg.seed, workers=self.cfg.data.workers or None,
+                                    progress=self.loop.dist.is_main, reshare_p=p.reshare_p, texture=p.texture,
+                                    framing=p.framing)
+        self.labels = {t: torch.from_numpy(self.corpus.labels[t]) for t in self.tasks}
+        self.phantom_augment = RadiographAugment(self.cfg.train.augment)
 
     def _phantom_batch(self) -> np.ndarray:
         """The next ``phantoms.batch_size`` positions of this epoch's order (wrapping round)."""
@@ -90,7 +118,7 @@ class SimCLRPhantoms(SimCLR):
         device = self.loop.device
         x = self.phantom_augment(uint8_to_unit_float(torch.from_numpy(self.corpus.images[idx]).to(device)),
                                  generator=self._gen)
-        with self.loop.autocast():
+        with self.loop.autocast(), frozen_batchnorm_statistics(self.loop.model):
             logits = self.head.tasks(self.loop.model.features(x))
         task_loss = sum(F.cross_entropy(logits[t].float(), self.labels[t][idx].to(device)) for t in self.tasks)
         self._phantom_loss += float(task_loss.detach()) * len(idx)
@@ -101,4 +129,4 @@ class SimCLRPhantoms(SimCLR):
         row["phantom_loss"] = round(self._phantom_loss / max(self._phantom_seen, 1), 5)
 
 
-__all__ = ["ProjectionAndTasks", "SimCLRPhantoms"]
+__all__ = ["ProjectionAndTasks", "SimCLRPhantoms", "frozen_batchnorm_statistics"]
