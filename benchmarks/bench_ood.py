@@ -18,7 +18,8 @@ run was not trained on from films like its training films. Two settings (issue 2
 
 Each figure is given for the space that ships (the stage-1 embedding, ``stage1/typicality.npz``)
 and, for comparison, for the backbone's pooled features (L2-normalised, same k and percentile),
-for a lever not shipped, ``pooled-mahalanobis`` (:class:`ClusterMahalanobis`), for the
+for a lever not shipped, ``pooled-mahalanobis`` (:class:`ClusterMahalanobis`; ``-cv``: its
+threshold from cross-fitted reference distances, 5 folds), for the
 network-free ``appearance`` histograms (``bonecluster.descriptors.appearance``, standardised by
 the training films) and for ``embedding+appearance`` (:class:`EitherFlags`: flagged when either
 flags).
@@ -185,27 +186,50 @@ class ClusterMahalanobis:
     Ledoit-Wolf covariance of the training films around their cluster's mean (Lee et al. 2018,
     "A simple unified framework for detecting out-of-distribution samples", with the label-free
     clusters for classes). Typicality as :class:`bonecluster.typicality.Typicality`, against the
-    training films' own (in-sample) distances."""
+    training films' own distances: in-sample (``folds=0``), or cross-fitted (``folds=K``: each
+    fold's distances to the means and covariance fitted on the other K-1 folds, so the reference
+    is not tighter than a new film's distance to the fit on all of them)."""
 
-    def __init__(self, feats: np.ndarray, clusters: np.ndarray, percentile: float = 99.0):
-        from sklearn.covariance import LedoitWolf
-
+    def __init__(self, feats: np.ndarray, clusters: np.ndarray, percentile: float = 99.0, folds: int = 0,
+                 seed: int = 0):
         if len(feats) != len(clusters):
             raise ValueError(f"{len(feats)} training films but {len(clusters)} cluster assignments")
-        feats = feats.astype(np.float64)
-        self.means = np.stack([feats[clusters == c].mean(0) for c in np.unique(clusters)])
-        labels = np.searchsorted(np.unique(clusters), clusters)
-        self.precision = LedoitWolf().fit(feats - self.means[labels]).precision_
+        if folds == 1 or folds < 0:
+            raise ValueError(f"folds must be 0 (in-sample) or at least 2, got {folds}")
+        feats = np.asarray(feats, np.float64)
+        self.means, self.precision = self._fit(feats, np.asarray(clusters))
         self.percentile = percentile
-        self.reference = np.sort(self.distance(feats))
+        if folds:
+            reference = np.empty(len(feats))
+            fold = np.random.default_rng(seed).permutation(len(feats)) % folds
+            for f in range(folds):
+                means, precision = self._fit(feats[fold != f], np.asarray(clusters)[fold != f])
+                reference[fold == f] = self._distance(feats[fold == f], means, precision)
+        else:
+            reference = self.distance(feats)
+        self.reference = np.sort(reference)
 
-    def distance(self, x) -> np.ndarray:
+    @staticmethod
+    def _fit(feats: np.ndarray, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cluster means (C, D) and the shared Ledoit-Wolf precision (D, D) of the residuals."""
+        from sklearn.covariance import LedoitWolf
+
+        ids = np.unique(clusters)
+        means = np.stack([feats[clusters == c].mean(0) for c in ids])
+        residuals = feats - means[np.searchsorted(ids, clusters)]
+        return means, LedoitWolf().fit(residuals).precision_
+
+    @staticmethod
+    def _distance(x: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float64)
         best = np.full(len(x), np.inf)
-        for mean in self.means:
+        for mean in means:
             diff = x - mean
-            best = np.minimum(best, np.einsum("nd,de,ne->n", diff, self.precision, diff))
+            best = np.minimum(best, np.einsum("nd,de,ne->n", diff, precision, diff))
         return np.sqrt(np.maximum(best, 0.0))
+
+    def distance(self, x) -> np.ndarray:
+        return self._distance(x, self.means, self.precision)
 
     def typicality(self, x) -> np.ndarray:
         from bonecluster.typicality import percentile_rank
@@ -234,7 +258,8 @@ def _spaces(run: Path, train_sources: list[str], cache: Path) -> tuple[object, d
     # the shipped file is this run's, row for row (the cluster assignments are paired by position)
     drift = float(np.abs(emb - shipped.bank.numpy()).max())
     spaces = {"embedding": shipped, "pooled": Typicality.fit(torch.from_numpy(raw)),
-              "pooled-mahalanobis": ClusterMahalanobis(raw, trained.assignments)}
+              "pooled-mahalanobis": ClusterMahalanobis(raw, trained.assignments),
+              "pooled-mahalanobis-cv": ClusterMahalanobis(raw, trained.assignments, folds=5)}
     spaces["appearance"] = Typicality.fit(torch.from_numpy(feats["appearance"]), standardise=True,
                                           metric="euclidean")
     spaces["embedding+appearance"] = EitherFlags(shipped, spaces["appearance"])

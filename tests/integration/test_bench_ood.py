@@ -24,7 +24,8 @@ def test_both_settings_report_flagged_shares_and_the_auroc(tmp_path, single_torc
 
     phantom = result["phantom"]
     assert phantom["reference_drift"] < 1e-4   # the shipped reference is this run's training films
-    for space in ("embedding", "pooled", "pooled-mahalanobis", "appearance", "embedding+appearance"):
+    for space in ("embedding", "pooled", "pooled-mahalanobis", "pooled-mahalanobis-cv", "appearance",
+                  "embedding+appearance"):
         rows = phantom["spaces"][space]
         assert set(rows) == {"new phantoms", "mura-humerus", "mura-elbow", "fracatlas", "fracture-parts",
                              "mura-unlabelled", "all real films", "auroc", "probe_auroc"}
@@ -49,8 +50,29 @@ def test_both_settings_report_flagged_shares_and_the_auroc(tmp_path, single_torc
     assert upper["train_films"] == len(trained_paths)
     # no leg film and no non-upper-limb FracAtlas film is trained on
     assert not any(regions.get(p, "hand") != "hand" for p in trained_paths)
-    for space in ("embedding", "pooled", "pooled-mahalanobis", "appearance", "embedding+appearance"):
+    for space in ("embedding", "pooled", "pooled-mahalanobis", "pooled-mahalanobis-cv", "appearance",
+                  "embedding+appearance"):
         rows = upper["spaces"][space]
         assert rows["leg and hip"]["films"] == legs
         assert 0 < rows["held-out upper limb"]["films"]
         assert 0 <= rows["auroc"] <= 1 and 0 <= rows["probe_auroc"] <= 1
+
+
+def test_a_cross_fitted_reference_stops_flagging_films_like_the_training_films():
+    # Anisotropic features, few films for their dimension (as 700 phantoms in 512 pooled
+    # dimensions): in-sample Mahalanobis distances are far tighter than a new film's, so the 99th
+    # percentile flags nearly every new film from the same distribution; cross-fitted ones do not.
+    import numpy as np
+
+    ClusterMahalanobis = load_benchmark("bench_ood").ClusterMahalanobis
+    rng = np.random.default_rng(0)
+    scale = 1.0 / np.arange(1, 129) ** 0.8
+    train, new = rng.normal(size=(300, 128)) * scale, rng.normal(size=(1000, 128)) * scale
+    clusters = rng.integers(0, 5, 300)
+    flagged = {}
+    for folds in (0, 5):
+        flag = ClusterMahalanobis(train, clusters, folds=folds)
+        flagged[folds] = float(np.mean(~flag.in_distribution(flag.typicality(new))))
+    assert flagged[0] > 0.5 and flagged[5] <= 0.05, flagged
+    far = ClusterMahalanobis(train, clusters, folds=5)
+    assert np.mean(~far.in_distribution(far.typicality(new + 3 * scale))) > 0.9   # a shifted film is still flagged
