@@ -126,23 +126,14 @@ def test_reshare_p_changes_only_the_share_of_films_it_asks_for():
         render_corpus(4, cfg.data, workers=1, progress=False, reshare_p=1.5)
 
 
-def test_texture_changes_the_films_but_not_their_labels():
-    cfg = load_config("cpu", overrides=["data.size=32", "data.fit=letterbox", "phantoms.texture=1"])
-    assert cfg.phantoms.texture == 1.0
+@pytest.mark.parametrize("lever, bad", [("texture", 3.0), ("framing", -1.0)])
+def test_texture_and_framing_change_the_films_but_not_their_labels(lever, bad):
+    cfg = load_config("cpu", overrides=["data.size=32", "data.fit=letterbox", f"phantoms.{lever}=1"])
+    strength = getattr(cfg.phantoms, lever)
+    assert strength == 1.0
     plain = render_corpus(12, cfg.data, workers=1, progress=False)
-    rough = render_corpus(12, cfg.data, workers=1, progress=False, texture=cfg.phantoms.texture)
-    assert all(np.array_equal(plain.labels[t], rough.labels[t]) for t in TASK_CLASSES)
-    assert sum(not np.array_equal(a, b) for a, b in zip(plain.images, rough.images)) >= 10
-    with pytest.raises(ValueError, match="phantoms.texture"):
-        render_corpus(4, cfg.data, workers=1, progress=False, texture=3.0)
-
-
-def test_framing_changes_the_films_but_not_their_labels():
-    cfg = load_config("cpu", overrides=["data.size=32", "data.fit=letterbox", "phantoms.framing=1"])
-    assert cfg.phantoms.framing == 1.0
-    plain = render_corpus(12, cfg.data, workers=1, progress=False)
-    framed = render_corpus(12, cfg.data, workers=1, progress=False, framing=cfg.phantoms.framing)
-    assert all(np.array_equal(plain.labels[t], framed.labels[t]) for t in TASK_CLASSES)
-    assert sum(not np.array_equal(a, b) for a, b in zip(plain.images, framed.images)) >= 10
-    with pytest.raises(ValueError, match="phantoms.framing"):
-        render_corpus(4, cfg.data, workers=1, progress=False, framing=-1.0)
+    changed = render_corpus(12, cfg.data, workers=1, progress=False, **{lever: strength})
+    assert all(np.array_equal(plain.labels[t], changed.labels[t]) for t in TASK_CLASSES)
+    assert sum(not np.array_equal(a, b) for a, b in zip(plain.images, changed.images)) >= 10
+    with pytest.raises(ValueError, match=f"phantoms.{lever}"):
+        render_corpus(4, cfg.data, workers=1, progress=False, **{lever: bad})
