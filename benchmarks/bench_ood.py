@@ -196,14 +196,14 @@ class ClusterMahalanobis:
             raise ValueError(f"{len(feats)} training films but {len(clusters)} cluster assignments")
         if folds == 1 or folds < 0:
             raise ValueError(f"folds must be 0 (in-sample) or at least 2, got {folds}")
-        feats = np.asarray(feats, np.float64)
-        self.means, self.precision = self._fit(feats, np.asarray(clusters))
+        feats, clusters = np.asarray(feats, np.float64), np.asarray(clusters)
+        self.means, self.precision = self._fit(feats, clusters)
         self.percentile = percentile
         if folds:
             reference = np.empty(len(feats))
             fold = np.random.default_rng(seed).permutation(len(feats)) % folds
             for f in range(folds):
-                means, precision = self._fit(feats[fold != f], np.asarray(clusters)[fold != f])
+                means, precision = self._fit(feats[fold != f], clusters[fold != f])
                 reference[fold == f] = self._distance(feats[fold == f], means, precision)
         else:
             reference = self.distance(feats)

@@ -34,7 +34,7 @@ from bonecluster.data.records import study_index
 from bonecluster.device import amp_dtype, amp_enabled, pick_device
 from bonecluster.io import atomic_write_text
 from bonecluster.methods import get_method
-from bonecluster.models import DeepClusterNet, build_model
+from bonecluster.models import DeepClusterNet, batch_norms, batchnorm_momentum, build_model
 from bonecluster.phantom_pretrain import PhantomCorpus
 from bonecluster.phantom_subspace import SUBSPACES, phantom_part_whitening, subspace_corpus
 from bonecluster.timing import NO_TIMER, NoTimer
@@ -158,7 +158,7 @@ class DeepClusterEngine:
         if mode == "recompute":
             self._recompute_bn_stats(data)
         self.model.eval()
-        bns = _batch_norms(self.model)
+        bns = batch_norms(self.model)
         if mode == "batch":
             saved = [(bn.track_running_stats, bn.training) for bn in bns]
             for bn in bns:  # batch statistics, running averages left untouched
@@ -204,19 +204,16 @@ class DeepClusterEngine:
         over the pass's batches. Under DDP each rank estimates them on its share; the averages are
         then all-reduced so every rank holds the same statistics.
         """
-        bns = _batch_norms(self.model)
+        bns = batch_norms(self.model)
         if not bns:
             return
-        saved = [bn.momentum for bn in bns]
         for bn in bns:
             bn.reset_running_stats()
-            bn.momentum = None
         self.model.train()
         try:
-            self.forward_all(self._bn_subset(data), "bn stats", keep=False)
+            with batchnorm_momentum(self.model, None):
+                self.forward_all(self._bn_subset(data), "bn stats", keep=False)
         finally:
-            for bn, momentum in zip(bns, saved):
-                bn.momentum = momentum
             self.model.eval()
         if self.dist.enabled:
             for bn in bns:
@@ -342,10 +339,6 @@ class DeepClusterEngine:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _batch_norms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
 def _check_choices(cfg: Config) -> None:

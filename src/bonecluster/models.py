@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -461,3 +462,24 @@ def build_model(cfg: Any = None, **overrides: Any) -> DeepClusterNet:
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (only those with ``requires_grad`` when ``trainable_only``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of ``model``."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextmanager
+def batchnorm_momentum(model: nn.Module, momentum: float | None) -> Iterator[None]:
+    """Every BatchNorm of ``model`` updates its running statistics with ``momentum`` inside the
+    block (None: a cumulative average, as precise BN wants; 0: not at all, the layers still
+    normalising with each batch's own statistics in train mode), and its own momentum after it."""
+    layers = batch_norms(model)
+    saved = [bn.momentum for bn in layers]
+    try:
+        for bn in layers:
+            bn.momentum = momentum
+        yield
+    finally:
+        for bn, value in zip(layers, saved):
+            bn.momentum = value

@@ -18,8 +18,6 @@ DistributedDataParallel wrapper, so its gradients would not be averaged across r
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -28,24 +26,9 @@ import torch.nn.functional as F
 from bonecluster.augment import RadiographAugment, uint8_to_unit_float
 from bonecluster.methods._base import Loop, epoch_generator, register
 from bonecluster.methods.simclr import SimCLR
+from bonecluster.models import batchnorm_momentum
 from bonecluster.phantom_pretrain import PhantomCorpus, TaskHeads, check_tasks, render_corpus
 from bonecluster.selfsup import ProjectionHead
-
-
-@contextmanager
-def frozen_batchnorm_statistics(module: torch.nn.Module) -> Iterator[None]:
-    """BatchNorm layers of ``module`` still normalise with the batch's own statistics (train mode)
-    but do not move their running mean and variance: the phantom batches must not leave phantom
-    statistics in a network that will embed real films."""
-    layers = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in layers]
-    try:
-        for m in layers:
-            m.momentum = 0.0
-        yield
-    finally:
-        for m, momentum in zip(layers, saved):
-            m.momentum = momentum
 
 
 class ProjectionAndTasks(torch.nn.Module):
@@ -118,7 +101,8 @@ class SimCLRPhantoms(SimCLR):
         device = self.loop.device
         x = self.phantom_augment(uint8_to_unit_float(torch.from_numpy(self.corpus.images[idx]).to(device)),
                                  generator=self._gen)
-        with self.loop.autocast(), frozen_batchnorm_statistics(self.loop.model):
+        # momentum 0: the phantoms leave no statistics in a network that will embed real films
+        with self.loop.autocast(), batchnorm_momentum(self.loop.model, 0.0):
             logits = self.head.tasks(self.loop.model.features(x))
         task_loss = sum(F.cross_entropy(logits[t].float(), self.labels[t][idx].to(device)) for t in self.tasks)
         self._phantom_loss += float(task_loss.detach()) * len(idx)
@@ -129,4 +113,4 @@ class SimCLRPhantoms(SimCLR):
         row["phantom_loss"] = round(self._phantom_loss / max(self._phantom_seen, 1), 5)
 
 
-__all__ = ["ProjectionAndTasks", "SimCLRPhantoms", "frozen_batchnorm_statistics"]
+__all__ = ["ProjectionAndTasks", "SimCLRPhantoms"]
