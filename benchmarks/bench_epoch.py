@@ -85,14 +85,15 @@ def _sync(device: torch.device) -> None:
 
 def measure_floor(cfg, device: torch.device, feature_images: int, train_images: int) -> dict:
     """Seconds of the training pass and of one feature pass on random tensors already on ``device``."""
-    from bonecluster.device import amp_dtype, amp_enabled
+    from bonecluster.device import mixed_precision
     from bonecluster.models import build_model
 
     t, k, side = cfg.train, cfg.cluster.round_k, cfg.data.size
-    use_amp = t.amp and amp_enabled(device)
-    dtype = amp_dtype(device) if use_amp else torch.float16
+    use_amp, dtype = mixed_precision(t, device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_clusters=k, weights="none").to(device)
+    if t.compile:   # as the engine does, so the floor is the same compiled network
+        model.backbone.compile()
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and dtype == torch.float16)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -193,7 +194,7 @@ def _fmt(ratio: float | None) -> str:
 def main(argv=None) -> dict:
     from bonecluster.config import load_config
     from bonecluster.data import prepare_sources
-    from bonecluster.device import amp_enabled, pick_device
+    from bonecluster.device import mixed_precision, pick_device
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", nargs="*", help="image sources (default: phantoms)")
@@ -224,7 +225,7 @@ def main(argv=None) -> dict:
     images = feature_images + train_images
     result = {
         "preset": args.preset, "method": cfg.method, "arch": cfg.model.arch, "size": cfg.data.size,
-        "images": len(data), "device": str(device), "amp": bool(cfg.train.amp and amp_enabled(device)),
+        "images": len(data), "device": str(device), "amp": mixed_precision(cfg.train, device)[0],
         "threads": torch.get_num_threads(), "batch_size": cfg.train.batch_size,
         "feature_batch_size": cfg.train.feature_batch_size, "feature_bn": cfg.train.feature_bn,
         "epoch_seconds": lap.seconds, "phases": phases,

@@ -3,6 +3,11 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [SHARED_DATA_DIR]
 #
+# 0. issue 25, first: the GPU's name (OUT_DIR/gpu.txt), one `paper`-preset epoch (ResNet-50, 224 px)
+#    on 36,000 phantoms against the floor (benchmarks/bench_epoch.py; the bar: <= 60 s and >= 0.8 of
+#    the floor on an H100), then on 8,000 phantoms the preset as it is and with each speed switch
+#    flipped (channels-last off, mixed precision off, torch.compile on); with two or more GPUs, the
+#    same 8,000-phantom training under torchrun on all of them against one (scaling efficiency);
 # 1. the CUDA tests alone (tests/integration/test_cuda.py), then the whole suite on CUDA
 #    (train.device=auto picks it; the viewer's browser test is left out);
 # 2. training speed, engine against a plain loop (benchmarks/bench_train.py);
@@ -30,6 +35,24 @@ step() {  # name, seconds, command...
   timeout "$t" "$@" > "$OUT/$name.log" 2>&1
   echo "   rc=$? $(tail -n 1 "$OUT/$name.log")"
 }
+nvidia-smi -L > "$OUT/gpu.txt" 2>&1; cat "$OUT/gpu.txt"
+EPOCH_WORK="$OUT/epoch-phantoms"
+step epoch-paper-36000 480 $PY benchmarks/bench_epoch.py --preset paper --n 36000 --size 224 --set train.workers=8 \
+  --work "$EPOCH_WORK" --json "$OUT/epoch_paper_36000.json"
+for switch in "" model.channels_last=false train.amp=false train.compile=true; do
+  name=epoch-paper-8000${switch:+-${switch//[.=]/-}}
+  step "$name" 240 $PY benchmarks/bench_epoch.py --preset paper --n 8000 --size 224 --set train.workers=8 \
+    ${switch:+--set $switch} --work "$EPOCH_WORK" --json "$OUT/$name.json"
+done
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+if [ "$GPUS" -ge 2 ]; then   # images/s of the 8,000-phantom training on one GPU and on all (metrics.csv)
+  for procs in 1 "$GPUS"; do
+    step "ddp-$procs" 300 $PY -m torch.distributed.run --standalone --nproc_per_node "$procs" -m bonecluster train \
+      "$EPOCH_WORK/phantoms-n8000-s224-seed0" --out "$OUT/ddp-$procs" --stages 1 --preset paper --quiet \
+      --set train.epochs=2 --set train.workers=4
+    tail -n 1 "$OUT/ddp-$procs/stage1/metrics.csv"
+  done
+fi
 step cuda-tests 300 $PY -m pytest -q -p no:cacheprovider tests/integration/test_cuda.py
 OMP_NUM_THREADS=1 step suite 600 $PY -m pytest -q -p no:cacheprovider $XDIST tests \
   --ignore=tests/integration/test_browser.py

@@ -173,7 +173,14 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-5
     device: str = "auto"           # auto, cuda, cuda:N, mps or cpu
-    amp: bool = True               # mixed precision, CUDA only
+    amp: bool = True               # mixed precision on CUDA (on a CPU only with cpu_amp)
+    # bfloat16 autocast on a CPU too, where it has bf16 in hardware (AVX512-BF16 or AMX: 2-3x faster
+    # there); a CPU without it trains in float32 and the log says so. Needs `amp`.
+    cpu_amp: bool = False
+    # torch.compile the backbone, in place (nn.Module.compile: the weights' names, and so every run
+    # file, stay as they are). Each new batch shape and train/eval switch compiles once more, so it
+    # pays only on long runs, mostly on a GPU.
+    compile: bool = False
     workers: int = 0               # DataLoader workers reading the cache (0 = main process)
     feature_batch_size: int = 256
     images_per_epoch: int = 0      # images drawn per training pass; 0 = the dataset size

@@ -15,6 +15,7 @@ import logging
 import random
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from bonecluster.config import ClusterConfig, Config, to_dict, to_yaml
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import batch_loader, to_float
 from bonecluster.data.records import study_index
-from bonecluster.device import amp_dtype, amp_enabled, pick_device
+from bonecluster.device import mixed_precision, pick_device
 from bonecluster.io import atomic_write_text
 from bonecluster.methods import get_method
 from bonecluster.models import DeepClusterNet, batch_norms, batchnorm_momentum, build_model
@@ -82,9 +83,13 @@ class DeepClusterEngine:
                 log.warning("model.freeze with method=%s trains only the top layer, which each round replaces: "
                             "the clusters are k-means on fixed features, as with method=simclr "
                             "selfsup.epochs=0, in more time", cfg.method)
+        if cfg.train.compile:
+            self.model.backbone.compile()
         self.augment = RadiographAugment(cfg.train.augment)
-        self.use_amp = cfg.train.amp and amp_enabled(self.device)
-        self.amp_dtype = amp_dtype(self.device) if self.use_amp else torch.float16
+        self.use_amp, self.amp_dtype = mixed_precision(cfg.train, self.device)
+        self._float32 = False   # set by full_precision()
+        if cfg.train.amp and cfg.train.cpu_amp and self.device.type == "cpu" and not self.use_amp and self.dist.is_main:
+            log.info("train.cpu_amp: this CPU has no bfloat16 in hardware (AVX512-BF16 or AMX); training in float32")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.studies: torch.Tensor | None = None   # (N,) study numbers when cluster.by_study (set by fit)
         self._subspace_corpus: PhantomCorpus | None = None   # labelled phantoms for cluster.subspace
@@ -129,7 +134,9 @@ class DeepClusterEngine:
                 done = previous.numpy() if previous is not None else np.empty(0, np.int64)
                 return FitResult(done, torch.empty(0), history, len(history), False,
                                  time.perf_counter() - t_start, interrupted=True)
-        with self.timer.phase("final clusters"):
+        # in float32: the saved PCA and centroids must fit the float32 features that predict,
+        # evaluate and the viewer compute, not the mixed-precision ones of training
+        with self.timer.phase("final clusters"), self.full_precision():
             final, pca = self.method.final_clusters(data, seed_offset=len(history))
         self._save_final(final, pca)
         dist.barrier(self.dist)
@@ -280,7 +287,16 @@ class DeepClusterEngine:
         return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp and not self._float32)
+
+    @contextmanager
+    def full_precision(self):
+        """Inside, :meth:`autocast` does nothing: every pass runs in float32."""
+        saved, self._float32 = self._float32, True
+        try:
+            yield
+        finally:
+            self._float32 = saved
 
     def bar(self, iterable, desc: str, leave: bool = True, total: int | None = None):
         """The epoch bar always shows (rank 0, progress on); per-batch bars only on a terminal,

@@ -43,7 +43,7 @@ from bonecluster.config import Config, DataConfig, PhantomPretrainConfig
 from bonecluster.data.decode import fit_to_square, scale_percentiles
 from bonecluster.data.phantoms import (FINDINGS, VIEWS, _default_workers, _progress_bar, check_framing,
                                       check_texture, render_labelled, reshare_film)
-from bonecluster.device import amp_enabled, pick_device, seed_everything
+from bonecluster.device import mixed_precision, pick_device, seed_everything
 from bonecluster.io import atomic_write_text
 from bonecluster.models import DeepClusterNet, build_model
 
@@ -217,7 +217,8 @@ def pretrain_on_phantoms(cfg: Config, out: str | Path, progress: bool = True) ->
     params = list(model.backbone.parameters()) + list(heads.parameters())
     opt = torch.optim.SGD(params, lr=p.lr, momentum=0.9, weight_decay=p.weight_decay, nesterov=True)
     augment = RadiographAugment(cfg.train.augment)
-    use_amp = cfg.train.amp and amp_enabled(device) and torch.cuda.is_bf16_supported()
+    use_amp, dtype = mixed_precision(cfg.train, device)
+    use_amp = use_amp and dtype == torch.bfloat16   # no loss scaler here: float16 GPUs train in float32
     steps = p.epochs * max(len(train_set) // p.batch_size, 1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=steps, pct_start=0.1,
                                                 anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)

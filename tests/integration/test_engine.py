@@ -75,6 +75,60 @@ def test_interrupted_run_resumes_to_identical_assignments(phantoms, tmp_path):
 
 
 
+def test_cpu_amp_trains_in_bfloat16_on_a_native_cpu_and_falls_back_to_float32_elsewhere(phantoms, tmp_path, monkeypatch,
+                                                                                       caplog):
+    """``train.cpu_amp``: autocast in bfloat16 where the CPU has it in hardware (forced here, so the
+    path runs on any CPU; emulated it is only slower), float32 and a log line where it has not."""
+    import bonecluster.device as device
+
+    cfg32 = _cfg(2, "train.device=cpu", "train.cpu_amp=false", "cluster.by_study=false")
+    cfg16 = _cfg(2, "train.device=cpu", "train.cpu_amp=true", "cluster.by_study=false")
+    data = _data(phantoms, tmp_path, cfg32)
+    plain = DeepClusterEngine(cfg32, tmp_path / "fp32", progress=False).fit(data)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("INFO", logger="bonecluster"):
+        fallback = DeepClusterEngine(cfg16, tmp_path / "fallback", progress=False).fit(data)
+    assert "no bfloat16 in hardware" in caplog.text
+    np.testing.assert_array_equal(fallback.assignments, plain.assignments)   # float32 after all
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    engine = DeepClusterEngine(cfg16, tmp_path / "bf16", progress=False)
+    assert engine.use_amp and engine.amp_dtype == torch.bfloat16
+    seen = []
+    engine.model.backbone.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    res = engine.fit(data)
+    assert torch.bfloat16 in seen and not res.collapsed and len(res.assignments) == len(data)
+    n_final = len(data) // cfg16.train.feature_batch_size + 1   # the final clustering's feature pass ...
+    assert set(seen[-n_final:]) == {torch.float32}               # ... runs in float32
+    rows = read_metrics(tmp_path / "bf16" / "metrics.csv")
+    assert all(np.isfinite(float(r["loss"])) and float(r["loss"]) > 0 for r in rows)
+    assert [r["loss"] for r in rows] != [r["loss"] for r in read_metrics(tmp_path / "fp32" / "metrics.csv")]
+    # the final clusters come from float32 features, as predict computes them: it assigns the same
+    from bonecluster.cluster import assign, l2_normalise
+
+    trained = TrainedClusters.load(tmp_path / "bf16")
+    with torch.no_grad():
+        x = torch.from_numpy(data.images()).float().div(255).unsqueeze(1)
+        again = assign(l2_normalise(trained.pca.transform(trained.model.features(x))), trained.centroids)[0]
+    np.testing.assert_array_equal(again.numpy(), res.assignments)
+
+
+@pytest.mark.slow
+def test_compiled_backbone_trains_like_the_plain_one_and_writes_the_same_run_files(phantoms, tmp_path):
+    """``train.compile``: the backbone compiled in place, so the run's weights keep their names and
+    load without compiling; the first epoch (same start, same pseudo-labels) matches the plain run."""
+    plain_cfg = _cfg(2, "train.device=cpu", "train.cpu_amp=false")
+    data = _data(phantoms, tmp_path, plain_cfg)
+    DeepClusterEngine(plain_cfg, tmp_path / "plain", progress=False).fit(data)
+    compiled = DeepClusterEngine(_cfg(2, "train.device=cpu", "train.cpu_amp=false", "train.compile=true"), tmp_path / "compiled",
+                                 progress=False).fit(data)
+    assert not compiled.collapsed and len(compiled.assignments) == len(data)
+    first = [float(read_metrics(tmp_path / run / "metrics.csv")[0]["loss"]) for run in ("plain", "compiled")]
+    assert first[1] == pytest.approx(first[0], rel=1e-3)
+    a, b = (TrainedClusters.load(tmp_path / run) for run in ("plain", "compiled"))
+    assert list(b.model.state_dict()) == list(a.model.state_dict())
+    assert not any("_orig_mod" in key for key in load_torch(tmp_path / "compiled" / CHECKPOINT)["model"])
+
+
 def test_a_trained_run_loads_onto_any_device_with_its_bookkeeping_on_the_cpu(phantoms, tmp_path):
     """Only the network moves to the requested device; the assignments (numpy) and centroids stay
     on the CPU. "meta" stands in for CUDA on a machine without one: loading the whole file onto

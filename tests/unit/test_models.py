@@ -421,9 +421,29 @@ def test_pick_device_rejects_unknown_names():
         pick_device("gpu0")
 
 
-def test_amp_only_on_cuda():
+def test_amp_on_cuda_and_on_a_cpu_only_when_asked_and_native(monkeypatch):
+    import bonecluster.device as device
+
     assert amp_enabled("cuda") and amp_enabled(torch.device("cuda:0"))
     assert not amp_enabled("cpu") and not amp_enabled(torch.device("mps"))
+    assert not amp_enabled("mps", cpu=True)
+    assert amp_enabled("cpu", cpu=True) == device.cpu_has_native_bf16()
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert not amp_enabled("cpu", cpu=True)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert amp_enabled("cpu", cpu=True) and device.amp_dtype("cpu") == torch.bfloat16
+
+
+def test_mixed_precision_reads_amp_and_cpu_amp(monkeypatch):
+    import bonecluster.device as device
+    from bonecluster.config import TrainConfig
+
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert device.mixed_precision(TrainConfig(), "cpu") == (False, torch.float16)   # off by default
+    assert device.mixed_precision(TrainConfig(cpu_amp=True), "cpu") == (True, torch.bfloat16)
+    assert device.mixed_precision(TrainConfig(cpu_amp=True, amp=False), "cpu")[0] is False   # amp is the master switch
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert device.mixed_precision(TrainConfig(cpu_amp=True), "cpu")[0] is False
 
 
 def test_seed_everything_reproduces_draws():
