@@ -116,7 +116,8 @@ def measure_floor(cfg, device: torch.device, feature_images: int, train_images: 
 
     def timed(step, mode: str, sizes: list[int]) -> float:
         model.train(mode == "train")
-        step(sizes[0])   # warm-up: thread pools, kernel choice, the allocator
+        for n in dict.fromkeys(sizes):   # warm-up on each batch shape: thread pools, kernel choice,
+            step(n)                      # the allocator, and a compiled model's graphs (train.compile)
         _sync(device)
         start = time.perf_counter()
         for n in sizes:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bonecluster.config import load_config
-from bonecluster.device import amp_dtype, amp_enabled, pick_device
+from bonecluster.device import mixed_precision, pick_device
 from bonecluster.models import build_model
 from bonecluster.selfsup import ProjectionHead, nt_xent
 
@@ -42,8 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.preset, overrides=args.overrides)
     device = pick_device(cfg.train.device)
-    use_amp = cfg.train.amp and amp_enabled(device)   # CUDA only, as the engine decides
-    half = amp_dtype(device) if use_amp else torch.float16
+    use_amp, half = mixed_precision(cfg.train, device)   # as the engine decides (CUDA; a bf16 CPU with cpu_amp)
     n, side = cfg.selfsup.batch_size, cfg.data.size
     views = torch.rand(2 * n, 1, side, side, generator=torch.Generator().manual_seed(0)).to(device)
 

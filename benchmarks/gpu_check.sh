@@ -44,12 +44,14 @@ for switch in "" model.channels_last=false train.amp=false train.compile=true; d
   step "$name" 240 $PY benchmarks/bench_epoch.py --preset paper --n 8000 --size 224 --set train.workers=8 \
     ${switch:+--set $switch} --work "$EPOCH_WORK" --json "$OUT/$name.json"
 done
-GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-if [ "$GPUS" -ge 2 ]; then   # images/s of the 8,000-phantom training on one GPU and on all (metrics.csv)
+GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")   # what CUDA sees (CUDA_VISIBLE_DEVICES, MIG)
+if [ "$GPUS" -ge 2 ]; then   # the 8,000-phantom training on one GPU and on all of them
   for procs in 1 "$GPUS"; do
-    step "ddp-$procs" 300 $PY -m torch.distributed.run --standalone --nproc_per_node "$procs" -m bonecluster train \
-      "$EPOCH_WORK/phantoms-n8000-s224-seed0" --out "$OUT/ddp-$procs" --stages 1 --preset paper --quiet \
-      --set train.epochs=2 --set train.workers=4
+    OMP_NUM_THREADS=4 step "ddp-$procs" 300 $PY -m torch.distributed.run --standalone --nproc_per_node "$procs" \
+      -m bonecluster train "$EPOCH_WORK/phantoms-n8000-s224-seed0" --out "$OUT/ddp-$procs" --stages 1 \
+      --preset paper --quiet --set train.epochs=2 --set train.workers=4
+    # images_per_s counts rank 0's share: multiply by the processes for the total
+    echo "   $procs process(es), images_per_s per GPU:"; head -n 1 "$OUT/ddp-$procs/stage1/metrics.csv"
     tail -n 1 "$OUT/ddp-$procs/stage1/metrics.csv"
   done
 fi

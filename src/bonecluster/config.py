@@ -178,8 +178,8 @@ class TrainConfig:
     # there); a CPU without it trains in float32 and the log says so. Needs `amp`.
     cpu_amp: bool = False
     # torch.compile the backbone, in place (nn.Module.compile: the weights' names, and so every run
-    # file, stay as they are). Each new batch shape and train/eval switch compiles once more, so it
-    # pays only on long runs, mostly on a GPU.
+    # file, stay as they are). A second batch shape, train/eval and autocast switches each compile
+    # again, and precise BN breaks the graph, so it pays only on long runs, mostly on a GPU.
     compile: bool = False
     workers: int = 0               # DataLoader workers reading the cache (0 = main process)
     feature_batch_size: int = 256

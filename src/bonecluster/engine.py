@@ -88,6 +88,7 @@ class DeepClusterEngine:
         self.augment = RadiographAugment(cfg.train.augment)
         self.use_amp, self.amp_dtype = mixed_precision(cfg.train, self.device)
         self._float32 = False   # set by full_precision()
+        self.precision = str(self.amp_dtype).removeprefix("torch.") if self.use_amp else "float32"
         if cfg.train.amp and cfg.train.cpu_amp and self.device.type == "cpu" and not self.use_amp and self.dist.is_main:
             log.info("train.cpu_amp: this CPU has no bfloat16 in hardware (AVX512-BF16 or AMX); training in float32")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
@@ -321,6 +322,7 @@ class DeepClusterEngine:
                 "assignments": assignments.cpu() if assignments is not None else torch.empty(0, dtype=torch.int64),
                 "history": history, "config": to_dict(self.cfg), "rng": _rng_state(),
                 "scaler": self.scaler.state_dict(),  # float16 AMP's loss scale ({} when off)
+                "precision": self.precision,         # what trained, whatever the config asked for
                 **self.method.state_dict(),          # its optimisers and heads
             }
             save_torch(self.out / CHECKPOINT, state)
@@ -336,6 +338,12 @@ class DeepClusterEngine:
         state = load_run_file(path, map_location="cpu")
         if state["config"] != to_dict(self.cfg):
             log.warning("resuming %s with a config that differs from the checkpoint's", path)
+        # checkpoints older than the field were float32 on a CPU (and unknown on a GPU)
+        before = state.get("precision") or ("float32" if self.device.type == "cpu" else None)
+        if self.dist.is_main and before and before != self.precision:
+            log.warning("resuming %s, trained in %s so far, in %s from here (train.amp and train.cpu_amp choose "
+                        "it; a run begun before the cpu presets trained in bfloat16 keeps float32 with "
+                        "--set train.cpu_amp=false)", path, before, self.precision)
         self.model.load_state_dict(state["model"])
         self.method.load_state_dict(state)
         if state.get("scaler"):

@@ -110,6 +110,15 @@ def test_cpu_amp_trains_in_bfloat16_on_a_native_cpu_and_falls_back_to_float32_el
         x = torch.from_numpy(data.images()).float().div(255).unsqueeze(1)
         again = assign(l2_normalise(trained.pca.transform(trained.model.features(x))), trained.centroids)[0]
     np.testing.assert_array_equal(again.numpy(), res.assignments)
+    # the checkpoint says what trained; resuming it in the other precision says so
+    assert load_torch(tmp_path / "bf16" / CHECKPOINT)["precision"] == "bfloat16"
+    assert load_torch(tmp_path / "fallback" / CHECKPOINT)["precision"] == "float32"
+    part = DeepClusterEngine(cfg16, tmp_path / "switch", progress=False)
+    part.fit(data, stop_after=1)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bonecluster"):
+        DeepClusterEngine(cfg32, tmp_path / "switch", progress=False).fit(data, resume=True)
+    assert "trained in bfloat16 so far, in float32 from here" in caplog.text
 
 
 @pytest.mark.slow
@@ -119,13 +128,15 @@ def test_compiled_backbone_trains_like_the_plain_one_and_writes_the_same_run_fil
     plain_cfg = _cfg(2, "train.device=cpu", "train.cpu_amp=false")
     data = _data(phantoms, tmp_path, plain_cfg)
     DeepClusterEngine(plain_cfg, tmp_path / "plain", progress=False).fit(data)
-    compiled = DeepClusterEngine(_cfg(2, "train.device=cpu", "train.cpu_amp=false", "train.compile=true"), tmp_path / "compiled",
-                                 progress=False).fit(data)
+    engine = DeepClusterEngine(_cfg(2, "train.device=cpu", "train.cpu_amp=false", "train.compile=true"),
+                               tmp_path / "compiled", progress=False)
+    assert engine.model.backbone._compiled_call_impl is not None   # nn.Module.compile, in place
+    compiled = engine.fit(data)
     assert not compiled.collapsed and len(compiled.assignments) == len(data)
     first = [float(read_metrics(tmp_path / run / "metrics.csv")[0]["loss"]) for run in ("plain", "compiled")]
     assert first[1] == pytest.approx(first[0], rel=1e-3)
     a, b = (TrainedClusters.load(tmp_path / run) for run in ("plain", "compiled"))
-    assert list(b.model.state_dict()) == list(a.model.state_dict())
+    assert list(b.model.state_dict()) == list(a.model.state_dict()) and b.model.backbone._compiled_call_impl is None
     assert not any("_orig_mod" in key for key in load_torch(tmp_path / "compiled" / CHECKPOINT)["model"])
 
 
