@@ -102,7 +102,7 @@ def amp_dtype(device: torch.device | str) -> torch.dtype:
 def mixed_precision(train_cfg, device: torch.device | str) -> tuple[bool, torch.dtype]:
     """``(use autocast, its dtype)`` for a :class:`~bonecluster.config.TrainConfig` (``amp``,
     ``cpu_amp``) on ``device``; the dtype is float16 (unused) when autocast is off."""
-    use = bool(train_cfg.amp) and amp_enabled(device, cpu=bool(getattr(train_cfg, "cpu_amp", False)))
+    use = bool(train_cfg.amp) and amp_enabled(device, cpu=bool(train_cfg.cpu_amp))
     return use, (amp_dtype(device) if use else torch.float16)
 
 

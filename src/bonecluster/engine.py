@@ -88,7 +88,6 @@ class DeepClusterEngine:
         self.augment = RadiographAugment(cfg.train.augment)
         self.use_amp, self.amp_dtype = mixed_precision(cfg.train, self.device)
         self._float32 = False   # set by full_precision()
-        self.precision = str(self.amp_dtype).removeprefix("torch.") if self.use_amp else "float32"
         if cfg.train.amp and cfg.train.cpu_amp and self.device.type == "cpu" and not self.use_amp and self.dist.is_main:
             log.info("train.cpu_amp: this CPU has no bfloat16 in hardware (AVX512-BF16 or AMX); training in float32")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
@@ -289,6 +288,11 @@ class DeepClusterEngine:
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp and not self._float32)
+
+    @property
+    def precision(self) -> str:
+        """What the training passes compute in: ``float32``, ``bfloat16`` or ``float16``."""
+        return str(self.amp_dtype).removeprefix("torch.") if self.use_amp else "float32"
 
     @contextmanager
     def full_precision(self):
