@@ -7,15 +7,17 @@ without its timing columns, ``names.json`` and a SHA-256 of the final network, P
 and centroids. A refactor that changes any bit of any of them fails here.
 
 The record depends on the CPU's kernels (MKL and oneDNN pick their own code paths, so not even
-``ATEN_CPU_CAPABILITY`` makes two CPUs agree), so there is one golden file per capability:
-``stage1_methods.json`` (AVX2) and ``stage1_methods.<CAPABILITY>.json`` for others, each naming
-the commit it was recorded at. ``stage1_methods.AVX512.json`` was first recorded at d06171d, a
-commit whose behaviour matched the AVX2 record on an AVX2 CPU, and recorded again when issue 24
-made the phantoms' findings conspicuous (the phantoms the runs train on changed; the code did not:
-the record at d06171d still matched just before). The AVX2 record predates that change and was
-removed, since no AVX2 CPU was at hand to record it again; on a CPU with no golden file of its own
-the test is skipped, saying so. A deliberate change of behaviour (new phantoms, a new default)
-re-records this CPU's file::
+``ATEN_CPU_CAPABILITY`` makes two CPUs agree: an AMD EPYC and an Intel CPU, both AVX512, give
+different float32 histories), so there is one golden file per capability and CPU vendor,
+``stage1_methods.<CAPABILITY>-<VENDOR>.json``, each naming the commit it was recorded at.
+``stage1_methods.AVX512-GenuineIntel.json`` was first recorded at d06171d, a commit whose
+behaviour matched an earlier AVX2 record on an AVX2 CPU, and recorded again when issue 24 made the
+phantoms' findings conspicuous (the phantoms the runs train on changed; the code did not: the
+record at d06171d still matched just before). ``stage1_methods.AVX512-AuthenticAMD.json`` was
+recorded on 2026-12-06 at f4fe38f, a commit that matched the Intel record on the Intel CPU. On a
+CPU with no golden file of its own the test is skipped, saying so; record one there at a commit
+known to match. A deliberate change of behaviour (new phantoms, a new default) re-records every
+file, on each kind of CPU::
 
     .venv/bin/python tests/integration/test_method_equivalence.py --record
 """
@@ -107,21 +109,38 @@ def make_phantoms(root: Path) -> Path:
     return root / "ph"
 
 
-def golden_path(capability: str) -> Path:
-    """This capability's golden file: the AVX2 one keeps its original name."""
-    return GOLDEN if capability == "AVX2" else GOLDEN.with_name(f"{GOLDEN.stem}.{capability}.json")
+def cpu_vendor() -> str:
+    """``vendor_id`` of /proc/cpuinfo (GenuineIntel, AuthenticAMD, ...), or ``platform.processor()``."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_key() -> str:
+    """What a golden file is recorded for: torch's CPU capability and the CPU's vendor."""
+    return f"{torch.backends.cpu.get_cpu_capability()}-{cpu_vendor()}"
+
+
+def golden_path(key: str) -> Path:
+    return GOLDEN.with_name(f"{GOLDEN.stem}.{key}.json")
 
 
 @pytest.fixture(scope="module")
 def golden() -> dict:
-    here = torch.backends.cpu.get_cpu_capability()
+    here = cpu_key()
     path = golden_path(here)
     if not path.is_file():
-        pytest.skip(f"no golden run recorded for CPU capability {here} (only for "
+        pytest.skip(f"no golden run recorded for this CPU, {here} (only for "
                     f"{', '.join(sorted(p.name for p in GOLDEN.parent.glob(GOLDEN.stem + '*.json')))}); "
                     "record one at a commit known to match (--record)")
     data = json.loads(path.read_text())
-    assert data["cpu_capability"] == here, f"{path} was recorded on {data['cpu_capability']}, not {here}"
+    assert data["cpu"] == here, f"{path} was recorded on {data['cpu']}, not {here}"
     return data
 
 
@@ -134,8 +153,7 @@ def phantoms(tmp_path_factory) -> Path:
 def test_method_matches_its_pre_refactor_run_bit_for_bit(name, golden, phantoms, tmp_path):
     want = golden["runs"][name]
     got = run_fingerprint(phantoms, tmp_path, RUNS[name])
-    here = torch.backends.cpu.get_cpu_capability()
-    where = f"(golden recorded on CPU capability {golden['cpu_capability']}, this CPU is {here})"
+    where = f"(golden recorded on {golden['cpu']}, this CPU is {cpu_key()})"
     assert got["history"] == want["history"], f"{name}: metrics history differs {where}"
     assert got["assignments"] == want["assignments"], f"{name}: final assignments differ {where}"
     assert got["names"] == want["names"], f"{name}: names.json differs {where}"
@@ -164,11 +182,11 @@ def record() -> None:
             runs[name] = run_fingerprint(phantoms, Path(tmp) / name, overrides)
     import subprocess
 
-    here = torch.backends.cpu.get_cpu_capability()
+    here = cpu_key()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
     path = golden_path(here)
     path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps({"cpu_capability": here, "torch": torch.__version__,
+    path.write_text(json.dumps({"cpu": here, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
                                 "recorded_at": commit.stdout.strip() or None, "runs": runs}, indent=1) + "\n")
     print(f"wrote {path}")
 
