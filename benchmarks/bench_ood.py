@@ -21,8 +21,11 @@ and, for comparison, for the backbone's pooled features (L2-normalised, same k a
 for a lever not shipped, ``pooled-mahalanobis`` (:class:`ClusterMahalanobis`; ``-cv``: its
 threshold from cross-fitted reference distances, 5 folds), for the
 network-free ``appearance`` histograms (``bonecluster.descriptors.appearance``, standardised by
-the training films) and for ``embedding+appearance`` (:class:`EitherFlags`: flagged when either
-flags).
+the training films), for ``embedding+appearance`` (:class:`EitherFlags`: flagged when either
+flags), and for a lever measured on 2026-12-05 (rule L), ``layers-mahalanobis-cv``
+(:class:`LayerEnsemble`: every layer's channel means and spreads, :func:`layer_statistics`, each
+with a cross-fitted cluster Mahalanobis distance, summed), with one ``layerN-mahalanobis-cv`` row per
+layer beside it.
 Beside each AUROC, a supervised reference: logistic regression told which group each film is in,
 5-fold cross-validated on the same films (a ceiling for what the features hold, not a flag).
 Labels (regions, parts) only choose which films are upper-limb, legs or hips; the training itself
@@ -103,21 +106,66 @@ def upper_limb_sets(data: Path, work: Path) -> dict[str, list[str]]:
     return sets
 
 
+def layer_statistics(model, images: np.ndarray, batch_size: int = 128) -> dict[str, np.ndarray]:
+    """Each film's channel means and standard deviations over the map of every layer Grad-CAM may
+    explain (``model.cam_layers()``; a ResNet's layer1..layer4): uint8 (N, S, S) -> {layer: (N, 2C)}.
+
+    The means say what the layer sees, the spreads how it is drawn (the "style" statistics of
+    Huang and Belongie 2017), shallow layers for grey level, noise and edges, deep ones for shape.
+    """
+    import torch
+
+    found: dict[str, torch.Tensor] = {}
+    hooks = []
+    size = images.shape[1:3]
+    for name, (module, to_map) in model.cam_layers().items():
+        def keep(_m, _i, out, name=name, to_map=to_map):
+            fmap = to_map(out, size).float()
+            found[name] = torch.cat([fmap.mean((2, 3)), fmap.std((2, 3), correction=0)], 1)   # a 1 x 1 map: spread 0
+        hooks.append(module.register_forward_hook(keep))
+    stats: dict[str, list[np.ndarray]] = {}
+    try:
+        with torch.no_grad():
+            for s in range(0, len(images), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).float().div_(255).unsqueeze(1)
+                model.features(x)
+                for name, v in found.items():
+                    stats.setdefault(name, []).append(v.numpy())
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: np.concatenate(v) for name, v in stats.items()}
+
+
 def _features(trained, sources: list[str], cache: Path) -> dict[str, np.ndarray]:
     """Every film of ``sources`` in each space: the stage-1 embedding (N, d), the pooled features
-    (N, D) and the network-free appearance histograms (N, 64), by name."""
+    (N, D), the network-free appearance histograms (N, 64) and every layer's channel statistics
+    ({layer: (N, 2C)}, :func:`layer_statistics`), by name."""
     from bonecluster.data import prepare_sources
     from bonecluster.descriptors import appearance
 
     ds = prepare_sources(sources, trained.cfg.data, cache=cache, progress=False)
     images = ds.images()
     emb, raw = _embed(trained, images)
-    return {"embedding": emb, "pooled": raw, "appearance": appearance(images).numpy()}
+    return {"embedding": emb, "pooled": raw, "appearance": appearance(images).numpy(),
+            "layers": layer_statistics(trained.model, images)}
+
+
+def _concat(parts: list):
+    """Films of several sources joined: arrays end to end, or layer by layer for a dict."""
+    if isinstance(parts[0], dict):
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return np.concatenate(parts)
 
 
 def _inputs(feats: dict, space: str):
     """What a space reads: one array, or a tuple of arrays for a combined space ("a+b"); the
-    pooled-feature spaces ("pooled", "pooled-mahalanobis") read the pooled features."""
+    pooled-feature spaces ("pooled", "pooled-mahalanobis") read the pooled features; "layers-..."
+    every layer's statistics (a dict), "layerN-..." one layer's."""
+    if space.startswith("layers-"):
+        return feats["layers"]
+    if space.startswith("layer"):
+        return feats["layers"][space.split("-")[0]]
     keys = ["pooled" if k.startswith("pooled") else k for k in space.split("+")]
     return feats[keys[0]] if len(keys) == 1 else tuple(feats[k] for k in keys)
 
@@ -167,10 +215,14 @@ def _probe_auroc(inside: np.ndarray, outside: np.ndarray) -> float:
 def _as_query(x):
     import torch
 
+    if isinstance(x, dict):   # every layer's statistics: read as numpy
+        return x
     return tuple(torch.from_numpy(a) for a in x) if isinstance(x, tuple) else torch.from_numpy(x)
 
 
 def _joined(x) -> np.ndarray:
+    if isinstance(x, dict):
+        return np.concatenate(list(x.values()), axis=1)
     return np.concatenate(x, axis=1) if isinstance(x, tuple) else x
 
 
@@ -191,7 +243,7 @@ class ClusterMahalanobis:
     is not tighter than a new film's distance to the fit on all of them)."""
 
     def __init__(self, feats: np.ndarray, clusters: np.ndarray, percentile: float = 99.0, folds: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, keep_order: bool = False):
         if len(feats) != len(clusters):
             raise ValueError(f"{len(feats)} training films but {len(clusters)} cluster assignments")
         if folds == 1 or folds < 0:
@@ -207,6 +259,8 @@ class ClusterMahalanobis:
                 reference[fold == f] = self._distance(feats[fold == f], means, precision)
         else:
             reference = self.distance(feats)
+        if keep_order:   # film by film, in the training films' order (LayerEnsemble adds them up)
+            self.unsorted_reference = reference
         self.reference = np.sort(reference)
 
     @staticmethod
@@ -240,6 +294,36 @@ class ClusterMahalanobis:
         return np.asarray(typicality) >= 100.0 - self.percentile
 
 
+class LayerEnsemble:
+    """A lever measured beside the shipped flag (rule L, 2026-12-05): one cross-fitted
+    :class:`ClusterMahalanobis` per layer on its channel statistics (:func:`layer_statistics`),
+    each layer's distance divided by the median of its training films' cross-fitted distances, and
+    the sum over layers as the score (Lee et al. 2018's feature ensemble, with equal weights, since
+    no out-of-distribution film may choose them). Its reference: the training films' cross-fitted
+    sums. Queries are ``{layer: (N, 2C)}``."""
+
+    def __init__(self, layers: dict[str, np.ndarray], clusters: np.ndarray, percentile: float = 99.0,
+                 folds: int = 5, seed: int = 0):
+        if folds < 2:
+            raise ValueError(f"the ensemble's reference is cross-fitted: folds must be at least 2, got {folds}")
+        self.percentile = percentile
+        self.layers = {name: ClusterMahalanobis(x, clusters, percentile, folds=folds, seed=seed, keep_order=True)
+                       for name, x in layers.items()}
+        self.scale = {name: float(np.median(m.unsorted_reference)) or 1.0 for name, m in self.layers.items()}
+        self.reference = np.sort(sum(m.unsorted_reference / self.scale[n] for n, m in self.layers.items()))
+
+    def distance(self, x: dict) -> np.ndarray:
+        return sum(m.distance(x[name]) / self.scale[name] for name, m in self.layers.items())
+
+    def typicality(self, x: dict) -> np.ndarray:
+        from bonecluster.typicality import percentile_rank
+
+        return percentile_rank(self.reference, self.distance(x))
+
+    def in_distribution(self, typicality: np.ndarray) -> np.ndarray:
+        return np.asarray(typicality) >= 100.0 - self.percentile
+
+
 def _spaces(run: Path, train_sources: list[str], cache: Path) -> tuple[object, dict]:
     """The run's model and one typicality per space: the shipped one, the pooled features (plain
     and cluster Mahalanobis), the appearance histograms, and the shipped one with the appearance."""
@@ -263,6 +347,10 @@ def _spaces(run: Path, train_sources: list[str], cache: Path) -> tuple[object, d
     spaces["appearance"] = Typicality.fit(torch.from_numpy(feats["appearance"]), standardise=True,
                                           metric="euclidean")
     spaces["embedding+appearance"] = EitherFlags(shipped, spaces["appearance"])
+    layers = feats["layers"]
+    spaces["layers-mahalanobis-cv"] = LayerEnsemble(layers, trained.assignments)
+    for name, x in layers.items():   # reported beside the ensemble, not chosen from (rule L)
+        spaces[f"{name}-mahalanobis-cv"] = ClusterMahalanobis(x, trained.assignments, folds=5)
     return trained, spaces, drift
 
 
@@ -296,7 +384,7 @@ def phantom_setting(args, work: Path, data: Path) -> dict:
         if (data / SOURCES[name]).exists():
             queries[name] = _features(trained, [str(data / SOURCES[name])], cache)
     real = [q for name, q in queries.items() if name in REAL]
-    queries["all real films"] = {key: np.concatenate([q[key] for q in real]) for key in real[0]}
+    queries["all real films"] = {key: _concat([q[key] for q in real]) for key in real[0]}
     out = {"run": str(run), "train_seconds": round(trained_s, 1), "reference_drift": drift, "spaces": {}}
     for space, typ in spaces.items():
         out["spaces"][space] = {name: _flag_stats(typ, _inputs(q, space)) for name, q in queries.items()}

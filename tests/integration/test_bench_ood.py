@@ -6,9 +6,14 @@ import csv
 import json
 import os
 
+import pytest
+
 from tests.conftest import load_benchmark
 from tests.integration.test_bench_real_suite import _stand_in
 from tests.integration.test_engine import TINY
+
+SPACES = ("embedding", "pooled", "pooled-mahalanobis", "pooled-mahalanobis-cv", "appearance",
+          "embedding+appearance", "layers-mahalanobis-cv", "layer1-mahalanobis-cv", "layer4-mahalanobis-cv")
 
 
 def test_both_settings_report_flagged_shares_and_the_auroc(tmp_path, single_torch_thread):
@@ -24,8 +29,7 @@ def test_both_settings_report_flagged_shares_and_the_auroc(tmp_path, single_torc
 
     phantom = result["phantom"]
     assert phantom["reference_drift"] < 1e-4   # the shipped reference is this run's training films
-    for space in ("embedding", "pooled", "pooled-mahalanobis", "pooled-mahalanobis-cv", "appearance",
-                  "embedding+appearance"):
+    for space in SPACES:
         rows = phantom["spaces"][space]
         assert set(rows) == {"new phantoms", "mura-humerus", "mura-elbow", "fracatlas", "fracture-parts",
                              "mura-unlabelled", "all real films", "auroc", "probe_auroc"}
@@ -50,8 +54,7 @@ def test_both_settings_report_flagged_shares_and_the_auroc(tmp_path, single_torc
     assert upper["train_films"] == len(trained_paths)
     # no leg film and no non-upper-limb FracAtlas film is trained on
     assert not any(regions.get(p, "hand") != "hand" for p in trained_paths)
-    for space in ("embedding", "pooled", "pooled-mahalanobis", "pooled-mahalanobis-cv", "appearance",
-                  "embedding+appearance"):
+    for space in SPACES:
         rows = upper["spaces"][space]
         assert rows["leg and hip"]["films"] == legs
         assert 0 < rows["held-out upper limb"]["films"]
@@ -76,3 +79,46 @@ def test_a_cross_fitted_reference_stops_flagging_films_like_the_training_films()
     assert flagged[0] > 0.5 and flagged[5] <= 0.05, flagged
     far = ClusterMahalanobis(train, clusters, folds=5)
     assert np.mean(~far.in_distribution(far.typicality(new + 3 * scale))) > 0.9   # a shifted film is still flagged
+
+
+def test_layer_statistics_are_each_layers_channel_means_and_spreads():
+    import numpy as np
+    import torch
+
+    from bonecluster.config import load_config
+    from bonecluster.models import build_model
+
+    bench = load_benchmark("bench_ood")
+    cfg = load_config("cpu", overrides=TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_clusters=3, image_size=32).eval()
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32), dtype=np.uint8)
+    stats = bench.layer_statistics(model, images, batch_size=2)   # batches must not change a film's figures
+    assert list(stats) == ["layer1", "layer2", "layer3", "layer4"]
+    with torch.no_grad():
+        x = torch.from_numpy(images[3:4]).float().div(255).unsqueeze(1)
+        fmap = model.backbone.layer2(model.backbone.layer1(model.backbone.maxpool(model.backbone.relu(
+            model.backbone.bn1(model.backbone.conv1(model.preprocess(x)))))))
+    assert stats["layer2"].shape == (5, 2 * fmap.shape[1])
+    expected = torch.cat([fmap.mean((2, 3)), fmap.std((2, 3), correction=0)], 1)[0].numpy()
+    assert np.allclose(stats["layer2"][3], expected, atol=1e-5)
+
+
+def test_the_layer_ensemble_flags_films_unlike_the_training_films_in_any_layer():
+    import numpy as np
+
+    LayerEnsemble = load_benchmark("bench_ood").LayerEnsemble
+    rng = np.random.default_rng(1)
+    scale = {"shallow": 1.0 / np.arange(1, 33), "deep": 1.0 / np.arange(1, 65) ** 0.5}
+    train = {n: rng.normal(size=(400, len(s))) * s for n, s in scale.items()}
+    clusters = rng.integers(0, 4, 400)
+    ens = LayerEnsemble(train, clusters, folds=5)
+    assert len(ens.reference) == 400 and np.all(np.diff(ens.reference) >= 0)
+    like = {n: rng.normal(size=(1000, len(s))) * s for n, s in scale.items()}
+    flagged = np.mean(~ens.in_distribution(ens.typicality(like)))
+    assert flagged <= 0.05, flagged
+    # a film that differs in the shallow layer's statistics alone is flagged
+    odd = dict(like, shallow=like["shallow"] + 3 * scale["shallow"])
+    assert np.mean(~ens.in_distribution(ens.typicality(odd))) > 0.9
+    with pytest.raises(ValueError, match="cross-fitted"):
+        LayerEnsemble(train, clusters, folds=0)
