@@ -22,7 +22,7 @@ for a lever not shipped, ``pooled-mahalanobis`` (:class:`ClusterMahalanobis`; ``
 threshold from cross-fitted reference distances, 5 folds), for the
 network-free ``appearance`` histograms (``bonecluster.descriptors.appearance``, standardised by
 the training films), for ``embedding+appearance`` (:class:`EitherFlags`: flagged when either
-flags), and for a lever measured on 2026-12-05 (rule L), ``layers-mahalanobis-cv``
+flags), and for a lever measured on 2026-12-06 (rule L), ``layers-mahalanobis-cv``
 (:class:`LayerEnsemble`: every layer's channel means and spreads, :func:`layer_statistics`, each
 with a cross-fitted cluster Mahalanobis distance, summed), with one ``layerN-mahalanobis-cv`` row per
 layer beside it.
@@ -112,13 +112,16 @@ def layer_statistics(model, images: np.ndarray, batch_size: int = 128) -> dict[s
 
     The means say what the layer sees, the spreads how it is drawn (the "style" statistics of
     Huang and Belongie 2017), shallow layers for grey level, noise and edges, deep ones for shape.
+    ``model`` must be in eval mode (a trained run's is), so that BatchNorm uses its running
+    statistics and a film's figures do not depend on its batch.
     """
     import torch
 
     found: dict[str, torch.Tensor] = {}
     hooks = []
     size = images.shape[1:3]
-    for name, (module, to_map) in model.cam_layers().items():
+    hooks_for = model.cam_layers()
+    for name, (module, to_map) in hooks_for.items():
         def keep(_m, _i, out, name=name, to_map=to_map):
             fmap = to_map(out, size).float()
             found[name] = torch.cat([fmap.mean((2, 3)), fmap.std((2, 3), correction=0)], 1)   # a 1 x 1 map: spread 0
@@ -128,7 +131,10 @@ def layer_statistics(model, images: np.ndarray, batch_size: int = 128) -> dict[s
         with torch.no_grad():
             for s in range(0, len(images), batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).float().div_(255).unsqueeze(1)
+                found.clear()
                 model.features(x)
+                if set(found) != set(hooks_for):
+                    raise RuntimeError(f"layers {sorted(set(hooks_for) - set(found))} did not run in the forward pass")
                 for name, v in found.items():
                     stats.setdefault(name, []).append(v.numpy())
     finally:
@@ -162,10 +168,10 @@ def _inputs(feats: dict, space: str):
     """What a space reads: one array, or a tuple of arrays for a combined space ("a+b"); the
     pooled-feature spaces ("pooled", "pooled-mahalanobis") read the pooled features; "layers-..."
     every layer's statistics (a dict), "layerN-..." one layer's."""
-    if space.startswith("layers-"):
+    if space == "layers-mahalanobis-cv":
         return feats["layers"]
-    if space.startswith("layer"):
-        return feats["layers"][space.split("-")[0]]
+    if space.removesuffix("-mahalanobis-cv") in feats["layers"]:   # one layer's row
+        return feats["layers"][space.removesuffix("-mahalanobis-cv")]
     keys = ["pooled" if k.startswith("pooled") else k for k in space.split("+")]
     return feats[keys[0]] if len(keys) == 1 else tuple(feats[k] for k in keys)
 
@@ -243,7 +249,7 @@ class ClusterMahalanobis:
     is not tighter than a new film's distance to the fit on all of them)."""
 
     def __init__(self, feats: np.ndarray, clusters: np.ndarray, percentile: float = 99.0, folds: int = 0,
-                 seed: int = 0, keep_order: bool = False):
+                 seed: int = 0, keep_order: bool = False, fold: np.ndarray | None = None):
         if len(feats) != len(clusters):
             raise ValueError(f"{len(feats)} training films but {len(clusters)} cluster assignments")
         if folds == 1 or folds < 0:
@@ -253,7 +259,10 @@ class ClusterMahalanobis:
         self.percentile = percentile
         if folds:
             reference = np.empty(len(feats))
-            fold = np.random.default_rng(seed).permutation(len(feats)) % folds
+            if fold is None:   # each film's fold (given, when several fits must share them)
+                fold = np.random.default_rng(seed).permutation(len(feats)) % folds
+            elif len(fold) != len(feats) or set(np.unique(fold)) != set(range(folds)):
+                raise ValueError(f"fold must give each of the {len(feats)} films one of {folds} folds")
             for f in range(folds):
                 means, precision = self._fit(feats[fold != f], clusters[fold != f])
                 reference[fold == f] = self._distance(feats[fold == f], means, precision)
@@ -295,7 +304,7 @@ class ClusterMahalanobis:
 
 
 class LayerEnsemble:
-    """A lever measured beside the shipped flag (rule L, 2026-12-05): one cross-fitted
+    """A lever measured beside the shipped flag (rule L, 2026-12-06): one cross-fitted
     :class:`ClusterMahalanobis` per layer on its channel statistics (:func:`layer_statistics`),
     each layer's distance divided by the median of its training films' cross-fitted distances, and
     the sum over layers as the score (Lee et al. 2018's feature ensemble, with equal weights, since
@@ -307,7 +316,9 @@ class LayerEnsemble:
         if folds < 2:
             raise ValueError(f"the ensemble's reference is cross-fitted: folds must be at least 2, got {folds}")
         self.percentile = percentile
-        self.layers = {name: ClusterMahalanobis(x, clusters, percentile, folds=folds, seed=seed, keep_order=True)
+        n = len(clusters)
+        fold = np.random.default_rng(seed).permutation(n) % folds   # one split for every layer: the sums are cross-fitted
+        self.layers = {name: ClusterMahalanobis(x, clusters, percentile, folds=folds, keep_order=True, fold=fold)
                        for name, x in layers.items()}
         self.scale = {name: float(np.median(m.unsorted_reference)) or 1.0 for name, m in self.layers.items()}
         self.reference = np.sort(sum(m.unsorted_reference / self.scale[n] for n, m in self.layers.items()))
@@ -347,10 +358,9 @@ def _spaces(run: Path, train_sources: list[str], cache: Path) -> tuple[object, d
     spaces["appearance"] = Typicality.fit(torch.from_numpy(feats["appearance"]), standardise=True,
                                           metric="euclidean")
     spaces["embedding+appearance"] = EitherFlags(shipped, spaces["appearance"])
-    layers = feats["layers"]
-    spaces["layers-mahalanobis-cv"] = LayerEnsemble(layers, trained.assignments)
-    for name, x in layers.items():   # reported beside the ensemble, not chosen from (rule L)
-        spaces[f"{name}-mahalanobis-cv"] = ClusterMahalanobis(x, trained.assignments, folds=5)
+    ensemble = spaces["layers-mahalanobis-cv"] = LayerEnsemble(feats["layers"], trained.assignments)
+    for name, layer in ensemble.layers.items():   # reported beside the ensemble, not chosen from (rule L)
+        spaces[f"{name}-mahalanobis-cv"] = layer
     return trained, spaces, drift
 
 
@@ -424,7 +434,7 @@ def print_tables(result: dict) -> None:
         r = result["phantom"]
         print(f"\n1. run trained on phantoms ({r['run']}): share flagged out of distribution")
         names = [n for n in next(iter(r["spaces"].values())) if n not in ("auroc", "probe_auroc")]
-        print("| space | " + " | ".join(names) + " | AUROC new phantoms vs real (5-NN distance; combined: 100 - typicality) | supervised reference |")
+        print("| space | " + " | ".join(names) + " | AUROC new phantoms vs real (on the space's distance; combined: 100 - typicality) | supervised reference |")
         print("|---|" + "---|" * (len(names) + 2))
         for space, rows in r["spaces"].items():
             print(f"| {space} | " + " | ".join(f"{rows[n]['flagged']:.3f} ({rows[n]['films']})" for n in names)
@@ -432,7 +442,7 @@ def print_tables(result: dict) -> None:
     if "upper_limb" in result:
         r = result["upper_limb"]
         print(f"\n2. run trained on {r['train_films']} real upper-limb films ({r['run']})")
-        print("| space | held-out upper limb flagged | leg and hip flagged | AUROC (5-NN distance; combined: 100 - typicality) | supervised reference |")
+        print("| space | held-out upper limb flagged | leg and hip flagged | AUROC (on the space's distance; combined: 100 - typicality) | supervised reference |")
         print("|---|---|---|---|---|")
         for space, rows in r["spaces"].items():
             h, o = rows["held-out upper limb"], rows["leg and hip"]

@@ -114,6 +114,12 @@ def test_the_layer_ensemble_flags_films_unlike_the_training_films_in_any_layer()
     clusters = rng.integers(0, 4, 400)
     ens = LayerEnsemble(train, clusters, folds=5)
     assert len(ens.reference) == 400 and np.all(np.diff(ens.reference) >= 0)
+    # the reference is each film's cross-fitted distances summed over the layers, on one split
+    ClusterMahalanobis = load_benchmark("bench_ood").ClusterMahalanobis
+    fold = np.random.default_rng(0).permutation(400) % 5
+    alone = {n: ClusterMahalanobis(x, clusters, folds=5, keep_order=True, fold=fold) for n, x in train.items()}
+    expected = sum(alone[n].unsorted_reference / np.median(alone[n].unsorted_reference) for n in train)
+    assert np.allclose(ens.reference, np.sort(expected))
     like = {n: rng.normal(size=(1000, len(s))) * s for n, s in scale.items()}
     flagged = np.mean(~ens.in_distribution(ens.typicality(like)))
     assert flagged <= 0.05, flagged
