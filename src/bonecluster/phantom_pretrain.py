@@ -41,8 +41,8 @@ from bonecluster import BODY_PARTS
 from bonecluster.augment import RadiographAugment, uint8_to_unit_float
 from bonecluster.config import Config, DataConfig, PhantomPretrainConfig
 from bonecluster.data.decode import fit_to_square, scale_percentiles
-from bonecluster.data.phantoms import (FINDINGS, VIEWS, _default_workers, _progress_bar, check_framing,
-                                      check_texture, render_labelled, reshare_film)
+from bonecluster.data.phantoms import (FINDINGS, VIEWS, _default_workers, _progress_bar, check_children,
+                                      check_framing, check_texture, render_labelled, reshare_film)
 from bonecluster.device import mixed_precision, pick_device, seed_everything
 from bonecluster.io import atomic_write_text
 from bonecluster.models import DeepClusterNet, build_model
@@ -95,12 +95,13 @@ class _Slice:
     reshare_p: float
     texture: float
     framing: float
+    children: float
 
 
 def _render_slice(job: _Slice) -> tuple[np.ndarray, np.ndarray]:
     """The slice's films, prepared like a decoded real film: percentile scaling (the cache's)
     then the configured fit to a square. A ``reshare_p`` share of them are first turned into
-    re-shared copies (:func:`reshare_film`); ``texture`` and ``framing`` are
+    re-shared copies (:func:`reshare_film`); ``texture``, ``framing`` and ``children`` are
     :func:`render_labelled`'s. Returns images uint8 ``(count, S, S)`` and labels int64
     ``(count, tasks)``."""
     size = job.data.size
@@ -108,7 +109,8 @@ def _render_slice(job: _Slice) -> tuple[np.ndarray, np.ndarray]:
     labels = np.empty((job.count, len(TASK_CLASSES)), dtype=np.int64)
     for i in range(job.count):
         index = job.first + i
-        film = render_labelled(index, size, job.seed, texture=job.texture, framing=job.framing)
+        film = render_labelled(index, size, job.seed, texture=job.texture, framing=job.framing,
+                               children=job.children)
         pixels = film.pixels
         if job.reshare_p > 0:   # its own stream: switching it on leaves the films themselves unchanged
             rng = np.random.default_rng([job.seed, _RESHARE_STREAM, index])
@@ -122,7 +124,7 @@ def _render_slice(job: _Slice) -> tuple[np.ndarray, np.ndarray]:
 
 def render_corpus(n: int, data: DataConfig, seed: int = 0, first: int = 0, workers: int | None = None,
                   progress: bool = True, reshare_p: float = 0.0, texture: float = 0.0,
-                  framing: float = 0.0) -> PhantomCorpus:
+                  framing: float = 0.0, children: float = 0.0) -> PhantomCorpus:
     """Films ``first .. first+n-1`` of the labelled phantom stream at ``data.size`` with ``data.fit``.
 
     Rendering takes about 3 ms a film at 96 px on one core; ``workers`` processes (default: one
@@ -135,8 +137,9 @@ def render_corpus(n: int, data: DataConfig, seed: int = 0, first: int = 0, worke
     chunk = 256
     if not 0.0 <= reshare_p <= 1.0:
         raise ValueError(f"phantoms.reshare_p must be in [0, 1], got {reshare_p}")
-    texture, framing = check_texture(texture), check_framing(framing)
-    jobs = [_Slice(first + s, min(chunk, n - s), seed, data, reshare_p, texture, framing) for s in range(0, n, chunk)]
+    texture, framing, children = check_texture(texture), check_framing(framing), check_children(children)
+    jobs = [_Slice(first + s, min(chunk, n - s), seed, data, reshare_p, texture, framing, children)
+            for s in range(0, n, chunk)]
     bar = _bar(n, progress, "phantom films")
     parts = []
     try:
@@ -206,9 +209,9 @@ def pretrain_on_phantoms(cfg: Config, out: str | Path, progress: bool = True) ->
     device = pick_device(cfg.train.device)
     seed_everything(cfg.seed)
     train_set = render_corpus(p.films, cfg.data, seed=cfg.seed, workers=cfg.data.workers or None, progress=progress,
-                              reshare_p=p.reshare_p, texture=p.texture, framing=p.framing)
+                              reshare_p=p.reshare_p, texture=p.texture, framing=p.framing, children=p.children)
     valid_set = render_corpus(p.validation_films, cfg.data, seed=cfg.seed, first=p.films, reshare_p=p.reshare_p,
-                              texture=p.texture, framing=p.framing,
+                              texture=p.texture, framing=p.framing, children=p.children,
                               workers=cfg.data.workers or None, progress=False) if p.validation_films else None
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_clusters=len(BODY_PARTS), weights=_start_weights(cfg.model.weights),
@@ -310,8 +313,9 @@ def weights_key(cfg: Config) -> str:
     """A short digest of every setting that changes the pre-trained weights, except the device and
     ``model.channels_last``, which change them only by float rounding."""
     phantoms = asdict(cfg.phantoms)
-    if not phantoms["framing"]:   # only when set: the keys of files cached before it existed stay valid
-        del phantoms["framing"]
+    for later in ("framing", "children"):   # only when set: the keys of files cached before them stay valid
+        if not phantoms[later]:
+            del phantoms[later]
     settings = {"version": PRETRAIN_VERSION, "phantoms": phantoms, "model": _model_settings(cfg),
                 "data": _data_settings(cfg.data), "augment": asdict(cfg.train.augment), "seed": cfg.seed}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:16]

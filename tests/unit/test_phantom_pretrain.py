@@ -95,9 +95,12 @@ def test_cached_weights_are_reused_for_the_same_settings_only(tmp_path):
     other = load_config("cpu", overrides=TINY + ["phantoms.lr=0.01"])
     assert weights_key(other) != weights_key(cfg)
     assert weights_key(load_config("cpu", overrides=TINY + ["train.device=auto"])) == weights_key(cfg)
-    # phantoms.framing enters the key only when set, so files cached before it existed keep theirs
-    # (this digest is the one the code of 2026-12-05, before framing, gave these settings).
-    assert weights_key(cfg) == "49e5eefd4fa44e6d"
+    # phantoms.framing and phantoms.children enter the key only when set, so files cached before
+    # they existed keep theirs (this digest is the one the code of 2026-12-05, before framing, gave
+    # these settings, all adult phantoms); children is 0.3 by default since 2026-12-06.
+    adults = load_config("cpu", overrides=TINY + ["phantoms.children=0"])
+    assert weights_key(adults) == "49e5eefd4fa44e6d"
+    assert cfg.phantoms.children == 0.3 and weights_key(cfg) != weights_key(adults)
     assert weights_key(load_config("cpu", overrides=TINY + ["phantoms.framing=1"])) != weights_key(cfg)
 
 
@@ -126,8 +129,8 @@ def test_reshare_p_changes_only_the_share_of_films_it_asks_for():
         render_corpus(4, cfg.data, workers=1, progress=False, reshare_p=1.5)
 
 
-@pytest.mark.parametrize("lever, bad", [("texture", 3.0), ("framing", -1.0)])
-def test_texture_and_framing_change_the_films_but_not_their_labels(lever, bad):
+@pytest.mark.parametrize("lever, bad", [("texture", 3.0), ("framing", -1.0), ("children", 1.5)])
+def test_texture_framing_and_children_change_the_films_but_not_their_labels(lever, bad):
     cfg = load_config("cpu", overrides=["data.size=32", "data.fit=letterbox", f"phantoms.{lever}=1"])
     strength = getattr(cfg.phantoms, lever)
     assert strength == 1.0

@@ -334,6 +334,56 @@ def test_framing_widens_magnification_centring_and_shutters_only():
             render_labelled(0, 64, framing=bad)
 
 
+def test_growth_plates_cross_every_long_bone_near_both_ends_and_are_no_lesion():
+    """phantoms.children: two radiolucent bands per bone that can carry a finding, each as wide as
+    the bone and darkening it where drawn; not counted in the lesion mask."""
+    rng = np.random.default_rng(3)
+    patient = ph.sample_patient("FOREARM", rng)
+    anatomy = ph.build_anatomy(patient, ph.View(0.0, 0.5))
+    long_bones = [b for b in anatomy.bones if b.target > 0]
+    assert {b.name for b in long_bones} == {"radius", "ulna"}
+    ph.add_growth_plates(anatomy, np.random.default_rng(0))
+    assert len(anatomy.holes) == 2 * len(long_bones) and not any(h.lesion for h in anatomy.holes)
+    for hole, bone in zip(anatomy.holes, [b for b in long_bones for _ in range(2)]):
+        assert hole.shape.ry >= 1.6 * bone.radius > hole.shape.rx   # across the bone, thin along it
+    cv = ph._Canvas(96, 64, ph.Pose(scale=1.0, angle=0.0, shift=(0.0, 0.0), mirror=1.0))
+    plain = ph._draw_anatomy(ph.build_anatomy(patient, ph.View(0.0, 0.5)), cv)
+    child = ph._draw_anatomy(anatomy, cv)
+    assert not child.hole.any()
+    checked = 0
+    for hole in anatomy.holes:
+        r, c = (int(round(v)) for v in cv.to_pixel(*hole.shape.c)[::-1])
+        if 0 <= r < 96 and 0 <= c < 64 and plain.bone[r, c] > 0:
+            assert child.bone[r, c] < 0.6 * plain.bone[r, c]
+            checked += 1
+    assert checked >= 2   # the plates on the film (the rest lie off it)
+
+
+def test_children_change_a_share_of_the_films_and_not_their_labels(monkeypatch):
+    plain = [render_labelled(i, 48) for i in range(60)]
+    assert all(np.array_equal(a.pixels, render_labelled(i, 48, children=0.0).pixels) for i, a in enumerate(plain[:5]))
+    some = [render_labelled(i, 48, children=0.3) for i in range(60)]
+    every = [render_labelled(i, 48, children=1.0) for i in range(60)]
+    for a, b, c in zip(plain, some, every):
+        assert (a.part, a.view, a.finding) == (b.part, b.view, b.finding) == (c.part, c.view, c.finding)
+        assert a.pixels.shape == b.pixels.shape == c.pixels.shape
+    changed = np.array([not np.array_equal(a.pixels, b.pixels) for a, b in zip(plain, some)])
+    assert 0.1 < changed.mean() < 0.5
+    # a child at 0.3 is the same film as at 1.0: the share only decides who is one
+    assert all(np.array_equal(b.pixels, c.pixels) for b, c, ch in zip(some, every, changed) if ch)
+    assert sum(not np.array_equal(a.pixels, c.pixels) for a, c in zip(plain, every)) >= 55
+    for bad in (-0.1, 1.5, True, "0.3"):
+        with pytest.raises(ValueError, match="phantoms.children"):
+            render_labelled(0, 48, children=bad)
+    # a child's film has its growth plates drawn, an adult's none
+    drawn = []
+    real = ph.add_growth_plates
+    monkeypatch.setattr(ph, "add_growth_plates", lambda an, rng: drawn.append(1) or real(an, rng))
+    render_labelled(0, 48, children=1.0)
+    render_labelled(0, 48)
+    assert drawn == [1]
+
+
 # ----------------------------------------------------------------------------- conspicuous findings (issue 24)
 
 

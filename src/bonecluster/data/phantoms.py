@@ -70,7 +70,8 @@ from bonecluster import BODY_PARTS
 
 __all__ = [
     "FINDINGS", "VIEWS", "LabelledFilm", "PhantomSummary", "StudyPlan", "generate_phantoms",
-    "check_framing", "check_texture", "make_contact_sheet", "make_twin_sheet", "plan_studies", "render_labelled",
+    "add_growth_plates", "check_children", "check_framing", "check_texture", "child_patient",
+    "make_contact_sheet", "make_twin_sheet", "plan_studies", "render_labelled",
     "render_phantom", "render_study", "render_twins", "reshare_film", "texture_field",
 ]
 
@@ -80,6 +81,7 @@ FINDINGS: tuple[str, ...] = ("fracture", "plate", "lesion", "dislocation")
 _PLAN_STREAM, _PATIENT_STREAM, _STUDY_STREAM, _SHEET_STREAM = 101, 202, 303, 404
 _LABELLED_STREAM = 505  # single films with their labels, for pre-training (render_labelled)
 _TEXTURE_STREAM = 707   # trabecular and soft-tissue texture (phantoms.texture), apart from the rest
+_CHILD_STREAM = 808     # children's films with growth plates (phantoms.children), apart from the rest
 
 # Patients of a split other than train are numbered from here, so that studies of a train
 # and a valid split written with the same seed never share a patient id.
@@ -310,6 +312,7 @@ class Hole:
     depth: float
     rim: float = 0.0
     rim_width: float = 0.0   # body units; at least 1.5 rendered pixels
+    lesion: bool = True      # counted in the lesion mask (a growth plate is not)
 
 
 @dataclass
@@ -1041,6 +1044,58 @@ def _apply_dislocation(an: Anatomy, ds: Dislocation) -> None:
         an.tissue.append(Blob(Ellipse(jt.pivot, r, 0.8 * r)))
 
 
+# ============================================================================ children
+
+
+def child_patient(patient: Patient, rng: np.random.Generator) -> Patient:
+    """The same patient as a child: slimmer bones, a thinner cortex, less soft tissue.
+
+    The films are scaled to the film anyway, so a child's shorter limb shows as its proportions:
+    narrower shafts for their length. Draws from ``rng`` only (the child stream), so that the
+    anatomy's own jitter, which comes from ``patient.seed``, stays as it was.
+    """
+    return replace(patient, thick=patient.thick * rng.uniform(0.72, 0.88),
+                   cortex=patient.cortex * rng.uniform(0.6, 0.8), tissue=patient.tissue * rng.uniform(0.7, 0.9))
+
+
+def _kept(bone: Bone, point: Point) -> bool:
+    """Whether ``point`` is on the kept side of every cut of ``bone`` (a fracture fragment)."""
+    return all(nx * point[0] + ny * point[1] >= c for nx, ny, c in bone.cuts)
+
+
+def add_growth_plates(an: Anatomy, rng: np.random.Generator) -> Anatomy:
+    """Open growth plates, as on a child's film, on every bone that can carry a finding.
+
+    Near each end of the shaft (half to one end radius in from the end of the shaft's axis, and
+    at most a fifth of the shaft's length; the rounded tip lies one radius further out), where the
+    metaphysis meets the epiphysis, a radiolucent band crosses the whole bone: the cartilage of
+    the physis, which lets little of the beam through, edged by a thin sclerotic line (the zone of
+    provisional calcification). Drawn as a :class:`Hole` that is no lesion, after the finding, on
+    whichever fragment of a broken bone holds that end. Body units; at least a reference pixel wide,
+    so that the band shows at 64 px.
+
+    Simplifications: every such bone gets a plate at both ends (in a real hand the metacarpals
+    II-V have one at the head only, the phalanges one at the base only), and the band reaches
+    0.6 of a radius past each cortex, so where bones overlap it can cross the neighbour too.
+    """
+    for bone in list(an.bones):
+        if bone.target <= 0:
+            continue
+        shaft = bone.shaft
+        u = shaft.direction
+        angle = math.atan2(u[1], u[0])
+        for t_end, r_end in ((0.0, shaft.ra), (1.0, shaft.r_end)):
+            inset = rng.uniform(0.5, 1.0) * r_end / max(shaft.length, 1e-9)
+            centre = shaft.at(abs(t_end - min(inset, 0.2)))
+            if not _kept(bone, centre):
+                continue
+            along = max(rng.uniform(0.12, 0.22) * bone.radius, 0.5 * _ref_px(1.0))   # half the band's width
+            across = 1.6 * max(r_end, bone.radius)                                    # past both cortices
+            an.holes.append(Hole(Ellipse(centre, along, across, angle), depth=float(rng.uniform(0.6, 0.85)),
+                                 rim=float(rng.uniform(0.15, 0.3)), rim_width=_ref_px(0.7), lesion=False))
+    return an
+
+
 # ============================================================================ rendering
 
 
@@ -1126,7 +1181,8 @@ def _draw_hole(hole: Hole, cv: _Canvas, lay: _Layers) -> None:
     soft = 1.5 * cv.px  # a slightly soft edge, as a permeative lesion has
     inside = np.clip(0.5 - d / soft, 0.0, 1.0)
     lay.bone[win] *= 1.0 - hole.depth * inside
-    np.maximum(lay.hole[win], inside, out=lay.hole[win])
+    if hole.lesion:
+        np.maximum(lay.hole[win], inside, out=lay.hole[win])
     if hole.rim:
         width = max(1.5 * cv.px, hole.rim_width)
         rim = np.clip(0.5 - (d - width) / cv.px, 0.0, 1.0) - inside
@@ -1360,8 +1416,12 @@ def _masks(lay: _Layers, keep: np.ndarray, marks: np.ndarray) -> dict[str, np.nd
 def _render_view(patient: Patient, view: View, finding: Sequence[FindingSpec], side: str,
                  size: int, rng: np.random.Generator, with_masks: bool = False,
                  texture: float = 0.0, texture_rng: np.random.Generator | None = None,
-                 framing: float = 0.0):
+                 framing: float = 0.0, child_rng: np.random.Generator | None = None):
+    """One film of ``patient``. With ``child_rng`` the film is a child's: growth plates drawn
+    from that stream (:func:`add_growth_plates`); ``patient`` should then be :func:`child_patient`'s."""
     anatomy = apply_finding(build_anatomy(patient, view), finding)
+    if child_rng is not None:
+        anatomy = add_growth_plates(anatomy, child_rng)
     h, w = _film_shape(patient.part, size, rng)
     cv = _Canvas(h, w, _sample_pose(patient.part, rng, framing))
     lay = _draw_anatomy(anatomy, cv)
@@ -1426,6 +1486,13 @@ def check_texture(texture: float) -> float:
     return float(texture)
 
 
+def check_children(share: float) -> float:
+    """``phantoms.children``: the share of films drawn as a child's, 0 (the default) to 1."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        raise ValueError(f"phantoms.children must be a number in [0, 1], got {share!r}")
+    return float(share)
+
+
 def check_framing(framing: float) -> float:
     """``phantoms.framing``: 0 (today's magnification, centring and shutters, the default) to 2."""
     if isinstance(framing, bool) or not isinstance(framing, (int, float)) or not 0.0 <= framing <= 2.0:
@@ -1484,7 +1551,7 @@ class LabelledFilm:
 
 
 def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
-                    framing: float = 0.0) -> LabelledFilm:
+                    framing: float = 0.0, children: float = 0.0) -> LabelledFilm:
     """Film number ``index`` of an endless seeded stream of single films of new patients.
 
     The part is drawn uniformly, the study is abnormal with the part's share (about 0.4) and then
@@ -1496,9 +1563,12 @@ def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
     the centring (up to 15% of the film off centre, against 5%) and how far the shutters reach in
     (up to 30% of a side, against 13%): real films range from a whole arm on a large cassette to
     a tightly coned joint. Each film keeps its anatomy, finding, view and exposure.
+    ``children`` > 0 draws that share of the films as a child's (:func:`child_patient`: slimmer
+    bones, open growth plates), decided and drawn from a stream of its own: the film keeps its
+    part, view, finding, pose and exposure, and the other films stay the same bytes.
     """
     index, size, seed = _check_int(index, "index", 0), _check_size(size, 16), _check_seed(seed)
-    texture, framing = check_texture(texture), check_framing(framing)
+    texture, framing, children = check_texture(texture), check_framing(framing), check_children(children)
     rng = np.random.default_rng([seed, _LABELLED_STREAM, index])
     part = BODY_PARTS[int(rng.integers(len(BODY_PARTS)))]
     finding = FINDINGS[_pick(rng, _FINDING_WEIGHTS[part])] if rng.random() < _ABNORMAL_SHARE[part] else None
@@ -1507,8 +1577,13 @@ def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
     view = _sample_views(1, rng)[0]
     side = "L" if rng.random() < 0.5 else "R"
     texture_rng = np.random.default_rng([seed, _TEXTURE_STREAM, index]) if texture > 0 else None
+    child_rng = np.random.default_rng([seed, _CHILD_STREAM, index]) if children > 0 else None
+    if child_rng is not None and child_rng.random() < children:
+        patient = child_patient(patient, child_rng)   # after the finding's draws: the labels stay
+    else:
+        child_rng = None
     pixels = _render_view(patient, view, specs, side, size, rng, texture=texture, texture_rng=texture_rng,
-                          framing=framing)
+                          framing=framing, child_rng=child_rng)
     return LabelledFilm(pixels=pixels, part=part, view=view.label, finding=finding)
 
 
