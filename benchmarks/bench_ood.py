@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_real import split_source  # noqa: E402  (one split rule)
-from bench_real_suite import SOURCES, _embed, emit, require_data  # noqa: E402
+from bench_real_suite import SOURCES, emit, require_data  # noqa: E402
 
 REAL = ("mura-humerus", "mura-elbow", "fracatlas", "fracture-parts", "mura-unlabelled")
 UPPER_REGION = "hand"          # FracAtlas: any upper-limb film
@@ -106,9 +106,10 @@ def upper_limb_sets(data: Path, work: Path) -> dict[str, list[str]]:
     return sets
 
 
-def layer_statistics(model, images: np.ndarray, batch_size: int = 128) -> dict[str, np.ndarray]:
+def layer_statistics(model, images: np.ndarray, batch_size: int = 128) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Each film's channel means and standard deviations over the map of every layer Grad-CAM may
-    explain (``model.cam_layers()``; a ResNet's layer1..layer4): uint8 (N, S, S) -> {layer: (N, 2C)}.
+    explain (``model.cam_layers()``; a ResNet's layer1..layer4), and its pooled features from the
+    same forward pass: uint8 (N, S, S) -> ({layer: (N, 2C)}, (N, D)).
 
     The means say what the layer sees, the spreads how it is drawn (the "style" statistics of
     Huang and Belongie 2017), shallow layers for grey level, noise and edges, deep ones for shape.
@@ -127,12 +128,13 @@ def layer_statistics(model, images: np.ndarray, batch_size: int = 128) -> dict[s
             found[name] = torch.cat([fmap.mean((2, 3)), fmap.std((2, 3), correction=0)], 1)   # a 1 x 1 map: spread 0
         hooks.append(module.register_forward_hook(keep))
     stats: dict[str, list[np.ndarray]] = {}
+    pooled = []
     try:
         with torch.no_grad():
             for s in range(0, len(images), batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).float().div_(255).unsqueeze(1)
                 found.clear()
-                model.features(x)
+                pooled.append(model.features(x).float().numpy())
                 if set(found) != set(hooks_for):
                     raise RuntimeError(f"layers {sorted(set(hooks_for) - set(found))} did not run in the forward pass")
                 for name, v in found.items():
@@ -140,21 +142,24 @@ def layer_statistics(model, images: np.ndarray, batch_size: int = 128) -> dict[s
     finally:
         for h in hooks:
             h.remove()
-    return {name: np.concatenate(v) for name, v in stats.items()}
+    return {name: np.concatenate(v) for name, v in stats.items()}, np.concatenate(pooled)
 
 
 def _features(trained, sources: list[str], cache: Path) -> dict[str, np.ndarray]:
     """Every film of ``sources`` in each space: the stage-1 embedding (N, d), the pooled features
     (N, D), the network-free appearance histograms (N, 64) and every layer's channel statistics
     ({layer: (N, 2C)}, :func:`layer_statistics`), by name."""
+    import torch
+
+    from bonecluster.cluster import l2_normalise
     from bonecluster.data import prepare_sources
     from bonecluster.descriptors import appearance
 
     ds = prepare_sources(sources, trained.cfg.data, cache=cache, progress=False)
     images = ds.images()
-    emb, raw = _embed(trained, images)
-    return {"embedding": emb, "pooled": raw, "appearance": appearance(images).numpy(),
-            "layers": layer_statistics(trained.model, images)}
+    layers, raw = layer_statistics(trained.model, images)   # one forward pass for both
+    emb = l2_normalise(trained.pca.transform(torch.from_numpy(raw))).numpy()   # as bench_real_suite._embed
+    return {"embedding": emb, "pooled": raw, "appearance": appearance(images).numpy(), "layers": layers}
 
 
 def _concat(parts: list):
@@ -238,7 +243,26 @@ def _flag_stats(typ, queries) -> dict:
             "median_typicality": float(np.median(t))}
 
 
-class ClusterMahalanobis:
+class _PercentileFlag:
+    """Typicality as :class:`bonecluster.typicality.Typicality` gives it, for a lever with its own
+    ``distance(x)`` and a sorted ``reference`` of the training films' distances."""
+
+    reference: np.ndarray
+    percentile: float
+
+    def distance(self, x) -> np.ndarray:
+        raise NotImplementedError
+
+    def typicality(self, x) -> np.ndarray:
+        from bonecluster.typicality import percentile_rank
+
+        return percentile_rank(self.reference, self.distance(x))
+
+    def in_distribution(self, typicality: np.ndarray) -> np.ndarray:
+        return np.asarray(typicality) >= 100.0 - self.percentile
+
+
+class ClusterMahalanobis(_PercentileFlag):
     """A lever measured beside the shipped flag (not shipped): the smallest Mahalanobis distance
     from a film's pooled features (N, D) to the run's stage-1 cluster means, with one shared
     Ledoit-Wolf covariance of the training films around their cluster's mean (Lee et al. 2018,
@@ -249,7 +273,7 @@ class ClusterMahalanobis:
     is not tighter than a new film's distance to the fit on all of them)."""
 
     def __init__(self, feats: np.ndarray, clusters: np.ndarray, percentile: float = 99.0, folds: int = 0,
-                 seed: int = 0, keep_order: bool = False, fold: np.ndarray | None = None):
+                 seed: int = 0, fold: np.ndarray | None = None):
         if len(feats) != len(clusters):
             raise ValueError(f"{len(feats)} training films but {len(clusters)} cluster assignments")
         if folds == 1 or folds < 0:
@@ -268,8 +292,7 @@ class ClusterMahalanobis:
                 reference[fold == f] = self._distance(feats[fold == f], means, precision)
         else:
             reference = self.distance(feats)
-        if keep_order:   # film by film, in the training films' order (LayerEnsemble adds them up)
-            self.unsorted_reference = reference
+        self.film_reference = reference   # film by film, in the training films' order (LayerEnsemble adds them up)
         self.reference = np.sort(reference)
 
     @staticmethod
@@ -294,16 +317,9 @@ class ClusterMahalanobis:
     def distance(self, x) -> np.ndarray:
         return self._distance(x, self.means, self.precision)
 
-    def typicality(self, x) -> np.ndarray:
-        from bonecluster.typicality import percentile_rank
-
-        return percentile_rank(self.reference, self.distance(x))
-
-    def in_distribution(self, typicality: np.ndarray) -> np.ndarray:
-        return np.asarray(typicality) >= 100.0 - self.percentile
 
 
-class LayerEnsemble:
+class LayerEnsemble(_PercentileFlag):
     """A lever measured beside the shipped flag (rule L, 2026-12-06): one cross-fitted
     :class:`ClusterMahalanobis` per layer on its channel statistics (:func:`layer_statistics`),
     each layer's distance divided by the median of its training films' cross-fitted distances, and
@@ -316,23 +332,14 @@ class LayerEnsemble:
         if folds < 2:
             raise ValueError(f"the ensemble's reference is cross-fitted: folds must be at least 2, got {folds}")
         self.percentile = percentile
-        n = len(clusters)
-        fold = np.random.default_rng(seed).permutation(n) % folds   # one split for every layer: the sums are cross-fitted
-        self.layers = {name: ClusterMahalanobis(x, clusters, percentile, folds=folds, keep_order=True, fold=fold)
+        fold = np.random.default_rng(seed).permutation(len(clusters)) % folds   # one split for every layer: the sums are cross-fitted
+        self.layers = {name: ClusterMahalanobis(x, clusters, percentile, folds=folds, fold=fold)
                        for name, x in layers.items()}
-        self.scale = {name: float(np.median(m.unsorted_reference)) or 1.0 for name, m in self.layers.items()}
-        self.reference = np.sort(sum(m.unsorted_reference / self.scale[n] for n, m in self.layers.items()))
+        self.scale = {name: float(np.median(m.film_reference)) or 1.0 for name, m in self.layers.items()}
+        self.reference = np.sort(sum(m.film_reference / self.scale[name] for name, m in self.layers.items()))
 
     def distance(self, x: dict) -> np.ndarray:
         return sum(m.distance(x[name]) / self.scale[name] for name, m in self.layers.items())
-
-    def typicality(self, x: dict) -> np.ndarray:
-        from bonecluster.typicality import percentile_rank
-
-        return percentile_rank(self.reference, self.distance(x))
-
-    def in_distribution(self, typicality: np.ndarray) -> np.ndarray:
-        return np.asarray(typicality) >= 100.0 - self.percentile
 
 
 def _spaces(run: Path, train_sources: list[str], cache: Path) -> tuple[object, dict]:

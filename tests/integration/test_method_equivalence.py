@@ -2,9 +2,9 @@
 
 The first record (``golden/stage1_methods.json``, since replaced by the per-CPU files below, which
 descend from it) was made at commit 623ee83, before the refactor into ``bonecluster.methods``
-(issue 20): one fixed-seed stage-1 run per method on phantoms, on the CPU with one torch thread. For each run it keeps the final assignments, the metrics history
-without its timing columns, ``names.json`` and a SHA-256 of the final network, PCA-whitening
-and centroids. A refactor that changes any bit of any of them fails here.
+(issue 20): one fixed-seed stage-1 run per method on phantoms, on the CPU with one torch thread.
+For each run it keeps the final assignments, the metrics history without its timing columns,
+``names.json`` and a SHA-256 of the final network, PCA-whitening and centroids. A refactor that changes any bit of any of them fails here.
 
 The record depends on the CPU's kernels (MKL and oneDNN pick their own code paths, so not even
 ``ATEN_CPU_CAPABILITY`` makes two CPUs agree: an AMD EPYC and an Intel CPU, both AVX512, give
