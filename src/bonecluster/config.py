@@ -368,6 +368,11 @@ class PhantomPretrainConfig:
     # 0.3 by rule Y (2026-12-06, docs/RESULTS.md): phantoms alone, two pre-training seeds, the mean
     # over the three real-film evaluations 0.454 -> 0.499, none lower.
     children: float = 0.3
+    # Share of HUMERUS and FOREARM films drawn as a whole arm (data.phantoms.add_whole_arm): the rest
+    # of the same patient's arm around the part, the film zoomed out; 0 draws the part alone.
+    # 0.3 failed rule W (2026-12-06, docs/RESULTS.md): phantoms alone, two pre-training seeds, the
+    # mean over the three real-film evaluations 0.499 -> 0.477.
+    whole_arm: float = 0.0
 
 
 @dataclass

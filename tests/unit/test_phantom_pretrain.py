@@ -102,6 +102,8 @@ def test_cached_weights_are_reused_for_the_same_settings_only(tmp_path):
     assert weights_key(adults) == "49e5eefd4fa44e6d"
     assert cfg.phantoms.children == 0.3 and weights_key(cfg) != weights_key(adults)
     assert weights_key(load_config("cpu", overrides=TINY + ["phantoms.framing=1"])) != weights_key(cfg)
+    assert weights_key(load_config("cpu", overrides=TINY + ["phantoms.whole_arm=0"])) == weights_key(cfg)
+    assert weights_key(load_config("cpu", overrides=TINY + ["phantoms.whole_arm=0.3"])) != weights_key(cfg)
 
 
 def test_a_reshared_copy_is_turned_and_squeezed_and_depends_only_on_its_rng():
@@ -140,3 +142,16 @@ def test_texture_framing_and_children_change_the_films_but_not_their_labels(leve
     assert sum(not np.array_equal(a, b) for a, b in zip(plain.images, changed.images)) >= 10
     with pytest.raises(ValueError, match=f"phantoms.{lever}"):
         render_corpus(4, cfg.data, workers=1, progress=False, **{lever: bad})
+
+
+def test_whole_arm_changes_exactly_the_humerus_and_forearm_films_it_asks_for():
+    cfg = load_config("cpu", overrides=["data.size=32", "data.fit=letterbox", "phantoms.whole_arm=1"])
+    assert cfg.phantoms.whole_arm == 1.0
+    plain = render_corpus(24, cfg.data, workers=1, progress=False)
+    arms = render_corpus(24, cfg.data, workers=1, progress=False, whole_arm=1.0)
+    assert all(np.array_equal(plain.labels[t], arms.labels[t]) for t in TASK_CLASSES)
+    changed = np.array([not np.array_equal(a, b) for a, b in zip(plain.images, arms.images)])
+    long_bones = np.isin(plain.labels["part"], [TASK_CLASSES["part"].index(p) for p in ("HUMERUS", "FOREARM")])
+    assert long_bones.sum() >= 3 and np.array_equal(changed, long_bones)
+    with pytest.raises(ValueError, match="phantoms.whole_arm"):
+        render_corpus(4, cfg.data, workers=1, progress=False, whole_arm=-0.1)

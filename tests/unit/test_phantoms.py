@@ -6,6 +6,7 @@ import csv
 import hashlib
 import re
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -382,6 +383,70 @@ def test_children_change_a_share_of_the_films_and_not_their_labels(monkeypatch):
     render_labelled(0, 48, children=1.0)
     render_labelled(0, 48)
     assert drawn == [1]
+
+
+def _whole_arm(part: str, seed: int = 3):
+    rng = np.random.default_rng(seed)
+    patient, view = ph.sample_patient(part, rng), ph.View(0.0, 0.5)
+    own = ph.build_anatomy(patient, view)
+    n_own = len(own.bones)
+    arm = ph.add_whole_arm(ph.build_anatomy(patient, view), patient, view, np.random.default_rng(seed))
+    return patient, view, own, arm, n_own
+
+
+@pytest.mark.parametrize("part, neighbours", [("HUMERUS", ("FOREARM", "HAND")), ("FOREARM", ("HAND", "HUMERUS"))])
+def test_whole_arm_adds_the_neighbours_at_the_arms_proportions_and_keeps_the_part(part, neighbours):
+    patient, view, own, arm, n_own = _whole_arm(part)
+    # the part's own bones come first, unchanged but for one shift of the film's centre along the arm
+    dy = arm.bones[0].bounds()[2] - own.bones[0].bounds()[2]
+    assert -0.3 - 1e-9 <= dy <= 0.3 + 1e-9
+    for a, b in zip(own.bones, arm.bones[:n_own]):
+        assert a.name == b.name and a.group == b.group
+        assert np.allclose(np.array(b.bounds()) - np.array(a.bounds()), [0.0, 0.0, dy, dy])
+    added = arm.bones[n_own:]
+    assert added and all(b.group.startswith("arm:") for b in added)   # no finding of the part moves them
+    # each neighbour's bones in turn, its stubs left out, scaled to the arm's proportions and then
+    # only turned and moved: every bone keeps its shape, k times as large
+    rest = list(added)
+    for other in neighbours:
+        built = [b for b in ph.build_anatomy(replace(patient, part=other), view).bones
+                 if not b.name.startswith(ph._ARM_DROP[other])]
+        k = ph._CM_PER_UNIT[other] / ph._CM_PER_UNIT[part]
+        mine, rest = rest[:len(built)], rest[len(built):]
+        assert [b.name for b in mine] == [b.name for b in built]
+        for b, ref in zip(mine, built):
+            assert b.cortex == pytest.approx(k * ref.cortex)
+            if isinstance(ref.shaft, ph.Capsule):
+                assert b.shaft.length == pytest.approx(k * ref.shaft.length, rel=1e-9)
+    assert not rest and not any(b.name.startswith("edge") for b in added)
+    # the neighbours lie along the arm, beyond the part's own ends
+    own_top = min(b.bounds()[2] for b in arm.bones[:n_own])
+    own_bottom = max(b.bounds()[3] for b in arm.bones[:n_own])
+    assert max(b.bounds()[3] for b in added) > own_bottom + 0.5
+    if part == "FOREARM":   # and the hand above the wrist
+        assert min(b.bounds()[2] for b in added) < own_top - 0.3
+
+
+def test_whole_arm_is_drawn_for_long_arm_films_only_and_changes_only_their_share():
+    with pytest.raises(ValueError, match="whole-arm"):
+        rng = np.random.default_rng(0)
+        patient = ph.sample_patient("ELBOW", rng)
+        ph.add_whole_arm(ph.build_anatomy(patient, ph.View(0.0, 0.5)), patient, ph.View(0.0, 0.5), rng)
+    plain = [render_labelled(i, 40, children=0.3) for i in range(80)]
+    some = [render_labelled(i, 40, children=0.3, whole_arm=0.5) for i in range(80)]
+    every = [render_labelled(i, 40, children=0.3, whole_arm=1.0) for i in range(80)]
+    assert all(np.array_equal(a.pixels, render_labelled(i, 40, children=0.3, whole_arm=0.0).pixels)
+               for i, a in enumerate(plain[:5]))
+    arm = np.array([a.part in ph.WHOLE_ARM_PARTS for a in plain])
+    changed = np.array([not np.array_equal(a.pixels, b.pixels) for a, b in zip(plain, some)])
+    for a, b, c in zip(plain, some, every):
+        assert (a.part, a.view, a.finding) == (b.part, b.view, b.finding) == (c.part, c.view, c.finding)
+    assert not changed[~arm].any() and 0.2 < changed[arm].mean() < 0.8
+    assert all(not np.array_equal(a.pixels, c.pixels) for a, c, m in zip(plain, every, arm) if m)
+    assert all(np.array_equal(b.pixels, c.pixels) for b, c, ch in zip(some, every, changed) if ch)
+    for bad in (-0.1, 1.5, True, "0.3"):
+        with pytest.raises(ValueError, match="phantoms.whole_arm"):
+            render_labelled(0, 40, whole_arm=bad)
 
 
 # ----------------------------------------------------------------------------- conspicuous findings (issue 24)

@@ -70,7 +70,8 @@ from bonecluster import BODY_PARTS
 
 __all__ = [
     "FINDINGS", "VIEWS", "LabelledFilm", "PhantomSummary", "StudyPlan", "generate_phantoms",
-    "add_growth_plates", "check_children", "check_framing", "check_texture", "child_patient",
+    "WHOLE_ARM_PARTS", "add_growth_plates", "add_whole_arm", "check_children", "check_framing",
+    "check_texture", "check_whole_arm", "child_patient",
     "make_contact_sheet", "make_twin_sheet", "plan_studies", "render_labelled",
     "render_phantom", "render_study", "render_twins", "reshare_film", "texture_field",
 ]
@@ -82,6 +83,7 @@ _PLAN_STREAM, _PATIENT_STREAM, _STUDY_STREAM, _SHEET_STREAM = 101, 202, 303, 404
 _LABELLED_STREAM = 505  # single films with their labels, for pre-training (render_labelled)
 _TEXTURE_STREAM = 707   # trabecular and soft-tissue texture (phantoms.texture), apart from the rest
 _CHILD_STREAM = 808     # children's films with growth plates (phantoms.children), apart from the rest
+_WHOLE_ARM_STREAM = 909  # whole-arm films (phantoms.whole_arm), apart from the rest
 
 # Patients of a split other than train are numbered from here, so that studies of a train
 # and a valid split written with the same seed never share a patient id.
@@ -197,6 +199,11 @@ class Capsule:
     def moved(self, m: Rigid) -> "Capsule":
         return Capsule(m.point(self.a), m.point(self.b), self.ra, self.rb)
 
+    def scaled(self, k: float) -> "Capsule":
+        """The capsule ``k`` times as large, about the origin."""
+        return Capsule((k * self.a[0], k * self.a[1]), (k * self.b[0], k * self.b[1]), k * self.ra,
+                       None if self.rb is None else k * self.rb)
+
 
 @dataclass(frozen=True)
 class Ellipse:
@@ -223,6 +230,10 @@ class Ellipse:
 
     def moved(self, m: Rigid) -> "Ellipse":
         return Ellipse(m.point(self.c), self.rx, self.ry, self.angle + m.angle)
+
+    def scaled(self, k: float) -> "Ellipse":
+        """The ellipse ``k`` times as large, about the origin."""
+        return Ellipse((k * self.c[0], k * self.c[1]), k * self.rx, k * self.ry, self.angle)
 
 
 Prim = Union[Capsule, Ellipse]
@@ -271,6 +282,11 @@ class Bone:
         return replace(self, prims=tuple(p.moved(m) for p in self.prims),
                        cuts=tuple(m.halfplane(c) for c in self.cuts))
 
+    def scaled(self, k: float) -> "Bone":
+        """The bone ``k`` times as large, about the origin (cortex and fillet too)."""
+        return replace(self, prims=tuple(p.scaled(k) for p in self.prims), cortex=k * self.cortex,
+                       blend=k * self.blend, cuts=tuple((nx, ny, k * c) for nx, ny, c in self.cuts))
+
     def bounds(self) -> tuple[float, ...]:
         return _union_bounds(p.bounds() for p in self.prims)
 
@@ -284,6 +300,9 @@ class Blob:
 
     def moved(self, m: Rigid) -> "Blob":
         return Blob(self.prim.moved(m), self.group)
+
+    def scaled(self, k: float) -> "Blob":
+        return Blob(self.prim.scaled(k), self.group)
 
 
 @dataclass(frozen=True)
@@ -1096,6 +1115,96 @@ def add_growth_plates(an: Anatomy, rng: np.random.Generator) -> Anatomy:
     return an
 
 
+# ============================================================================ whole arm
+
+# Parts that a share of the pre-training films (phantoms.whole_arm) shows as a whole-arm film.
+WHOLE_ARM_PARTS: tuple[str, ...] = ("HUMERUS", "FOREARM")
+
+# Centimetres of arm per body unit in each builder's frame (a humerus with its head about 35 cm,
+# an ulna about 26 cm, wrist to fingertip about 19 cm), so that a neighbour keeps the arm's proportions.
+_CM_PER_UNIT = {"HUMERUS": 35.0, "FOREARM": 26.0, "HAND": 28.0}
+# Where each builder's anatomy meets its neighbours along the arm, in its own frame: the humerus's
+# condyles, the forearm's distal and proximal ends, the hand's carpus (just below the lunate).
+_ARM_ENDS = {("HUMERUS", "elbow"): (0.015, 0.49), ("FOREARM", "wrist"): (-0.005, -0.48),
+             ("FOREARM", "elbow"): (0.0, 0.49), ("HAND", "wrist"): (-0.01, 0.36)}
+# Neighbours' bones left out: the forearm film's stubs of the carpus and condyles, and the hand
+# film's distal forearm, which the whole arm draws from the forearm itself.
+_ARM_DROP = {"FOREARM": ("edge",), "HAND": ("radius", "ulna"), "HUMERUS": ()}
+WHOLE_ARM_ZOOM = (0.45, 0.70)   # the film's magnification, times the part's usual one
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """A neighbour's frame in the film's: scale by ``k`` about the origin, then ``rigid``."""
+
+    k: float
+    rigid: Rigid
+
+    @staticmethod
+    def joining(k: float, angle: float, own_end: Point, film_end: Point) -> "_Placement":
+        """Scaled by ``k`` and turned by ``angle`` about its ``own_end``, which lands on ``film_end``."""
+        a = (k * own_end[0], k * own_end[1])
+        return _Placement(k, Rigid(angle=angle, pivot=a, shift=(film_end[0] - a[0], film_end[1] - a[1])))
+
+    def point(self, p: Point) -> Point:
+        return self.rigid.point((self.k * p[0], self.k * p[1]))
+
+
+def _add_neighbour(an: Anatomy, part: str, patient: Patient, view: View, place: _Placement) -> None:
+    """``part``'s anatomy for the same patient and view, placed by ``place``, added to ``an``.
+
+    Its bones join under groups of their own (``arm:...``), so the film's finding, already
+    applied, moves none of them; their ``target`` stays, so a child's neighbours get growth plates.
+    """
+    other = _BUILDERS[part](patient, view)
+    drop = _ARM_DROP[part]
+    an.bones += [replace(b.scaled(place.k).moved(place.rigid), group=f"arm:{b.group}")
+                 for b in other.bones if not b.name.startswith(drop)]
+    an.tissue += [Blob(t.prim.scaled(place.k).moved(place.rigid), f"arm:{t.group}") for t in other.tissue]
+
+
+def add_whole_arm(an: Anatomy, patient: Patient, view: View, rng: np.random.Generator) -> Anatomy:
+    """The rest of the arm around a HUMERUS or FOREARM film's anatomy (``phantoms.whole_arm``).
+
+    Real collections hold films of a whole arm on one long cassette (FracAtlas's upper-limb films
+    include them; MURA's humerus films often reach the forearm). The part's own anatomy, with
+    its finding, stays where it is; its neighbours are the same patient's other builders, scaled
+    to the arm's proportions (:data:`_CM_PER_UNIT`) and joined end to end: below a humerus the
+    forearm, bent at the elbow by a carrying angle (5-15 degrees, up to 30 more in lateral views),
+    and the hand; above a forearm the hand and below it the humerus with the shoulder girdle.
+    The film is then centred up to 0.3 body units further along the arm (a humerus film towards
+    the forearm, a forearm film either way), and :func:`_render_view` zooms it out by a factor
+    in :data:`WHOLE_ARM_ZOOM`. Draws from ``rng`` only (the whole-arm stream).
+
+    Simplifications: the neighbours never carry the finding nor move with a fracture or a
+    dislocation of the part, the hand is always open and flat, and the soft tissue of each piece
+    keeps the part's depth.
+    """
+    if patient.part not in WHOLE_ARM_PARTS:
+        raise ValueError(f"a whole-arm film is drawn for {WHOLE_ARM_PARTS}, not {patient.part!r}")
+    flex = math.radians(rng.uniform(5, 15) + view.proj * rng.uniform(0, 30))
+    wrist_turn = math.radians(rng.uniform(-10, 10))
+    k = {part: _CM_PER_UNIT[part] / _CM_PER_UNIT[patient.part] for part in _CM_PER_UNIT}
+    if patient.part == "HUMERUS":
+        # The forearm's frame has the wrist up: half a turn hangs it from the elbow.
+        forearm = _Placement.joining(k["FOREARM"], math.pi + flex, _ARM_ENDS["FOREARM", "elbow"],
+                                     _ARM_ENDS["HUMERUS", "elbow"])
+        _add_neighbour(an, "FOREARM", patient, view, forearm)
+        wrist = forearm.point(_ARM_ENDS["FOREARM", "wrist"])
+        _add_neighbour(an, "HAND", patient, view, _Placement.joining(
+            k["HAND"], math.pi + flex + wrist_turn, _ARM_ENDS["HAND", "wrist"], wrist))
+    else:
+        _add_neighbour(an, "HAND", patient, view, _Placement.joining(
+            k["HAND"], wrist_turn, _ARM_ENDS["HAND", "wrist"], _ARM_ENDS["FOREARM", "wrist"]))
+        # The humerus's frame has the shoulder up: half a turn puts it below the elbow.
+        _add_neighbour(an, "HUMERUS", patient, view, _Placement.joining(
+            k["HUMERUS"], math.pi + flex, _ARM_ENDS["HUMERUS", "elbow"], _ARM_ENDS["FOREARM", "elbow"]))
+    # Centre the film along the arm: a humerus film towards the forearm (the shoulder is in its
+    # own frame already), a forearm film towards the hand or the humerus.
+    along = rng.uniform(0.0, 0.3) if patient.part == "HUMERUS" else rng.uniform(-0.3, 0.3)
+    return an.shifted(0.0, -float(along))
+
+
 # ============================================================================ rendering
 
 
@@ -1416,14 +1525,22 @@ def _masks(lay: _Layers, keep: np.ndarray, marks: np.ndarray) -> dict[str, np.nd
 def _render_view(patient: Patient, view: View, finding: Sequence[FindingSpec], side: str,
                  size: int, rng: np.random.Generator, with_masks: bool = False,
                  texture: float = 0.0, texture_rng: np.random.Generator | None = None,
-                 framing: float = 0.0, child_rng: np.random.Generator | None = None):
+                 framing: float = 0.0, child_rng: np.random.Generator | None = None,
+                 arm_rng: np.random.Generator | None = None):
     """One film of ``patient``. With ``child_rng`` the film is a child's: growth plates drawn
-    from that stream (:func:`add_growth_plates`); ``patient`` should then be :func:`child_patient`'s."""
+    from that stream (:func:`add_growth_plates`); ``patient`` should then be :func:`child_patient`'s.
+    With ``arm_rng`` it is a whole-arm film (:func:`add_whole_arm`), zoomed out by a factor drawn
+    from that stream; the film's own draws from ``rng`` stay as they were."""
     anatomy = apply_finding(build_anatomy(patient, view), finding)
+    if arm_rng is not None:
+        anatomy = add_whole_arm(anatomy, patient, view, arm_rng)
     if child_rng is not None:
         anatomy = add_growth_plates(anatomy, child_rng)
     h, w = _film_shape(patient.part, size, rng)
-    cv = _Canvas(h, w, _sample_pose(patient.part, rng, framing))
+    pose = _sample_pose(patient.part, rng, framing)
+    if arm_rng is not None:
+        pose = replace(pose, scale=pose.scale * float(arm_rng.uniform(*WHOLE_ARM_ZOOM)))
+    cv = _Canvas(h, w, pose)
     lay = _draw_anatomy(anatomy, cv)
     if texture > 0:   # its own stream, so that the film's other draws stay as they were
         _add_texture(lay, cv, texture, texture_rng)
@@ -1493,6 +1610,13 @@ def check_children(share: float) -> float:
     return float(share)
 
 
+def check_whole_arm(share: float) -> float:
+    """``phantoms.whole_arm``: the share of HUMERUS and FOREARM films drawn as a whole arm, 0 to 1."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        raise ValueError(f"phantoms.whole_arm must be a number in [0, 1], got {share!r}")
+    return float(share)
+
+
 def check_framing(framing: float) -> float:
     """``phantoms.framing``: 0 (today's magnification, centring and shutters, the default) to 2."""
     if isinstance(framing, bool) or not isinstance(framing, (int, float)) or not 0.0 <= framing <= 2.0:
@@ -1551,7 +1675,7 @@ class LabelledFilm:
 
 
 def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
-                    framing: float = 0.0, children: float = 0.0) -> LabelledFilm:
+                    framing: float = 0.0, children: float = 0.0, whole_arm: float = 0.0) -> LabelledFilm:
     """Film number ``index`` of an endless seeded stream of single films of new patients.
 
     The part is drawn uniformly, the study is abnormal with the part's share (about 0.4) and then
@@ -1566,9 +1690,13 @@ def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
     ``children`` > 0 draws that share of the films as a child's (:func:`child_patient`: slimmer
     bones, open growth plates), decided and drawn from a stream of its own: the film keeps its
     part, view, finding, pose and exposure, and the other films stay the same bytes.
+    ``whole_arm`` > 0 draws that share of the HUMERUS and FOREARM films as a whole-arm film
+    (:func:`add_whole_arm`: the rest of the arm added around the part, the film zoomed out),
+    decided and drawn from a stream of its own in the same way; the label stays the part.
     """
     index, size, seed = _check_int(index, "index", 0), _check_size(size, 16), _check_seed(seed)
     texture, framing, children = check_texture(texture), check_framing(framing), check_children(children)
+    whole_arm = check_whole_arm(whole_arm)
     rng = np.random.default_rng([seed, _LABELLED_STREAM, index])
     part = BODY_PARTS[int(rng.integers(len(BODY_PARTS)))]
     finding = FINDINGS[_pick(rng, _FINDING_WEIGHTS[part])] if rng.random() < _ABNORMAL_SHARE[part] else None
@@ -1582,8 +1710,11 @@ def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
         patient = child_patient(patient, child_rng)   # after the finding's draws: the labels stay
     else:
         child_rng = None
+    arm_rng = np.random.default_rng([seed, _WHOLE_ARM_STREAM, index]) if whole_arm > 0 and part in WHOLE_ARM_PARTS else None
+    if arm_rng is not None and not arm_rng.random() < whole_arm:
+        arm_rng = None
     pixels = _render_view(patient, view, specs, side, size, rng, texture=texture, texture_rng=texture_rng,
-                          framing=framing, child_rng=child_rng)
+                          framing=framing, child_rng=child_rng, arm_rng=arm_rng)
     return LabelledFilm(pixels=pixels, part=part, view=view.label, finding=finding)
 
 
