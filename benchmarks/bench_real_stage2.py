@@ -13,6 +13,10 @@ then every piece of its score is scored on the held-out films (image AUROC; labe
   patches, and ``knn``, the two combined (``stage2.score``), the refiner's seed (with
   ``stage2.networks`` > 1 the seed is the mean rank with the extra networks, which keep only
   their training scores, so only this network's kNN is scored here);
+* ``gauss_global`` and ``gauss_patch``: feature-space Gaussians fitted on the training films'
+  features, not a ``stage2.score`` choice: the Mahalanobis distance to one Gaussian over the
+  pooled features (Rippel et al. 2020), and PaDiM's largest distance over the layer-3 positions,
+  one Gaussian each (Defard et al. 2021; ``bonecluster.anomaly``);
 * ``label_free``: the product's score (the refined one by default), with its sensitivity,
   specificity and study kappa at the label-free threshold; ``label_free_study``: each held-out
   image scored with its study's mean label-free score (the views of a study share one label);
@@ -125,6 +129,7 @@ def score_pieces(folder: Path, train, held_out) -> dict:
     """Held-out AUROC of every piece of a trained part's score, and the training-side agreement."""
     import torch
 
+    from bonecluster.anomaly import gaussian_scores, patch_gaussian_scores
     from bonecluster.checkpoint import TrainedClusters
     from bonecluster.metrics import auroc
     from bonecluster.selftrain import study_mean
@@ -136,9 +141,15 @@ def score_pieces(folder: Path, train, held_out) -> dict:
     anomaly = PartAnomaly.load(folder / ANOMALY)
     images = held_out.images()
     truth = held_out.abnormal(np.arange(len(held_out)))
-    parts = anomaly.knn_parts(trained, *part_features(trained, images))   # one feature pass for every piece
+    pooled, patches = part_features(trained, images)   # one feature pass for every piece
+    parts = anomaly.knn_parts(trained, pooled, patches)
     pieces = {f"knn_{kind}": score for kind, score in parts.items()}
     pieces["knn"] = anomaly.combine(parts)
+    # Feature-space Gaussians (not a stage2.score choice): one over the pooled features, and PaDiM's
+    # one per layer3 position, fitted on the training films' features.
+    train_pooled, train_patches = part_features(trained, train.images())
+    pieces["gauss_global"] = gaussian_scores(train_pooled, pooled)
+    pieces["gauss_patch"] = patch_gaussian_scores(train_patches, patches)
     label_free = anomaly.refiner.score(images) if anomaly.refiner is not None else pieces["knn"]
     pieces["label_free"] = label_free
     # Every view of a study carries the study's mean label-free score (MURA labels whole studies).
@@ -212,7 +223,7 @@ def print_table(result: dict) -> None:
     for key, r in result["evaluations"].items():
         print(f"\n{key}: {r['n_held_out']} held-out films ({r['abnormal_share']:.0%} abnormal), model trained on "
               f"{r['n_train']} films in {r['n_train_groups']} studies, size {result['size']} px")
-        for name in ("knn_global", "knn_patch", "knn", "label_free", "label_free_study"):
+        for name in ("knn_global", "knn_patch", "knn", "gauss_global", "gauss_patch", "label_free", "label_free_study"):
             if name in r:
                 print(f"  {name:16s} AUROC {f(r[name])}")
         print(f"  at the label-free threshold ({r['threshold_method']}): sensitivity {f(r['sensitivity'])}, "

@@ -11,6 +11,9 @@ Two scores, both computed against the training images of the same body part, and
   training patches, and the image's score is the largest per-position nearest-neighbour cosine
   distance (PatchCore, Roth et al. 2022, "Towards Total Recall in Industrial Anomaly
   Detection", without its coreset subsampling: the banks here are small).
+* **Gaussian** pieces, measured in ``benchmarks/bench_real_stage2.py`` and not a ``stage2.score``
+  choice (yet): :func:`gaussian_scores` (one Gaussian over the pooled features) and
+  :func:`patch_gaussian_scores` (PaDiM, one per ``layer3`` position).
 * **global+patch** (:func:`combine_scores`): each score is divided by the median of its
   training scores (so both are unit-free and positive) and the ratios are averaged.
 
@@ -105,6 +108,50 @@ def patch_knn_scores(bank: torch.Tensor, queries: torch.Tensor, k: int = 1, bank
         dist = (1.0 - sims.topk(k, dim=1).values).mean(dim=1)
         out.append(dist.view(q.shape[0], positions).amax(dim=1))
     return torch.cat(out).float()
+
+
+@dataclass
+class Gaussian:
+    """One Gaussian fitted to training features: ``mean`` (d,) and ``precision`` (d, d), float64.
+
+    The covariance is Ledoit-Wolf-shrunk (sklearn.covariance.LedoitWolf), since a part has a few
+    hundred training images for hundreds of feature dimensions.
+    """
+
+    mean: torch.Tensor
+    precision: torch.Tensor
+
+    @classmethod
+    def fit(cls, features: torch.Tensor) -> "Gaussian":
+        """(N, d) training features, N >= 2."""
+        from sklearn.covariance import LedoitWolf
+
+        if features.ndim != 2 or features.shape[0] < 2:
+            raise ValueError(f"need (N, d) features with N >= 2, got {tuple(features.shape)}")
+        lw = LedoitWolf().fit(features.double().numpy())
+        return cls(torch.from_numpy(lw.location_), torch.from_numpy(lw.precision_))
+
+    def distance(self, queries: torch.Tensor) -> torch.Tensor:
+        """(M, d) -> (M,) float32 Mahalanobis distances to the mean."""
+        d = queries.double() - self.mean
+        return ((d @ self.precision) * d).sum(dim=1).clamp_min(0.0).sqrt().float()
+
+
+def gaussian_scores(train: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Feature-space Gaussian score (Rippel et al. 2020, "Modeling the Distribution of Normal Data
+    in Pre-Trained Deep Features"): the Mahalanobis distance of each query (M, d) to one Gaussian
+    fitted on the training features (N, d). (M,) float32; higher = more unusual."""
+    return Gaussian.fit(train).distance(queries)
+
+
+def patch_gaussian_scores(train: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """PaDiM (Defard et al. 2021): one Gaussian per spatial position over the training images'
+    patch features (N, L, c); a query image's (M, L, c) score is the largest Mahalanobis distance
+    over its L positions. (M,) float32. It assumes the positions line up from film to film."""
+    if train.ndim != 3 or queries.ndim != 3 or train.shape[1:] != queries.shape[1:]:
+        raise ValueError(f"train {tuple(train.shape)} and queries {tuple(queries.shape)} must be (N, L, c), (M, L, c)")
+    per_position = [gaussian_scores(train[:, i], queries[:, i]) for i in range(train.shape[1])]
+    return torch.stack(per_position, dim=1).amax(dim=1)
 
 
 def combine_scores(train: list[torch.Tensor], queries: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,7 @@ def test_every_piece_is_scored_held_out_with_the_seed_agreement_the_probe_and_th
     assert result["part"] == "HUMERUS" and result["size"] == 32 and result["train_seconds"] > 0
     own, other = result["evaluations"]["mura-humerus"], result["evaluations"]["fracatlas-hand"]
     for r in (own, other):
-        for piece in ("knn_global", "knn_patch", "knn", "label_free", "label_free_study"):
+        for piece in ("knn_global", "knn_patch", "knn", "gauss_global", "gauss_patch", "label_free", "label_free_study"):
             assert 0 <= r[piece] <= 1
         assert r["refined"] and -1 <= r["seed_agreement"] <= 1
         assert set(r["checks"]) == {"seed_agreement", "framing", "warnings"}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bonecluster.anomaly import (combine_scores, knn_scores, label_free_threshold, mean_rank, normalise, percentile_of,
+from bonecluster.anomaly import (Gaussian, combine_scores, gaussian_scores, knn_scores, label_free_threshold, mean_rank, normalise, patch_gaussian_scores, percentile_of,
                                  patch_knn_scores)
 
 
@@ -115,3 +115,30 @@ def test_percentile_of_counts_reference_scores_at_or_below():
     assert got.tolist() == [0.0, 0.25, 0.75, 0.75, 1.0]
     with pytest.raises(ValueError):
         percentile_of(torch.zeros(0), torch.tensor([1.0]))
+
+
+def test_gaussian_score_follows_the_training_spread_not_the_euclidean_distance():
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randn(4000, 2, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 10.0], dtype=torch.float64)
+    g = Gaussian.fit(train)
+    assert g.distance(g.mean[None]).item() == pytest.approx(0.0, abs=1e-6)
+    # 3 units along the narrow axis are 3 standard deviations; along the wide one, 0.3
+    queries = train.mean(dim=0) + torch.tensor([[3.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    narrow, wide = gaussian_scores(train, queries)
+    assert narrow.item() == pytest.approx(3.0, rel=0.1) and wide.item() == pytest.approx(0.3, rel=0.1)
+    with pytest.raises(ValueError, match="N >= 2"):
+        Gaussian.fit(train[:1])
+
+
+def test_patch_gaussian_score_is_the_largest_position_distance():
+    gen = torch.Generator().manual_seed(1)
+    train = torch.randn(500, 3, 4, generator=gen)
+    same = train.mean(dim=0, keepdim=True)                 # every position at its mean
+    odd = same.clone()
+    odd[0, 2] += 6.0                                       # one position far out
+    scores = patch_gaussian_scores(train, torch.cat([same, odd]))
+    assert scores[0] < 0.5 < 8.0 < scores[1]
+    per_position = [gaussian_scores(train[:, i], odd[:, i]) for i in range(3)]
+    assert scores[1].item() == pytest.approx(max(p.item() for p in per_position))
+    with pytest.raises(ValueError, match="must be"):
+        patch_gaussian_scores(train, torch.randn(2, 4, 4))
