@@ -15,8 +15,9 @@ then every piece of its score is scored on the held-out films (image AUROC; labe
   their training scores, so only this network's kNN is scored here);
 * ``gauss_global`` and ``gauss_patch``: feature-space Gaussians fitted on the training films'
   features, not a ``stage2.score`` choice: the Mahalanobis distance to one Gaussian over the
-  pooled features (Rippel et al. 2020), and PaDiM's largest distance over the layer-3 positions,
-  one Gaussian each (Defard et al. 2021; ``bonecluster.anomaly``);
+  raw pooled features (Rippel et al. 2020; the kNN reads them PCA-whitened), and the largest
+  distance over the L2-normalised layer-3 positions, one Gaussian each (PaDiM-like, Defard et
+  al. 2021; ``bonecluster.anomaly``);
 * ``label_free``: the product's score (the refined one by default), with its sensitivity,
   specificity and study kappa at the label-free threshold; ``label_free_study``: each held-out
   image scored with its study's mean label-free score (the views of a study share one label);

@@ -1,6 +1,6 @@
 """Label-free abnormality scores and thresholds for stage 2.
 
-Two scores, both computed against the training images of the same body part, and their mix:
+Scores computed against the training images of the same body part, and their mix:
 
 * **global** (:func:`knn_scores`): the mean cosine distance from an image's embedding (pooled
   final features, PCA-whitened with the part's own ``stage2.pca_dim`` and L2-normalised) to its
@@ -115,7 +115,7 @@ class Gaussian:
     """One Gaussian fitted to training features: ``mean`` (d,) and ``precision`` (d, d), float64.
 
     The covariance is Ledoit-Wolf-shrunk (sklearn.covariance.LedoitWolf), since a part has a few
-    hundred training images for hundreds of feature dimensions.
+    hundred training images for hundreds of feature dimensions. CPU tensors.
     """
 
     mean: torch.Tensor
@@ -145,9 +145,13 @@ def gaussian_scores(train: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
 
 
 def patch_gaussian_scores(train: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """PaDiM (Defard et al. 2021): one Gaussian per spatial position over the training images'
+    """PaDiM-like (Defard et al. 2021): one Gaussian per spatial position over the training images'
     patch features (N, L, c); a query image's (M, L, c) score is the largest Mahalanobis distance
-    over its L positions. (M,) float32. It assumes the positions line up from film to film."""
+    over its L positions. (M,) float32. It assumes the positions line up from film to film.
+
+    Unlike PaDiM it takes one layer's features as given (stage 2 passes L2-normalised ``layer3``
+    vectors, not several layers' randomly reduced), shrinks by Ledoit-Wolf instead of adding
+    0.01 I, and takes the raw maximum, not that of a smoothed, upsampled map."""
     if train.ndim != 3 or queries.ndim != 3 or train.shape[1:] != queries.shape[1:]:
         raise ValueError(f"train {tuple(train.shape)} and queries {tuple(queries.shape)} must be (N, L, c), (M, L, c)")
     per_position = [gaussian_scores(train[:, i], queries[:, i]) for i in range(train.shape[1])]

@@ -132,12 +132,15 @@ def test_gaussian_score_follows_the_training_spread_not_the_euclidean_distance()
 
 def test_patch_gaussian_score_is_the_largest_position_distance():
     gen = torch.Generator().manual_seed(1)
-    train = torch.randn(500, 3, 4, generator=gen)
+    scale = torch.tensor([1.0, 5.0, 0.2])[None, :, None]     # each position its own spread
+    train = torch.randn(500, 3, 4, generator=gen) * scale
     same = train.mean(dim=0, keepdim=True)                 # every position at its mean
     odd = same.clone()
-    odd[0, 2] += 6.0                                       # one position far out
-    scores = patch_gaussian_scores(train, torch.cat([same, odd]))
-    assert scores[0] < 0.5 < 8.0 < scores[1]
+    odd[0, 2] += 1.2                                       # 6 spreads out at the narrow position
+    wide = same.clone()
+    wide[0, 1] += 1.2                                      # the same step, a quarter spread where it is wide
+    scores = patch_gaussian_scores(train, torch.cat([same, odd, wide]))
+    assert scores[0] < 0.5 and scores[2] < 0.5 < 4.0 < scores[1]   # one Gaussian per position, not one for all
     per_position = [gaussian_scores(train[:, i], odd[:, i]) for i in range(3)]
     assert scores[1].item() == pytest.approx(max(p.item() for p in per_position))
     with pytest.raises(ValueError, match="must be"):

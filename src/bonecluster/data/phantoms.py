@@ -71,7 +71,7 @@ from bonecluster import BODY_PARTS
 __all__ = [
     "FINDINGS", "VIEWS", "LabelledFilm", "PhantomSummary", "StudyPlan", "generate_phantoms",
     "WHOLE_ARM_PARTS", "add_growth_plates", "add_whole_arm", "check_children", "check_framing",
-    "check_texture", "check_whole_arm", "child_patient",
+    "check_texture", "check_whole_arm", "child_patient", "WHOLE_ARM_ZOOM",
     "make_contact_sheet", "make_twin_sheet", "plan_studies", "render_labelled",
     "render_phantom", "render_study", "render_twins", "reshare_film", "texture_field",
 ]
@@ -199,9 +199,10 @@ class Capsule:
     def moved(self, m: Rigid) -> "Capsule":
         return Capsule(m.point(self.a), m.point(self.b), self.ra, self.rb)
 
-    def scaled(self, k: float) -> "Capsule":
-        """The capsule ``k`` times as large, about the origin."""
-        return Capsule((k * self.a[0], k * self.a[1]), (k * self.b[0], k * self.b[1]), k * self.ra,
+    def scaled(self, k: float, flip_y: bool = False) -> "Capsule":
+        """The capsule ``k`` times as large about the origin, mirrored top to bottom (y -> -y) with ``flip_y``."""
+        ky = -k if flip_y else k
+        return Capsule((k * self.a[0], ky * self.a[1]), (k * self.b[0], ky * self.b[1]), k * self.ra,
                        None if self.rb is None else k * self.rb)
 
 
@@ -231,8 +232,10 @@ class Ellipse:
     def moved(self, m: Rigid) -> "Ellipse":
         return Ellipse(m.point(self.c), self.rx, self.ry, self.angle + m.angle)
 
-    def scaled(self, k: float) -> "Ellipse":
-        """The ellipse ``k`` times as large, about the origin."""
+    def scaled(self, k: float, flip_y: bool = False) -> "Ellipse":
+        """The ellipse ``k`` times as large about the origin, mirrored top to bottom with ``flip_y``."""
+        if flip_y:
+            return Ellipse((k * self.c[0], -k * self.c[1]), k * self.rx, k * self.ry, -self.angle)
         return Ellipse((k * self.c[0], k * self.c[1]), k * self.rx, k * self.ry, self.angle)
 
 
@@ -282,10 +285,12 @@ class Bone:
         return replace(self, prims=tuple(p.moved(m) for p in self.prims),
                        cuts=tuple(m.halfplane(c) for c in self.cuts))
 
-    def scaled(self, k: float) -> "Bone":
-        """The bone ``k`` times as large, about the origin (cortex and fillet too)."""
-        return replace(self, prims=tuple(p.scaled(k) for p in self.prims), cortex=k * self.cortex,
-                       blend=k * self.blend, cuts=tuple((nx, ny, k * c) for nx, ny, c in self.cuts))
+    def scaled(self, k: float, flip_y: bool = False) -> "Bone":
+        """The bone ``k`` times as large about the origin (cortex and fillet too), mirrored top to
+        bottom (y -> -y) with ``flip_y``."""
+        sy = -1.0 if flip_y else 1.0
+        return replace(self, prims=tuple(p.scaled(k, flip_y) for p in self.prims), cortex=k * self.cortex,
+                       blend=k * self.blend, cuts=tuple((nx, sy * ny, k * c) for nx, ny, c in self.cuts))
 
     def bounds(self) -> tuple[float, ...]:
         return _union_bounds(p.bounds() for p in self.prims)
@@ -301,8 +306,8 @@ class Blob:
     def moved(self, m: Rigid) -> "Blob":
         return Blob(self.prim.moved(m), self.group)
 
-    def scaled(self, k: float) -> "Blob":
-        return Blob(self.prim.scaled(k), self.group)
+    def scaled(self, k: float, flip_y: bool = False) -> "Blob":
+        return Blob(self.prim.scaled(k, flip_y), self.group)
 
 
 @dataclass(frozen=True)
@@ -1120,8 +1125,9 @@ def add_growth_plates(an: Anatomy, rng: np.random.Generator) -> Anatomy:
 # Parts that a share of the pre-training films (phantoms.whole_arm) shows as a whole-arm film.
 WHOLE_ARM_PARTS: tuple[str, ...] = ("HUMERUS", "FOREARM")
 
-# Centimetres of arm per body unit in each builder's frame (a humerus with its head about 35 cm,
-# an ulna about 26 cm, wrist to fingertip about 19 cm), so that a neighbour keeps the arm's proportions.
+# Centimetres of arm per body unit in each builder's frame (a humerus with its head about 35 cm
+# over about 1 unit, an ulna about 26 cm over about 1 unit, wrist to fingertip about 19 cm over
+# about 0.68 units), so that a neighbour keeps the arm's proportions.
 _CM_PER_UNIT = {"HUMERUS": 35.0, "FOREARM": 26.0, "HAND": 28.0}
 # Where each builder's anatomy meets its neighbours along the arm, in its own frame: the humerus's
 # condyles, the forearm's distal and proximal ends, the hand's carpus (just below the lunate).
@@ -1135,19 +1141,26 @@ WHOLE_ARM_ZOOM = (0.45, 0.70)   # the film's magnification, times the part's usu
 
 @dataclass(frozen=True)
 class _Placement:
-    """A neighbour's frame in the film's: scale by ``k`` about the origin, then ``rigid``."""
+    """A neighbour's frame in the film's: scale by ``k`` about the origin, mirrored top to bottom
+    with ``flip_y``, then ``rigid``.
+
+    Every builder draws the limb's lateral side at -x, but the humerus with the shoulder up and
+    the forearm with the wrist up: a neighbour that hangs the other way is mirrored top to
+    bottom (a half turn would put its lateral side medial).
+    """
 
     k: float
+    flip_y: bool
     rigid: Rigid
 
     @staticmethod
-    def joining(k: float, angle: float, own_end: Point, film_end: Point) -> "_Placement":
-        """Scaled by ``k`` and turned by ``angle`` about its ``own_end``, which lands on ``film_end``."""
-        a = (k * own_end[0], k * own_end[1])
-        return _Placement(k, Rigid(angle=angle, pivot=a, shift=(film_end[0] - a[0], film_end[1] - a[1])))
+    def joining(k: float, flip_y: bool, angle: float, own_end: Point, film_end: Point) -> "_Placement":
+        """Scaled by ``k`` (and mirrored), then turned by ``angle`` about its ``own_end``, which lands on ``film_end``."""
+        a = (k * own_end[0], (-k if flip_y else k) * own_end[1])
+        return _Placement(k, flip_y, Rigid(angle=angle, pivot=a, shift=(film_end[0] - a[0], film_end[1] - a[1])))
 
     def point(self, p: Point) -> Point:
-        return self.rigid.point((self.k * p[0], self.k * p[1]))
+        return self.rigid.point((self.k * p[0], (-self.k if self.flip_y else self.k) * p[1]))
 
 
 def _add_neighbour(an: Anatomy, part: str, patient: Patient, view: View, place: _Placement) -> None:
@@ -1157,10 +1170,11 @@ def _add_neighbour(an: Anatomy, part: str, patient: Patient, view: View, place: 
     applied, moves none of them; their ``target`` stays, so a child's neighbours get growth plates.
     """
     other = _BUILDERS[part](patient, view)
-    drop = _ARM_DROP[part]
-    an.bones += [replace(b.scaled(place.k).moved(place.rigid), group=f"arm:{b.group}")
-                 for b in other.bones if not b.name.startswith(drop)]
-    an.tissue += [Blob(t.prim.scaled(place.k).moved(place.rigid), f"arm:{t.group}") for t in other.tissue]
+    an.bones += [replace(b.scaled(place.k, place.flip_y).moved(place.rigid), group=f"arm:{b.group}",
+                         distal=tuple(f"arm:{d}" for d in b.distal))
+                 for b in other.bones if not b.name.startswith(_ARM_DROP[part])]
+    an.tissue += [Blob(t.prim.scaled(place.k, place.flip_y).moved(place.rigid), f"arm:{t.group}")
+                  for t in other.tissue]
 
 
 def add_whole_arm(an: Anatomy, patient: Patient, view: View, rng: np.random.Generator) -> Anatomy:
@@ -1168,37 +1182,41 @@ def add_whole_arm(an: Anatomy, patient: Patient, view: View, rng: np.random.Gene
 
     Real collections hold films of a whole arm on one long cassette (FracAtlas's upper-limb films
     include them; MURA's humerus films often reach the forearm). The part's own anatomy, with
-    its finding, stays where it is; its neighbours are the same patient's other builders, scaled
-    to the arm's proportions (:data:`_CM_PER_UNIT`) and joined end to end: below a humerus the
-    forearm, bent at the elbow by a carrying angle (5-15 degrees, up to 30 more in lateral views),
-    and the hand; above a forearm the hand and below it the humerus with the shoulder girdle.
+    its finding, stays where it is (a forearm film's stubs of the carpus and the condyles give way
+    to the real neighbours); its neighbours are the same patient's other builders, scaled to the
+    arm's proportions (:data:`_CM_PER_UNIT`), lateral side to lateral side (:class:`_Placement`),
+    and joined end to end: below a humerus the forearm, bent at the elbow by a carrying angle
+    (5-15 degrees towards the lateral side, up to 30 more in lateral views), and the hand; above
+    a forearm the hand and below it the humerus with the shoulder girdle.
     The film is then centred up to 0.3 body units further along the arm (a humerus film towards
     the forearm, a forearm film either way), and :func:`_render_view` zooms it out by a factor
     in :data:`WHOLE_ARM_ZOOM`. Draws from ``rng`` only (the whole-arm stream).
 
     Simplifications: the neighbours never carry the finding nor move with a fracture or a
     dislocation of the part, the hand is always open and flat, and the soft tissue of each piece
-    keeps the part's depth.
+    keeps the part's depth. Zoomed out, the finding and a child's growth plates are smaller than
+    their minimum sizes at 64 px (:data:`FINDING_REFERENCE_PX`).
     """
     if patient.part not in WHOLE_ARM_PARTS:
         raise ValueError(f"a whole-arm film is drawn for {WHOLE_ARM_PARTS}, not {patient.part!r}")
     flex = math.radians(rng.uniform(5, 15) + view.proj * rng.uniform(0, 30))
     wrist_turn = math.radians(rng.uniform(-10, 10))
-    k = {part: _CM_PER_UNIT[part] / _CM_PER_UNIT[patient.part] for part in _CM_PER_UNIT}
+    scale_of = {part: _CM_PER_UNIT[part] / _CM_PER_UNIT[patient.part] for part in _CM_PER_UNIT}
     if patient.part == "HUMERUS":
-        # The forearm's frame has the wrist up: half a turn hangs it from the elbow.
-        forearm = _Placement.joining(k["FOREARM"], math.pi + flex, _ARM_ENDS["FOREARM", "elbow"],
+        # The forearm's and the hand's frames have the wrist up: mirrored, they hang from the elbow.
+        forearm = _Placement.joining(scale_of["FOREARM"], True, flex, _ARM_ENDS["FOREARM", "elbow"],
                                      _ARM_ENDS["HUMERUS", "elbow"])
         _add_neighbour(an, "FOREARM", patient, view, forearm)
-        wrist = forearm.point(_ARM_ENDS["FOREARM", "wrist"])
+        wrist_at = forearm.point(_ARM_ENDS["FOREARM", "wrist"])
         _add_neighbour(an, "HAND", patient, view, _Placement.joining(
-            k["HAND"], math.pi + flex + wrist_turn, _ARM_ENDS["HAND", "wrist"], wrist))
+            scale_of["HAND"], True, flex + wrist_turn, _ARM_ENDS["HAND", "wrist"], wrist_at))
     else:
+        an.bones = [b for b in an.bones if not b.name.startswith("edge")]   # the real neighbours replace the stubs
         _add_neighbour(an, "HAND", patient, view, _Placement.joining(
-            k["HAND"], wrist_turn, _ARM_ENDS["HAND", "wrist"], _ARM_ENDS["FOREARM", "wrist"]))
-        # The humerus's frame has the shoulder up: half a turn puts it below the elbow.
+            scale_of["HAND"], False, wrist_turn, _ARM_ENDS["HAND", "wrist"], _ARM_ENDS["FOREARM", "wrist"]))
+        # The humerus's frame has the shoulder up: mirrored, it lies below the elbow.
         _add_neighbour(an, "HUMERUS", patient, view, _Placement.joining(
-            k["HUMERUS"], math.pi + flex, _ARM_ENDS["HUMERUS", "elbow"], _ARM_ENDS["FOREARM", "elbow"]))
+            scale_of["HUMERUS"], True, flex, _ARM_ENDS["HUMERUS", "elbow"], _ARM_ENDS["FOREARM", "elbow"]))
     # Centre the film along the arm: a humerus film towards the forearm (the shoulder is in its
     # own frame already), a forearm film towards the hand or the humerus.
     along = rng.uniform(0.0, 0.3) if patient.part == "HUMERUS" else rng.uniform(-0.3, 0.3)
@@ -1710,9 +1728,11 @@ def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
         patient = child_patient(patient, child_rng)   # after the finding's draws: the labels stay
     else:
         child_rng = None
-    arm_rng = np.random.default_rng([seed, _WHOLE_ARM_STREAM, index]) if whole_arm > 0 and part in WHOLE_ARM_PARTS else None
-    if arm_rng is not None and not arm_rng.random() < whole_arm:
-        arm_rng = None
+    arm_rng = None
+    if whole_arm > 0 and part in WHOLE_ARM_PARTS:
+        arm_rng = np.random.default_rng([seed, _WHOLE_ARM_STREAM, index])
+        if not arm_rng.random() < whole_arm:
+            arm_rng = None
     pixels = _render_view(patient, view, specs, side, size, rng, texture=texture, texture_rng=texture_rng,
                           framing=framing, child_rng=child_rng, arm_rng=arm_rng)
     return LabelledFilm(pixels=pixels, part=part, view=view.label, finding=finding)
