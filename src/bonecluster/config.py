@@ -370,8 +370,8 @@ class PhantomPretrainConfig:
     children: float = 0.3
     # Share of HUMERUS and FOREARM films drawn as a whole arm (data.phantoms.add_whole_arm): the rest
     # of the same patient's arm around the part, the film zoomed out; 0 draws the part alone.
-    # 0.3 failed rule W (2026-12-06, docs/RESULTS.md): phantoms alone, two pre-training seeds, the
-    # mean over the three real-film evaluations 0.499 -> 0.477.
+    # 0.3 failed rules W and W2 (2026-12-06, docs/RESULTS.md): phantoms alone, two pre-training
+    # seeds, the mean over the three real-film evaluations 0.499 -> 0.478.
     whole_arm: float = 0.0
 
 
