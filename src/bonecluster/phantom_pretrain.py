@@ -123,6 +123,12 @@ def _render_slice(job: _Slice) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def film_options(p: PhantomPretrainConfig) -> dict:
+    """The ``phantoms`` settings that change how the films look, as :func:`render_corpus`'s keywords."""
+    return {"reshare_p": p.reshare_p, "texture": p.texture, "framing": p.framing, "children": p.children,
+            "whole_arm": p.whole_arm}
+
+
 def render_corpus(n: int, data: DataConfig, seed: int = 0, first: int = 0, workers: int | None = None,
                   progress: bool = True, reshare_p: float = 0.0, texture: float = 0.0,
                   framing: float = 0.0, children: float = 0.0, whole_arm: float = 0.0) -> PhantomCorpus:
@@ -211,11 +217,10 @@ def pretrain_on_phantoms(cfg: Config, out: str | Path, progress: bool = True) ->
     device = pick_device(cfg.train.device)
     seed_everything(cfg.seed)
     train_set = render_corpus(p.films, cfg.data, seed=cfg.seed, workers=cfg.data.workers or None, progress=progress,
-                              reshare_p=p.reshare_p, texture=p.texture, framing=p.framing, children=p.children,
-                              whole_arm=p.whole_arm)
-    valid_set = render_corpus(p.validation_films, cfg.data, seed=cfg.seed, first=p.films, reshare_p=p.reshare_p,
-                              texture=p.texture, framing=p.framing, children=p.children, whole_arm=p.whole_arm,
-                              workers=cfg.data.workers or None, progress=False) if p.validation_films else None
+                              **film_options(p))
+    valid_set = render_corpus(p.validation_films, cfg.data, seed=cfg.seed, first=p.films,
+                              workers=cfg.data.workers or None, progress=False,
+                              **film_options(p)) if p.validation_films else None
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_clusters=len(BODY_PARTS), weights=_start_weights(cfg.model.weights),
                         image_size=cfg.data.size).to(device)

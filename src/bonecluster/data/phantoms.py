@@ -306,9 +306,6 @@ class Blob:
     def moved(self, m: Rigid) -> "Blob":
         return Blob(self.prim.moved(m), self.group)
 
-    def scaled(self, k: float, flip_y: bool = False) -> "Blob":
-        return Blob(self.prim.scaled(k, flip_y), self.group)
-
 
 @dataclass(frozen=True)
 class Joint:

@@ -27,7 +27,7 @@ from bonecluster.augment import RadiographAugment, uint8_to_unit_float
 from bonecluster.methods._base import Loop, epoch_generator, register
 from bonecluster.methods.simclr import SimCLR
 from bonecluster.models import batchnorm_momentum
-from bonecluster.phantom_pretrain import PhantomCorpus, TaskHeads, check_tasks, render_corpus
+from bonecluster.phantom_pretrain import PhantomCorpus, TaskHeads, check_tasks, film_options, render_corpus
 from bonecluster.selfsup import ProjectionHead
 
 
@@ -83,8 +83,7 @@ class SimCLRPhantoms(SimCLR):
         (batches wrap round when the epochs ask for more films than there are)."""
         p = self.cfg.phantoms
         self.corpus = render_corpus(p.films, self.cfg.data, seed=self.cfg.seed, workers=self.cfg.data.workers or None,
-                                    progress=self.loop.dist.is_main, reshare_p=p.reshare_p, texture=p.texture,
-                                    framing=p.framing, children=p.children, whole_arm=p.whole_arm)
+                                    progress=self.loop.dist.is_main, **film_options(p))
         self.labels = {t: torch.from_numpy(self.corpus.labels[t]) for t in self.tasks}
         self.phantom_augment = RadiographAugment(self.cfg.train.augment)
 
