@@ -1611,32 +1611,31 @@ def _check_size(size: int, least: int = 32) -> int:
     return _check_int(size, "size", least, " pixels")
 
 
+def _check_level(value: float, name: str, high: float) -> float:
+    """``phantoms.<name>`` as a float in [0, ``high``]; anything else (a bool, a string) is a clear error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:
+        raise ValueError(f"phantoms.{name} must be a number in [0, {high:g}], got {value!r}")
+    return float(value)
+
+
 def check_texture(texture: float) -> float:
     """``phantoms.texture``: 0 (flat marrow and tissue, the default) to 2 (twice the default ranges)."""
-    if isinstance(texture, bool) or not isinstance(texture, (int, float)) or not 0.0 <= texture <= 2.0:
-        raise ValueError(f"phantoms.texture must be a number in [0, 2], got {texture!r}")
-    return float(texture)
+    return _check_level(texture, "texture", 2.0)
 
 
 def check_children(share: float) -> float:
     """``phantoms.children``: the share of films drawn as a child's, 0 (the default) to 1."""
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
-        raise ValueError(f"phantoms.children must be a number in [0, 1], got {share!r}")
-    return float(share)
+    return _check_level(share, "children", 1.0)
 
 
 def check_whole_arm(share: float) -> float:
     """``phantoms.whole_arm``: the share of HUMERUS and FOREARM films drawn as a whole arm, 0 to 1."""
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
-        raise ValueError(f"phantoms.whole_arm must be a number in [0, 1], got {share!r}")
-    return float(share)
+    return _check_level(share, "whole_arm", 1.0)
 
 
 def check_framing(framing: float) -> float:
     """``phantoms.framing``: 0 (today's magnification, centring and shutters, the default) to 2."""
-    if isinstance(framing, bool) or not isinstance(framing, (int, float)) or not 0.0 <= framing <= 2.0:
-        raise ValueError(f"phantoms.framing must be a number in [0, 2], got {framing!r}")
-    return float(framing)
+    return _check_level(framing, "framing", 2.0)
 
 
 def render_phantom(part: str, finding: str | None, rng: np.random.Generator, size: int, *,
