@@ -41,8 +41,9 @@ from bonecluster import BODY_PARTS
 from bonecluster.augment import RadiographAugment, uint8_to_unit_float
 from bonecluster.config import Config, DataConfig, PhantomPretrainConfig
 from bonecluster.data.decode import fit_to_square, scale_percentiles
-from bonecluster.data.phantoms import (FINDINGS, VIEWS, _default_workers, _progress_bar, check_children,
-                                      check_framing, check_texture, check_whole_arm, render_labelled, reshare_film)
+from bonecluster.data.phantoms import (FINDINGS, VIEWS, _default_workers, _progress_bar, check_annotations,
+                                      check_children, check_framing, check_texture, check_whole_arm,
+                                      render_labelled, reshare_film)
 from bonecluster.device import mixed_precision, pick_device, seed_everything
 from bonecluster.io import atomic_write_text
 from bonecluster.models import DeepClusterNet, build_model
@@ -97,13 +98,14 @@ class _Slice:
     framing: float
     children: float
     whole_arm: float
+    annotations: float
 
 
 def _render_slice(job: _Slice) -> tuple[np.ndarray, np.ndarray]:
     """The slice's films, prepared like a decoded real film: percentile scaling (the cache's)
     then the configured fit to a square. A ``reshare_p`` share of them are first turned into
-    re-shared copies (:func:`reshare_film`); ``texture``, ``framing``, ``children`` and ``whole_arm`` are
-    :func:`render_labelled`'s. Returns images uint8 ``(count, S, S)`` and labels int64
+    re-shared copies (:func:`reshare_film`); ``texture``, ``framing``, ``children``, ``whole_arm`` and
+    ``annotations`` are :func:`render_labelled`'s. Returns images uint8 ``(count, S, S)`` and labels int64
     ``(count, tasks)``."""
     size = job.data.size
     images = np.empty((job.count, size, size), dtype=np.uint8)
@@ -111,7 +113,7 @@ def _render_slice(job: _Slice) -> tuple[np.ndarray, np.ndarray]:
     for i in range(job.count):
         index = job.first + i
         film = render_labelled(index, size, job.seed, texture=job.texture, framing=job.framing,
-                               children=job.children, whole_arm=job.whole_arm)
+                               children=job.children, whole_arm=job.whole_arm, annotations=job.annotations)
         pixels = film.pixels
         if job.reshare_p > 0:   # its own stream: switching it on leaves the films themselves unchanged
             rng = np.random.default_rng([job.seed, _RESHARE_STREAM, index])
@@ -126,12 +128,13 @@ def _render_slice(job: _Slice) -> tuple[np.ndarray, np.ndarray]:
 def film_options(p: PhantomPretrainConfig) -> dict:
     """The ``phantoms`` settings that change how the films look, as :func:`render_corpus`'s keywords."""
     return {"reshare_p": p.reshare_p, "texture": p.texture, "framing": p.framing, "children": p.children,
-            "whole_arm": p.whole_arm}
+            "whole_arm": p.whole_arm, "annotations": p.annotations}
 
 
 def render_corpus(n: int, data: DataConfig, seed: int = 0, first: int = 0, workers: int | None = None,
                   progress: bool = True, reshare_p: float = 0.0, texture: float = 0.0,
-                  framing: float = 0.0, children: float = 0.0, whole_arm: float = 0.0) -> PhantomCorpus:
+                  framing: float = 0.0, children: float = 0.0, whole_arm: float = 0.0,
+                  annotations: float = 0.0) -> PhantomCorpus:
     """Films ``first .. first+n-1`` of the labelled phantom stream at ``data.size`` with ``data.fit``.
 
     Rendering takes about 3 ms a film at 96 px on one core; ``workers`` processes (default: one
@@ -145,8 +148,9 @@ def render_corpus(n: int, data: DataConfig, seed: int = 0, first: int = 0, worke
     if not 0.0 <= reshare_p <= 1.0:
         raise ValueError(f"phantoms.reshare_p must be in [0, 1], got {reshare_p}")
     texture, framing, children = check_texture(texture), check_framing(framing), check_children(children)
-    whole_arm = check_whole_arm(whole_arm)
-    jobs = [_Slice(first + s, min(chunk, n - s), seed, data, reshare_p, texture, framing, children, whole_arm)
+    whole_arm, annotations = check_whole_arm(whole_arm), check_annotations(annotations)
+    jobs = [_Slice(first + s, min(chunk, n - s), seed, data, reshare_p, texture, framing, children, whole_arm,
+                   annotations)
             for s in range(0, n, chunk)]
     bar = _bar(n, progress, "phantom films")
     parts = []
@@ -321,7 +325,7 @@ def weights_key(cfg: Config) -> str:
     """A short digest of every setting that changes the pre-trained weights, except the device and
     ``model.channels_last``, which change them only by float rounding."""
     phantoms = asdict(cfg.phantoms)
-    for later in ("framing", "children", "whole_arm"):   # only when set: the keys of files cached before them stay valid
+    for later in ("framing", "children", "whole_arm", "annotations"):   # only when set: the keys of files cached before them stay valid
         if not phantoms[later]:
             del phantoms[later]
     settings = {"version": PRETRAIN_VERSION, "phantoms": phantoms, "model": _model_settings(cfg),

@@ -104,6 +104,8 @@ def test_cached_weights_are_reused_for_the_same_settings_only(tmp_path):
     assert weights_key(load_config("cpu", overrides=TINY + ["phantoms.framing=1"])) != weights_key(cfg)
     assert weights_key(load_config("cpu", overrides=TINY + ["phantoms.whole_arm=0"])) == weights_key(cfg)
     assert weights_key(load_config("cpu", overrides=TINY + ["phantoms.whole_arm=0.3"])) != weights_key(cfg)
+    assert weights_key(load_config("cpu", overrides=TINY + ["phantoms.annotations=0"])) == weights_key(cfg)
+    assert weights_key(load_config("cpu", overrides=TINY + ["phantoms.annotations=0.3"])) != weights_key(cfg)
 
 
 def test_a_reshared_copy_is_turned_and_squeezed_and_depends_only_on_its_rng():
@@ -131,8 +133,8 @@ def test_reshare_p_changes_only_the_share_of_films_it_asks_for():
         render_corpus(4, cfg.data, workers=1, progress=False, reshare_p=1.5)
 
 
-@pytest.mark.parametrize("lever, bad", [("texture", 3.0), ("framing", -1.0), ("children", 1.5)])
-def test_texture_framing_and_children_change_the_films_but_not_their_labels(lever, bad):
+@pytest.mark.parametrize("lever, bad", [("texture", 3.0), ("framing", -1.0), ("children", 1.5), ("annotations", 1.5)])
+def test_texture_framing_children_and_annotations_change_the_films_but_not_their_labels(lever, bad):
     cfg = load_config("cpu", overrides=["data.size=32", "data.fit=letterbox", f"phantoms.{lever}=1"])
     strength = getattr(cfg.phantoms, lever)
     assert strength == 1.0

@@ -460,6 +460,35 @@ def test_whole_arm_is_drawn_for_long_arm_films_only_and_changes_only_their_share
             render_labelled(0, 40, whole_arm=bad)
 
 
+@pytest.mark.parametrize("size", [32, 96, 256])
+def test_annotations_burn_something_and_the_marker_mask_covers_every_pixel_they_change(size):
+    for seed in range(30):
+        img = np.full((size, (size * 3) // 4), 0.3, dtype=np.float32)
+        mask = np.zeros_like(img)
+        ph.add_annotations(img, mask, "L", np.random.default_rng(seed))
+        changed = img != np.float32(0.3)
+        assert changed.any(), seed                       # at least one tag, text block or ruler
+        assert (mask[changed] > 0).all()                 # the "marker" mask knows where they are
+        again, mask2 = np.full_like(img, 0.3), np.zeros_like(img)
+        ph.add_annotations(again, mask2, "L", np.random.default_rng(seed))
+        assert np.array_equal(img, again) and np.array_equal(mask, mask2)   # drawn from the rng alone
+
+
+def test_annotations_change_only_their_share_of_films_and_keep_the_labels():
+    plain = [render_labelled(i, 40, children=0.3) for i in range(60)]
+    some = [render_labelled(i, 40, children=0.3, annotations=0.5) for i in range(60)]
+    every = [render_labelled(i, 40, children=0.3, annotations=1.0) for i in range(60)]
+    changed = np.array([not np.array_equal(a.pixels, b.pixels) for a, b in zip(plain, some)])
+    for a, b, c in zip(plain, some, every):
+        assert (a.part, a.view, a.finding) == (b.part, b.view, b.finding) == (c.part, c.view, c.finding)
+    assert 0.25 < changed.mean() < 0.75
+    assert sum(not np.array_equal(a.pixels, c.pixels) for a, c in zip(plain, every)) >= 57
+    assert all(np.array_equal(b.pixels, c.pixels) for b, c, ch in zip(some, every, changed) if ch)
+    for bad in (-0.1, 1.5, True, "0.3"):
+        with pytest.raises(ValueError, match="phantoms.annotations"):
+            render_labelled(0, 40, annotations=bad)
+
+
 # ----------------------------------------------------------------------------- conspicuous findings (issue 24)
 
 

@@ -70,8 +70,8 @@ from bonecluster import BODY_PARTS
 
 __all__ = [
     "FINDINGS", "VIEWS", "LabelledFilm", "PhantomSummary", "StudyPlan", "generate_phantoms",
-    "WHOLE_ARM_PARTS", "add_growth_plates", "add_whole_arm", "check_children", "check_framing",
-    "check_texture", "check_whole_arm", "child_patient", "WHOLE_ARM_ZOOM",
+    "WHOLE_ARM_PARTS", "add_annotations", "add_growth_plates", "add_whole_arm", "check_annotations",
+    "check_children", "check_framing", "check_texture", "check_whole_arm", "child_patient", "WHOLE_ARM_ZOOM",
     "make_contact_sheet", "make_twin_sheet", "plan_studies", "render_labelled",
     "render_phantom", "render_study", "render_twins", "reshare_film", "texture_field",
 ]
@@ -84,6 +84,7 @@ _LABELLED_STREAM = 505  # single films with their labels, for pre-training (rend
 _TEXTURE_STREAM = 707   # trabecular and soft-tissue texture (phantoms.texture), apart from the rest
 _CHILD_STREAM = 808     # children's films with growth plates (phantoms.children), apart from the rest
 _WHOLE_ARM_STREAM = 909  # whole-arm films (phantoms.whole_arm), apart from the rest
+_ANNOTATION_STREAM = 1010  # extra burned-in tags, text and rulers (phantoms.annotations), apart from the rest
 
 # Patients of a split other than train are numbered from here, so that studies of a train
 # and a valid split written with the same seed never share a patient id.
@@ -1458,7 +1459,7 @@ def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return img.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=4096)   # bounded: annotation text lines are random strings
 def _glyph(text: str) -> np.ndarray:
     """The text drawn once in PIL's built-in font (no font file needed), as a 0..1 mask."""
     font = ImageFont.load_default()
@@ -1512,6 +1513,116 @@ def _markers(img: np.ndarray, side: str, view: View, rng: np.random.Generator) -
     return mask
 
 
+# What extra annotations (phantoms.annotations) write: dates, accession numbers, initials, kV/mAs.
+_TEXT_CHARS = "0123456789ABCDEFGHJKLMNPRSTVX/-:. "
+
+
+def _glyph_at(text: str, height: int) -> np.ndarray:
+    """``text`` in PIL's built-in font, scaled to ``height`` rows: a 0..1 mask (height, width)."""
+    glyph = _glyph(text)
+    width = max(1, int(round(glyph.shape[1] * height / glyph.shape[0])))
+    small = Image.fromarray((glyph * 255).astype(np.uint8)).resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def _place(img: np.ndarray, mask: np.ndarray, shape: tuple[int, int], rng: np.random.Generator):
+    """A window of ``shape`` near an edge of ``img`` that misses what ``mask`` already holds (if
+    four tries find one); None when the shape does not fit."""
+    h, w = img.shape
+    if shape[0] >= h - 2 or shape[1] >= w - 2:
+        return None
+    for _ in range(4):
+        r0, c0 = _edge_spot(h, w, shape[0], shape[1], rng)
+        win = (slice(r0, r0 + shape[0]), slice(c0, c0 + shape[1]))
+        if mask[win].max() < 0.01:
+            break
+    return win
+
+
+def _burn(img: np.ndarray, mask: np.ndarray, win, paint: np.ndarray, value: float) -> None:
+    """Blend ``value`` into ``img[win]`` where ``paint`` (0..1, the window's shape) is set."""
+    img[win] = img[win] * (1.0 - paint) + value * paint
+    np.maximum(mask[win], paint, out=mask[win])
+
+
+def _tag(img: np.ndarray, mask: np.ndarray, side: str, long: int, rng: np.random.Generator) -> None:
+    """A lead side marker as many departments use: a bright square tag with the letter left dark
+    in it, or the letter inside a bright ring."""
+    box = max(5, int(round(rng.uniform(0.06, 0.11) * long)))
+    win = _place(img, mask, (box, box), rng)
+    if win is None:
+        return
+    letter = np.zeros((box, box), dtype=np.float32)
+    g = _glyph_at(side, max(3, int(round(box * 0.6))))[:, : box]
+    r0, c0 = (box - g.shape[0]) // 2, (box - g.shape[1]) // 2
+    letter[r0: r0 + g.shape[0], c0: c0 + g.shape[1]] = g
+    bright = rng.uniform(0.8, 1.0)
+    if rng.random() < 0.6:   # a square tag: bright, the letter cut out of it
+        _burn(img, mask, win, np.ones_like(letter), bright)
+        img[win] = img[win] * (1.0 - letter) + rng.uniform(0.05, 0.3) * letter
+    else:                    # a ring around the letter
+        yy, xx = np.mgrid[0:box, 0:box].astype(np.float32) - (box - 1) / 2.0
+        radius = np.hypot(yy, xx)
+        ring = np.clip(1.0 - np.abs(radius - box / 2.0 + 1.0) / max(1.0, box / 10.0), 0.0, 1.0)
+        _burn(img, mask, win, np.maximum(ring, letter), bright)
+
+
+def _text_lines(img: np.ndarray, mask: np.ndarray, long: int, rng: np.random.Generator) -> None:
+    """One to three short lines of small text (a date, an accession number, initials) by one edge."""
+    height = max(4, int(round(rng.uniform(0.03, 0.055) * long)))
+    lines = [_glyph_at("".join(rng.choice(list(_TEXT_CHARS), size=int(rng.integers(3, 11)))).strip() or "0", height)
+             for _ in range(int(rng.integers(1, 4)))]
+    width = max(g.shape[1] for g in lines)
+    block = np.zeros((len(lines) * (height + 1), width), dtype=np.float32)
+    for i, g in enumerate(lines):
+        block[i * (height + 1): i * (height + 1) + height, : g.shape[1]] = g
+    block = block[: img.shape[0] - 3, : img.shape[1] - 3]    # a long line runs off a small film
+    win = _place(img, mask, block.shape, rng)
+    if win is not None:
+        _burn(img, mask, win, block, rng.uniform(0.55, 1.0))
+
+
+def _ruler(img: np.ndarray, mask: np.ndarray, long: int, rng: np.random.Generator) -> None:
+    """A radio-opaque ruler along one edge: a bright bar with ticks every few millimetres."""
+    h, w = img.shape
+    along_rows = rng.random() < 0.5                         # lies along the top or bottom edge
+    span = w if along_rows else h
+    length = max(8, int(round(rng.uniform(0.3, 0.85) * span)))
+    thick = max(2, int(round(rng.uniform(0.015, 0.035) * long)))
+    tick_len = thick + max(1, int(round(rng.uniform(0.5, 1.5) * thick)))
+    period = max(2, int(round(rng.uniform(0.02, 0.045) * long)))
+    paint = np.zeros((tick_len, length), dtype=np.float32)
+    paint[:thick] = 0.75
+    paint[: (thick + tick_len + 1) // 2, ::period] = 1.0    # short ticks stand out from the bar,
+    paint[:, ::period * 5] = 1.0                            # every fifth a long one
+    if rng.random() < 0.5:
+        paint = paint[::-1]
+    if not along_rows:
+        paint = paint.T
+    win = _place(img, mask, paint.shape, rng)
+    if win is not None:
+        _burn(img, mask, win, paint, rng.uniform(0.75, 1.0))
+
+
+def add_annotations(img: np.ndarray, mask: np.ndarray, side: str, rng: np.random.Generator) -> None:
+    """Burn extra annotations into a film, in place: float (H, W) ``img`` and its marker ``mask``.
+
+    What real films carry beyond the plain side letter of every phantom: a lead side marker as a
+    bright square tag or ring (p 0.6), lines of small text (p 0.6: dates, accession numbers,
+    initials) and a ruler along one edge (p 0.35); at least one of them. All sit near the film's
+    edges and are drawn from ``rng`` alone."""
+    long = max(img.shape)
+    wants = rng.random(3) < (0.6, 0.6, 0.35)
+    if not wants.any():
+        wants[int(rng.integers(3))] = True
+    if wants[0]:
+        _tag(img, mask, side, long, rng)
+    if wants[1]:
+        _text_lines(img, mask, long, rng)
+    if wants[2]:
+        _ruler(img, mask, long, rng)
+
+
 def _finish(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     img = _blur(img, rng.uniform(0.2, 0.9) * max(img.shape) / 128)  # same look at any size
     return img + rng.uniform(0.006, 0.03) * rng.standard_normal(img.shape, dtype=np.float32)
@@ -1541,11 +1652,13 @@ def _render_view(patient: Patient, view: View, finding: Sequence[FindingSpec], s
                  size: int, rng: np.random.Generator, with_masks: bool = False,
                  texture: float = 0.0, texture_rng: np.random.Generator | None = None,
                  framing: float = 0.0, child_rng: np.random.Generator | None = None,
-                 arm_rng: np.random.Generator | None = None):
+                 arm_rng: np.random.Generator | None = None,
+                 annotation_rng: np.random.Generator | None = None):
     """One film of ``patient``. With ``child_rng`` the film is a child's: growth plates drawn
     from that stream (:func:`add_growth_plates`); ``patient`` should then be :func:`child_patient`'s.
     With ``arm_rng`` it is a whole-arm film (:func:`add_whole_arm`), zoomed out by a factor drawn
-    from that stream; the film's own draws from ``rng`` stay as they were."""
+    from that stream; the film's own draws from ``rng`` stay as they were. With ``annotation_rng``
+    extra tags, text and a ruler are burned in from that stream (:func:`add_annotations`)."""
     anatomy = apply_finding(build_anatomy(patient, view), finding)
     if arm_rng is not None:
         anatomy = add_whole_arm(anatomy, patient, view, arm_rng)
@@ -1563,6 +1676,8 @@ def _render_view(patient: Patient, view: View, finding: Sequence[FindingSpec], s
     keep = _collimate(img, cv, rng, framing)
     img = _finish(img, rng)
     marks = _markers(img, side, view, rng)
+    if annotation_rng is not None:
+        add_annotations(img, marks, side, annotation_rng)
     pixels = _to_uint8(img)
     return (pixels, _masks(lay, keep, marks)) if with_masks else pixels
 
@@ -1633,6 +1748,11 @@ def check_whole_arm(share: float) -> float:
     return _check_level(share, "whole_arm", 1.0)
 
 
+def check_annotations(share: float) -> float:
+    """``phantoms.annotations``: the share of films with extra tags, text and rulers, 0 (the default) to 1."""
+    return _check_level(share, "annotations", 1.0)
+
+
 def check_framing(framing: float) -> float:
     """``phantoms.framing``: 0 (today's magnification, centring and shutters, the default) to 2."""
     return _check_level(framing, "framing", 2.0)
@@ -1689,7 +1809,8 @@ class LabelledFilm:
 
 
 def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
-                    framing: float = 0.0, children: float = 0.0, whole_arm: float = 0.0) -> LabelledFilm:
+                    framing: float = 0.0, children: float = 0.0, whole_arm: float = 0.0,
+                    annotations: float = 0.0) -> LabelledFilm:
     """Film number ``index`` of an endless seeded stream of single films of new patients.
 
     The part is drawn uniformly, the study is abnormal with the part's share (about 0.4) and then
@@ -1707,10 +1828,12 @@ def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
     ``whole_arm`` > 0 draws that share of the HUMERUS and FOREARM films as a whole-arm film
     (:func:`add_whole_arm`: the rest of the arm added around the part, the film zoomed out),
     decided and drawn from a stream of its own in the same way; the label stays the part.
+    ``annotations`` > 0 burns extra side-marker tags, text lines and rulers into that share of the
+    films (:func:`add_annotations`), decided and drawn from a stream of its own in the same way.
     """
     index, size, seed = _check_int(index, "index", 0), _check_size(size, 16), _check_seed(seed)
     texture, framing, children = check_texture(texture), check_framing(framing), check_children(children)
-    whole_arm = check_whole_arm(whole_arm)
+    whole_arm, annotations = check_whole_arm(whole_arm), check_annotations(annotations)
     rng = np.random.default_rng([seed, _LABELLED_STREAM, index])
     part = BODY_PARTS[int(rng.integers(len(BODY_PARTS)))]
     finding = FINDINGS[_pick(rng, _FINDING_WEIGHTS[part])] if rng.random() < _ABNORMAL_SHARE[part] else None
@@ -1729,8 +1852,13 @@ def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
         arm_rng = np.random.default_rng([seed, _WHOLE_ARM_STREAM, index])
         if not arm_rng.random() < whole_arm:
             arm_rng = None
+    annotation_rng = None
+    if annotations > 0:
+        annotation_rng = np.random.default_rng([seed, _ANNOTATION_STREAM, index])
+        if not annotation_rng.random() < annotations:
+            annotation_rng = None
     pixels = _render_view(patient, view, specs, side, size, rng, texture=texture, texture_rng=texture_rng,
-                          framing=framing, child_rng=child_rng, arm_rng=arm_rng)
+                          framing=framing, child_rng=child_rng, arm_rng=arm_rng, annotation_rng=annotation_rng)
     return LabelledFilm(pixels=pixels, part=part, view=view.label, finding=finding)
 
 
