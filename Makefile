@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,faiss,serve,onnx,timm,hf]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,faiss,serve,onnx,timm,hf,pacs]"
 	touch $(STAMP)
 
 demo: $(STAMP)

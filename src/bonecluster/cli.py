@@ -178,9 +178,13 @@ def cmd_pretrain_phantoms(args) -> int:
 # ----------------------------------------------------------------------------- prepare
 
 
+DATA_HELP = ("MURA root, CSV manifest, folder of images/DICOMs, or a PACS over DICOMweb: "
+             "dicomweb+http://HOST:PORT/dicom-web[?Attr=value&...] (docs/pacs.md)")
+
+
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="decode every image once into a memory-mapped cache")
-    p.add_argument("data", nargs="+", help="MURA root, CSV manifest, or folder of images/DICOMs")
+    p.add_argument("data", nargs="+", help=DATA_HELP)
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--size", type=int, help="square side in pixels (default: the preset's; 0: the backbone's own)")
     p.add_argument("--fit", choices=["squash", "letterbox", "deskew", "crop"],
@@ -231,7 +235,7 @@ def _add_train(sub) -> None:
     from bonecluster.methods import method_names
 
     p = sub.add_parser("train", help="deep-cluster the images: stage 1 body parts, stage 2 abnormality")
-    p.add_argument("data", nargs="+", help="MURA root, CSV manifest, or folder of images/DICOMs")
+    p.add_argument("data", nargs="+", help=DATA_HELP)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--stages", default="1,2", help="comma-separated stages to train (default 1,2)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
@@ -332,7 +336,8 @@ def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="cluster, body part and abnormality of new images (json or csv)")
     p.add_argument("run", help="run folder")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="image or DICOM files, folders (searched recursively), MURA roots or CSV manifests")
+                   help="image or DICOM files, folders (searched recursively), MURA roots, CSV manifests "
+                        "or DICOMweb sources (dicomweb+http://HOST:PORT/dicom-web?Attr=value)")
     p.add_argument("--format", dest="out_format", choices=["json", "csv"], default="json",
                    help="json (default: images, studies and skipped files) or csv (one row per image)")
     p.add_argument("--out", metavar="FILE", help="write here (atomically) instead of to stdout")

@@ -313,12 +313,12 @@ def predict_paths(run: str | Path, inputs: Sequence[str | Path], progress: bool 
     if not inputs:
         raise DataError("no input given")
     skips = SkipLog()
-    records = _read_inputs(inputs, skips, cfg.data)
     names = ", ".join(str(s) for s in inputs)
-    if not records:
-        raise DataError(f"no image found in {names}{_reasons(skips)}")
-    workers = 1 if len(records) < 64 else (cfg.data.workers or None)
     with tempfile.TemporaryDirectory(prefix="bonecluster-predict-") as tmp:
+        records = _read_inputs(inputs, skips, cfg.data, cache or tmp, progress)
+        if not records:
+            raise DataError(f"no image found in {names}{_reasons(skips)}")
+        workers = 1 if len(records) < 64 else (cfg.data.workers or None)
         try:
             data = prepare(records, cache or tmp, cfg.data.preprocess(), cfg.data.limits(), skips,
                            workers=workers, progress=progress)
@@ -347,11 +347,13 @@ def study_predictions(images: Sequence[ImagePrediction], how: str = "mean") -> l
     return out
 
 
-def _read_inputs(inputs, skips, data_cfg) -> list:
-    """Records of every input; a missing or unreadable input is skipped, not fatal."""
-    from bonecluster.data import read_sources
+def _read_inputs(inputs, skips, data_cfg, cache, progress: bool) -> list:
+    """Records of every input; a missing or unreadable input is skipped, not fatal. DICOMweb
+    inputs are fetched into ``cache``."""
+    from bonecluster.data import fetch_options, read_sources
 
-    records = read_sources(list(inputs), skips, data_cfg.reader_limits(), skip_bad_sources=True)
+    records = read_sources(list(inputs), skips, data_cfg.reader_limits(), skip_bad_sources=True,
+                           fetch=fetch_options(cache, data_cfg, progress))
     found = {os.path.realpath(r.path) for r in records}
     for src in map(Path, inputs):  # a single file that yields no record is not an image
         if src.is_file() and src.suffix.lower() != ".csv" and os.path.realpath(src) not in found:

@@ -13,7 +13,7 @@ from bonecluster.data.records import Record, SkipError, Skipped, SkipLog
 from bonecluster.io import atomic_write_text
 
 __all__ = ["DataError", "PreparedDataset", "Record", "SkipError", "SkipLog", "Skipped",
-           "prepare", "prepare_sources", "read_records", "read_sources", "write_skipped_csv"]
+           "fetch_options", "prepare", "prepare_sources", "read_records", "read_sources", "write_skipped_csv"]
 
 
 def prepare_sources(sources: Sequence[str | Path], data_cfg, cache: str | Path | None = None,
@@ -24,15 +24,24 @@ def prepare_sources(sources: Sequence[str | Path], data_cfg, cache: str | Path |
     counted in ``.skipped``; a source with no usable image raises :class:`DataError`.
     """
     skips = SkipLog()
-    records = read_sources(list(sources), skips, ReaderLimits(data_cfg.max_csv_row_chars))
-    if not records:
-        names = ", ".join(str(s) for s in sources)
-        raise DataError(f"no image found in {names} ({len(skips)} entries skipped)")
     cache = cache if cache is not None else data_cfg.cache
     if not cache:
         raise ValueError("no cache folder given (set data.cache or pass cache=)")
+    records = read_sources(list(sources), skips, ReaderLimits(data_cfg.max_csv_row_chars),
+                           fetch=fetch_options(cache, data_cfg, progress))
+    if not records:
+        names = ", ".join(str(s) for s in sources)
+        raise DataError(f"no image found in {names} ({len(skips)} entries skipped)")
     return prepare(records, cache, data_cfg.preprocess(),
                    data_cfg.limits(), skips, workers=data_cfg.workers or None, progress=progress)
+
+
+def fetch_options(cache: str | Path, data_cfg, progress: bool = True):
+    """Where and how DICOMweb sources are fetched: into ``CACHE/dicomweb``, under ``data_cfg``'s
+    pixel cap (:class:`bonecluster.data.dicomweb.FetchOptions`)."""
+    from bonecluster.data.dicomweb import MIRROR, FetchOptions
+
+    return FetchOptions(mirror=Path(cache) / MIRROR, pixel_cap=data_cfg.pixel_cap, progress=progress)
 
 
 def write_skipped_csv(path: str | Path, skips: SkipLog) -> Path:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bonecluster import BODY_PARTS as _MURA_PARTS
 from bonecluster.data.decode import IMAGE_SUFFIXES, is_dicom
+from bonecluster.data.dicomweb import DicomWebError, fetch as fetch_instances, is_dicomweb, parse_source
 from bonecluster.data.records import Record, SkipLog, normalise_body_part
 
 
@@ -133,9 +134,14 @@ def _find_xr_folders(root: Path, depth: int = 2) -> list[Path]:
 
 
 def read_records(source: str | Path, skips: SkipLog | None = None,
-                 limits: ReaderLimits = ReaderLimits()) -> list[Record]:
-    """Read one source into records, choosing the reader from what the path holds."""
+                 limits: ReaderLimits = ReaderLimits(), fetch=None) -> list[Record]:
+    """Read one source into records, choosing the reader from what the path holds.
+
+    A ``dicomweb+http(s)://`` source is fetched into ``fetch`` (a
+    :class:`bonecluster.data.dicomweb.FetchOptions`) first, then read like a PACS export."""
     skips = skips if skips is not None else SkipLog()
+    if is_dicomweb(source):
+        return read_dicomweb(str(source), skips, fetch)
     kind = detect_kind(source)
     if kind == "mura-csv":
         return read_mura_csv(source, skips, limits)
@@ -147,11 +153,13 @@ def read_records(source: str | Path, skips: SkipLog | None = None,
 
 
 def read_sources(sources: list[str | Path], skips: SkipLog | None = None,
-                 limits: ReaderLimits = ReaderLimits(), skip_bad_sources: bool = False) -> list[Record]:
+                 limits: ReaderLimits = ReaderLimits(), skip_bad_sources: bool = False,
+                 fetch=None) -> list[Record]:
     """Read several sources; an image named twice (same resolved path) is kept once.
 
-    ``skip_bad_sources``: a source that cannot be read at all (missing, unreadable CSV...) is
-    recorded in ``skips`` and the others go on, instead of raising DataError.
+    ``skip_bad_sources``: a source that cannot be read at all (missing, unreadable CSV, a DICOMweb
+    server that cannot be searched...) is recorded in ``skips`` and the others go on, instead of
+    raising DataError. ``fetch``: where DICOMweb sources are fetched to (:func:`read_records`).
     """
     if not sources:
         raise DataError("no data source given")
@@ -159,11 +167,12 @@ def read_sources(sources: list[str | Path], skips: SkipLog | None = None,
     out: list[Record] = []
     for src in sources:
         try:
-            found = read_records(src, skips, limits)
+            found = read_records(src, skips, limits, fetch)
         except DataError as err:
             if not skip_bad_sources or skips is None:
                 raise
-            skips.add(Path(src), str(err).removeprefix(f"{Path(src)}: "))
+            name = str(src) if is_dicomweb(src) else str(Path(src))
+            skips.add(name, str(err).removeprefix(f"{name}: "))
             continue
         for rec in found:
             key = os.path.realpath(rec.path)
@@ -352,6 +361,22 @@ def _discard_rest_of_line(handle, line: str, chunk: int = 65_536) -> None:
         at = handle.tell()
         if handle.read(1) != "\n":
             handle.seek(at)
+
+
+# ----------------------------------------------------------------------------- DICOMweb
+
+
+def read_dicomweb(source: str, skips: SkipLog, fetch) -> list[Record]:
+    """Fetch a DICOMweb source's instances into ``fetch.mirror`` (:mod:`bonecluster.data.dicomweb`)
+    and read them as a PACS export: patient, study and body part from the DICOM headers."""
+    try:
+        src = parse_source(source)
+        if fetch is None:
+            raise DicomWebError(f"{src}: a DICOMweb source needs a cache folder to fetch into")
+        paths, _ = fetch_instances(src, fetch, skips)
+    except DicomWebError as err:
+        raise DataError(str(err)) from err
+    return [_folder_record(Path(fetch.mirror), path) for path in paths]
 
 
 # ----------------------------------------------------------------------------- plain folder
