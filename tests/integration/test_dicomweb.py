@@ -206,3 +206,16 @@ def test_predict_reads_a_dicomweb_source_and_reports_each_study(orthanc, tiny_se
     assert len({p.study for p in report.images}) == 2 and len(report.studies) == 2
     gone = predict_paths(run, [_source(orthanc.dicomweb), "no/such/folder"], progress=False)   # temp cache
     assert len(gone.images) == N_INSTANCES and [s.reason for s in gone.skipped] == ["no such file or folder"]
+
+
+def test_the_throughput_benchmark_runs_and_prints_its_figures(tmp_path, capsys):
+    from tests.conftest import load_benchmark
+    from tests.integration.orthanc import orthanc_or_skip
+
+    orthanc_or_skip()
+    out = tmp_path / "figures.json"
+    assert load_benchmark("bench_dicomweb").main(["--studies", "2", "--size", "48", "--json", str(out)]) == 0
+    import json
+
+    figures = json.loads(out.read_text())
+    assert figures["instances"] == 4 and figures["dicomweb_prepare_per_s"] > 0 and figures["folder_prepare_per_s"] > 0
