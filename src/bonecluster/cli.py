@@ -344,6 +344,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--cache", metavar="DIR", help="keep decoded images here for reuse (default: a temp folder)")
     p.add_argument("--parts-from-clusters", action="store_true",
                    help="score stage 2 with the stage-1 cluster name even where the metadata has a body part")
+    p.add_argument("--store", action="store_true",
+                   help="send each study's result back to the DICOMweb input it came from, as a DICOM "
+                        "Structured Report in a new series of the same study (docs/pacs.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_limit_options(p, default="default: the run's (%s unless changed)")
     p.set_defaults(func=cmd_predict)
@@ -354,7 +357,8 @@ def cmd_predict(args) -> int:
     from bonecluster.predict import predict_paths
 
     report = predict_paths(args.run, args.inputs, progress=not args.quiet, cache=args.cache,
-                           use_metadata_parts=not args.parts_from_clusters, limits=_limit_values(args))
+                           use_metadata_parts=not args.parts_from_clusters, limits=_limit_values(args),
+                           store=args.store)
     text = report.render(args.out_format)
     if args.out:
         atomic_write_text(args.out, text)
@@ -364,6 +368,10 @@ def cmd_predict(args) -> int:
     print(f"predicted {s['images']} images ({s['abnormal_images']} flagged abnormal), {s['studies']} studies "
           f"({s['abnormal_studies']} flagged), skipped {s['skipped']} file(s)"
           + (f"; written to {args.out}" if args.out else ""), file=sys.stderr)
+    if report.stored:
+        print(f"stored {s['reports_stored']} report(s) in the PACS, {s['reports_not_stored']} refused"
+              + "".join(f"\n  not stored: study {r.study}: {r.reason}" for r in report.stored if not r.stored),
+              file=sys.stderr)
     for item in report.skipped[:20]:
         print(f"  skipped {item.path}: {item.reason}", file=sys.stderr)
     if len(report.skipped) > 20:

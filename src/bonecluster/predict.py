@@ -34,7 +34,9 @@ import torch
 
 from bonecluster.cluster import assign, study_means
 from bonecluster.checkpoint import FINAL_MODEL, TrainedClusters
+from bonecluster.data import fetch_options
 from bonecluster.data.cache import PreparedDataset
+from bonecluster.data.dicomweb import is_dicomweb
 from bonecluster.data.records import study_index
 from bonecluster.stage2.scoring import ANOMALY, PartAnomaly, embed_images
 from bonecluster.typicality import TYPICALITY, Typicality
@@ -218,6 +220,21 @@ class SkippedFile:
 
 
 @dataclass
+class StoredReport:
+    """A study's Structured Report sent back to the DICOMweb source its films came from (``--store``)."""
+
+    study: str
+    source: str
+    series_uid: str
+    sop_instance_uid: str
+    stored: bool
+    reason: str | None = None   # why the server did not store it
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class PredictionReport:
     """What :func:`predict_paths` returns; ``to_json`` / ``to_csv`` are the command's outputs."""
 
@@ -226,17 +243,25 @@ class PredictionReport:
     images: list[ImagePrediction]
     studies: list[StudyPrediction] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
+    stored: list[StoredReport] = field(default_factory=list)
 
     def summary(self) -> dict:
-        return {"images": len(self.images), "studies": len(self.studies), "skipped": len(self.skipped),
-                "abnormal_images": sum(1 for p in self.images if p.abnormal),
-                "abnormal_studies": sum(1 for s in self.studies if s.abnormal)}
+        out = {"images": len(self.images), "studies": len(self.studies), "skipped": len(self.skipped),
+               "abnormal_images": sum(1 for p in self.images if p.abnormal),
+               "abnormal_studies": sum(1 for s in self.studies if s.abnormal)}
+        if self.stored:
+            out["reports_stored"] = sum(1 for s in self.stored if s.stored)
+            out["reports_not_stored"] = sum(1 for s in self.stored if not s.stored)
+        return out
 
     def to_dict(self) -> dict:
-        return {"run": self.run, "study_score": self.study_score, "summary": self.summary(),
-                "images": [p.to_dict() for p in self.images],
-                "studies": [s.to_dict() for s in self.studies],
-                "skipped": [s.to_dict() for s in self.skipped]}
+        out = {"run": self.run, "study_score": self.study_score, "summary": self.summary(),
+               "images": [p.to_dict() for p in self.images],
+               "studies": [s.to_dict() for s in self.studies],
+               "skipped": [s.to_dict() for s in self.skipped]}
+        if self.stored:
+            out["stored"] = [s.to_dict() for s in self.stored]
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -290,7 +315,7 @@ def load_run_config(run: str | Path):
 def predict_paths(run: str | Path, inputs: Sequence[str | Path], progress: bool = True,
                   cache: str | Path | None = None, use_metadata_parts: bool = True,
                   batch_size: int = 256, device: str | torch.device = "cpu",
-                  limits: Mapping[str, Any] | None = None) -> PredictionReport:
+                  limits: Mapping[str, Any] | None = None, store: bool = False) -> PredictionReport:
     """Predict every image under ``inputs`` with the run folder ``run``.
 
     ``inputs``: image files, DICOM files, folders (searched recursively), MURA roots or CSV
@@ -300,8 +325,10 @@ def predict_paths(run: str | Path, inputs: Sequence[str | Path], progress: bool 
     removed afterwards). ``use_metadata_parts``: stage 2 takes the body part from the metadata
     (MURA folders, DICOM BodyPartExamined, a manifest) when there is one, else the stage-1 cluster
     name. ``limits``: input limits that replace the run's (``{"pixel_cap": N}``, keys from
-    :attr:`bonecluster.config.DataConfig.LIMITS`). Raises FileNotFoundError when ``run`` is not a
-    run folder and DataError when no image could be read.
+    :attr:`bonecluster.config.DataConfig.LIMITS`). ``store``: send each study's result back, as a
+    DICOM Structured Report (:mod:`bonecluster.structured_report`), to the DICOMweb source its films
+    came from (``.stored``; at least one input must be a ``dicomweb+`` source). Raises
+    FileNotFoundError when ``run`` is not a run folder and DataError when no image could be read.
     """
     from bonecluster.data import DataError, SkipLog, prepare
 
@@ -312,10 +339,13 @@ def predict_paths(run: str | Path, inputs: Sequence[str | Path], progress: bool 
     predictor = Predictor(run, device)
     if not inputs:
         raise DataError("no input given")
+    if store and not any(is_dicomweb(i) for i in inputs):
+        raise DataError("--store sends the results back to a DICOMweb source, and no input is one "
+                        "(dicomweb+http://HOST:PORT/dicom-web)")
     skips = SkipLog()
     names = ", ".join(str(s) for s in inputs)
     with tempfile.TemporaryDirectory(prefix="bonecluster-predict-") as tmp:
-        records = _read_inputs(inputs, skips, cfg.data, cache or tmp, progress)
+        records, origin = _read_inputs(inputs, skips, cfg.data, cache or tmp, progress)
         if not records:
             raise DataError(f"no image found in {names}{_reasons(skips)}")
         workers = 1 if len(records) < 64 else (cfg.data.workers or None)
@@ -325,9 +355,12 @@ def predict_paths(run: str | Path, inputs: Sequence[str | Path], progress: bool 
         except DataError as err:
             raise DataError(f"none of the {len(records)} image(s) in {names} could be read{_reasons(skips)}") from err
         images = _predict_chunks(predictor, data, batch_size, progress, use_metadata_parts)
-    how = cfg.stage2.study_score
-    return PredictionReport(str(run), how, images, study_predictions(images, how),
-                            [SkippedFile(s.path, s.reason) for s in skips.items])
+        how = cfg.stage2.study_score
+        report = PredictionReport(str(run), how, images, study_predictions(images, how),
+                                  [SkippedFile(s.path, s.reason) for s in skips.items])
+        if store:   # before the temporary cache, which holds the fetched films' headers, goes
+            report.stored = store_reports(report, origin, run, fetch_options(cache or tmp, cfg.data, progress))
+    return report
 
 
 def study_predictions(images: Sequence[ImagePrediction], how: str = "mean") -> list[StudyPrediction]:
@@ -347,18 +380,78 @@ def study_predictions(images: Sequence[ImagePrediction], how: str = "mean") -> l
     return out
 
 
-def _read_inputs(inputs, skips, data_cfg, cache, progress: bool) -> list:
-    """Records of every input; a missing or unreadable input is skipped, not fatal. DICOMweb
-    inputs are fetched into ``cache``."""
-    from bonecluster.data import fetch_options, read_sources
+def _read_inputs(inputs, skips, data_cfg, cache, progress: bool) -> tuple[list, dict[str, str]]:
+    """Records of every input, and for each record fetched from a DICOMweb input that input's
+    address (by path); a missing or unreadable input is skipped, not fatal. DICOMweb inputs are
+    fetched into ``cache``."""
+    from bonecluster.data import read_sources
 
-    records = read_sources(list(inputs), skips, data_cfg.reader_limits(), skip_bad_sources=True,
+    records, origin = [], {}
+    for src in inputs:
+        got = read_sources([src], skips, data_cfg.reader_limits(), skip_bad_sources=True,
                            fetch=fetch_options(cache, data_cfg, progress))
-    found = {os.path.realpath(r.path) for r in records}
+        if is_dicomweb(src):
+            origin.update({r.path: str(src) for r in got})
+        records += got
+    found: set[str] = set()
+    unique = []
+    for r in records:   # an image named by two inputs is predicted once
+        if os.path.realpath(r.path) not in found:
+            found.add(os.path.realpath(r.path))
+            unique.append(r)
+    records = unique
     for src in map(Path, inputs):  # a single file that yields no record is not an image
         if src.is_file() and src.suffix.lower() != ".csv" and os.path.realpath(src) not in found:
             skips.add(src, "not an image or DICOM file")
-    return records
+    return records, origin
+
+
+def store_reports(report: PredictionReport, origin: Mapping[str, str], run: Path, options) -> list[StoredReport]:
+    """One Structured Report per study whose films came from a DICOMweb source, stored back there
+    with STOW-RS (:func:`bonecluster.data.dicomweb.store`); a report the server refuses is listed
+    with the reason, and the others are still sent."""
+    from bonecluster import __version__
+    from bonecluster.data.dicomweb import store
+    from bonecluster.structured_report import PartResult, headers, study_report
+
+    groups: dict[tuple[str, str], list[ImagePrediction]] = {}
+    for p in report.images:
+        if p.path in origin:
+            groups.setdefault((origin[p.path], p.study or p.path), []).append(p)
+    scored = {(s.study, s.part): s for s in report.studies}
+    run_id, version = run_identity(run), f"bonecluster {__version__}"
+    out = []
+    for (source, study), films in groups.items():
+        parts = sorted({p.part or p.cluster_name or "unknown" for p in films})
+        results = []
+        for part in parts:
+            mine = [p for p in films if (p.part or p.cluster_name or "unknown") == part]
+            s = scored.get((study, part))
+            results.append(PartResult(part, len(mine), s.score if s else None, s.threshold if s else None,
+                                      s.abnormal if s else None))
+        sr = study_report([headers(p.path) for p in films], results, run_id, version)
+        reason = store(source, [sr], options)[0]
+        out.append(StoredReport(study, source, str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID), reason is None,
+                                reason))
+        if reason is not None:
+            log.warning("report for study %s not stored in %s: %s", study, source, reason)
+    return out
+
+
+def run_identity(run: str | Path) -> str:
+    """``NAME@DIGEST``: the run folder's name and a digest of its config and trained models, which
+    changes whenever the model does (written into every stored report)."""
+    import hashlib
+
+    run = Path(run)
+    digest = hashlib.sha256()
+    for path in [run / "config.yaml", *sorted(run.glob("stage*/**/" + FINAL_MODEL))]:
+        if path.is_file():
+            digest.update(path.relative_to(run).as_posix().encode())
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return f"{run.name}@{digest.hexdigest()[:16]}"
 
 
 def _predict_chunks(predictor: Predictor, data: PreparedDataset, batch_size: int, progress: bool,

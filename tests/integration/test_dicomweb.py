@@ -219,3 +219,69 @@ def test_the_throughput_benchmark_runs_and_prints_its_figures(tmp_path, capsys):
 
     figures = json.loads(out.read_text())
     assert figures["instances"] == 4 and figures["dicomweb_prepare_per_s"] > 0 and figures["folder_prepare_per_s"] > 0
+
+
+def test_predict_store_puts_one_structured_report_per_study_back_in_the_pacs(orthanc, tiny_serve_run, tmp_path,
+                                                                             capsys):
+    import json
+
+    from pydicom import dcmread
+
+    from bonecluster import __version__
+    from bonecluster.cli import main
+    from bonecluster.predict import run_identity
+    from bonecluster.structured_report import NOTICE, read_report
+    from dicomweb_client import DICOMwebClient
+
+    run, _ = tiny_serve_run
+    source = _source(orthanc.dicomweb, "?PatientID=patient003")
+    out = tmp_path / "p.json"
+    assert main(["predict", str(run), source, "--store", "--out", str(out), "--quiet",
+                 "--cache", str(tmp_path / "cache")]) == 0
+    report = json.loads(out.read_text())
+    assert report["summary"]["reports_stored"] == 2 and report["summary"]["reports_not_stored"] == 0
+    assert "stored 2 report(s) in the PACS" in capsys.readouterr().err
+    client = DICOMwebClient(orthanc.dicomweb)
+    for stored, study in zip(report["stored"], sorted({s["study"] for s in report["studies"]})):
+        assert stored["stored"] and stored["source"] == source
+        series = client.search_for_series(study_instance_uid=stored["study"])
+        modalities = sorted(s["00080060"]["Value"][0] for s in series)
+        assert modalities == ["DX", "SR"]                                    # the films' series and a new one
+        sr = client.retrieve_instance(stored["study"], stored["series_uid"], stored["sop_instance_uid"])
+        assert sr.Modality == "SR" and sr.StudyInstanceUID == stored["study"]
+        films = [p for p in report["images"] if p["study"] == stored["study"]]
+        refs = {r.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+                for r in s.ReferencedSOPSequence}
+        assert refs == {str(dcmread(p["path"], stop_before_pixels=True).SOPInstanceUID) for p in films}
+        content = read_report(sr)
+        assert content["notice"] == NOTICE and content["version"] == f"bonecluster {__version__}"
+        assert content["run_id"] == run_identity(run)
+        study_rows = [s for s in report["studies"] if s["study"] == stored["study"]]
+        for row in study_rows:
+            part = content["parts"][row["part"]]
+            assert part["n_images"] == row["n_images"] and part["flagged"] == ("yes" if row["abnormal"] else "no")
+            assert part["score"] == pytest.approx(row["score"], rel=1e-5)
+            assert part["threshold"] == pytest.approx(row["threshold"], rel=1e-5)
+        assert sr.PatientID == "patient003"
+    # the same run stores the same instances again: the PACS keeps one report per study
+    assert main(["predict", str(run), source, "--store", "--quiet"]) == 0
+    for stored in report["stored"]:
+        srs = [s for s in client.search_for_series(study_instance_uid=stored["study"])
+               if s["00080060"]["Value"][0] == "SR"]
+        assert len(srs) == 1
+
+
+def test_store_needs_a_dicomweb_input_and_reports_what_the_server_refuses(orthanc, tiny_serve_run, tmp_path):
+    from bonecluster.predict import predict_paths
+
+    run, phantoms = tiny_serve_run
+    with pytest.raises(DataError, match="no input is one"):
+        predict_paths(run, [phantoms], store=True, progress=False)
+    refuse = FaultProxy(orthanc.port, lambda m, p, n: 403 if m == "POST" else None)
+    try:
+        report = predict_paths(run, [_source(refuse.dicomweb, "?PatientID=patient004")], store=True,
+                               progress=False, cache=tmp_path)
+    finally:
+        refuse.close()
+    assert len(report.stored) == 2 and not any(s.stored for s in report.stored)
+    assert all("HTTP 403" in s.reason for s in report.stored) and len(report.images) == 2 * VIEWS

@@ -390,3 +390,22 @@ def _first(item: dict, tag: str):
 
 def _is_uid(value) -> bool:
     return isinstance(value, str) and len(value) <= 64 and bool(_UID.match(value))
+
+
+def store(source: str | DicomWebSource, datasets, options: FetchOptions,
+          client_factory: Callable | None = None) -> list[str | None]:
+    """STOW-RS each dataset to ``source``'s server (one request each, retried like a fetch);
+    returns, per dataset, None when the server stored it, else the reason it did not. Raises
+    DicomWebError only for a bad address."""
+    src = source if isinstance(source, DicomWebSource) else parse_source(source)
+    client = _client(src, options, client_factory)
+    outcomes: list[str | None] = []
+    for ds in datasets:
+        try:
+            answer = _retried(lambda: client.store_instances(datasets=[ds]), options)
+            failed = getattr(answer, "FailedSOPSequence", None) if answer is not None else None
+            outcomes.append(f"the server refused it (FailureReason {failed[0].get('FailureReason', '?')})"
+                            if failed else None)
+        except Exception as err:  # noqa: BLE001 - reported per report; the others are still stored
+            outcomes.append(_reason(err))
+    return outcomes
