@@ -145,7 +145,9 @@ def phantom_dicoms(n_studies: int, parts=("HAND", "ELBOW", "HUMERUS"), views: in
 
 # A fault for one request: None (forward it), an HTTP status (answer with it), "truncate" (send the
 # first half of the real body, then close), "garbage" (a multipart body whose part is not DICOM),
-# "hang" (say nothing until the client gives up), "drop" (close the connection without a word).
+# "cut-multipart" (the first half of a multipart body, sent with that half's length: complete at
+# the HTTP level, cut inside the multipart), "hang" (say nothing until the client gives up), "drop"
+# (close the connection without a word).
 Fault = Callable[[str, str, int], "int | str | None"]
 
 
@@ -224,6 +226,8 @@ class FaultProxy:
             boundary = content_type.split("boundary=")[-1].strip('"; ')
             body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + b"this is not DICOM"
                     + f"\r\n--{boundary}--\r\n".encode())
+        if what == "cut-multipart":
+            body = body[: len(body) // 2]
         h.send_response(reply.status)
         for key in ("Content-Type",):
             if reply.getheader(key):

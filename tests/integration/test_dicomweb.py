@@ -263,8 +263,13 @@ def test_predict_store_puts_one_structured_report_per_study_back_in_the_pacs(ort
             assert part["score"] == pytest.approx(row["score"], rel=1e-5)
             assert part["threshold"] == pytest.approx(row["threshold"], rel=1e-5)
         assert sr.PatientID == "patient003"
-    # the same run stores the same instances again: the PACS keeps one report per study
-    assert main(["predict", str(run), source, "--store", "--quiet"]) == 0
+    # the same run stores the same instances again: the PACS keeps one report per study; the
+    # reports now in the studies are not fetched as films
+    from bonecluster.predict import predict_paths
+
+    again = predict_paths(run, [source], store=True, progress=False)
+    assert len(again.images) == len(report["images"]) and not again.skipped
+    assert [s.sop_instance_uid for s in again.stored] == [s["sop_instance_uid"] for s in report["stored"]]
     for stored in report["stored"]:
         srs = [s for s in client.search_for_series(study_instance_uid=stored["study"])
                if s["00080060"]["Value"][0] == "SR"]
@@ -285,3 +290,33 @@ def test_store_needs_a_dicomweb_input_and_reports_what_the_server_refuses(orthan
         refuse.close()
     assert len(report.stored) == 2 and not any(s.stored for s in report.stored)
     assert all("HTTP 403" in s.reason for s in report.stored) and len(report.images) == 2 * VIEWS
+
+
+def test_train_and_evaluate_take_a_dicomweb_source(orthanc, tmp_path):
+    import json
+
+    from bonecluster.cli import main
+    from tests.integration.test_engine import TINY
+
+    run = tmp_path / "run"
+    sets = [a for s in TINY + ["train.epochs=1", "cluster.k=3", "data.workers=1"] for a in ("--set", s)]
+    assert main(["train", _source(orthanc.dicomweb), "--out", str(run), "--stages", "1", "--quiet", *sets]) == 0
+    data = json.loads((run / "data.json").read_text())
+    assert len(data["records"]) == N_INSTANCES
+    assert len(list((run / "cache" / "dicomweb").rglob("*.dcm"))) == N_INSTANCES
+    assert main(["evaluate", str(run), _source(orthanc.dicomweb), "--json", str(tmp_path / "m.json"), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["stage1"]["n_images"] == N_INSTANCES     # scored against BodyPartExamined
+
+
+def test_a_multipart_answer_cut_short_inside_its_length_is_skipped(orthanc, tmp_path):
+    cut = _instance_fault({6}, "cut-multipart")
+    proxy = FaultProxy(orthanc.port, cut)
+    try:
+        skips = SkipLog()
+        paths, stats = fetch(_source(proxy.dicomweb), FetchOptions(tmp_path, workers=1, progress=False, **FAST), skips)
+    finally:
+        proxy.close()
+    assert len(paths) == N_INSTANCES - 1 and stats.skipped == 1
+    assert "cut short" in skips.items[0].reason or "not a DICOM payload" in skips.items[0].reason
+    assert len(list(tmp_path.rglob("*.dcm"))) == N_INSTANCES - 1       # no cut file left to be trusted later

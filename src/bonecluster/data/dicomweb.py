@@ -59,6 +59,10 @@ _STUDY_UID, _SERIES_UID, _SOP_UID = "0020000D", "0020000E", "00080018"
 _ROWS, _COLUMNS, _FRAMES = "00280010", "00280011", "00280008"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")   # PS3.5 9.1: digits and dots, at most 64 characters
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_SOP_CLASS = "00080016"
+# SOP classes that hold no image (PS3.4 B.5): structured reports (bonecluster's own among them),
+# presentation states, encapsulated documents. A study's instances of these are not fetched.
+_NOT_IMAGES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11.", "1.2.840.10008.5.1.4.1.1.104.")
 
 
 class DicomWebError(Exception):
@@ -153,6 +157,7 @@ class FetchStats:
     downloaded: int = 0
     reused: int = 0
     skipped: int = 0
+    not_images: int = 0      # reports, presentation states, documents: left on the server
     bytes: int = 0
     seconds: float = 0.0
 
@@ -196,14 +201,15 @@ def fetch(source: str | DicomWebSource, options: FetchOptions, skips: SkipLog,
             _skip(skips, stats, src, str(uid), "the search returned a study without a valid StudyInstanceUID")
             continue
         found = _search(lambda **page: client.search_for_instances(
-            study_instance_uid=uid, fields=[_SERIES_UID, _ROWS, _COLUMNS, _FRAMES], **page), src, options,
+            study_instance_uid=uid, fields=[_SERIES_UID, _SOP_CLASS, _ROWS, _COLUMNS, _FRAMES], **page), src, options,
             f"the instances of study {uid}")
         instances += _instances(uid, found, src, skips, stats)
     stats.instances = len(instances)
     paths = _bring_all(client, instances, Path(options.mirror), src, options, skips, stats)
     stats.seconds = time.perf_counter() - started
-    log.info("DICOMweb %s: %d studies, %d instances (%d fetched, %d already here, %d skipped) in %.1f s",
-             src, stats.studies, stats.instances, stats.downloaded, stats.reused, stats.skipped, stats.seconds)
+    log.info("DICOMweb %s: %d studies, %d instances (%d fetched, %d already here, %d skipped; %d that are not "
+             "images left on the server) in %.1f s", src, stats.studies, stats.instances, stats.downloaded,
+             stats.reused, stats.skipped, stats.not_images, stats.seconds)
     return sorted(paths), stats
 
 
@@ -240,6 +246,9 @@ def _search(call: Callable, src: DicomWebSource, options: FetchOptions, what: st
 def _instances(study: str, found: list[dict], src, skips: SkipLog, stats: FetchStats) -> list[_Instance]:
     out = []
     for item in found:
+        if str(_first(item, _SOP_CLASS) or "").startswith(_NOT_IMAGES):
+            stats.not_images += 1
+            continue
         series, sop = _first(item, _SERIES_UID), _first(item, _SOP_UID)
         if not (series and sop and _is_uid(series) and _is_uid(sop)):
             _skip(skips, stats, src, f"{study}/{series}/{sop}", "the search returned an instance without valid UIDs")
@@ -324,13 +333,40 @@ def _bring(client, inst: _Instance, path: Path, options: FetchOptions) -> int:
     """WADO-RS one instance and write it to ``path`` atomically; returns its size in bytes."""
     from pydicom import dcmwrite
 
-    ds = _retried(lambda: client.retrieve_instance(inst.study, inst.series, inst.sop), options)
+    ds = _retried(lambda: _whole(client.retrieve_instance(inst.study, inst.series, inst.sop)), options)
     if str(getattr(ds, "SOPInstanceUID", "")) != inst.sop:
         raise ValueError(f"the server sent instance {getattr(ds, 'SOPInstanceUID', None)!r} instead")
     buf = io.BytesIO()
     dcmwrite(buf, ds, enforce_file_format=True)
     atomic_write_bytes(path, buf.getvalue())
     return buf.tell()
+
+
+class _CutShort(Exception):
+    """The instance arrived, but its pixel data stops before its own header says it ends."""
+
+
+def _whole(ds):
+    """``ds``, after checking that its pixel data is all there: a multipart answer cut inside its
+    HTTP length still parses, and a cut file kept in the mirror would never be fetched again."""
+    if "PixelData" not in ds:
+        return ds
+    data = ds.PixelData
+    if not ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        bits = int(ds.BitsAllocated)
+        need = (int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "SamplesPerPixel", 1)) * frames * bits + 7) // 8
+        if len(data) < need:
+            raise _CutShort(f"the instance arrived cut short ({len(data):,} of {need:,} bytes of pixel data)")
+        return ds
+    from pydicom.encaps import generate_fragments
+
+    try:
+        for _ in generate_fragments(data):
+            pass
+    except Exception as err:  # noqa: BLE001 - pydicom says why in its own words
+        raise _CutShort(f"the instance arrived cut short (its compressed pixel data: {err})") from err
+    return ds
 
 
 def _retried(call: Callable, options: FetchOptions):
@@ -346,7 +382,8 @@ def _retried(call: Callable, options: FetchOptions):
             return call()
         except (requests.ConnectionError, requests.Timeout) as err:
             last = err
-        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as err:
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError,
+                _CutShort) as err:
             last, unreachable = err, False    # the server answered, but the answer was cut short
         except requests.HTTPError as err:
             status = err.response.status_code if err.response is not None else None
@@ -372,6 +409,8 @@ def _reason(err: BaseException) -> str:
         return "cannot connect to the server (refused, reset or gone)"
     if isinstance(err, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)):
         return "the answer was cut short"
+    if isinstance(err, _CutShort):
+        return str(err)
     name = type(err).__name__
     if "InvalidDicom" in name or "multipart" in str(err).lower():
         return f"not a DICOM payload ({_redact(str(err))[:200]})"
