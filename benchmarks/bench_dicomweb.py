@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--studies", type=int, default=150)
     ap.add_argument("--size", type=int, default=512, help="the phantom films' long side in pixels")
-    ap.add_argument("--workers", type=int, default=4, help="parallel WADO-RS requests")
+    ap.add_argument("--workers", type=int, default=4,
+                    help="parallel WADO-RS requests of the fetch-only figure (prepare uses its default, 4)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     from tests.integration.orthanc import phantom_dicoms, start_orthanc

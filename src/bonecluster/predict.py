@@ -20,6 +20,7 @@ reuse), predicts in chunks and returns a :class:`PredictionReport`:
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import logging
@@ -342,6 +343,8 @@ def predict_paths(run: str | Path, inputs: Sequence[str | Path], progress: bool 
     if store and not any(is_dicomweb(i) for i in inputs):
         raise DataError("--store sends the results back to a DICOMweb source, and no input is one "
                         "(dicomweb+http://HOST:PORT/dicom-web)")
+    if store and importlib.util.find_spec("dicomweb_client") is None:   # fail before predicting, not after
+        raise DataError("--store needs dicomweb-client: pip install 'bonecluster[pacs]'")
     skips = SkipLog()
     names = ", ".join(str(s) for s in inputs)
     with tempfile.TemporaryDirectory(prefix="bonecluster-predict-") as tmp:
@@ -408,8 +411,9 @@ def _read_inputs(inputs, skips, data_cfg, cache, progress: bool) -> tuple[list, 
 
 def store_reports(report: PredictionReport, origin: Mapping[str, str], run: Path, options) -> list[StoredReport]:
     """One Structured Report per study whose films came from a DICOMweb source, stored back there
-    with STOW-RS (:func:`bonecluster.data.dicomweb.store`); a report the server refuses is listed
-    with the reason, and the others are still sent."""
+    with STOW-RS (:func:`bonecluster.data.dicomweb.store`, one client per source); a report that
+    cannot be built or that the server refuses is listed with the reason, and the others are still
+    sent."""
     from bonecluster import __version__
     from bonecluster.data.dicomweb import store
     from bonecluster.structured_report import PartResult, headers, study_report
@@ -420,7 +424,8 @@ def store_reports(report: PredictionReport, origin: Mapping[str, str], run: Path
             groups.setdefault((origin[p.path], p.study or p.path), []).append(p)
     scored = {(s.study, s.part): s for s in report.studies}
     run_id, version = run_identity(run), f"bonecluster {__version__}"
-    out = []
+    out: list[StoredReport] = []
+    reports: dict[str, list] = {}   # source -> [(study, SR)]
     for (source, study), films in groups.items():
         parts = sorted({p.part or p.cluster_name or "unknown" for p in films})
         results = []
@@ -429,12 +434,18 @@ def store_reports(report: PredictionReport, origin: Mapping[str, str], run: Path
             s = scored.get((study, part))
             results.append(PartResult(part, len(mine), s.score if s else None, s.threshold if s else None,
                                       s.abnormal if s else None))
-        sr = study_report([headers(p.path) for p in films], results, run_id, version)
-        reason = store(source, [sr], options)[0]
-        out.append(StoredReport(study, source, str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID), reason is None,
-                                reason))
-        if reason is not None:
-            log.warning("report for study %s not stored in %s: %s", study, source, reason)
+        try:
+            reports.setdefault(source, []).append((study, study_report([headers(p.path) for p in films], results,
+                                                                       run_id, version)))
+        except Exception as err:  # noqa: BLE001 - a film's header unreadable now: that study's report only
+            out.append(StoredReport(study, source, "", "", False, f"cannot build the report: {err}"))
+    for source, built in reports.items():
+        for (study, sr), reason in zip(built, store(source, [sr for _, sr in built], options)):
+            out.append(StoredReport(study, source, str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID),
+                                    reason is None, reason))
+    for item in out:
+        if not item.stored:
+            log.warning("report for study %s not stored in %s: %s", item.study, item.source, item.reason)
     return out
 
 

@@ -8,9 +8,11 @@ threshold and whether it is flagged, plus the model's run id and the software ve
 evidence sequence lists every source instance it was computed from.
 
 Concept names use a private coding scheme (``99BCL``; PS3.16 8.2: designators starting with "99"
-are local), since no standard code names an unsupervised model's score. The series and instance
-UIDs are derived from the run id and the study UID, so storing the same run's report twice sends
-the same instance (a PACS keeps one) instead of a second series.
+are local, identified in the CodingSchemeIdentificationSequence), since no standard code names an
+unsupervised model's score. The series UID is derived from the run id and the study UID, and the
+instance UID from those and the report's content (its films and results), so storing the same
+report twice sends the same instance (a PACS keeps one), and a changed result is a new instance
+in the same series.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ NOTICE = "Research use only: produced by an unsupervised model (bonecluster); no
 SERIES_NUMBER = 9701
 # Source attributes copied into the report (Patient and General Study modules; type 2: present, maybe empty).
 _PATIENT = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
+_CHARSET = "SpecificCharacterSet"   # type 1C: how the copied names are encoded
 _STUDY = ("StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
@@ -116,8 +119,11 @@ def study_report(sources: Sequence[Dataset], results: Sequence[PartResult], run_
     ds.file_meta.MediaStorageSOPClassUID = COMPREHENSIVE_SR
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = COMPREHENSIVE_SR
-    ds.SOPInstanceUID = generate_uid(entropy_srcs=["bonecluster-sr-instance", run_id, study_uid])
+    content_key = [f"{s.SeriesInstanceUID}/{s.SOPInstanceUID}" for s in sources] + [repr(r) for r in results]
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["bonecluster-sr-instance", run_id, study_uid, *content_key])
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if _CHARSET in first:
+        ds.SpecificCharacterSet = first.SpecificCharacterSet
     for keyword in _PATIENT + _STUDY:
         setattr(ds, keyword, getattr(first, keyword, "") or "")
     ds.Modality = "SR"
@@ -135,6 +141,9 @@ def study_report(sources: Sequence[Dataset], results: Sequence[PartResult], run_
     ds.ReferencedPerformedProcedureStepSequence = DicomSequence()
     ds.PerformedProcedureCodeSequence = DicomSequence()
     ds.CurrentRequestedProcedureEvidenceSequence = _evidence(sources)
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator, scheme.CodingSchemeName = SCHEME, "bonecluster local codes"
+    ds.CodingSchemeIdentificationSequence = DicomSequence([scheme])
     # the document's root container (PS3.3 C.17.3)
     ds.ValueType = "CONTAINER"
     ds.ConceptNameCodeSequence = DicomSequence([_code("RESULT", "bonecluster research result")])

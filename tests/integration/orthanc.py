@@ -77,9 +77,20 @@ class Orthanc:
                 self.process.wait()
 
 
-def start_orthanc(folder: Path, port: int | None = None) -> Orthanc:
+def start_orthanc(folder: Path, port: int | None = None, tries: int = 3) -> Orthanc:
     """Start Orthanc with its storage in ``folder`` (kept when it restarts on the same folder);
-    waits until it answers, at most 30 s."""
+    waits until it answers, at most 30 s. A free port can be taken by another process before
+    Orthanc binds it, so a start that fails is tried again on a new port."""
+    for attempt in range(tries):
+        try:
+            return _start_orthanc(folder, port if attempt == 0 else None)
+        except RuntimeError:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_orthanc(folder: Path, port: int | None) -> Orthanc:
     binary, plugin = orthanc_or_skip()
     folder.mkdir(parents=True, exist_ok=True)
     port = port or free_port()

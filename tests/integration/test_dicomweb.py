@@ -3,6 +3,8 @@ into the cache, and the faults of a bad or vanishing server, injected by a proxy
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from bonecluster.config import load_config
@@ -12,7 +14,7 @@ from tests.integration.orthanc import FaultProxy, phantom_dicoms, start_orthanc
 
 N_STUDIES, VIEWS = 12, 2
 N_INSTANCES = N_STUDIES * VIEWS
-FAST = dict(backoff=0.01, timeout=1.0)   # keep the retries of the fault tests short
+FAST = dict(backoff=0.01, timeout=2.0)   # keep the retries of the fault tests short
 
 
 @pytest.fixture(scope="module")
@@ -137,13 +139,15 @@ def test_a_server_gone_mid_run_skips_the_rest_keeps_what_came_and_the_next_run_f
         for dicom in phantom_dicoms(6, views=2, seed=1):
             server.upload(dicom)
         after = 4   # the server stops when the proxy has passed 4 instances on
+        passed, stopping = [0], []
 
-        def vanish(method, path, n, passed=[0]):
-            if "/instances/" in path:
+        def vanish(method, path, n):
+            if "/instances/" in path and not stopping:
                 passed[0] += 1
-                if passed[0] == after + 1:
-                    server.stop()
-            return None
+                if passed[0] == after + 1:   # the real server goes; from now on nothing answers
+                    stopping.append(threading.Thread(target=server.stop))
+                    stopping[0].start()
+            return "drop" if stopping else None
 
         proxy = FaultProxy(server.port, vanish)
         skips = SkipLog()
@@ -156,7 +160,8 @@ def test_a_server_gone_mid_run_skips_the_rest_keeps_what_came_and_the_next_run_f
         assert sum("not tried" in s.reason for s in skips.items) == 12 - after - 3   # gone after 3 in a row
         kept = sorted(p.name for p in (tmp_path / "mirror").rglob("*.dcm"))
         assert len(kept) == after
-        server.stop()                                      # (waits until the old process is gone)
+        stopping[0].join()
+        assert server.process.poll() is not None            # the real server is gone
         server = start_orthanc(tmp_path / "pacs")          # back, with the same storage
         paths, stats = fetch(_source(server.dicomweb), options, SkipLog())
         assert (stats.downloaded, stats.reused, len(paths)) == (12 - after, after, 12)
@@ -164,7 +169,7 @@ def test_a_server_gone_mid_run_skips_the_rest_keeps_what_came_and_the_next_run_f
         server.stop()
 
 
-def test_credentials_come_from_the_environment_and_never_from_the_address(orthanc, tmp_path, monkeypatch):
+def test_credentials_come_from_the_environment_and_never_from_the_address(orthanc, tmp_path, monkeypatch, caplog):
     seen = []
     proxy = FaultProxy(orthanc.port, lambda m, p, n: None)
     original = proxy._handle
@@ -180,6 +185,20 @@ def test_credentials_come_from_the_environment_and_never_from_the_address(orthan
     finally:
         proxy.close()
     assert seen and all(a == "Bearer s3cret-token" for a in seen)
+    # and never in what is printed or kept, even where a request fails
+    broken = FaultProxy(orthanc.port, _instance_fault({1}, 500))
+    skips = SkipLog()
+    try:
+        with caplog.at_level("DEBUG"):
+            fetch(_source(broken.dicomweb, "?PatientID=patient000"),
+                  FetchOptions(tmp_path / "again", workers=1, progress=False, **FAST), skips)
+    finally:
+        broken.close()
+    assert len(skips.items) == 1 and "s3cret" not in repr(skips.items) and "s3cret" not in caplog.text
+    monkeypatch.setenv("BONECLUSTER_DICOMWEB_TOKEN", "s3cret-token\r")
+    with pytest.raises(DataError, match="control character") as err:
+        read_sources([_source(orthanc.dicomweb)], SkipLog(), fetch=FetchOptions(tmp_path))
+    assert "s3cret" not in str(err.value)
     with pytest.raises(DataError, match="credentials do not go in the address"):
         read_sources([_source(f"http://user:pw@127.0.0.1:{orthanc.port}/dicom-web")], SkipLog(),
                      fetch=FetchOptions(tmp_path))
@@ -230,7 +249,7 @@ def test_predict_store_puts_one_structured_report_per_study_back_in_the_pacs(ort
     from bonecluster import __version__
     from bonecluster.cli import main
     from bonecluster.predict import run_identity
-    from bonecluster.structured_report import NOTICE, read_report
+    from bonecluster.structured_report import COMPREHENSIVE_SR, NOTICE, read_report
     from dicomweb_client import DICOMwebClient
 
     run, _ = tiny_serve_run
@@ -242,7 +261,8 @@ def test_predict_store_puts_one_structured_report_per_study_back_in_the_pacs(ort
     assert report["summary"]["reports_stored"] == 2 and report["summary"]["reports_not_stored"] == 0
     assert "stored 2 report(s) in the PACS" in capsys.readouterr().err
     client = DICOMwebClient(orthanc.dicomweb)
-    for stored, study in zip(report["stored"], sorted({s["study"] for s in report["studies"]})):
+    assert sorted(s["study"] for s in report["stored"]) == sorted({s["study"] for s in report["studies"]})
+    for stored in report["stored"]:
         assert stored["stored"] and stored["source"] == source
         series = client.search_for_series(study_instance_uid=stored["study"])
         modalities = sorted(s["00080060"]["Value"][0] for s in series)
@@ -268,12 +288,12 @@ def test_predict_store_puts_one_structured_report_per_study_back_in_the_pacs(ort
     from bonecluster.predict import predict_paths
 
     again = predict_paths(run, [source], store=True, progress=False)
-    assert len(again.images) == len(report["images"]) and not again.skipped
+    assert len(again.images) == len(report["images"]) and not again.skipped and all(s.stored for s in again.stored)
     assert [s.sop_instance_uid for s in again.stored] == [s["sop_instance_uid"] for s in report["stored"]]
     for stored in report["stored"]:
-        srs = [s for s in client.search_for_series(study_instance_uid=stored["study"])
-               if s["00080060"]["Value"][0] == "SR"]
-        assert len(srs) == 1
+        reports = [i for i in client.search_for_instances(study_instance_uid=stored["study"])
+                   if i["00080016"]["Value"][0] == COMPREHENSIVE_SR]
+        assert len(reports) == 1
 
 
 def test_store_needs_a_dicomweb_input_and_reports_what_the_server_refuses(orthanc, tiny_serve_run, tmp_path):

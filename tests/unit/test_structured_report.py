@@ -60,3 +60,33 @@ def test_films_of_two_studies_or_none_are_refused():
     other = dicom_dataset(np.zeros((4, 4), np.uint16), StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid())
     with pytest.raises(ValueError, match="2 studies"):
         study_report([_film(generate_uid()), other], [], "r", "v")
+
+
+# The Comprehensive SR IOD's type 1 and type 2 attributes (PS3.3 A.35.3: Patient, General Study,
+# SR Document Series, General Equipment, SR Document General and SR Document Content modules).
+TYPE_1 = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Modality", "SeriesInstanceUID", "InstanceNumber",
+          "ContentDate", "ContentTime", "CompletionFlag", "VerificationFlag", "ValueType",
+          "ConceptNameCodeSequence", "ContinuityOfContent")
+TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber", "SeriesNumber", "Manufacturer",
+          "ReferencedPerformedProcedureStepSequence", "PerformedProcedureCodeSequence")
+
+
+def test_every_required_attribute_is_there_and_the_names_keep_their_character_set():
+    film = _film(generate_uid(), SpecificCharacterSet="ISO_IR 192")
+    film.PatientName = "Müller^Zoë"
+    sr = study_report([film], [PartResult("HAND", 1, 0.3, 0.5, False)], "r", "v")
+    assert all(sr.get(k) not in (None, "") for k in TYPE_1)
+    assert all(k in sr for k in TYPE_2)
+    assert sr.ConceptNameCodeSequence[0].CodingSchemeDesignator == sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator
+    buf = io.BytesIO()
+    dcmwrite(buf, sr, enforce_file_format=True)
+    back = dcmread(io.BytesIO(buf.getvalue()))
+    assert back.SpecificCharacterSet == "ISO_IR 192" and str(back.PatientName) == "Müller^Zoë"
+
+
+def test_a_changed_result_is_a_new_instance_in_the_same_series():
+    films = [_film(generate_uid())]
+    before = study_report(films, [PartResult("HAND", 1, 0.1, 0.5, False)], "run@1", "v")
+    after = study_report(films, [PartResult("HAND", 1, 0.9, 0.5, True)], "run@1", "v")
+    assert before.SeriesInstanceUID == after.SeriesInstanceUID and before.SOPInstanceUID != after.SOPInstanceUID

@@ -41,7 +41,8 @@ def fetch_options(cache: str | Path, data_cfg, progress: bool = True):
     pixel cap (:class:`bonecluster.data.dicomweb.FetchOptions`)."""
     from bonecluster.data.dicomweb import MIRROR, FetchOptions
 
-    return FetchOptions(mirror=Path(cache) / MIRROR, pixel_cap=data_cfg.pixel_cap, progress=progress)
+    return FetchOptions(mirror=Path(cache) / MIRROR, pixel_cap=data_cfg.pixel_cap, max_frames=data_cfg.max_frames,
+                        progress=progress)
 
 
 def write_skipped_csv(path: str | Path, skips: SkipLog) -> Path:

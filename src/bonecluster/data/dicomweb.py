@@ -18,7 +18,8 @@ BodyPartExamined from the DICOM headers), and the decode-once cache decodes them
 
 Faults: a timeout, a dropped connection, an answer cut short or a 408 / 429 / 5xx answer is retried with exponential
 backoff (``attempts`` tries in all); an instance that still fails, a payload that is not DICOM,
-an instance over the pixel cap (from the search's Rows x Columns, before any download) or a UID
+an instance over the pixel cap or the frame limit (from the search's Rows, Columns and frames,
+before any download) or a UID
 that is not a UID is skipped and reported like a bad file, and the run goes on. After
 ``give_up_after`` instances in a row fail to connect, the server is taken for gone and the rest
 are skipped at once rather than each waiting out its retries. A search that fails outright makes
@@ -57,7 +58,7 @@ MIRROR = "dicomweb"   # the mirror folder's name inside a cache
 # DICOM JSON tags (PS3.18 F.2) read from the search results.
 _STUDY_UID, _SERIES_UID, _SOP_UID = "0020000D", "0020000E", "00080018"
 _ROWS, _COLUMNS, _FRAMES = "00280010", "00280011", "00280008"
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")   # PS3.5 9.1: digits and dots, at most 64 characters
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")   # PS3.5 9.1: digits and dots, at most 64 characters (fullmatch)
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _SOP_CLASS = "00080016"
 # SOP classes that hold no image (PS3.4 B.5): structured reports (bonecluster's own among them),
@@ -122,6 +123,11 @@ def session_from_env(env: Mapping[str, str] | None = None):
     env = os.environ if env is None else env
     session = requests.Session()
     token, user, password = env.get(TOKEN_ENV), env.get(USER_ENV), env.get(PASSWORD_ENV)
+    for name, value in ((TOKEN_ENV, token), (USER_ENV, user), (PASSWORD_ENV, password)):
+        if value and (value != value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+            # requests would refuse the header and quote it, secret included, in its error
+            raise DicomWebError(f"{name} has white space or a control character at an end or inside; "
+                                "set it to the bare value")
     if token:
         session.headers["Authorization"] = f"Bearer {token}"
     elif user or password:
@@ -134,8 +140,9 @@ def session_from_env(env: Mapping[str, str] | None = None):
 @dataclass(frozen=True)
 class FetchOptions:
     """How a DICOMweb source is fetched. ``mirror``: the folder the instances go to (a run's
-    ``cache/dicomweb``); ``pixel_cap``: instances whose Rows x Columns exceed it are skipped before
-    download (the cache's decompression-bomb guard, ``data.pixel_cap``)."""
+    ``cache/dicomweb``); ``pixel_cap``, ``max_frames``: instances whose Rows x Columns or number of
+    frames exceed them, by the search's own figures, are skipped before download (the cache's
+    limits, ``data.pixel_cap`` and ``data.max_frames``, which the cache checks again on the file)."""
 
     mirror: Path
     workers: int = 4
@@ -145,6 +152,7 @@ class FetchOptions:
     give_up_after: int = 8     # instances in a row that cannot reach the server: it is gone
     page: int = 500            # search results asked for per request
     pixel_cap: int = 64_000_000
+    max_frames: int = 16
     progress: bool = True
 
 
@@ -171,7 +179,6 @@ class _Instance:
     study: str
     series: str
     sop: str
-    pixels: int | None   # Rows x Columns x frames from the search, when it says
 
     @property
     def label(self) -> str:
@@ -191,19 +198,26 @@ def fetch(source: str | DicomWebSource, options: FetchOptions, skips: SkipLog,
     started = time.perf_counter()
     client = _client(src, options, client_factory)
     stats = FetchStats()
-    studies = _search(lambda **page: client.search_for_studies(search_filters=dict(src.filters), **page),
-                      src, options, "studies")
+    try:
+        studies = _search(lambda **page: client.search_for_studies(search_filters=dict(src.filters), **page),
+                          options, _STUDY_UID)
+    except Exception as err:  # noqa: BLE001 - whatever the transport raised, named for the user
+        raise DicomWebError(f"{src}: cannot search studies: {_reason(err)}") from err
     stats.studies = len(studies)
     instances = []
     for study in studies:
         uid = _first(study, _STUDY_UID)
-        if uid is None or not _is_uid(uid):
-            _skip(skips, stats, src, str(uid), "the search returned a study without a valid StudyInstanceUID")
+        if not _is_uid(uid):
+            _skip(skips, stats, src, _shown(uid), "the search returned a study without a valid StudyInstanceUID")
             continue
-        found = _search(lambda **page: client.search_for_instances(
-            study_instance_uid=uid, fields=[_SERIES_UID, _SOP_CLASS, _ROWS, _COLUMNS, _FRAMES], **page), src, options,
-            f"the instances of study {uid}")
-        instances += _instances(uid, found, src, skips, stats)
+        try:   # one study that cannot be searched (gone since, a 5xx) is skipped, not the source
+            found = _search(lambda **page: client.search_for_instances(
+                study_instance_uid=uid, fields=[_SERIES_UID, _SOP_CLASS, _ROWS, _COLUMNS, _FRAMES], **page),
+                options, _SOP_UID)
+        except Exception as err:  # noqa: BLE001
+            _skip(skips, stats, src, uid, f"cannot search the study's instances: {_reason(err)}")
+            continue
+        instances += _instances(uid, found, src, skips, stats, options)
     stats.instances = len(instances)
     paths = _bring_all(client, instances, Path(options.mirror), src, options, skips, stats)
     stats.seconds = time.perf_counter() - started
@@ -230,33 +244,62 @@ def _client(src: DicomWebSource, options: FetchOptions, factory: Callable | None
     return client
 
 
-def _search(call: Callable, src: DicomWebSource, options: FetchOptions, what: str) -> list[dict]:
-    """Every result of a QIDO-RS search, ``options.page`` at a time; retried like a download."""
+def _search(call: Callable, options: FetchOptions, key: str) -> list[dict]:
+    """Every result of a QIDO-RS search, ``options.page`` at a time, retried like a download, until
+    an empty page (a server may cap its pages below what was asked). A server that ignores the
+    limit (a page larger than asked) or the offset (a page with no new ``key`` UID) has sent all
+    it will. Items that are not JSON objects are dropped."""
     results: list[dict] = []
+    seen: set = set()
     while True:
-        try:
-            page = _retried(lambda: call(limit=options.page, offset=len(results)), options)
-        except Exception as err:  # noqa: BLE001 - whatever the transport raised, named for the user
-            raise DicomWebError(f"{src}: cannot search {what}: {_reason(err)}") from err
-        results += page or []
-        if not page or len(page) < options.page:
+        page = _retried(lambda: call(limit=options.page, offset=len(results)), options) or []
+        items = [item for item in page if isinstance(item, dict)]
+        new = [item for item in items if _first(item, key) not in seen]
+        seen.update(_first(item, key) for item in new)
+        results += new
+        if not new or len(page) > options.page:
             return results
 
 
-def _instances(study: str, found: list[dict], src, skips: SkipLog, stats: FetchStats) -> list[_Instance]:
+def _instances(study: str, found: list[dict], src, skips: SkipLog, stats: FetchStats,
+               options: FetchOptions) -> list[_Instance]:
+    """The study's image instances to fetch; the rest are counted (not images) or skipped (bad
+    UIDs; over the pixel cap or the frame limit by the search's own Rows, Columns and frames)."""
     out = []
     for item in found:
         if str(_first(item, _SOP_CLASS) or "").startswith(_NOT_IMAGES):
             stats.not_images += 1
             continue
         series, sop = _first(item, _SERIES_UID), _first(item, _SOP_UID)
-        if not (series and sop and _is_uid(series) and _is_uid(sop)):
-            _skip(skips, stats, src, f"{study}/{series}/{sop}", "the search returned an instance without valid UIDs")
+        if not (_is_uid(series) and _is_uid(sop)):
+            _skip(skips, stats, src, f"{study}/{_shown(series)}/{_shown(sop)}",
+                  "the search returned an instance without valid UIDs")
             continue
-        rows, cols = _first(item, _ROWS), _first(item, _COLUMNS)
-        pixels = int(rows) * int(cols) * int(_first(item, _FRAMES) or 1) if rows and cols else None
-        out.append(_Instance(study, series, sop, pixels))
+        inst = _Instance(study, series, sop)
+        rows, cols, frames = (_count(_first(item, tag)) for tag in (_ROWS, _COLUMNS, _FRAMES))
+        if rows and cols and rows * cols > options.pixel_cap:
+            _skip(skips, stats, src, inst.label, f"{rows} x {cols} = {rows * cols:,} pixels, over the pixel cap "
+                  f"of {options.pixel_cap:,} (--max-pixels); not downloaded")
+        elif frames and frames > options.max_frames:
+            _skip(skips, stats, src, inst.label, f"{frames} frames, over the limit of {options.max_frames} "
+                  "(--max-frames); not downloaded")
+        else:
+            out.append(inst)
     return out
+
+
+def _count(value) -> int | None:
+    """A positive whole number from a search result (Rows, Columns, NumberOfFrames), else None."""
+    try:
+        number = int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+def _shown(value) -> str:
+    """A value from the server, safe to print in one line of a report."""
+    return repr(value)[:80] if not isinstance(value, str) or not value.isprintable() else value[:80]
 
 
 def _bring_all(client, instances: list[_Instance], folder: Path, src, options: FetchOptions,
@@ -270,9 +313,6 @@ def _bring_all(client, instances: list[_Instance], folder: Path, src, options: F
         if path.is_file():
             paths.append(path)
             stats.reused += 1
-        elif inst.pixels is not None and inst.pixels > options.pixel_cap:
-            _skip(skips, stats, src, inst.label, f"{inst.pixels:,} pixels, over the pixel cap of "
-                  f"{options.pixel_cap:,} (--max-pixels); not downloaded")
         else:
             todo.append((inst, path))
     gone = _Gone(options.give_up_after)
@@ -301,8 +341,15 @@ def _bring_all(client, instances: list[_Instance], folder: Path, src, options: F
             bar.update(1)
 
     with tqdm(total=len(todo), desc="DICOMweb", unit="inst", disable=not options.progress or not todo,
-              dynamic_ncols=True) as bar, ThreadPoolExecutor(max_workers=options.workers) as pool:
-        list(pool.map(bring, todo))
+              dynamic_ncols=True) as bar:
+        pool = ThreadPoolExecutor(max_workers=options.workers)
+        try:
+            for future in [pool.submit(bring, job) for job in todo]:
+                future.result()
+        except BaseException:   # Ctrl-C: drop the queued fetches; finished files stay
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
     return paths
 
 
@@ -349,8 +396,8 @@ class _CutShort(Exception):
 def _whole(ds):
     """``ds``, after checking that its pixel data is all there: a multipart answer cut inside its
     HTTP length still parses, and a cut file kept in the mirror would never be fetched again."""
-    if "PixelData" not in ds:
-        return ds
+    if "PixelData" not in ds:   # only image instances are fetched: no pixels means cut before them
+        raise _CutShort("the instance arrived without pixel data (cut short, or not an image)")
     data = ds.PixelData
     if not ds.file_meta.TransferSyntaxUID.is_encapsulated:
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
@@ -380,6 +427,8 @@ def _retried(call: Callable, options: FetchOptions):
             time.sleep(options.backoff * 2 ** (attempt - 1))
         try:
             return call()
+        except requests.exceptions.SSLError:
+            raise    # trying again will not fix a certificate
         except (requests.ConnectionError, requests.Timeout) as err:
             last = err
         except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError,
@@ -395,6 +444,15 @@ def _retried(call: Callable, options: FetchOptions):
     raise last
 
 
+def _scrub(text: str) -> str:
+    """``text`` without the credentials of the environment, should a library have quoted them."""
+    for name in (TOKEN_ENV, USER_ENV, PASSWORD_ENV):
+        secret = os.environ.get(name)
+        if secret and len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return _redact(text)
+
+
 def _reason(err: BaseException) -> str:
     """A short, credential-free reason for a skipped instance or a failed search."""
     import requests
@@ -403,6 +461,8 @@ def _reason(err: BaseException) -> str:
         return str(err)
     if isinstance(err, requests.HTTPError) and err.response is not None:
         return f"HTTP {err.response.status_code} {err.response.reason or ''}".strip()
+    if isinstance(err, requests.exceptions.SSLError):
+        return "TLS error (certificate or protocol); check the https address and the server's certificate"
     if isinstance(err, requests.Timeout):
         return "timed out"
     if isinstance(err, requests.ConnectionError):
@@ -413,8 +473,8 @@ def _reason(err: BaseException) -> str:
         return str(err)
     name = type(err).__name__
     if "InvalidDicom" in name or "multipart" in str(err).lower():
-        return f"not a DICOM payload ({_redact(str(err))[:200]})"
-    return f"{name}: {_redact(str(err))[:200]}"
+        return f"not a DICOM payload ({_scrub(str(err))[:200]})"
+    return f"{name}: {_scrub(str(err))[:200]}"
 
 
 def _skip(skips: SkipLog, stats: FetchStats, src: DicomWebSource, what: str, reason: str) -> None:
@@ -422,29 +482,41 @@ def _skip(skips: SkipLog, stats: FetchStats, src: DicomWebSource, what: str, rea
     stats.skipped += 1
 
 
-def _first(item: dict, tag: str):
-    value = (item.get(tag) or {}).get("Value") or [None]
-    return value[0]
+def _first(item, tag: str):
+    """The first value of ``tag`` in a DICOM JSON object (PS3.18 F.2), or None for anything else."""
+    entry = item.get(tag) if isinstance(item, dict) else None
+    values = entry.get("Value") if isinstance(entry, dict) else None
+    return values[0] if isinstance(values, list) and values else None
 
 
 def _is_uid(value) -> bool:
-    return isinstance(value, str) and len(value) <= 64 and bool(_UID.match(value))
+    return isinstance(value, str) and len(value) <= 64 and _UID.fullmatch(value) is not None
 
 
 def store(source: str | DicomWebSource, datasets, options: FetchOptions,
           client_factory: Callable | None = None) -> list[str | None]:
-    """STOW-RS each dataset to ``source``'s server (one request each, retried like a fetch);
-    returns, per dataset, None when the server stored it, else the reason it did not. Raises
-    DicomWebError only for a bad address."""
+    """STOW-RS each dataset to ``source``'s server (one request each, one client, retried like a
+    fetch); returns, per dataset, None when the server stored it, else the reason it did not.
+    After ``options.give_up_after`` datasets in a row that cannot reach the server, the rest are
+    not tried. Raises DicomWebError only for a bad address or a missing dicomweb-client."""
     src = source if isinstance(source, DicomWebSource) else parse_source(source)
     client = _client(src, options, client_factory)
+    gone = _Gone(options.give_up_after)
     outcomes: list[str | None] = []
     for ds in datasets:
+        if gone.yes:
+            outcomes.append("the server was unreachable for the reports before it; not tried")
+            continue
         try:
             answer = _retried(lambda: client.store_instances(datasets=[ds]), options)
+            gone.reached()
             failed = getattr(answer, "FailedSOPSequence", None) if answer is not None else None
             outcomes.append(f"the server refused it (FailureReason {failed[0].get('FailureReason', '?')})"
                             if failed else None)
+        except _Unreachable as err:
+            gone.missed()
+            outcomes.append(str(err))
         except Exception as err:  # noqa: BLE001 - reported per report; the others are still stored
+            gone.reached()
             outcomes.append(_reason(err))
     return outcomes
