@@ -57,6 +57,10 @@ def test_qido_filters_choose_the_studies(orthanc, tmp_path):
     assert stats.studies == 2 and len(paths) == 2 * VIEWS and not skips.items
     paths, stats = fetch(_source(orthanc.dicomweb, "?StudyDate=19990101"), options, skips)
     assert stats.studies == 0 and paths == []
+    _, stats = fetch(_source(orthanc.dicomweb, "?ModalitiesInStudy=CR,DX&StudyDate=20250101-20251231"), options, skips)
+    assert stats.studies == N_STUDIES                                  # the example filter
+    _, stats = fetch(_source(orthanc.dicomweb, "?ModalitiesInStudy=CR"), options, skips)
+    assert stats.studies == 0
 
 
 def test_the_search_pages_through_every_study(orthanc, tmp_path):
