@@ -11,7 +11,7 @@ from tests.integration.test_engine import TINY
 
 def test_accuracy_named_for_each_k_and_m_beside_the_references(tmp_path, single_torch_thread):
     data = _stand_in(tmp_path)
-    sets = [a for s in TINY + ["train.epochs=1", "selfsup.epochs=1", "cluster.n_init=1"] for a in ("--set", s)]
+    sets = [a for s in TINY + ["train.epochs=1", "selfsup.epochs=1", "cluster.n_init=1", "model.weights=none"] for a in ("--set", s)]
     out = tmp_path / "result.json"
     result = load_benchmark("bench_naming").main(["--data", str(data), "--work", str(tmp_path / "work"),
                                                   "--k", "4", "9", "--m", "1", "3", "--restarts", "2",

@@ -18,7 +18,7 @@ SPACES = ("embedding", "pooled", "pooled-mahalanobis", "pooled-mahalanobis-cv", 
 
 def test_both_settings_report_flagged_shares_and_the_auroc(tmp_path, single_torch_thread):
     data = _stand_in(tmp_path)   # its fracatlas calls HUMERUS films "leg", and has no hip
-    tiny = TINY + ["train.epochs=1", "selfsup.epochs=1", "cluster.n_init=1"]
+    tiny = TINY + ["train.epochs=1", "selfsup.epochs=1", "cluster.n_init=1", "model.weights=none"]
     sets = [a for s in tiny for a in ("--set", s)]
     phantom_sets = [a for s in tiny for a in ("--phantom-set", s)]
     out = tmp_path / "result.json"
