@@ -297,7 +297,8 @@ def _print_stage1(s: dict) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="score a run against labelled data (metrics.json)")
     p.add_argument("run", help="run folder")
-    p.add_argument("data", nargs="+", help="labelled data: MURA root or CSV manifest")
+    p.add_argument("data", nargs="+", help="labelled data: MURA root or CSV manifest (or a DICOMweb source: "
+                                           "body parts from BodyPartExamined)")
     p.add_argument("--json", help="where to write the metrics (default RUN/metrics.json)")
     p.add_argument("--report", metavar="DIR", help="also write DIR/report.html (self-contained, opens offline)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -375,7 +375,9 @@ class PhantomPretrainConfig:
     whole_arm: float = 0.0
     # Share of films with extra burned-in annotations (data.phantoms.add_annotations): a side marker
     # as a bright square tag or ring, lines of small text, a ruler along one edge; 0 draws only the
-    # plain side and view letters that every phantom carries.
+    # plain side and view letters that every phantom carries. 0.3 failed rule AN (2026-12-06,
+    # docs/RESULTS.md): phantoms alone, two pre-training seeds, the mean over the three real-film
+    # evaluations 0.499 -> 0.511, under the +0.03 bar.
     annotations: float = 0.0
 
 

@@ -127,7 +127,7 @@ def name_clusters(run: str | Path, labelled: Sequence[str | Path], per_cluster: 
     ``RUN/stage1/naming.json``, and returns the audit. ``evaluation``: the data the names will be
     scored on; ``labelled`` sharing a file or a study with it is refused (ValueError).
     """
-    from bonecluster.data import ReaderLimits, SkipLog, prepare_sources, read_sources
+    from bonecluster.data import ReaderLimits, SkipLog, fetch_options, prepare_sources, read_sources
     from bonecluster.predict import Predictor, check_run, load_run_config
 
     run = check_run(run)
@@ -136,12 +136,13 @@ def name_clusters(run: str | Path, labelled: Sequence[str | Path], per_cluster: 
         raise FileNotFoundError(f"{run}: no stage-1 clusters to name (train stage 1 first)")
     cfg = load_run_config(run)
     sources = [str(s) for s in labelled]
-    if evaluation:
-        limits = ReaderLimits(cfg.data.max_csv_row_chars)
-        check_no_overlap(read_sources(sources, SkipLog(), limits), read_sources([str(e) for e in evaluation],
-                         SkipLog(), limits), ", ".join(sources), ", ".join(map(str, evaluation)))
     predictor = Predictor(run)
     with tempfile.TemporaryDirectory(prefix="bonecluster-name-") as tmp:
+        if evaluation:   # DICOMweb sources among them are fetched into the same cache as the films named
+            limits, fetch = ReaderLimits(cfg.data.max_csv_row_chars), fetch_options(cache or tmp, cfg.data, progress)
+            check_no_overlap(read_sources(sources, SkipLog(), limits, fetch=fetch),
+                             read_sources([str(e) for e in evaluation], SkipLog(), limits, fetch=fetch),
+                             ", ".join(sources), ", ".join(map(str, evaluation)))
         data = prepare_sources(sources, cfg.data, cache=cache or tmp, progress=progress)
         clusters, _, embeddings = predictor.stage1_assignments(data)
     centroids = predictor.stage1.centroids.float().numpy()
