@@ -122,15 +122,21 @@ def test_a_passing_fault_is_retried_and_a_lasting_one_skips_only_its_instance(or
     assert not list(tmp_path.rglob("*.tmp"))                       # nothing half-written
 
 
-def test_a_payload_that_is_not_dicom_is_skipped_and_not_retried(orthanc, tmp_path):
-    tries = []
-    garbage = _instance_fault({4}, "garbage")
-    proxy = FaultProxy(orthanc.port, lambda m, p, n: tries.append(p) or garbage(m, p, n))
+def _fetch_through(orthanc, fault, tmp_path):
+    """One fetch of the whole server through a FaultProxy with ``fault``, one instance at a time."""
+    proxy = FaultProxy(orthanc.port, fault)
     try:
         skips = SkipLog()
         paths, stats = fetch(_source(proxy.dicomweb), FetchOptions(tmp_path, workers=1, progress=False, **FAST), skips)
     finally:
         proxy.close()
+    return paths, stats, skips
+
+
+def test_a_payload_that_is_not_dicom_is_skipped_and_not_retried(orthanc, tmp_path):
+    tries = []
+    garbage = _instance_fault({4}, "garbage")
+    paths, stats, skips = _fetch_through(orthanc, lambda m, p, n: tries.append(p) or garbage(m, p, n), tmp_path)
     assert len(paths) == N_INSTANCES - 1 and stats.skipped == 1
     assert "not a DICOM payload" in skips.items[0].reason or "InvalidDicom" in skips.items[0].reason
     assert len(tries) == len(set(tries))                             # one try each
@@ -334,13 +340,7 @@ def test_train_and_evaluate_take_a_dicomweb_source(orthanc, tmp_path):
 
 
 def test_a_multipart_answer_cut_short_inside_its_length_is_skipped(orthanc, tmp_path):
-    cut = _instance_fault({6}, "cut-multipart")
-    proxy = FaultProxy(orthanc.port, cut)
-    try:
-        skips = SkipLog()
-        paths, stats = fetch(_source(proxy.dicomweb), FetchOptions(tmp_path, workers=1, progress=False, **FAST), skips)
-    finally:
-        proxy.close()
+    paths, stats, skips = _fetch_through(orthanc, _instance_fault({6}, "cut-multipart"), tmp_path)
     assert len(paths) == N_INSTANCES - 1 and stats.skipped == 1
     assert "cut short" in skips.items[0].reason or "not a DICOM payload" in skips.items[0].reason
     assert len(list(tmp_path.rglob("*.dcm"))) == N_INSTANCES - 1       # no cut file left to be trusted later
