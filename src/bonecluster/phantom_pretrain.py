@@ -16,8 +16,10 @@ and writes the file's path into the run's resolved config.
 
 Loss: the sum of one cross-entropy per task in ``phantoms.tasks`` (part: 7 classes, view: 4,
 finding: normal + 4), each from its own linear head on the pooled backbone features; the heads
-are thrown away. Views are augmented with ``train.augment`` (crops, turns, flips, exposure,
-shutters), as the clustering rounds are.
+are saved beside the backbone (:func:`load_task_heads`), and the finding head's ``1 - p(normal)``
+on real films is a label-free abnormality score (:func:`phantom_abnormality`). Views are
+augmented with ``train.augment`` (crops, turns, flips, exposure, shutters), as the clustering
+rounds are.
 """
 
 from __future__ import annotations
@@ -249,7 +251,7 @@ def pretrain_on_phantoms(cfg: Config, out: str | Path, progress: bool = True) ->
         history.append(row)
         log.info("phantom pre-training %s", row)
     seconds = time.perf_counter() - t0
-    _save(model, out, {"version": PRETRAIN_VERSION, "phantoms": asdict(p), "model": _model_settings(cfg),
+    _save(model, heads, out, {"version": PRETRAIN_VERSION, "phantoms": asdict(p), "model": _model_settings(cfg),
                        "data": _data_settings(cfg.data), "augment": asdict(cfg.train.augment), "seed": cfg.seed,
                        "device": str(device), "seconds": round(seconds, 1), "history": history})
     return PretrainResult(out, seconds, history)
@@ -283,25 +285,68 @@ def _train_epoch(model, heads, corpus, tasks, opt, sched, augment, generator, de
 
 
 @torch.no_grad()
+def task_probabilities(model: DeepClusterNet, heads: TaskHeads, images: np.ndarray, device: torch.device,
+                       batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Each head's class probabilities for films prepared as in pre-training (no augmentation,
+    eval-mode BN): uint8 ``(N, S, S)`` -> {task: float32 ``(N, classes)``}, classes in
+    :data:`TASK_CLASSES` order."""
+    model.eval()
+    heads.eval()
+    out: dict[str, list[np.ndarray]] = {t: [] for t in heads.heads}
+    for s in range(0, len(images), batch_size):
+        x = uint8_to_unit_float(torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size]))).to(device)
+        for t, logits in heads(model.features(x)).items():
+            out[t].append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    return {t: np.concatenate(p) if p else np.zeros((0, len(TASK_CLASSES[t])), np.float32) for t, p in out.items()}
+
+
 def task_accuracy(model: DeepClusterNet, heads: TaskHeads, corpus: PhantomCorpus, tasks, device,
                   batch_size: int = 256) -> dict[str, float]:
     """Share of ``corpus`` films whose label each head predicts (no augmentation, eval-mode BN)."""
-    model.eval()
-    heads.eval()
-    hits = {t: 0 for t in tasks}
-    for s in range(0, len(corpus), batch_size):
-        x = uint8_to_unit_float(torch.from_numpy(corpus.images[s:s + batch_size])).to(device)
-        logits = heads(model.features(x))
-        for t in tasks:
-            hits[t] += int((logits[t].argmax(1).cpu().numpy() == corpus.labels[t][s:s + batch_size]).sum())
-    return {t: hits[t] / len(corpus) for t in tasks}
+    probabilities = task_probabilities(model, heads, corpus.images, device, batch_size)
+    return {t: float((probabilities[t].argmax(1) == corpus.labels[t]).mean()) for t in tasks}
 
 
-def _save(model: DeepClusterNet, out: Path, meta: dict) -> None:
+def phantom_abnormality(probabilities: dict[str, np.ndarray]) -> np.ndarray:
+    """The finding head's probability of *any* finding, ``1 - p(normal)``: ``(N,)``.
+
+    A label-free abnormality score for real films: the head learnt fractures, plates, lesions and
+    dislocations on phantoms only, so no real label shapes it.
+    """
+    if "finding" not in probabilities:
+        raise ValueError("these phantom weights were pre-trained without the 'finding' task (phantoms.tasks)")
+    return 1.0 - probabilities["finding"][:, 0]
+
+
+def load_task_heads(path: str | Path) -> TaskHeads:
+    """The task heads saved beside the backbone in a ``pretrain-phantoms`` weights file."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # missing file, pickle / zip errors carry no file name
+        raise ValueError(f"could not read phantom weights file {str(path)!r}: {err}") from err
+    state = obj.get("heads") if isinstance(obj, dict) else None
+    if not state:
+        raise ValueError(f"phantom weights file {str(path)!r} holds no task heads: it was written before they were "
+                         f"kept (2026-12-06) or by something else; run `bonecluster pretrain-phantoms` again")
+    tasks = tuple(t for t in TASK_CLASSES if f"heads.{t}.weight" in state)
+    if not tasks:
+        raise ValueError(f"phantom weights file {str(path)!r}: its heads name no task of {', '.join(TASK_CLASSES)}")
+    heads = TaskHeads(int(state[f"heads.{tasks[0]}.weight"].shape[1]), tasks)
+    try:
+        heads.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"phantom weights file {str(path)!r}: its task heads do not fit ({err})") from err
+    return heads.eval()
+
+
+def _save(model: DeepClusterNet, heads: TaskHeads, out: Path, meta: dict) -> None:
+    """Backbone (what ``model.weights`` reads) and the task heads (:func:`load_task_heads`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {f"backbone.{k}": v.detach().cpu() for k, v in model.backbone.state_dict().items()}
+    head_state = {k: v.detach().cpu() for k, v in heads.state_dict().items()}
     tmp = out.with_name(out.name + ".tmp")
-    torch.save({"model": state}, tmp)
+    torch.save({"model": state, "heads": head_state}, tmp)
     os.replace(tmp, out)
     atomic_write_text(out.with_name(out.name + ".json"), json.dumps(meta, indent=2))
 

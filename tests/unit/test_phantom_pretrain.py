@@ -13,8 +13,9 @@ from bonecluster.config import load_config
 from bonecluster.data.decode import fit_to_square, scale_percentiles
 from bonecluster.data.phantoms import FINDINGS, VIEWS, render_labelled
 from bonecluster.models import build_model
-from bonecluster.phantom_pretrain import (TASK_CLASSES, cached_phantom_weights, pretrain_on_phantoms,
-                                          render_corpus, weights_key)
+from bonecluster.phantom_pretrain import (TASK_CLASSES, TaskHeads, cached_phantom_weights, film_options,
+                                          load_task_heads, phantom_abnormality, pretrain_on_phantoms,
+                                          render_corpus, task_accuracy, task_probabilities, weights_key)
 
 TINY = ["data.size=32", "data.fit=letterbox", "phantoms.films=64", "phantoms.epochs=1", "phantoms.batch_size=16",
         "phantoms.validation_films=16", "train.device=cpu"]
@@ -79,6 +80,51 @@ def test_pretraining_learns_the_part_of_phantoms_it_never_saw(tmp_path):
     history = pretrain_on_phantoms(cfg, tmp_path / "w.pt", progress=False).history
     assert history[-1]["valid_part_accuracy"] > 0.3, history
     assert history[-1]["loss"] < history[0]["loss"], history
+
+
+def test_the_saved_task_heads_give_back_the_probabilities_and_accuracy_of_pre_training(tmp_path):
+    cfg = load_config("cpu", overrides=TINY)
+    result = pretrain_on_phantoms(cfg, tmp_path / "w.pt", progress=False)
+    model = build_model(cfg.model, weights=str(result.weights))
+    heads = load_task_heads(result.weights)
+    assert tuple(heads.heads) == ("part", "view", "finding")
+    corpus = render_corpus(16, cfg.data, seed=cfg.seed, first=cfg.phantoms.films, workers=1,   # the validation films
+                           **film_options(cfg.phantoms))
+    probabilities = task_probabilities(model, heads, corpus.images, torch.device("cpu"), batch_size=5)
+    for task, p in probabilities.items():
+        assert p.shape == (16, len(TASK_CLASSES[task])) and np.allclose(p.sum(1), 1, atol=1e-5)
+    # the heads are the trained ones: the accuracy they give is the one pre-training wrote down
+    accuracy = task_accuracy(model, heads, corpus, heads.heads, torch.device("cpu"))
+    last = result.history[-1]
+    assert all(accuracy[t] == pytest.approx(last[f"valid_{t}_accuracy"], abs=1e-4) for t in accuracy)
+    score = phantom_abnormality(probabilities)
+    assert np.allclose(score, 1 - probabilities["finding"][:, 0]) and ((0 <= score) & (score <= 1)).all()
+
+
+def test_task_probabilities_follow_the_heads_on_every_batch_split():
+    torch.manual_seed(0)
+    model = build_model(load_config("cpu", overrides=["data.size=32"]).model)
+    heads = TaskHeads(model.feature_dim, ("finding",))
+    images = np.random.default_rng(0).integers(0, 256, (7, 32, 32), dtype=np.uint8)
+    whole = task_probabilities(model, heads, images, torch.device("cpu"), batch_size=7)["finding"]
+    split = task_probabilities(model, heads, images, torch.device("cpu"), batch_size=3)["finding"]
+    assert np.allclose(whole, split, atol=1e-5)
+    assert task_probabilities(model, heads, images[:0], torch.device("cpu"))["finding"].shape == (0, 5)
+    with pytest.raises(ValueError, match="without the 'finding' task"):
+        phantom_abnormality({"part": whole})
+
+
+def test_a_weights_file_without_heads_is_refused_by_name(tmp_path):
+    plain = tmp_path / "plain.pt"
+    torch.save({"model": {"backbone.conv1.weight": torch.zeros(1)}}, plain)
+    with pytest.raises(ValueError, match="plain.pt.*holds no task heads"):
+        load_task_heads(plain)
+    with pytest.raises(ValueError, match="missing.pt"):
+        load_task_heads(tmp_path / "missing.pt")
+    odd = tmp_path / "odd.pt"
+    torch.save({"heads": {"heads.finding.weight": torch.zeros(3, 8), "heads.finding.bias": torch.zeros(3)}}, odd)
+    with pytest.raises(ValueError, match="odd.pt.*do not fit"):
+        load_task_heads(odd)
 
 
 def test_unknown_tasks_are_refused(tmp_path):
