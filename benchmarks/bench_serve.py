@@ -79,7 +79,7 @@ EXPECTED = {"upload": {200}, "large": {200}, "oversize": {413}, "garbage": {415,
 # the tiny run the tests train (tests/integration/conftest.py): seconds on a laptop CPU
 TINY_SETS = ["data.size=32", "train.batch_size=16", "train.feature_batch_size=64", "cluster.pca_dim=16",
              "cluster.backend=torch", "train.lr=0.01", "train.epochs=2", "stage2.k=2", "stage2.epochs=1",
-             "stage2.min_images=4", "data.workers=1"]
+             "stage2.min_images=4", "data.workers=1", "stage2.weights=same"]
 PREDICTION_FIELDS = ("id", "path", "cluster", "cluster_name", "confidence", "part", "score", "threshold",
                      "abnormal", "study", "stage2_cluster", "stage2_cluster_name", "heatmap_layer",
                      "heatmap_target", "neighbours", "image_url", "heatmap_url")

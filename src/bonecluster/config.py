@@ -213,7 +213,12 @@ class Stage2Config:
     """
 
     k: int = 10                    # clusters per part: normal anatomy varies with the view
-    epochs: int = 10
+    epochs: int = 10               # 0: the part network is scored as it starts (stage2.weights), untrained
+    # Where each part network starts: "same" (stage 1's model.weights, as the run resolved it) or
+    # any model.weights value: "none", "phantoms" (pre-trained on labelled phantoms at this run's
+    # size and network, cached under the data cache; bonecluster.phantom_pretrain), "imagenet",
+    # "pretrained" or a weights file.
+    weights: str = "same"
     knn: int = 5                   # abnormality = mean cosine distance to the k nearest training images
     fallback_quantile: float = 0.9 # threshold when the two-mode mixture finds no split
     min_images: int = 20           # parts with fewer images are skipped (with a warning)

@@ -41,7 +41,7 @@ from bonecluster.names import NAMES, load_cluster_names, save_cluster_names
 from bonecluster.naming import training_metadata_audit
 from bonecluster.phantom_pretrain import PHANTOMS, cached_phantom_weights, cached_weights_path
 from bonecluster.stage2.scoring import embed_images
-from bonecluster.stage2.train import train_stage2
+from bonecluster.stage2.train import SAME, stage2_weights, train_stage2
 from bonecluster.timing import NO_TIMER, NoTimer
 from bonecluster.typicality import TYPICALITY, Typicality
 
@@ -84,7 +84,7 @@ def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: S
     check_model(cfg)
     info = dist.setup(pick_device(cfg.train.device).type)
     try:
-        cfg = resolve_phantom_weights(cfg, run, progress, info)
+        cfg = resolve_phantom_weights(cfg, run, progress, info, stages)
         if info.is_main:
             atomic_write_text(run / "config.yaml", to_yaml(cfg))
         with timer.phase("decoding"):
@@ -113,21 +113,32 @@ def check_model(cfg: Config) -> None:
         raise
     except Exception:   # a model that cannot be built on the meta device: build it for real
         build_model(cfg.model, weights="none", image_size=cfg.data.size)
-    if str(cfg.model.weights).lower() not in ("none", "imagenet", "pretrained", PHANTOMS):
-        weights_file(Path(cfg.model.weights).expanduser(), cfg.model.arch)
+    for weights in (cfg.model.weights, stage2_weights(cfg)):
+        if str(weights).lower() not in ("none", "imagenet", "pretrained", PHANTOMS, SAME):
+            weights_file(Path(weights).expanduser(), cfg.model.arch)
 
 
 def resolve_phantom_weights(cfg: Config, run: Path, progress: bool = True,
-                            info: dist.DistInfo = dist.DistInfo()) -> Config:
-    """``model.weights=phantoms``: pre-train on phantoms (or reuse the file cached under the data
-    cache for the same settings) and return the config naming that file, as the run records it."""
-    if str(cfg.model.weights).lower() != PHANTOMS:
-        return cfg
+                            info: dist.DistInfo = dist.DistInfo(), stages: Sequence[int] = STAGES) -> Config:
+    """``model.weights=phantoms`` (and ``stage2.weights=phantoms`` when stage 2 is trained):
+    pre-train on phantoms (or reuse the file cached under the data cache for the same settings)
+    and return the config naming that file, as the run records it."""
     cache = cfg.data.cache or run / "cache"
+    if str(cfg.model.weights).lower() == PHANTOMS:
+        cfg = merge(cfg, {"model": {"weights": _phantom_weights(cfg, cache, progress, info)}})
+    if 2 in stages and stage2_weights(cfg).lower() == PHANTOMS:
+        # stage 2's network at the run's size, pre-trained from scratch: with stage 1 on phantoms
+        # too the settings are the same, and so is the cached file
+        part = merge(cfg, {"model": {"weights": PHANTOMS}})
+        cfg = merge(cfg, {"stage2": {"weights": _phantom_weights(part, cache, progress, info)}})
+    return cfg
+
+
+def _phantom_weights(cfg: Config, cache: Path, progress: bool, info: dist.DistInfo) -> str:
     if info.is_main:
         cached_phantom_weights(cfg, cache, progress=progress)
     dist.barrier(info)
-    return merge(cfg, {"model": {"weights": str(cached_weights_path(cfg, cache))}})
+    return str(cached_weights_path(cfg, cache))
 
 
 def train_stage1(data: PreparedDataset, run: str | Path, cfg: Config, resume: bool = False,

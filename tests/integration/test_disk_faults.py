@@ -34,7 +34,7 @@ from bonecluster.checkpoint import load_torch
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SETS = [a for s in ("data.size=32", "train.batch_size=16", "train.feature_batch_size=64", "cluster.pca_dim=16",
-                    "cluster.backend=torch", "train.lr=0.01", "train.epochs=1", "data.workers=1")
+                    "cluster.backend=torch", "train.lr=0.01", "train.epochs=1", "data.workers=1", "stage2.weights=same")
         for a in ("--set", s)]
 N = 42
 S48 = Preprocess(size=48).key()

@@ -23,7 +23,8 @@ from bonecluster.engine import DeepClusterEngine
 
 TINY = ["data.size=32", "train.batch_size=16", "train.feature_batch_size=64", "cluster.pca_dim=16",
         "cluster.backend=torch", "train.lr=0.01",
-        "stage2.networks=1"]   # one network per part keeps the suite fast; test_seed_networks.py tests more
+        "stage2.networks=1",   # one network per part keeps the suite fast; test_seed_networks.py tests more
+        "stage2.weights=same"]   # trained part networks, no phantom pre-training (test_phantom_pretrain.py tests it)
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,7 @@ ROW = SIZE * SIZE
 
 TRAIN_SETS = ["data.size=32", "train.batch_size=16", "train.feature_batch_size=64", "cluster.pca_dim=16",
               "cluster.backend=torch", "train.lr=0.01", "train.epochs=3", "data.workers=1",
-              "train.device=cpu"]  # identical resumes are a CPU promise (cuDNN is not deterministic)
+              "train.device=cpu", "stage2.weights=same"]  # identical resumes are a CPU promise (cuDNN is not deterministic)
 
 
 # ----------------------------------------------------------------------------- helpers

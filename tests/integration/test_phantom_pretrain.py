@@ -7,6 +7,7 @@ import json
 import torch
 import yaml
 
+from bonecluster.checkpoint import FINAL_MODEL
 from bonecluster.cli import main
 from bonecluster.data.phantoms import generate_phantoms
 from tests.integration.test_engine import TINY
@@ -47,3 +48,41 @@ def test_model_weights_phantoms_pretrains_once_and_the_run_names_the_file(tmp_pa
     assert files[0].stat().st_mtime_ns == stamp
     saved = torch.load(files[0], weights_only=True)["model"]
     assert "backbone.conv1.weight" in saved
+
+
+def test_stage2_weights_phantoms_scores_each_part_with_the_untrained_phantom_network(tmp_path, single_torch_thread):
+    """The `cpu` preset's stage 2: phantom weights of its own, no epochs; stage 1 keeps its random start."""
+    generate_phantoms(tmp_path / "ph", n=28, size=64, seed=3, progress=False, workers=1)
+    cache = tmp_path / "cache"
+    sets = _sets(TINY + PRETRAIN + ["train.epochs=1", "stage2.weights=phantoms", "stage2.epochs=0", "stage2.k=2",
+                                    "stage2.min_images=4", f"data.cache={cache}"])
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "ph"), "--out", str(run), "--quiet", *sets]) == 0
+    files = list((cache / "phantom-weights").glob("*.pt"))
+    assert len(files) == 1
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["stage2"]["weights"] == str(files[0].resolve()) and config["model"]["weights"] == "none"
+    backbone = torch.load(files[0], weights_only=True)["model"]
+    stage1 = torch.load(run / "stage1" / FINAL_MODEL, weights_only=True)
+    parts = sorted((run / "stage2").glob(f"*/{FINAL_MODEL}"))
+    assert len(parts) == 7
+    key = "backbone.conv1.weight"
+    for part in parts:   # untrained: every part network is the phantom backbone itself
+        assert torch.equal(torch.load(part, weights_only=True)["model"][key], backbone[key]), part
+    assert not torch.equal(stage1["model"][key], backbone[key])   # stage 1 did not start from it
+    summary = json.loads((run / "stage2" / "summary.json").read_text())
+    assert all(s["epochs_run"] == 0 and s["networks"] == 1 for s in summary.values())
+    # stage 1 alone asks for no stage-2 pre-training
+    assert main(["train", str(tmp_path / "ph"), "--out", str(tmp_path / "s1"), "--stages", "1", "--quiet",
+                 *_sets(TINY + PRETRAIN + ["train.epochs=1", "stage2.weights=phantoms",
+                                           f"data.cache={tmp_path / 'cache2'}"])]) == 0
+    assert not (tmp_path / "cache2" / "phantom-weights").exists()
+    assert yaml.safe_load((tmp_path / "s1" / "config.yaml").read_text())["stage2"]["weights"] == "phantoms"
+
+
+def test_a_missing_stage2_weights_file_fails_before_decoding(tmp_path, capsys):
+    generate_phantoms(tmp_path / "ph", n=28, size=64, seed=3, progress=False, workers=1)
+    code = main(["train", str(tmp_path / "ph"), "--out", str(tmp_path / "run"), "--quiet",
+                 *_sets(TINY + [f"stage2.weights={tmp_path / 'nope.pt'}"])])
+    assert code != 0 and "nope.pt" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "data.json").exists()

@@ -35,10 +35,12 @@ from bonecluster.timing import NO_TIMER, NoTimer
 log = logging.getLogger("bonecluster")
 
 SEED_SCORES = "seed_scores.pt"   # an extra seed network's kNN scores (stage2.networks)
+SAME = "same"                    # stage2.weights: start where stage 1's network started
 
 
 def stage2_config(cfg: Config) -> Config:
-    """Stage 1's engine settings with the stage-2 replacements (k and epochs).
+    """Stage 1's engine settings with the stage-2 replacements (k, epochs, and the network's start
+    where ``stage2.weights`` is not ``same``).
 
     Stage 1's over-clustering (``cluster.train_k``), study-level clustering (``cluster.by_study``),
     phantom part subspace (``cluster.subspace``: within one part it would keep the directions
@@ -46,9 +48,19 @@ def stage2_config(cfg: Config) -> Config:
     body parts) are not carried over: a part has a few hundred images, and its rounds cluster
     images into ``stage2.k`` in the usual PCA-whitened space.
     """
-    return replace(cfg, cluster=replace(cfg.cluster, k=cfg.stage2.k, train_k=0, by_study=False, subspace="none",
-                                        eigen_power=-0.5),
+    model = cfg.model if stage2_weights(cfg) == SAME else replace(cfg.model, weights=cfg.stage2.weights)
+    return replace(cfg, model=model,
+                   cluster=replace(cfg.cluster, k=cfg.stage2.k, train_k=0, by_study=False, subspace="none",
+                                   eigen_power=-0.5),
                    train=replace(cfg.train, epochs=cfg.stage2.epochs))
+
+
+def stage2_weights(cfg: Config) -> str:
+    """``stage2.weights`` checked: ``same`` or a ``model.weights`` value."""
+    weights = str(cfg.stage2.weights).strip()
+    if not weights:
+        raise ValueError("stage2.weights is empty: use 'same' (stage 1's model.weights) or a model.weights value")
+    return SAME if weights.lower() == SAME else weights
 
 
 def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, s2: Stage2Config,
@@ -93,6 +105,9 @@ def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_nam
     if cfg.stage2.networks > 1 and cfg.stage2.refine_rounds == 0:
         log.warning("stage 2: stage2.networks=%d is ignored without refinement (stage2.refine_rounds=0): "
                     "the extra networks only seed it; one network per part", cfg.stage2.networks)
+    elif cfg.stage2.networks > 1 and cfg.stage2.epochs == 0:
+        log.warning("stage 2: stage2.networks=%d is ignored with stage2.epochs=0: untrained networks from the same "
+                    "weights are one network; one network per part", cfg.stage2.networks)
     summary = {}
     for part, positions in group_by_part(data, stage1_names).items():
         if len(positions) < max(cfg.stage2.min_images, cfg.stage2.k):
@@ -189,5 +204,5 @@ def _seed_net_folder(part_folder: Path, i: int) -> Path:
 
 
 def _seed_networks(s2: Stage2Config) -> int:
-    """Networks per part that seed the refinement; one when it is off."""
-    return s2.networks if s2.refine_rounds > 0 else 1
+    """Networks per part that seed the refinement; one when it is off or nothing is trained."""
+    return s2.networks if s2.refine_rounds > 0 and s2.epochs > 0 else 1
