@@ -19,7 +19,8 @@ Example (nine networks on real humerus, then all 84 triplets)::
 
     for s in 0 1 2 3 4 5 6 7 8; do
       python benchmarks/bench_real.py --split ../shared/data/mura-humerus-64 --holdout 0.3 --stages 2 \\
-          --set seed=$s --set stage2.networks=1 --work /tmp/hum/s$s
+          --set seed=$s --set stage2.networks=1 --set stage2.weights=same --set stage2.epochs=10 \\
+          --work /tmp/hum/s$s
     done
     python benchmarks/bench_seed_networks.py --runs /tmp/hum/s*/run --eval /tmp/hum/s0/eval.csv --size 3 --hog-seed
 

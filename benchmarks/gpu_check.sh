@@ -12,7 +12,8 @@
 #    (train.device=auto picks it; the viewer's browser test is left out);
 # 2. training speed, engine against a plain loop (benchmarks/bench_train.py);
 # 3. with SHARED_DATA_DIR (../shared/data layout): the `paper` preset on held-out real films
-#    (stage 1, 50 epochs) and stage 2 on humerus studies with the default three seed networks;
+#    (stage 1, 50 epochs) and stage 2 on humerus studies with three trained seed networks (the `cpu`
+#    preset's stage 2 before 2026-12-06, whose figures RESULTS.md holds);
 #    and the three-way stage-1 suite (benchmarks/bench_real_suite.py) from phantom weights
 #    pre-trained on 100,000 phantoms, with 50 SimCLR epochs.
 # Each step has its own time cap and log under OUT_DIR (default gpu-check); a failing step does not
@@ -64,7 +65,7 @@ if [ -n "$DATA" ]; then
     --train "$DATA/mura-humerus-64" --stages 1 --preset paper --set train.epochs=50 \
     --work "$OUT/real-paper" --json "$OUT/real_paper.json"
   step real-humerus 600 $PY benchmarks/bench_real.py --split "$DATA/mura-humerus-64" --holdout 0.3 --stages 2 \
-    --work "$OUT/real-humerus" --json "$OUT/real_humerus.json"
+    --set stage2.weights=same --set stage2.epochs=10 --set stage2.networks=3 --work "$OUT/real-humerus" --json "$OUT/real_humerus.json"
   step real-suite-phantoms 900 $PY benchmarks/bench_real_suite.py --data "$DATA" --preset cpu-real \
     --set model.weights=phantoms --set phantoms.films=100000 --set selfsup.epochs=50 --set selfsup.batch_size=256 \
     --work "$OUT/real-suite" --json "$OUT/real_suite.json" --quiet

@@ -41,7 +41,7 @@ from bonecluster.names import NAMES, load_cluster_names, save_cluster_names
 from bonecluster.naming import training_metadata_audit
 from bonecluster.phantom_pretrain import PHANTOMS, cached_phantom_weights, cached_weights_path
 from bonecluster.stage2.scoring import embed_images
-from bonecluster.stage2.train import SAME, stage2_weights, train_stage2
+from bonecluster.stage2.train import SAME, check_stage2, stage2_weights, train_stage2
 from bonecluster.timing import NO_TIMER, NoTimer
 from bonecluster.typicality import TYPICALITY, Typicality
 
@@ -81,7 +81,7 @@ def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: S
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are 1 and 2")
     run = Path(run)
-    check_model(cfg)
+    check_model(cfg, stages)
     info = dist.setup(pick_device(cfg.train.device).type)
     try:
         cfg = resolve_phantom_weights(cfg, run, progress, info, stages)
@@ -103,9 +103,10 @@ def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: S
     return summary
 
 
-def check_model(cfg: Config) -> None:
-    """Fail in a second, before any film is decoded: an unknown ``model.arch``, a missing package
-    (timm), a ViT whose patches do not tile ``data.size``, a missing weights file."""
+def check_model(cfg: Config, stages: Sequence[int] = STAGES) -> None:
+    """Fail in a second, before any film is decoded or phantom pre-trained: an unknown
+    ``model.arch``, a missing package (timm), a ViT whose patches do not tile ``data.size``, a
+    missing weights file, a stage-2 setting out of range."""
     try:
         with torch.device("meta"):   # shapes only: no memory, no weights read, nothing downloaded
             build_model(cfg.model, weights="none", image_size=cfg.data.size)
@@ -113,9 +114,18 @@ def check_model(cfg: Config) -> None:
         raise
     except Exception:   # a model that cannot be built on the meta device: build it for real
         build_model(cfg.model, weights="none", image_size=cfg.data.size)
-    for weights in (cfg.model.weights, stage2_weights(cfg)):
-        if str(weights).lower() not in ("none", "imagenet", "pretrained", PHANTOMS, SAME):
+    if str(cfg.model.weights).lower() not in ("none", "imagenet", "pretrained", PHANTOMS):
+        weights_file(Path(cfg.model.weights).expanduser(), cfg.model.arch)
+    if 2 not in stages:
+        return
+    check_stage2(cfg)
+    weights = stage2_weights(cfg)
+    if weights.lower() not in ("none", "imagenet", "pretrained", PHANTOMS, SAME):
+        try:
             weights_file(Path(weights).expanduser(), cfg.model.arch)
+        except FileNotFoundError as err:   # the message names model.weights; this is stage 2's own
+            raise FileNotFoundError(f"stage2.weights: {str(err).replace('model.weights', 'stage2.weights')} "
+                                    "('same' starts where stage 1 started)") from err
 
 
 def resolve_phantom_weights(cfg: Config, run: Path, progress: bool = True,
@@ -124,7 +134,8 @@ def resolve_phantom_weights(cfg: Config, run: Path, progress: bool = True,
     pre-train on phantoms (or reuse the file cached under the data cache for the same settings)
     and return the config naming that file, as the run records it."""
     cache = cfg.data.cache or run / "cache"
-    if str(cfg.model.weights).lower() == PHANTOMS:
+    stage1_network_used = 1 in stages or stage2_weights(cfg) == SAME
+    if stage1_network_used and str(cfg.model.weights).lower() == PHANTOMS:
         cfg = merge(cfg, {"model": {"weights": _phantom_weights(cfg, cache, progress, info)}})
     if 2 in stages and stage2_weights(cfg).lower() == PHANTOMS:
         # stage 2's network at the run's size, pre-trained from scratch: with stage 1 on phantoms

@@ -29,6 +29,8 @@ def test_every_piece_is_scored_held_out_with_the_seed_agreement_the_probe_and_th
                          "--ceiling", "--json", str(out), "--quiet", *_sets(TINY_S2)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["part"] == "HUMERUS" and result["size"] == 32 and result["train_seconds"] > 0
+    # trained part networks (stage2.weights=same): no phantom pre-training asked for, none made
+    assert 0 <= result["pretrain_seconds"] < 5 and not (work / "phantom-cache" / "phantom-weights").exists()
     own, other = result["evaluations"]["mura-humerus"], result["evaluations"]["fracatlas-hand"]
     for r in (own, other):
         for piece in ("knn_global", "knn_patch", "knn", "gauss_global", "gauss_patch", "label_free", "label_free_study"):
@@ -56,7 +58,7 @@ def test_every_piece_is_scored_held_out_with_the_seed_agreement_the_probe_and_th
     # scoring a trained run again gives the same figures, without training
     again = bench.main(["--data", str(data), "--work", str(work), "--source", "mura-humerus", "--quiet",
                         "--run", str(work / "mura-humerus" / "run"), "--ceiling", "hog"])
-    assert again["train_seconds"] is None
+    assert again["train_seconds"] is None and again["pretrain_seconds"] is None
     hog_only = again["evaluations"]["mura-humerus"]["yardstick"]
     assert hog_only["cnn_sup"] is None and hog_only["hog_sup"] == pytest.approx(own["yardstick"]["hog_sup"])
     assert again["evaluations"]["mura-humerus"]["label_free"] == pytest.approx(own["label_free"])

@@ -84,5 +84,33 @@ def test_a_missing_stage2_weights_file_fails_before_decoding(tmp_path, capsys):
     generate_phantoms(tmp_path / "ph", n=28, size=64, seed=3, progress=False, workers=1)
     code = main(["train", str(tmp_path / "ph"), "--out", str(tmp_path / "run"), "--quiet",
                  *_sets(TINY + [f"stage2.weights={tmp_path / 'nope.pt'}"])])
-    assert code != 0 and "nope.pt" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code != 0 and "stage2.weights" in err and "nope.pt" in err and "model.weights" not in err
     assert not (tmp_path / "run" / "data.json").exists()
+    # a run without stage 2 does not read it; a bad stage-2 setting fails before any pre-training
+    assert main(["train", str(tmp_path / "ph"), "--out", str(tmp_path / "s1"), "--stages", "1", "--quiet",
+                 *_sets(TINY + ["train.epochs=1", f"stage2.weights={tmp_path / 'nope.pt'}"])]) == 0
+    code = main(["train", str(tmp_path / "ph"), "--out", str(tmp_path / "bad"), "--quiet",
+                 *_sets(TINY + ["stage2.weights=phantoms", "stage2.networks=0", f"data.cache={tmp_path / 'c'}"])])
+    assert code != 0 and "stage2.networks" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "bad" / "data.json").exists()
+
+
+def test_both_networks_on_phantoms_share_one_pretrained_file_and_stage2_alone_skips_stage_1s(tmp_path,
+                                                                                               single_torch_thread):
+    generate_phantoms(tmp_path / "ph", n=28, size=64, seed=3, progress=False, workers=1)
+    cache = tmp_path / "cache"
+    base = TINY + PRETRAIN + ["train.epochs=1", "stage2.epochs=0", "stage2.k=2", "stage2.min_images=4",
+                              f"data.cache={cache}"]
+    assert main(["train", str(tmp_path / "ph"), "--out", str(tmp_path / "run"), "--quiet",
+                 *_sets(base + ["model.weights=phantoms", "stage2.weights=phantoms"])]) == 0
+    files = list((cache / "phantom-weights").glob("*.pt"))
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert len(files) == 1 and config["model"]["weights"] == config["stage2"]["weights"] == str(files[0].resolve())
+    # stage 2 alone with its own weights: stage 1's network is never built, so it is not pre-trained
+    other = tmp_path / "cache2"
+    assert main(["train", str(tmp_path / "ph"), "--out", str(tmp_path / "s2"), "--stages", "2", "--quiet",
+                 *_sets(base[:-1] + [f"data.cache={other}", "model.weights=phantoms",
+                                     f"stage2.weights={files[0]}"])]) == 0
+    assert not (other / "phantom-weights").exists()
+    assert yaml.safe_load((tmp_path / "s2" / "config.yaml").read_text())["model"]["weights"] == "phantoms"

@@ -83,14 +83,15 @@ def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, s2: Stage2
                        tuple(parts) if len(parts) > 1 else (), refiner, checks)
 
 
-def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_names: list[str] | None = None,
-                 resume: bool = False, progress: bool = True, timer: NoTimer = NO_TIMER) -> dict:
-    """Train one model per part into RUN/stage2/<PART>; returns a summary per part. ``timer``
-    records each part as the phase "stage 2 <PART>" (:mod:`bonecluster.timing`)."""
-    s2cfg = stage2_config(cfg)
-    labels_to_choose(cfg.stage2.labels_fraction, 0)   # fail early on a fraction outside [0, 1]
+def check_stage2(cfg: Config) -> None:
+    """Fail in a second on a stage-2 setting out of range, before any pre-training or decoding."""
+    stage2_weights(cfg)
+    if not isinstance(cfg.stage2.epochs, int) or cfg.stage2.epochs < 0:
+        raise ValueError(f"stage2.epochs must be a whole number >= 0 (0: the part networks as they start), "
+                         f"got {cfg.stage2.epochs!r}")
+    labels_to_choose(cfg.stage2.labels_fraction, 0)   # a fraction outside [0, 1]
     parse_probe_features(cfg.stage2.probe_features)
-    if cfg.stage2.probe_pseudo_share != "prevalence":   # fail early on bad shares
+    if cfg.stage2.probe_pseudo_share != "prevalence":
         pseudo_shares(cfg.stage2.probe_pseudo_share)
     if cfg.stage2.probe_self_train < 0 or cfg.stage2.refine_rounds < 0:
         raise ValueError("stage2.probe_self_train and stage2.refine_rounds are rounds (0 = off) and must be >= 0, "
@@ -102,6 +103,14 @@ def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_nam
         raise ValueError(f"stage2.refine_C must be > 0, got {cfg.stage2.refine_C}")
     if not isinstance(cfg.stage2.networks, int) or cfg.stage2.networks < 1:
         raise ValueError(f"stage2.networks must be a whole number >= 1, got {cfg.stage2.networks!r}")
+
+
+def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_names: list[str] | None = None,
+                 resume: bool = False, progress: bool = True, timer: NoTimer = NO_TIMER) -> dict:
+    """Train one model per part into RUN/stage2/<PART>; returns a summary per part. ``timer``
+    records each part as the phase "stage 2 <PART>" (:mod:`bonecluster.timing`)."""
+    s2cfg = stage2_config(cfg)
+    check_stage2(cfg)
     if cfg.stage2.networks > 1 and cfg.stage2.refine_rounds == 0:
         log.warning("stage 2: stage2.networks=%d is ignored without refinement (stage2.refine_rounds=0): "
                     "the extra networks only seed it; one network per part", cfg.stage2.networks)
@@ -124,6 +133,8 @@ def _train_part(subset: PreparedDataset, out: Path, cfg: Config, resume: bool, p
                 timer: NoTimer = NO_TIMER) -> dict:
     engine = DeepClusterEngine(cfg, out, progress=progress)
     engine.timer = timer
+    if cfg.train.epochs == 0:   # nothing to resume; an earlier training's checkpoint must not stand in for it
+        (out / CHECKPOINT).unlink(missing_ok=True)
     resume = resume and (out / CHECKPOINT).exists()
     fit = engine.fit(subset, resume=resume)
     trained = TrainedClusters.load(out, engine.device)
