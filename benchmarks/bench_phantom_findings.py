@@ -56,6 +56,7 @@ def score_source(weights: Path, cfg, train, held_out) -> dict:
     from bonecluster.phantom_pretrain import (TASK_CLASSES, load_task_heads, phantom_abnormality,
                                               task_probabilities)
     from bonecluster.stage2.guard import fill_share, spearman
+    from bonecluster.stage2.scoring import knn_groups
 
     device = torch.device("cpu")
     model = build_model(cfg.model, weights=str(weights), image_size=cfg.data.size).to(device)
@@ -70,22 +71,23 @@ def score_source(weights: Path, cfg, train, held_out) -> dict:
     train_images = train.images()
     train_score = phantom_abnormality(task_probabilities(model, heads, train_images, device))
     out["framing_rho"] = spearman(train_score, fill_share(train_images))   # no label: does it follow the framing?
-    out["phantom_knn"] = auroc(truth, phantom_knn(model, cfg, train, images).numpy())
+    out["phantom_knn"] = auroc(truth, phantom_knn(model, cfg, train_images, knn_groups(train), images).numpy())
     out["n_held_out"], out["abnormal_share"] = len(held_out), float(truth.mean())
     return out
 
 
-def phantom_knn(model, cfg, train, images: np.ndarray):
-    """Stage 2's own kNN score (``stage2.score``, leave-one-study-out bank of the training films, no
-    label) on the phantom-pretrained features instead of a part model trained on the films: (M,)."""
+def phantom_knn(model, cfg, train_images: np.ndarray, train_groups, images: np.ndarray):
+    """Stage 2's own kNN score (``stage2.score``, leave-one-study-out bank of the training films
+    ``train_images`` with their study ids ``train_groups``, no label) on the phantom-pretrained
+    features instead of a part model trained on the films: (M,)."""
     from types import SimpleNamespace
 
     from bonecluster.anomaly import combine_scores, knn_scores, patch_knn_scores
     from bonecluster.cluster import l2_normalise
-    from bonecluster.stage2.scoring import knn_fit, knn_groups, part_features
+    from bonecluster.stage2.scoring import knn_fit, part_features
 
     s2, holder = cfg.stage2, SimpleNamespace(model=model.eval())   # part_features reads .model only
-    _, train_parts, pca, bank, patch_bank = knn_fit(holder, train.images(), knn_groups(train), s2, seed=cfg.seed,
+    _, train_parts, pca, bank, patch_bank = knn_fit(holder, train_images, train_groups, s2, seed=cfg.seed,
                                                     batch_size=cfg.train.feature_batch_size)
     pooled, patches = part_features(holder, images, cfg.train.feature_batch_size)
     parts = []
@@ -131,13 +133,15 @@ def main(argv=None) -> dict:
     rows: dict[str, dict] = {}
     for name in args.sources:
         train_csv, eval_csv = split_by_study(data, name, work / name)
-        rows[name] = {}
+        rows[name], prepared = {}, {}   # weights pre-trained at the same data settings share the films
         for w in args.weights:
             cfg, _ = config_for(Path(w), args.preset, args.overrides)
-            cache = work / "cache" / f"{cfg.data.size}-{cfg.data.fit}"
-            train = prepare_sources([str(train_csv)], cfg.data, cache=cache, progress=False)
-            held_out = prepare_sources([str(eval_csv)], cfg.data, cache=cache, progress=False)
-            rows[name][w] = score_source(Path(w), cfg, train, held_out)
+            key = (cfg.data.size, cfg.data.fit, cfg.data.pct_low, cfg.data.pct_high)
+            if key not in prepared:
+                cache = work / "cache" / "-".join(map(str, key))
+                prepared[key] = [prepare_sources([str(csv)], cfg.data, cache=cache, progress=False)
+                                 for csv in (train_csv, eval_csv)]
+            rows[name][w] = score_source(Path(w), cfg, *prepared[key])
     result = {"weights": args.weights, "preset": args.preset, "overrides": args.overrides,
               "seconds": round(time.perf_counter() - t0, 1), "sources": rows}
     print_table(rows, args.weights)

@@ -99,15 +99,13 @@ def train_part(train_csv: Path, run: Path, cfg, part: str, progress: bool,
                phantom_cache: Path) -> tuple[float, float]:
     """Train the stage-2 model of one part on ``train_csv`` (labels unused); returns the seconds of
     the phantom pre-training (0 where none is asked for or ``phantom_cache`` holds it) and of the rest."""
-    from bonecluster.config import merge
     from bonecluster.data import prepare_sources
     from bonecluster.pipeline import resolve_phantom_weights
     from bonecluster.stage2.train import train_stage2
 
     t0 = time.perf_counter()
     # stage2.weights=phantoms: pre-trained once under phantom_cache, shared by every source of --work
-    cfg = merge(resolve_phantom_weights(merge(cfg, {"data": {"cache": str(phantom_cache)}}), run, progress,
-                                        stages=(2,)), {"data": {"cache": cfg.data.cache}})
+    cfg = resolve_phantom_weights(cfg, run, progress, stages=(2,), cache=phantom_cache)
     t1 = time.perf_counter()
     data = prepare_sources([str(train_csv)], cfg.data, cache=run / "cache", progress=progress)
     train_stage2(data, run, cfg, stage1_names=[part] * len(data), progress=progress)
@@ -306,7 +304,8 @@ def main(argv=None) -> dict:
         evaluations[name] = r
     result = {"source": args.source, "part": part, "preset": args.preset, "overrides": args.overrides,
               "size": cfg.data.size, "fit": cfg.data.fit, "labels_fraction": args.labels_fraction,
-              "train_seconds": train_seconds, "pretrain_seconds": pretrain_seconds, "score_seconds": round(time.perf_counter() - t1, 1),
+              "train_seconds": train_seconds, "pretrain_seconds": pretrain_seconds,
+              "score_seconds": round(time.perf_counter() - t1, 1),
               "evaluations": evaluations}
     print_table(result)
     if args.json:

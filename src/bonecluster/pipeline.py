@@ -46,6 +46,7 @@ from bonecluster.timing import NO_TIMER, NoTimer
 from bonecluster.typicality import TYPICALITY, Typicality
 
 STAGES = (1, 2)
+NAMED_WEIGHTS = ("none", "imagenet", "pretrained", PHANTOMS)   # model.weights values that are not a file
 
 
 @dataclass
@@ -114,13 +115,13 @@ def check_model(cfg: Config, stages: Sequence[int] = STAGES) -> None:
         raise
     except Exception:   # a model that cannot be built on the meta device: build it for real
         build_model(cfg.model, weights="none", image_size=cfg.data.size)
-    if str(cfg.model.weights).lower() not in ("none", "imagenet", "pretrained", PHANTOMS):
+    if str(cfg.model.weights).lower() not in NAMED_WEIGHTS:
         weights_file(Path(cfg.model.weights).expanduser(), cfg.model.arch)
     if 2 not in stages:
         return
     check_stage2(cfg)
     weights = stage2_weights(cfg)
-    if weights.lower() not in ("none", "imagenet", "pretrained", PHANTOMS, SAME):
+    if weights.lower() not in (*NAMED_WEIGHTS, SAME):
         try:
             weights_file(Path(weights).expanduser(), cfg.model.arch)
         except FileNotFoundError as err:   # the message names model.weights; this is stage 2's own
@@ -129,11 +130,12 @@ def check_model(cfg: Config, stages: Sequence[int] = STAGES) -> None:
 
 
 def resolve_phantom_weights(cfg: Config, run: Path, progress: bool = True,
-                            info: dist.DistInfo = dist.DistInfo(), stages: Sequence[int] = STAGES) -> Config:
+                            info: dist.DistInfo = dist.DistInfo(), stages: Sequence[int] = STAGES,
+                            cache: str | Path | None = None) -> Config:
     """``model.weights=phantoms`` (and ``stage2.weights=phantoms`` when stage 2 is trained):
-    pre-train on phantoms (or reuse the file cached under the data cache for the same settings)
-    and return the config naming that file, as the run records it."""
-    cache = cfg.data.cache or run / "cache"
+    pre-train on phantoms (or reuse the file cached under ``cache``, by default the data cache, for
+    the same settings) and return the config naming that file, as the run records it."""
+    cache = Path(cache or cfg.data.cache or run / "cache")
     stage1_network_used = 1 in stages or stage2_weights(cfg) == SAME
     if stage1_network_used and str(cfg.model.weights).lower() == PHANTOMS:
         cfg = merge(cfg, {"model": {"weights": _phantom_weights(cfg, cache, progress, info)}})

@@ -48,7 +48,8 @@ def stage2_config(cfg: Config) -> Config:
     body parts) are not carried over: a part has a few hundred images, and its rounds cluster
     images into ``stage2.k`` in the usual PCA-whitened space.
     """
-    model = cfg.model if stage2_weights(cfg) == SAME else replace(cfg.model, weights=cfg.stage2.weights)
+    weights = stage2_weights(cfg)
+    model = cfg.model if weights == SAME else replace(cfg.model, weights=weights)
     return replace(cfg, model=model,
                    cluster=replace(cfg.cluster, k=cfg.stage2.k, train_k=0, by_study=False, subspace="none",
                                    eigen_power=-0.5),
