@@ -38,7 +38,11 @@ scoring, to compare spaces on one trained network: ``pca`` (PCA-whitening of all
 ``cluster.subspace=none`` fits; it reproduces such a run) or ``phantom-parts`` (whitening inside
 the phantom part directions, ``cluster.subspace=phantom-parts``). The default, ``run``, keeps the
 run's own. With ``--run``, ``--set`` takes ``cluster.*`` keys for that re-fit, e.g.
-``--space pca --set cluster.eigen_power=0`` (PCA without whitening) or ``cluster.pca_dim=8``.
+``--space pca --set cluster.eigen_power=0`` (PCA without whitening) or ``cluster.pca_dim=8``;
+``--set cluster.study_links=K`` alone needs no ``--space``: each evaluation's k-means then merges
+K over-clusters through shared studies (``bonecluster.study_links``), as the engine's final
+clustering does, on evaluations whose training-side films share studies ((b) here; (a) and (c)
+carry no study ids, so plain k-means).
 """
 
 from __future__ import annotations
@@ -178,9 +182,10 @@ def score_evaluation(ev: Evaluation, run: Path, trained, splits: dict, regions: 
     """Label-free k-means figure, supervised ceilings and their ratio for one evaluation."""
     import torch
 
-    from bonecluster.cluster import assign, kmeans_best_of
     from bonecluster.data import prepare_sources
+    from bonecluster.data.records import study_index
     from bonecluster.metrics import ari, hungarian_accuracy
+    from bonecluster.study_links import assign_clusters, why_not_linked
 
     cfg = trained.cfg
     cache = cfg.data.cache or run / "cache"
@@ -188,22 +193,23 @@ def score_evaluation(ev: Evaluation, run: Path, trained, splits: dict, regions: 
     for side, j in (("train", 0), ("eval", 1)):
         ds = prepare_sources([str(splits[s][j]) for s in ev.sources], cfg.data, cache=cache, progress=False)
         emb, raw = _embed(trained, ds.images())
-        sides[side] = (emb, raw, _labels(ds.records, ev.label, regions))
-    (e_tr, r_tr, y_tr), (e_ev, r_ev, y_ev) = sides["train"], sides["eval"]
+        sides[side] = (emb, raw, _labels(ds.records, ev.label, regions), study_index(ds.records))
+    (e_tr, r_tr, y_tr, s_tr), (e_ev, r_ev, y_ev, _) = sides["train"], sides["eval"]
     scored, known = y_ev != "", y_tr != ""
     classes = sorted(set(y_ev[scored]) | set(y_tr[known]))
     k = len(classes)
+    linked = bool(cfg.cluster.study_links) and why_not_linked(s_tr, cfg.cluster.study_links) is None
     scores, aris = [], []
     for r in range(restarts):
-        km = kmeans_best_of(torch.from_numpy(e_tr), k, restart_seeds(r, cfg.cluster.n_init),
-                            niter=cfg.cluster.niter, init=cfg.cluster.init, backend=cfg.cluster.backend)
-        clusters = assign(torch.from_numpy(e_ev), km.centroids)[0].numpy()
+        km = _final_kmeans(torch.from_numpy(e_tr), k, restart_seeds(r, cfg.cluster.n_init), cfg.cluster,
+                           s_tr if linked else None)
+        clusters = assign_clusters(torch.from_numpy(e_ev), km).numpy()
         scores.append(hungarian_accuracy(clusters[scored], y_ev[scored]))
         aris.append(ari(clusters[scored], y_ev[scored]))
     ceiling = _probe(e_tr[known], y_tr[known], e_ev[scored], y_ev[scored], standardise=False)
     ceiling_raw = _probe(r_tr[known], y_tr[known], r_ev[scored], y_ev[scored], standardise=True)
     out = {"title": ev.title, "classes": classes, "k": k, "train_films": len(y_tr), "train_labelled": int(known.sum()),
-           "held_out_films": len(y_ev), "held_out_scored": int(scored.sum()),
+           "held_out_films": len(y_ev), "held_out_scored": int(scored.sum()), "study_links": linked,
            "majority_share": _majority_share(y_ev[scored]),
            "hungarian_mean": float(np.mean(scores)), "hungarian_std": float(np.std(scores)),
            "hungarian_scores": [round(s, 4) for s in scores],
@@ -211,9 +217,23 @@ def score_evaluation(ev: Evaluation, run: Path, trained, splits: dict, regions: 
            "probe_embedding": ceiling, "probe_pooled": ceiling_raw,
            "ratio": float(np.mean(scores)) / ceiling if ceiling > 0 else None}
     if ev.key == "a" and trained.centroids is not None:   # None: the space was re-fitted (--space)
-        run_clusters = assign(torch.from_numpy(e_ev), trained.centroids)[0].numpy()
+        run_clusters = trained.assign(torch.from_numpy(e_ev))[0].numpy()
         out["run_clusters_hungarian"] = hungarian_accuracy(run_clusters[scored], y_ev[scored])
     return out
+
+
+def _final_kmeans(x, k: int, seeds: list[int], c, studies):
+    """k-means on ``x`` as the engine's final clustering does: plain (best of ``seeds``), or with
+    ``cluster.study_links`` over-clusters merged through ``studies`` (None: plain)."""
+    from bonecluster.cluster import kmeans_best_of
+    from bonecluster.study_links import link_clusters
+
+    options = dict(niter=c.niter, init=c.init, backend=c.backend)
+    if studies is not None:
+        linked = link_clusters(kmeans_best_of(x, c.study_links, seeds, **options), studies, k, seeds[0])
+        if linked is not None:
+            return linked
+    return kmeans_best_of(x, k, seeds, **options)
 
 
 def refit_space(trained, space: str, pool: list[str], cache: Path, films: int) -> None:
@@ -287,10 +307,11 @@ def main(argv=None) -> dict:
     t1 = time.perf_counter()
     trained = TrainedClusters.load(run / "stage1")
     if args.run and args.overrides:   # e.g. --space pca --set cluster.eigen_power=0: another space, same network
-        if args.space == "run" or any(not o.startswith("cluster.") or o.startswith("cluster.subspace=")
-                                      for o in args.overrides):
+        links_only = all(o.startswith("cluster.study_links=") for o in args.overrides)
+        if (args.space == "run" and not links_only) or any(not o.startswith("cluster.") or o.startswith("cluster.subspace=")
+                                                           for o in args.overrides):
             raise SystemExit("with --run, --set takes only cluster.* keys (the space itself is --space), "
-                             "and needs --space pca or phantom-parts")
+                             "and needs --space pca or phantom-parts unless it sets only cluster.study_links")
         for item in args.overrides:
             trained.cfg = apply_override(trained.cfg, item)
     if args.space != "run":

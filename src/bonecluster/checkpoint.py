@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bonecluster.cluster import PCAWhitening
+from bonecluster.cluster import PCAWhitening, assign
 from bonecluster.config import Config, config_from_dict
 from bonecluster.io import atomic_open, atomic_write_text
 from bonecluster.models import DeepClusterNet
@@ -77,9 +77,34 @@ class TrainedClusters:
 
     model: DeepClusterNet
     pca: PCAWhitening
-    centroids: torch.Tensor   # (k, d)
+    centroids: torch.Tensor   # (K, d): one per cluster, or several (groups)
     assignments: np.ndarray   # (N,) training images' final clusters
     cfg: Config
+    groups: torch.Tensor | None = None   # (K,) cluster of each centroid (cluster.study_links); None: centroid i is cluster i
+
+    @property
+    def n_clusters(self) -> int:
+        """k, the number of clusters (fewer than the centroids when several make one cluster)."""
+        return len(self.centroids) if self.groups is None else int(self.groups.max()) + 1
+
+    def assign(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cluster of each embedded point ``(N, d)``: its nearest centroid's (through ``groups``), and
+        the squared distance to that centroid ``(N,)``."""
+        labels, sq_distances = assign(points.float(), self.centroids.float())
+        if self.groups is not None:
+            labels = self.groups.to(labels.device)[labels]
+        return labels, sq_distances
+
+    def centroid_clusters(self) -> torch.Tensor:
+        """``(K,)`` cluster of each centroid."""
+        return self.groups if self.groups is not None else torch.arange(len(self.centroids))
+
+    def cluster_distances(self, points: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` squared distance from each point ``(N, d)`` to the nearest centroid of its given
+        cluster ``(N,)`` (how central a film is in its cluster, whether the cluster has one centroid or several)."""
+        sq = torch.cdist(points.float(), self.centroids.float()).pow(2)
+        own = self.centroid_clusters()[None, :] == clusters.long()[:, None]
+        return sq.masked_fill(~own, float("inf")).min(dim=1).values
 
     @classmethod
     def load(cls, out: str | Path, device: str | torch.device = "cpu") -> "TrainedClusters":
@@ -89,7 +114,8 @@ class TrainedClusters:
         model = DeepClusterNet(**{"channels_last": False, **state["hparams"]})
         model.load_state_dict(state["model"])
         return cls(model.to(device).eval(), PCAWhitening.from_state_dict(state["pca"]),
-                   state["centroids"], state["assignments"].numpy(), config_from_dict(state["config"]))
+                   state["centroids"], state["assignments"].numpy(), config_from_dict(state["config"]),
+                   state.get("groups"))
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:

@@ -234,6 +234,9 @@ class KMeansResult:
             (``N`` times the objective of DeepCluster eq. 6).
         n_splits: number of empty clusters re-seeded over all iterations.
         backend: ``"torch"`` or ``"faiss"``.
+        groups: ``(K,)`` int64 cluster of each centroid when several centroids make one cluster
+            (``cluster.study_links``, :mod:`bonecluster.study_links`); then ``assignments`` are
+            cluster numbers, ``groups[nearest centroid]``. None: one centroid per cluster.
     """
 
     centroids: torch.Tensor
@@ -241,6 +244,7 @@ class KMeansResult:
     inertia: float
     n_splits: int
     backend: str
+    groups: torch.Tensor | None = None
 
 
 def faiss_available() -> bool:

@@ -150,6 +150,13 @@ class ClusterConfig:
     # network the part, not the view (patient metadata as positives: Vu et al. 2021, MedAug).
     # Images without a study id are their own study; no label is read. Stage 2 clusters images.
     by_study: bool = False
+    # Over-clusters merged through shared studies (bonecluster.study_links): the final clustering
+    # makes this many k-means clusters (K > k), links two clusters by the film pairs of one study
+    # they hold between them, and cuts that graph into k groups (spectral clustering). A study shows
+    # one part in views that differ in framing and exposure, what k-means splits real films on.
+    # 0 = off. Used only where at least half of the films have a study mate (else plain k-means, with
+    # a log line); not with by_study (which puts a study in one cluster, so nothing links).
+    study_links: int = 0
     # Space k-means works in: "none" = PCA-whiten all features (DeepCluster); "phantom-parts" =
     # PCA-whiten only inside the <= 6 directions that tell phantom body parts apart (LDA on
     # `subspace_films` labelled phantoms embedded by the same network; bonecluster.phantom_subspace).

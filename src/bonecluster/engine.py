@@ -38,6 +38,7 @@ from bonecluster.methods import get_method
 from bonecluster.models import DeepClusterNet, batch_norms, batchnorm_momentum, build_model
 from bonecluster.phantom_pretrain import PhantomCorpus
 from bonecluster.phantom_subspace import SUBSPACES, phantom_part_whitening, subspace_corpus
+from bonecluster.study_links import link_clusters, linked_share, why_not_linked
 from bonecluster.timing import NO_TIMER, NoTimer
 
 log = logging.getLogger("bonecluster")
@@ -92,6 +93,7 @@ class DeepClusterEngine:
             log.info("train.cpu_amp: this CPU has no bfloat16 in hardware (AVX512-BF16 or AMX); training in float32")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.studies: torch.Tensor | None = None   # (N,) study numbers when cluster.by_study (set by fit)
+        self.link_studies: np.ndarray | None = None   # (N,) study numbers when cluster.study_links (set by fit)
         self._subspace_corpus: PhantomCorpus | None = None   # labelled phantoms for cluster.subspace
         self.timer: NoTimer = NO_TIMER   # a bonecluster.timing.PhaseTimer times the phases (bench_epoch.py)
         self.method = method_cls(self)   # after the network: its heads draw from the seeded RNG next
@@ -117,6 +119,7 @@ class DeepClusterEngine:
             raise ValueError(f"{len(data)} images cannot make {most} clusters")
         self._write_config()
         self.studies = _study_groups(data, self.cfg.cluster, self.dist.is_main)
+        self.link_studies = _link_studies(data, self.cfg.cluster, self.dist.is_main)
         start, previous, history = self._resume_state() if resume else (0, None, [])
         if resume and self.dist.is_main:  # a kill between checkpoint and metrics leaves metrics.csv behind
             write_metrics(self.out / METRICS, history)
@@ -240,9 +243,11 @@ class DeepClusterEngine:
         chosen = torch.randperm(len(data), generator=generator)[:most].sort().values
         return data.subset(chosen.numpy())
 
-    def cluster(self, feats: torch.Tensor, seed_offset: int, k: int | None = None) -> tuple[KMeansResult, PCAWhitening]:
+    def cluster(self, feats: torch.Tensor, seed_offset: int, k: int | None = None,
+                final: bool = False) -> tuple[KMeansResult, PCAWhitening]:
         """PCA-whiten + L2 + the method's clustering (k-means, :meth:`Method.cluster_points`) into ``k``
-        clusters (default ``cluster.k``) on rank 0; every rank receives the assignments."""
+        clusters (default ``cluster.k``) on rank 0; every rank receives the assignments. ``final``:
+        the run's result, where ``cluster.study_links`` merges over-clusters (:meth:`linked_clusters`)."""
         c = self.cfg.cluster
         k = k or c.k
         with self.timer.phase("pca"):
@@ -253,7 +258,8 @@ class DeepClusterEngine:
             points = x if studies is None else study_means(x, studies)
             # Restart r uses its own seed; r = 0 is the single run of n_init = 1. Lowest inertia wins.
             seeds = [self.cfg.seed + seed_offset + r * 1_000_003 for r in range(max(c.n_init, 1))]
-            km = self.method.cluster_points(points, k, seeds)
+            linked = self.linked_clusters(points, k, seeds) if final and self.link_studies is not None else None
+            km = linked or self.method.cluster_points(points, k, seeds)
             if studies is not None:   # every image takes its study's cluster
                 km = KMeansResult(km.centroids, km.assignments[studies.to(km.assignments.device)], km.inertia,
                                   km.n_splits, km.backend)
@@ -263,6 +269,19 @@ class DeepClusterEngine:
         if km is None:
             km = KMeansResult(torch.empty(0), labels, 0.0, 0, c.backend)
         return km, pca
+
+    def linked_clusters(self, points: torch.Tensor, k: int, seeds: list[int]) -> KMeansResult | None:
+        """``cluster.study_links`` clusters of ``points`` (N, d) merged into ``k`` through shared
+        studies (:mod:`bonecluster.study_links`): every centroid is kept, ``groups`` maps it to its
+        cluster. None (plain clustering follows) when the cut found nothing to merge by."""
+        fine = self.method.cluster_points(points, self.cfg.cluster.study_links, seeds)
+        linked = link_clusters(fine, self.link_studies, k, seeds[0])
+        if linked is None:
+            log.warning("cluster.study_links: the %d clusters share no study, or the cut left a cluster empty; "
+                        "clustering into %d as usual", len(fine.centroids), k)
+        else:
+            log.info("final clusters: %d k-means clusters merged into %d through shared studies", len(fine.centroids), k)
+        return linked
 
     def whiten(self, feats: torch.Tensor) -> tuple[torch.Tensor, PCAWhitening]:
         """``(N, D)`` features -> ``(N, d)`` PCA-whitened, L2-normalised points and the fitted map;
@@ -363,6 +382,7 @@ class DeepClusterEngine:
                 "format": FORMAT, "model": _on_cpu(self.model.state_dict()), "hparams": self.model.hparams(),
                 "pca": _on_cpu(pca.state_dict()), "centroids": km.centroids.cpu(),
                 "assignments": km.assignments.cpu(), "config": to_dict(self.cfg),
+                **({"groups": km.groups.cpu()} if km.groups is not None else {}),
             })
 
 
@@ -393,6 +413,24 @@ def _check_choices(cfg: Config) -> None:
         raise ValueError("cluster.centroid_temperature must be > 0")
     if not 0.0 <= cfg.selfsup.study_pair_p <= 1.0:
         raise ValueError(f"selfsup.study_pair_p must be in [0, 1], got {cfg.selfsup.study_pair_p}")
+    _check_study_links(cfg)
+
+
+def _check_study_links(cfg: Config) -> None:
+    c = cfg.cluster
+    if not c.study_links:
+        return
+    if not isinstance(c.study_links, int) or c.study_links <= max(c.k, 1):
+        raise ValueError(f"cluster.study_links={c.study_links!r}: give more clusters than cluster.k={c.k} "
+                         "(e.g. 30), or 0 for off")
+    if c.k < 2:
+        raise ValueError("cluster.study_links needs cluster.k >= 2")
+    if c.by_study:
+        raise ValueError("cluster.study_links and cluster.by_study exclude each other: by_study puts every "
+                         "study in one cluster, so no two clusters share a study; set one of them off")
+    if cfg.method == "simclr-scan":
+        raise ValueError("cluster.study_links merges k-means clusters; method simclr-scan ends with SCAN's "
+                         "classifier instead (set cluster.study_links=0)")
 
 
 def _study_groups(data: PreparedDataset, c: ClusterConfig, announce: bool) -> torch.Tensor | None:
@@ -411,6 +449,23 @@ def _study_groups(data: PreparedDataset, c: ClusterConfig, announce: bool) -> to
         return None
     if announce:
         log.info("clustering %d studies (%d images) instead of images", n_studies, len(studies))
+    return studies
+
+
+def _link_studies(data: PreparedDataset, c: ClusterConfig, announce: bool) -> np.ndarray | None:
+    """(N,) study number of each image for ``cluster.study_links``, or None: off, or the links cannot
+    apply (:func:`bonecluster.study_links.why_not_linked`, with a warning)."""
+    if not c.study_links:
+        return None
+    studies = study_index(data.records)
+    reason = why_not_linked(studies, c.study_links)
+    if reason:
+        if announce:
+            log.warning("cluster.study_links: %s; final clusters by plain k-means", reason)
+        return None
+    share = linked_share(studies)
+    if announce:
+        log.info("cluster.study_links: %.0f%% of the %d images share a study with another", 100 * share, len(studies))
     return studies
 
 

@@ -88,7 +88,8 @@ class _Whitening(nn.Module):
 
 
 class Stage1Graph(nn.Module):
-    """Image -> embedding, centroid probabilities, nearest cluster and its probability."""
+    """Image -> embedding, cluster probabilities (k), nearest cluster and its probability. A cluster of
+    several centroids (``cluster.study_links``) takes its nearest centroid's and sums their probabilities."""
 
     output_names = ("embedding", "probabilities", "cluster", "confidence")
 
@@ -97,14 +98,17 @@ class Stage1Graph(nn.Module):
         self.model = trained.model.cpu().eval()
         self.whiten = _Whitening(trained.pca)
         self.register_buffer("centroids", trained.centroids.detach().float().cpu().clone())
+        groups = trained.centroid_clusters().cpu().long()
+        self.register_buffer("groups", groups.clone())
+        self.register_buffer("membership", F.one_hot(groups, trained.n_clusters).float())   # (K, k)
         self.temperature = float(temperature)
 
     def forward(self, image: torch.Tensor):
         x = self.whiten(self.model.features(image))
         c = self.centroids
         sq = (x.pow(2).sum(1, keepdim=True) - 2 * x @ c.T + c.pow(2).sum(1)).clamp_min(0)
-        prob = torch.softmax(-sq / self.temperature, dim=1)
-        cluster = torch.argmin(sq, dim=1)
+        prob = torch.softmax(-sq / self.temperature, dim=1) @ self.membership
+        cluster = self.groups[torch.argmin(sq, dim=1)]
         return x, prob, cluster, prob.gather(1, cluster.view(-1, 1)).squeeze(1)
 
 
@@ -191,7 +195,7 @@ def export_onnx(run: str | Path, out_dir: str | Path | None = None, opset: int =
         path = out / "stage1.onnx"
         manifest["exporter"] = _export(Stage1Graph(predictor.stage1), example, path, opset, exporter)
         written.append(path)
-        k = int(predictor.stage1.centroids.shape[0])
+        k = predictor.stage1.n_clusters
         manifest["stage1"] = {
             "file": path.name, "outputs": list(Stage1Graph.output_names),
             "embedding_dim": int(predictor.stage1.pca.output_dim), "k": k,
@@ -202,6 +206,8 @@ def export_onnx(run: str | Path, out_dir: str | Path | None = None, opset: int =
             "by_study": bool(predictor.stage1.cfg.cluster.by_study)}
         if manifest["stage1"]["by_study"]:
             manifest["stage1"]["centroids"] = predictor.stage1.centroids.float().tolist()
+        if predictor.stage1.groups is not None:   # cluster.study_links: several centroids per cluster
+            manifest["stage1"]["centroid_clusters"] = predictor.stage1.groups.tolist()
     manifest["stage2"] = {}
     for part, (trained, anomaly) in chosen.items():
         path = out / f"stage2_{_safe(part)}.onnx"

@@ -127,6 +127,8 @@ def name_clusters(run: str | Path, labelled: Sequence[str | Path], per_cluster: 
     ``RUN/stage1/naming.json``, and returns the audit. ``evaluation``: the data the names will be
     scored on; ``labelled`` sharing a file or a study with it is refused (ValueError).
     """
+    import torch
+
     from bonecluster.data import ReaderLimits, SkipLog, fetch_options, prepare_sources, read_sources
     from bonecluster.predict import Predictor, check_run, load_run_config
 
@@ -145,9 +147,8 @@ def name_clusters(run: str | Path, labelled: Sequence[str | Path], per_cluster: 
                              ", ".join(sources), ", ".join(map(str, evaluation)))
         data = prepare_sources(sources, cfg.data, cache=cache or tmp, progress=progress)
         clusters, _, embeddings = predictor.stage1_assignments(data)
-    centroids = predictor.stage1.centroids.float().numpy()
-    sq = ((embeddings - centroids[clusters]) ** 2).sum(1)
-    k = len(centroids)
+    sq = predictor.stage1.cluster_distances(torch.from_numpy(embeddings), torch.from_numpy(clusters)).numpy()
+    k = predictor.stage1.n_clusters
     named = names_from_nearest(clusters, sq, [r.body_part for r in data.records], k, per_cluster)
     audit = NamingAudit("nearest-to-centroid", sources, per_cluster, sum(len(v[2]) for v in named.values()))
     for c in range(k):

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from bonecluster.cluster import assign, study_means
+from bonecluster.cluster import study_means
 from bonecluster.checkpoint import FINAL_MODEL, TrainedClusters
 from bonecluster.data import fetch_options
 from bonecluster.data.cache import PreparedDataset
@@ -162,11 +162,12 @@ class Predictor:
             studies = torch.from_numpy(study_index(records))
             points = study_means(x, studies)
         centroids = self.stage1.centroids.float()
-        labels, _ = assign(points, centroids)
+        labels, _ = self.stage1.assign(points)
         sq = (points.pow(2).sum(1, keepdim=True) - 2 * points @ centroids.T + centroids.pow(2).sum(1)).clamp_min(0)
-        # a name several clusters share (over-clustering, many-to-one names) is one answer: its
-        # confidence is the sum over those clusters
-        prob = (torch.softmax(-sq / CONFIDENCE_TEMPERATURE, dim=1) * self._same_name(len(centroids))[labels]).sum(1)
+        # a name several clusters share (over-clustering, many-to-one names) is one answer, and so
+        # is a cluster of several centroids (cluster.study_links): the confidence sums over them
+        same = self._same_name(self.stage1.n_clusters)[labels][:, self.stage1.centroid_clusters()]
+        prob = (torch.softmax(-sq / CONFIDENCE_TEMPERATURE, dim=1) * same).sum(1)
         if studies is not None:
             labels, prob = labels[studies], prob[studies]
         return labels.numpy(), prob.numpy(), x.numpy()

@@ -333,3 +333,97 @@ def test_a_bad_bn_subset_size_fails_before_training(value):
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, bn_images=value))
     with pytest.raises(ValueError, match="train.bn_images must be a whole number"):
         DeepClusterEngine(cfg, "/nonexistent", progress=False)
+
+
+def test_study_links_keep_every_centroid_and_predict_export_and_naming_follow_their_clusters(phantoms, tmp_path):
+    from bonecluster.data.records import study_index
+    from bonecluster.export import Stage1Graph
+    from bonecluster.names import save_cluster_names
+    from bonecluster.predict import Predictor
+    from bonecluster.stage2.scoring import embed_images
+
+    cfg = _cfg(1, "cluster.by_study=false", "cluster.study_links=12", "cluster.k=4")
+    data = _data(phantoms, tmp_path, cfg)
+    res = DeepClusterEngine(cfg, tmp_path / "run" / "stage1", progress=False).fit(data)
+    trained = TrainedClusters.load(tmp_path / "run" / "stage1")
+    assert trained.centroids.shape[0] == 12 and trained.groups is not None and trained.n_clusters == 4
+    assert sorted(set(trained.groups.tolist())) == [0, 1, 2, 3]
+    np.testing.assert_array_equal(trained.assignments, res.assignments)
+    # every film goes where its nearest centroid's cluster is, in training and in predict
+    emb = embed_images(trained, data.images())
+    labels, _ = trained.assign(emb)
+    np.testing.assert_array_equal(labels.numpy(), res.assignments)
+    save_cluster_names(tmp_path / "run" / "stage1", {})
+    preds = Predictor(tmp_path / "run").predict(data)
+    np.testing.assert_array_equal([p.cluster for p in preds], res.assignments)
+    assert all(0 < p.confidence <= 1 + 1e-6 for p in preds)
+    # the exported graph gives k cluster probabilities and the same clusters and confidences
+    graph = Stage1Graph(trained).eval()
+    x = torch.from_numpy(data.images()[:6]).float().div(255).unsqueeze(1)
+    with torch.no_grad():
+        _, prob, cluster, conf = graph(x)
+    assert prob.shape == (6, 4) and torch.allclose(prob.sum(1), torch.ones(6), atol=1e-5)
+    assert cluster.tolist() == [p.cluster for p in preds[:6]]
+    np.testing.assert_allclose(conf.numpy(), [p.confidence for p in preds[:6]], atol=1e-5)
+    # how central a film is: the distance to the nearest centroid of its own cluster
+    dist = trained.cluster_distances(emb, torch.from_numpy(res.assignments))
+    torch.testing.assert_close(dist, torch.cdist(emb, trained.centroids).pow(2).min(1).values, atol=1e-5, rtol=1e-5)
+    assert study_index(data.records).max() + 1 < len(data)
+
+
+def test_study_links_without_studies_fall_back_to_plain_clusters_with_a_warning(phantoms, tmp_path, caplog):
+    from dataclasses import replace
+
+    cfg = _cfg(1, "cluster.by_study=false", "cluster.study_links=12")
+    data = _data(phantoms, tmp_path, cfg)
+    flat = replace(data, records=[replace(r, study=None) for r in data.records])
+    with caplog.at_level("WARNING", logger="bonecluster"):
+        on = DeepClusterEngine(cfg, tmp_path / "on", progress=False).fit(flat)
+    assert "0% of the 56 images share a study with another (needs 50%)" in caplog.text
+    off = DeepClusterEngine(_cfg(1, "cluster.by_study=false"), tmp_path / "off", progress=False).fit(flat)
+    np.testing.assert_array_equal(on.assignments, off.assignments)
+    assert TrainedClusters.load(tmp_path / "on").groups is None
+
+
+def test_study_links_above_the_number_of_images_fall_back_with_a_warning(phantoms, tmp_path, caplog):
+    cfg = _cfg(1, "cluster.by_study=false", "cluster.study_links=500")
+    data = _data(phantoms, tmp_path, cfg)
+    with caplog.at_level("WARNING", logger="bonecluster"):
+        DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(data)
+    assert "56 images cannot make more than 500 clusters" in caplog.text
+    assert TrainedClusters.load(tmp_path / "run").groups is None
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["cluster.study_links=7"], "give more clusters than cluster.k=7"),
+    (["cluster.study_links=30", "cluster.by_study=true"], "exclude each other"),
+    (["cluster.study_links=30", "cluster.by_study=false", "method=simclr-scan"], "SCAN"),
+])
+def test_study_links_settings_that_cannot_work_are_clear_errors(sets, message):
+    with pytest.raises(ValueError, match=message):
+        DeepClusterEngine(_cfg(1, *sets), "unused", progress=False)
+
+
+def test_a_study_links_run_exports_an_onnx_graph_that_predicts_its_clusters(phantoms, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    import json
+    from dataclasses import replace
+
+    from bonecluster.export import export_onnx
+    from bonecluster.names import save_cluster_names
+    from bonecluster.predict import Predictor
+
+    cfg = _cfg(1, "cluster.by_study=false", "cluster.study_links=12", "cluster.k=4")
+    data = _data(phantoms, tmp_path, cfg)
+    DeepClusterEngine(cfg, tmp_path / "run" / "stage1", progress=False).fit(data)
+    save_cluster_names(tmp_path / "run" / "stage1", {})
+    export_onnx(tmp_path / "run", tmp_path / "onnx")
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())["stage1"]
+    assert manifest["k"] == 4 and len(manifest["centroid_clusters"]) == 12
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "stage1.onnx"), providers=["CPUExecutionProvider"])
+    x = (data.images()[:5].astype(np.float32) / 255.0)[:, None]
+    prob, cluster, conf = session.run(["probabilities", "cluster", "confidence"], {"image": x})
+    five = data.subset(np.arange(5))
+    preds = Predictor(tmp_path / "run").predict(replace(five, records=[replace(r, study=None) for r in five.records]))
+    assert prob.shape == (5, 4) and cluster.tolist() == [p.cluster for p in preds]
+    assert np.abs(conf - np.array([p.confidence for p in preds])).max() < 1e-4

@@ -51,7 +51,7 @@ class Loop(Protocol):
                     generator: torch.Generator | None = None) -> torch.Tensor | None: ...
 
     def cluster(self, feats: torch.Tensor, seed_offset: int,
-                k: int | None = None) -> tuple[KMeansResult, PCAWhitening]: ...
+                k: int | None = None, final: bool = False) -> tuple[KMeansResult, PCAWhitening]: ...
 
 
 class Method:
@@ -96,7 +96,7 @@ class Method:
 
     def final_clusters(self, data: PreparedDataset, seed_offset: int) -> tuple[KMeansResult, PCAWhitening]:
         """The run's result: ``cluster.k`` clusters of the trained network's features."""
-        return self.loop.cluster(self.loop.extract(data), seed_offset=seed_offset)
+        return self.loop.cluster(self.loop.extract(data), seed_offset=seed_offset, final=True)
 
     def state_dict(self) -> dict:
         """Top-level checkpoint entries of the method's own state (optimisers, heads...)."""

@@ -63,7 +63,6 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 
 from bonecluster import __version__
-from bonecluster.cluster import assign
 from bonecluster.data.cache import PreparedDataset, store_dir_for
 from bonecluster.data.decode import decode_scaled, fit_to_square
 from bonecluster.data.records import Record, SkipError
@@ -211,7 +210,7 @@ class ViewerState:
 
     def stage2_names(self, part: str) -> dict[int, str]:
         trained = self.predictor.parts[part][0]
-        names = {c: f"cluster-{c}" for c in range(len(trained.centroids))}
+        names = {c: f"cluster-{c}" for c in range(trained.n_clusters)}
         folder = self.run / "stage2" / part
         if (folder / NAMES).is_file():
             try:
@@ -250,7 +249,7 @@ class ViewerState:
             heatmap = None
             if pred.part is not None:
                 trained, anomaly = self.predictor.parts[pred.part]
-                label, _ = assign(embed_images(trained, small[None]), trained.centroids.float())
+                label, _ = trained.assign(embed_images(trained, small[None]))
                 out["stage2_cluster"] = int(label[0])
                 out["stage2_cluster_name"] = self.stage2_names(pred.part).get(int(label[0]))
                 pca = anomaly.pca if anomaly.pca is not None else trained.pca
@@ -302,7 +301,7 @@ class ViewerState:
         s1 = self.predictor.stage1
         if s1 is not None:
             assignments = self.stage1_assignments()
-            listing = self._stage_listing("stage1", "Stage 1: body parts", None, len(s1.centroids),
+            listing = self._stage_listing("stage1", "Stage 1: body parts", None, s1.n_clusters,
                                           self.predictor.names, assignments,
                                           np.arange(self.n_images) if assignments is not None else None,
                                           "/api/clusters/stage1/{id}/name", per_cluster)
@@ -312,7 +311,7 @@ class ViewerState:
             stages.append(listing)
         for part, (trained, anomaly) in self.predictor.parts.items():
             positions = self.part_positions[part]
-            listing = self._stage_listing(f"stage2/{part}", f"Stage 2: {part}", part, len(trained.centroids),
+            listing = self._stage_listing(f"stage2/{part}", f"Stage 2: {part}", part, trained.n_clusters,
                                           self.stage2_names(part), trained.assignments if positions is not None
                                           else None, positions, f"/api/clusters/stage2/{part}/{{id}}/name",
                                           per_cluster)
@@ -331,11 +330,10 @@ class ViewerState:
             bank = self.train_embeddings()
         if bank is None:
             return {}
-        centroids = self.predictor.stage1.centroids.float()
-        labels = torch.from_numpy(np.asarray(assignments, np.int64))
-        distance = (bank.float() - centroids[labels]).pow(2).sum(1).numpy()
+        stage1 = self.predictor.stage1
+        distance = stage1.cluster_distances(bank, torch.from_numpy(np.asarray(assignments, np.int64))).numpy()
         out = {}
-        for c in range(len(centroids)):
+        for c in range(stage1.n_clusters):
             members = np.flatnonzero(assignments == c)
             order = members[np.argsort(distance[members], kind="stable")]
             central, rest = order[:NAMING_CENTRAL], order[NAMING_CENTRAL:]
