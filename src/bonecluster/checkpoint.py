@@ -10,7 +10,8 @@ Everything a run needs lives in its folder::
 config, rng and scaler, plus the method's own entries (``Method.state_dict``): ``optimizer``
 for DeepCluster's rounds, ``pretrain`` (head, optimizer; DINO adds teacher and center) for the
 two-view pre-training. ``model.pt`` holds format, model, hparams, pca, centroids, assignments
-and config.
+and config, and ``groups`` (the cluster of each centroid) when several centroids make one
+cluster (``cluster.study_links``).
 
 Checkpoints hold only tensors and plain values and are read with ``weights_only=True``. Both
 ``.pt`` files carry ``format`` (:data:`FORMAT`); files written before the key existed have the
