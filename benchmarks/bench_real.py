@@ -67,14 +67,31 @@ def restart_seeds(restart: int, n_init: int) -> list[int]:
 K_MEANS_METHODS = ("deepcluster", "simclr", "simclr-deepcluster", "dino")  # final clusters = plain k-means
 
 
+def final_kmeans(x, k: int, seeds: list[int], c, studies=None):
+    """(KMeansResult, linked) for points ``x`` (N, d), as the engine's final clustering makes them:
+    with ``c.study_links`` (a ClusterConfig) K over-clusters merged into ``k`` through ``studies``
+    (N,) where they apply (``linked`` True), else plain k-means, best of ``seeds``."""
+    from bonecluster.cluster import kmeans_best_of
+    from bonecluster.study_links import link_clusters, why_not_linked
+
+    options = dict(niter=c.niter, init=c.init, backend=c.backend)
+    if c.study_links and studies is not None and why_not_linked(studies, c.study_links, k) is None:
+        linked = link_clusters(kmeans_best_of(x, c.study_links, seeds, **options), studies, k, seeds[0])
+        if linked is not None:
+            return linked, True
+    return kmeans_best_of(x, k, seeds, **options), False
+
+
 def kmeans_restart_spread(run: Path, eval_src: list[str], restarts: int) -> dict | None:
     """Held-out Hungarian accuracy of the stage-1 k-means step re-run with ``restarts`` new seeds
     on the trained network's (fixed) PCA-whitened embeddings; best of ``cluster.n_init`` per seed,
-    as the engine does. None for methods whose final clusters are not plain k-means."""
+    and merged through shared studies with ``cluster.study_links``, as the engine does. None for
+    methods whose final clusters are not plain k-means."""
     import numpy as np
 
-    from bonecluster.cluster import assign, kmeans_best_of
     from bonecluster.data import prepare_sources
+    from bonecluster.data.records import study_index
+    from bonecluster.study_links import assign_clusters
     from bonecluster.data.cache import PreparedDataset
     from bonecluster.checkpoint import TrainedClusters
     from bonecluster.metrics import hungarian_accuracy
@@ -87,14 +104,14 @@ def kmeans_restart_spread(run: Path, eval_src: list[str], restarts: int) -> dict
     held_out = prepare_sources(eval_src, cfg.data, cache=cfg.data.cache or run / "cache", progress=False)
     parts = np.array([r.body_part or "" for r in held_out.records])
     labelled = parts != ""
-    x_train = embed_images(trained, PreparedDataset.load(run / "data.json").images())
+    training = PreparedDataset.load(run / "data.json")
+    x_train = embed_images(trained, training.images())
+    studies = study_index(training.records)
     x_eval = embed_images(trained, held_out.images())
     scores = []
     for r in range(restarts):
-        best = kmeans_best_of(x_train, cfg.cluster.k, restart_seeds(r, cfg.cluster.n_init),
-                              niter=cfg.cluster.niter, init=cfg.cluster.init,
-                              backend=cfg.cluster.backend)
-        clusters = assign(x_eval, best.centroids)[0].numpy()
+        best, _ = final_kmeans(x_train, cfg.cluster.k, restart_seeds(r, cfg.cluster.n_init), cfg.cluster, studies)
+        clusters = assign_clusters(x_eval, best).numpy()
         scores.append(hungarian_accuracy(clusters[labelled], parts[labelled]))
     return {"restarts": restarts, "mean": float(np.mean(scores)), "std": float(np.std(scores)),
             "min": float(np.min(scores)), "max": float(np.max(scores)), "scores": [round(v, 4) for v in scores]}

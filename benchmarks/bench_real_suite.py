@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_real import restart_seeds, split_source  # noqa: E402  (one split rule, one seed rule)
+from bench_real import final_kmeans, restart_seeds, split_source  # noqa: E402  (one split, seed and clustering rule)
 
 # source name -> path inside --data
 SOURCES = {
@@ -185,7 +185,7 @@ def score_evaluation(ev: Evaluation, run: Path, trained, splits: dict, regions: 
     from bonecluster.data import prepare_sources
     from bonecluster.data.records import study_index
     from bonecluster.metrics import ari, hungarian_accuracy
-    from bonecluster.study_links import assign_clusters, why_not_linked
+    from bonecluster.study_links import assign_clusters
 
     cfg = trained.cfg
     cache = cfg.data.cache or run / "cache"
@@ -198,18 +198,18 @@ def score_evaluation(ev: Evaluation, run: Path, trained, splits: dict, regions: 
     scored, known = y_ev != "", y_tr != ""
     classes = sorted(set(y_ev[scored]) | set(y_tr[known]))
     k = len(classes)
-    linked = bool(cfg.cluster.study_links) and why_not_linked(s_tr, cfg.cluster.study_links) is None
-    scores, aris = [], []
+    scores, aris, linked = [], [], 0
     for r in range(restarts):
-        km = _final_kmeans(torch.from_numpy(e_tr), k, restart_seeds(r, cfg.cluster.n_init), cfg.cluster,
-                           s_tr if linked else None)
+        km, merged = final_kmeans(torch.from_numpy(e_tr), k, restart_seeds(r, cfg.cluster.n_init), cfg.cluster, s_tr)
+        linked += merged
         clusters = assign_clusters(torch.from_numpy(e_ev), km).numpy()
         scores.append(hungarian_accuracy(clusters[scored], y_ev[scored]))
         aris.append(ari(clusters[scored], y_ev[scored]))
     ceiling = _probe(e_tr[known], y_tr[known], e_ev[scored], y_ev[scored], standardise=False)
     ceiling_raw = _probe(r_tr[known], y_tr[known], r_ev[scored], y_ev[scored], standardise=True)
     out = {"title": ev.title, "classes": classes, "k": k, "train_films": len(y_tr), "train_labelled": int(known.sum()),
-           "held_out_films": len(y_ev), "held_out_scored": int(scored.sum()), "study_links": linked,
+           "held_out_films": len(y_ev), "held_out_scored": int(scored.sum()),
+           "study_links": linked,   # restarts whose clusters were merged through shared studies (0: plain k-means)
            "majority_share": _majority_share(y_ev[scored]),
            "hungarian_mean": float(np.mean(scores)), "hungarian_std": float(np.std(scores)),
            "hungarian_scores": [round(s, 4) for s in scores],
@@ -220,20 +220,6 @@ def score_evaluation(ev: Evaluation, run: Path, trained, splits: dict, regions: 
         run_clusters = trained.assign(torch.from_numpy(e_ev))[0].numpy()
         out["run_clusters_hungarian"] = hungarian_accuracy(run_clusters[scored], y_ev[scored])
     return out
-
-
-def _final_kmeans(x, k: int, seeds: list[int], c, studies):
-    """k-means on ``x`` as the engine's final clustering does: plain (best of ``seeds``), or with
-    ``cluster.study_links`` over-clusters merged through ``studies`` (None: plain)."""
-    from bonecluster.cluster import kmeans_best_of
-    from bonecluster.study_links import link_clusters
-
-    options = dict(niter=c.niter, init=c.init, backend=c.backend)
-    if studies is not None:
-        linked = link_clusters(kmeans_best_of(x, c.study_links, seeds, **options), studies, k, seeds[0])
-        if linked is not None:
-            return linked
-    return kmeans_best_of(x, k, seeds, **options)
 
 
 def refit_space(trained, space: str, pool: list[str], cache: Path, films: int) -> None:

@@ -154,8 +154,9 @@ class ClusterConfig:
     # makes this many k-means clusters (K > k), links two clusters by the film pairs of one study
     # they hold between them, and cuts that graph into k groups (spectral clustering). A study shows
     # one part in views that differ in framing and exposure, what k-means splits real films on.
-    # 0 = off. Used only where at least half of the films have a study mate (else plain k-means, with
-    # a log line); not with by_study (which puts a study in one cluster, so nothing links).
+    # 0 = off. Used only where it is above k, there are more films than it, and at least half of the
+    # films have a study mate (else plain k-means, with a log line saying why); not with by_study
+    # (which puts a study in one cluster, so nothing links), sela or simclr-scan.
     study_links: int = 0
     # Space k-means works in: "none" = PCA-whiten all features (DeepCluster); "phantom-parts" =
     # PCA-whiten only inside the <= 6 directions that tell phantom body parts apart (LDA on

@@ -420,17 +420,16 @@ def _check_study_links(cfg: Config) -> None:
     c = cfg.cluster
     if not c.study_links:
         return
-    if not isinstance(c.study_links, int) or c.study_links <= max(c.k, 1):
-        raise ValueError(f"cluster.study_links={c.study_links!r}: give more clusters than cluster.k={c.k} "
+    if not isinstance(c.study_links, int) or isinstance(c.study_links, bool) or c.study_links < 0:
+        raise ValueError(f"cluster.study_links={c.study_links!r}: give a number of clusters above cluster.k "
                          "(e.g. 30), or 0 for off")
-    if c.k < 2:
-        raise ValueError("cluster.study_links needs cluster.k >= 2")
     if c.by_study:
         raise ValueError("cluster.study_links and cluster.by_study exclude each other: by_study puts every "
                          "study in one cluster, so no two clusters share a study; set one of them off")
-    if cfg.method == "simclr-scan":
-        raise ValueError("cluster.study_links merges k-means clusters; method simclr-scan ends with SCAN's "
-                         "classifier instead (set cluster.study_links=0)")
+    if cfg.method in ("simclr-scan", "sela"):
+        raise ValueError(f"cluster.study_links merges k-means clusters; method {cfg.method} makes its final "
+                         "clusters otherwise (SCAN's classifier, balanced Sinkhorn assignments): set "
+                         "cluster.study_links=0")
 
 
 def _study_groups(data: PreparedDataset, c: ClusterConfig, announce: bool) -> torch.Tensor | None:
@@ -458,7 +457,7 @@ def _link_studies(data: PreparedDataset, c: ClusterConfig, announce: bool) -> np
     if not c.study_links:
         return None
     studies = study_index(data.records)
-    reason = why_not_linked(studies, c.study_links)
+    reason = why_not_linked(studies, c.study_links, c.k)
     if reason:
         if announce:
             log.warning("cluster.study_links: %s; final clusters by plain k-means", reason)

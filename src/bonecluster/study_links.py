@@ -43,8 +43,8 @@ def study_link_weights(clusters: np.ndarray, studies: np.ndarray, n_clusters: in
 
     Each study of ``n`` films adds ``a_i * a_j / (n - 1)`` between every two clusters ``i != j``,
     where ``a_i`` is how many of its films are in cluster ``i``: the number of its film pairs
-    split between the two, scaled so that a study adds at most ``n / 2`` in all (a large study does
-    not outweigh many small ones by the square of its size).
+    split between the two, scaled so that a study adds at most ``n / 2`` over the unordered pairs
+    of clusters (a large study does not outweigh many small ones by the square of its size).
 
     Args:
         clusters: ``(N,)`` cluster of each film, in ``0..K-1``.
@@ -94,9 +94,12 @@ def merge_linked_clusters(centroids: torch.Tensor, links: np.ndarray, k: int, se
     return np.array([order[g] for g in groups], np.int64)
 
 
-def why_not_linked(studies: np.ndarray, n_clusters: int) -> str | None:
-    """Why ``n_clusters`` over-clusters of films in ``studies`` (N,) cannot be linked (too few films,
-    or fewer than :data:`MIN_LINKED_SHARE` of them with a study mate), or None when they can."""
+def why_not_linked(studies: np.ndarray, n_clusters: int, k: int) -> str | None:
+    """Why ``n_clusters`` over-clusters of films in ``studies`` (N,) cannot be linked into ``k``
+    (no more over-clusters than k, no more films than over-clusters, or fewer than
+    :data:`MIN_LINKED_SHARE` of the films with a study mate), or None when they can."""
+    if n_clusters <= k:
+        return f"{n_clusters} clusters are not more than the {k} to make"
     if len(studies) <= n_clusters:
         return f"{len(studies)} images cannot make more than {n_clusters} clusters"
     share = linked_share(studies)

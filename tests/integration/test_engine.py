@@ -365,10 +365,16 @@ def test_study_links_keep_every_centroid_and_predict_export_and_naming_follow_th
     assert prob.shape == (6, 4) and torch.allclose(prob.sum(1), torch.ones(6), atol=1e-5)
     assert cluster.tolist() == [p.cluster for p in preds[:6]]
     np.testing.assert_allclose(conf.numpy(), [p.confidence for p in preds[:6]], atol=1e-5)
-    # how central a film is: the distance to the nearest centroid of its own cluster
+    # how central a film is: the distance to the nearest centroid of its own cluster, and to the
+    # nearest of another cluster's centroids when it is asked about that cluster
+    sq = torch.cdist(emb, trained.centroids).pow(2)
     dist = trained.cluster_distances(emb, torch.from_numpy(res.assignments))
-    torch.testing.assert_close(dist, torch.cdist(emb, trained.centroids).pow(2).min(1).values, atol=1e-5, rtol=1e-5)
-    assert study_index(data.records).max() + 1 < len(data)
+    torch.testing.assert_close(dist, sq.min(1).values, atol=1e-5, rtol=1e-5)
+    other = (torch.from_numpy(res.assignments) + 1) % 4
+    mine = trained.groups[None, :] == other[:, None]
+    torch.testing.assert_close(trained.cluster_distances(emb, other), sq.masked_fill(~mine, float("inf")).min(1).values)
+    assert (trained.cluster_distances(emb, other) > dist).all()
+    assert study_index(data.records).max() + 1 < len(data)   # the phantoms come in studies
 
 
 def test_study_links_without_studies_fall_back_to_plain_clusters_with_a_warning(phantoms, tmp_path, caplog):
@@ -392,12 +398,17 @@ def test_study_links_above_the_number_of_images_fall_back_with_a_warning(phantom
         DeepClusterEngine(cfg, tmp_path / "run", progress=False).fit(data)
     assert "56 images cannot make more than 500 clusters" in caplog.text
     assert TrainedClusters.load(tmp_path / "run").groups is None
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bonecluster"):   # e.g. cpu-real's 30 with cluster.k=30 for naming
+        DeepClusterEngine(_cfg(1, "cluster.by_study=false", "cluster.study_links=7"), tmp_path / "k", progress=False).fit(data)
+    assert "7 clusters are not more than the 7 to make" in caplog.text
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["cluster.study_links=7"], "give more clusters than cluster.k=7"),
+    (["cluster.study_links=-1"], "give a number of clusters above cluster.k"),
     (["cluster.study_links=30", "cluster.by_study=true"], "exclude each other"),
     (["cluster.study_links=30", "cluster.by_study=false", "method=simclr-scan"], "SCAN"),
+    (["cluster.study_links=30", "cluster.by_study=false", "method=sela"], "Sinkhorn"),
 ])
 def test_study_links_settings_that_cannot_work_are_clear_errors(sets, message):
     with pytest.raises(ValueError, match=message):

@@ -64,3 +64,8 @@ def test_several_networks_without_epochs_warn_that_they_are_one(caplog, tmp_path
         train_stage2(NoParts(), tmp_path, load_config("cpu", overrides=["stage2.networks=3", "stage2.epochs=2"]),
                      stage1_names=[])
     assert "ignored" not in caplog.text
+
+
+def test_stage_1s_final_cluster_merging_is_not_carried_into_the_parts():
+    cfg = load_config("cpu-real")
+    assert cfg.cluster.study_links == 30 and stage2_config(cfg).cluster.study_links == 0

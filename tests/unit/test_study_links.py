@@ -47,9 +47,10 @@ def test_link_weights_reject_mismatched_shapes():
 def test_linked_share_counts_films_with_a_study_mate():
     assert linked_share(np.array([0, 0, 1, 2, 2, 2])) == pytest.approx(5 / 6)
     assert linked_share(np.arange(5)) == 0.0 and linked_share(np.array([], int)) == 0.0
-    assert why_not_linked(np.array([0, 0, 1, 1, 2]), 3) is None
-    assert "40% of the 5 images share a study" in why_not_linked(np.array([0, 0, 1, 2, 3]), 3)
-    assert "5 images cannot make more than 5 clusters" in why_not_linked(np.array([0, 0, 1, 1, 2]), 5)
+    assert why_not_linked(np.array([0, 0, 1, 1, 2]), 3, 2) is None
+    assert "40% of the 5 images share a study" in why_not_linked(np.array([0, 0, 1, 2, 3]), 3, 2)
+    assert "5 images cannot make more than 5 clusters" in why_not_linked(np.array([0, 0, 1, 1, 2]), 5, 2)
+    assert "3 clusters are not more than the 3 to make" in why_not_linked(np.array([0, 0, 1, 1, 2]), 3, 3)
 
 
 def test_the_cut_follows_the_links_not_the_centroids():

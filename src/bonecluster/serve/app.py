@@ -321,8 +321,8 @@ class ViewerState:
                 "stages": stages}
 
     def central_and_edge(self, assignments: np.ndarray | None) -> dict[int, tuple[list[int], list[int]]]:
-        """Per stage-1 cluster, the training images nearest its centroid (NAMING_CENTRAL, nearest
-        first) and the farthest ones (NAMING_EDGE, farthest first, none of them central): what
+        """Per stage-1 cluster, the training images nearest its centroid (the nearest of its centroids
+        with ``cluster.study_links``; NAMING_CENTRAL, nearest first) and the farthest ones (NAMING_EDGE, farthest first, none of them central): what
         the naming flow shows. Empty without the training images."""
         if assignments is None:
             return {}

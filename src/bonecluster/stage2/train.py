@@ -43,7 +43,7 @@ def stage2_config(cfg: Config) -> Config:
     where ``stage2.weights`` is not ``same``).
 
     Stage 1's over-clustering (``cluster.train_k``), study-level clustering (``cluster.by_study``),
-    phantom part subspace (``cluster.subspace``: within one part it would keep the directions
+    final clusters merged through studies (``cluster.study_links``), phantom part subspace (``cluster.subspace``: within one part it would keep the directions
     that tell the other parts apart) and whitening strength (``cluster.eigen_power``, chosen on
     body parts) are not carried over: a part has a few hundred images, and its rounds cluster
     images into ``stage2.k`` in the usual PCA-whitened space.
@@ -51,8 +51,8 @@ def stage2_config(cfg: Config) -> Config:
     weights = stage2_weights(cfg)
     model = cfg.model if weights == SAME else replace(cfg.model, weights=weights)
     return replace(cfg, model=model,
-                   cluster=replace(cfg.cluster, k=cfg.stage2.k, train_k=0, by_study=False, subspace="none",
-                                   eigen_power=-0.5),
+                   cluster=replace(cfg.cluster, k=cfg.stage2.k, train_k=0, by_study=False, study_links=0,
+                                   subspace="none", eigen_power=-0.5),
                    train=replace(cfg.train, epochs=cfg.stage2.epochs))
 
 
