@@ -375,6 +375,16 @@ def test_study_links_keep_every_centroid_and_predict_export_and_naming_follow_th
     torch.testing.assert_close(trained.cluster_distances(emb, other), sq.masked_fill(~mine, float("inf")).min(1).values)
     assert (trained.cluster_distances(emb, other) > dist).all()
     assert study_index(data.records).max() + 1 < len(data)   # the phantoms come in studies
+    # `bonecluster name`: one name per cluster (not per centroid), from the films nearest its centroids
+    from bonecluster.naming import name_clusters
+
+    audit = name_clusters(tmp_path / "run", [phantoms], per_cluster=2, cache=tmp_path / "cache", progress=False)
+    assert sorted(audit.clusters) == [0, 1, 2, 3] and audit.n_labels_read == 8
+    for c, named in audit.clusters.items():
+        shown = [i for i, r in enumerate(data.records) if r.path in named.files]
+        assert set(res.assignments[shown]) == {c}
+        central = dist[res.assignments == c].sort().values[:2]
+        torch.testing.assert_close(dist[shown].sort().values, central)
 
 
 def test_study_links_without_studies_fall_back_to_plain_clusters_with_a_warning(phantoms, tmp_path, caplog):
