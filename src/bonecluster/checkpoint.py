@@ -103,7 +103,9 @@ class TrainedClusters:
     def cluster_distances(self, points: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
         """``(N,)`` squared distance from each point ``(N, d)`` to the nearest centroid of its given
         cluster ``(N,)`` (how central a film is in its cluster, whether the cluster has one centroid or several)."""
-        sq = torch.cdist(points.float(), self.centroids.float()).pow(2)
+        points = points.float()
+        # one centroid at a time, as (x - c)^2 summed: exact, so near-equal films keep their order
+        sq = torch.stack([(points - c).pow(2).sum(1) for c in self.centroids.float()], dim=1)
         own = self.centroid_clusters()[None, :] == clusters.long()[:, None]
         return sq.masked_fill(~own, float("inf")).min(dim=1).values
 
