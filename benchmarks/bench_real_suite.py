@@ -42,7 +42,9 @@ run's own. With ``--run``, ``--set`` takes ``cluster.*`` keys for that re-fit, e
 ``--set cluster.study_links=K`` alone needs no ``--space``: each evaluation's k-means then merges
 K over-clusters through shared studies (``bonecluster.study_links``), as the engine's final
 clustering does, on evaluations whose training-side films share studies ((b) here; (a) and (c)
-carry no study ids, so plain k-means).
+carry no study ids, so plain k-means). Such an evaluation also reports ``hungarian_study_vote``:
+each held-out study's films in the cluster most of them take, which is what ``predict`` gives a
+study_links run's studies (the main figure stays the film's own nearest centroid).
 """
 
 from __future__ import annotations
@@ -185,7 +187,8 @@ def score_evaluation(ev: Evaluation, run: Path, trained, splits: dict, regions: 
     from bonecluster.data import prepare_sources
     from bonecluster.data.records import study_index
     from bonecluster.metrics import ari, hungarian_accuracy
-    from bonecluster.study_links import assign_clusters
+    from bonecluster.predict import CONFIDENCE_TEMPERATURE
+    from bonecluster.study_links import assign_clusters, cluster_probabilities, study_vote
 
     cfg = trained.cfg
     cache = cfg.data.cache or run / "cache"
@@ -194,15 +197,19 @@ def score_evaluation(ev: Evaluation, run: Path, trained, splits: dict, regions: 
         ds = prepare_sources([str(splits[s][j]) for s in ev.sources], cfg.data, cache=cache, progress=False)
         emb, raw = _embed(trained, ds.images())
         sides[side] = (emb, raw, _labels(ds.records, ev.label, regions), study_index(ds.records))
-    (e_tr, r_tr, y_tr, s_tr), (e_ev, r_ev, y_ev, _) = sides["train"], sides["eval"]
+    (e_tr, r_tr, y_tr, s_tr), (e_ev, r_ev, y_ev, s_ev) = sides["train"], sides["eval"]
     scored, known = y_ev != "", y_tr != ""
     classes = sorted(set(y_ev[scored]) | set(y_tr[known]))
     k = len(classes)
-    scores, aris, linked = [], [], 0
+    scores, aris, linked, voted = [], [], 0, []
     for r in range(restarts):
         km, merged = final_kmeans(torch.from_numpy(e_tr), k, restart_seeds(r, cfg.cluster.n_init), cfg.cluster, s_tr)
         linked += merged
         clusters = assign_clusters(torch.from_numpy(e_ev), km).numpy()
+        if merged:   # each held-out study's films in the cluster most of them take (rule SV)
+            prob = cluster_probabilities(torch.from_numpy(e_ev), km.centroids, km.groups, CONFIDENCE_TEMPERATURE)
+            vote = study_vote(clusters, prob.numpy(), s_ev)
+            voted.append(hungarian_accuracy(vote[scored], y_ev[scored]))
         scores.append(hungarian_accuracy(clusters[scored], y_ev[scored]))
         aris.append(ari(clusters[scored], y_ev[scored]))
     ceiling = _probe(e_tr[known], y_tr[known], e_ev[scored], y_ev[scored], standardise=False)
@@ -210,6 +217,7 @@ def score_evaluation(ev: Evaluation, run: Path, trained, splits: dict, regions: 
     out = {"title": ev.title, "classes": classes, "k": k, "train_films": len(y_tr), "train_labelled": int(known.sum()),
            "held_out_films": len(y_ev), "held_out_scored": int(scored.sum()),
            "study_links": linked,   # restarts whose clusters were merged through shared studies (0: plain k-means)
+           "hungarian_study_vote": float(np.mean(voted)) if voted else None,   # those restarts, studies voting
            "majority_share": _majority_share(y_ev[scored]),
            "hungarian_mean": float(np.mean(scores)), "hungarian_std": float(np.std(scores)),
            "hungarian_scores": [round(s, 4) for s in scores],
@@ -251,6 +259,8 @@ def print_table(result: dict) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for key, e in result["evaluations"].items():
         extra = f" (run's k={result['k']} clusters: {e['run_clusters_hungarian']:.3f})" if "run_clusters_hungarian" in e else ""
+        if e.get("hungarian_study_vote") is not None:   # what predict gives a study_links run's studies
+            extra += f" (studies voting, as predict: {e['hungarian_study_vote']:.3f})"
         print(f"| ({key}) {e['title']} | {e['k']} | {e['train_films']} / {e['held_out_films']} ({e['held_out_scored']}) "
               f"| {e['majority_share']:.3f} | {e['hungarian_mean']:.3f} ± {e['hungarian_std']:.3f}{extra} "
               f"| {e['ari_mean']:.3f} | {e['probe_embedding']:.3f} "

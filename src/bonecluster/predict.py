@@ -40,6 +40,7 @@ from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.dicomweb import is_dicomweb
 from bonecluster.data.records import study_index
 from bonecluster.stage2.scoring import ANOMALY, PartAnomaly, embed_images
+from bonecluster.study_links import cluster_probabilities, study_vote
 from bonecluster.typicality import TYPICALITY, Typicality
 
 # Softmax temperature over negative squared distances to the stage-1 centroids. Embeddings are
@@ -154,8 +155,10 @@ class Predictor:
     def _stage1(self, images: np.ndarray, records=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Clusters, confidences and embeddings (N, d). A run trained with ``cluster.by_study``
         assigns studies as it clustered them: each image takes the cluster (and confidence) of its
-        study's mean embedding; the embeddings stay per image. Without ``records`` every image is
-        its own study."""
+        study's mean embedding; the embeddings stay per image. A run whose clusters were merged
+        through studies (``cluster.study_links``) gives a study's images the cluster most of them take
+        (:func:`bonecluster.study_links.study_vote`; each keeps its own confidence in it). Without
+        ``records`` every image is its own study."""
         x = embed_images(self.stage1, images)
         points, studies = x, None
         if self.stage1.cfg.cluster.by_study and records is not None:
@@ -166,8 +169,12 @@ class Predictor:
         sq = (points.pow(2).sum(1, keepdim=True) - 2 * points @ centroids.T + centroids.pow(2).sum(1)).clamp_min(0)
         # a name several clusters share (over-clustering, many-to-one names) is one answer, and so
         # is a cluster of several centroids (cluster.study_links): the confidence sums over them
+        soft = torch.softmax(-sq / CONFIDENCE_TEMPERATURE, dim=1)
+        if self.stage1.groups is not None and records is not None:   # rule SM's clusters: a study votes (rule SV)
+            clusters = cluster_probabilities(points, centroids, self.stage1.groups, CONFIDENCE_TEMPERATURE)
+            labels = torch.from_numpy(study_vote(labels.numpy(), clusters.numpy(), study_index(records)))
         same = self._same_name(self.stage1.n_clusters)[labels][:, self.stage1.centroid_clusters()]
-        prob = (torch.softmax(-sq / CONFIDENCE_TEMPERATURE, dim=1) * same).sum(1)
+        prob = (soft * same).sum(1)
         if studies is not None:
             labels, prob = labels[studies], prob[studies]
         return labels.numpy(), prob.numpy(), x.numpy()

@@ -126,3 +126,32 @@ def assign_clusters(x: torch.Tensor, result: KMeansResult) -> torch.Tensor:
     """``(N,)`` cluster of each point ``(N, d)``: its nearest centroid's, through ``result.groups``."""
     labels = assign(x, result.centroids)[0]
     return labels if result.groups is None else result.groups.to(labels.device)[labels]
+
+
+def cluster_probabilities(points: torch.Tensor, centroids: torch.Tensor, groups: torch.Tensor | None,
+                          temperature: float) -> torch.Tensor:
+    """``(N, k)`` softmax over the negative squared distances of ``points`` (N, d) to the ``centroids``
+    (K, d) at ``temperature``, summed over each cluster's centroids (``groups`` (K,); None: one each)."""
+    points, centroids = points.float(), centroids.float()
+    sq = (points.pow(2).sum(1, keepdim=True) - 2 * points @ centroids.T + centroids.pow(2).sum(1)).clamp_min(0)
+    soft = torch.softmax(-sq / temperature, dim=1)
+    if groups is None:
+        return soft
+    return soft @ torch.nn.functional.one_hot(groups.long().cpu(), int(groups.max()) + 1).float()
+
+
+def study_vote(labels: np.ndarray, probabilities: np.ndarray, studies: np.ndarray) -> np.ndarray:
+    """``(N,)`` the cluster of each film's study: the one holding most of the study's films, a tie
+    going to the tied cluster of the largest summed probability (``probabilities`` (N, k)).
+
+    A study is one body part, so its views belong in one cluster (MURA scores studies, too)."""
+    labels, studies = np.asarray(labels, np.int64), np.asarray(studies, np.int64)
+    probabilities = np.asarray(probabilities, np.float64)
+    n_studies, k = int(studies.max()) + 1, probabilities.shape[1]
+    counts = np.zeros((n_studies, k))
+    np.add.at(counts, (studies, labels), 1.0)
+    sums = np.zeros((n_studies, k))
+    np.add.at(sums, studies, probabilities)
+    # the summed probabilities are below the study's size, so divided by size + 1 they only break ties
+    key = counts + sums / (counts.sum(1, keepdims=True) + 1.0)
+    return key.argmax(1)[studies]

@@ -103,6 +103,8 @@ def test_the_suite_trains_once_and_scores_three_evaluations_with_their_ceilings(
     assert linked["b"]["study_links"] == 2 and linked["a"]["study_links"] == linked["c"]["study_links"] == 0
     for key in "ac":
         assert linked[key]["hungarian_scores"] == evals[key]["hungarian_scores"]
+        assert linked[key]["hungarian_study_vote"] is None
+    assert 0 < linked["b"]["hungarian_study_vote"] <= 1
     for bad in (["--space", "pca", "--set", "train.lr=0.1"], ["--set", "cluster.eigen_power=0"],
                 ["--space", "pca", "--set", "cluster.subspace=phantom-parts"]):
         with pytest.raises(SystemExit, match="cluster"):

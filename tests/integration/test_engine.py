@@ -354,9 +354,24 @@ def test_study_links_keep_every_centroid_and_predict_export_and_naming_follow_th
     labels, _ = trained.assign(emb)
     np.testing.assert_array_equal(labels.numpy(), res.assignments)
     save_cluster_names(tmp_path / "run" / "stage1", {})
-    preds = Predictor(tmp_path / "run").predict(data)
+    from dataclasses import replace
+
+    alone = replace(data, records=[replace(r, study=None) for r in data.records])
+    preds = Predictor(tmp_path / "run").predict(alone)   # images without studies: as training assigned them
     np.testing.assert_array_equal([p.cluster for p in preds], res.assignments)
     assert all(0 < p.confidence <= 1 + 1e-6 for p in preds)
+    # with their studies, a study's images take the cluster most of them are in (ties: the larger summed
+    # probability), each with its own confidence in that cluster
+    voted = Predictor(tmp_path / "run").predict(data)
+    studies = study_index(data.records)
+    film = np.array([p.cluster for p in preds])
+    for s in np.unique(studies):
+        mine = studies == s
+        clusters = {voted[i].cluster for i in np.flatnonzero(mine)}
+        assert len(clusters) == 1
+        counts = np.bincount(film[mine], minlength=4)
+        assert counts[clusters.pop()] == counts.max()
+    assert any(len(set(film[studies == s])) > 1 for s in np.unique(studies))   # the vote had work to do
     # the exported graph gives k cluster probabilities and the same clusters and confidences
     graph = Stage1Graph(trained).eval()
     x = torch.from_numpy(data.images()[:6]).float().div(255).unsqueeze(1)

@@ -111,3 +111,29 @@ def test_assign_clusters_maps_the_nearest_centroid_through_groups():
     assert assign_clusters(x, result).tolist() == [1, 0, 1]
     plain = KMeansResult(result.centroids, result.assignments, 0.0, 0, "torch")
     assert assign_clusters(x, plain).tolist() == [0, 1, 2]
+
+
+def test_a_study_takes_the_cluster_most_of_its_films_are_in_ties_to_the_larger_summed_probability():
+    from bonecluster.study_links import study_vote
+
+    labels = np.array([0, 0, 1, 1, 0, 2, 2])
+    studies = np.array([0, 0, 0, 1, 1, 2, 2])
+    prob = np.array([[.6, .3, .1], [.6, .3, .1], [.2, .7, .1],   # study 0: two of three in 0
+                     [.1, .5, .4], [.9, .05, .05],               # study 1: a tie, 0 holds 1.0 against 0.55
+                     [.0, .1, .9], [.1, .1, .8]])                # study 2: both in 2
+    assert study_vote(labels, prob, studies).tolist() == [0, 0, 0, 0, 0, 2, 2]
+    lone = np.arange(7)
+    assert study_vote(labels, prob, lone).tolist() == labels.tolist()   # no studies: every film keeps its own
+
+
+def test_cluster_probabilities_sum_each_clusters_centroids():
+    from bonecluster.study_links import cluster_probabilities
+
+    centroids = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    x = torch.tensor([[0.2, 0.1], [0.9, 0.8]])
+    each = cluster_probabilities(x, centroids, None, 0.5)
+    grouped = cluster_probabilities(x, centroids, torch.tensor([0, 1, 0]), 0.5)
+    torch.testing.assert_close(grouped, torch.stack([each[:, 0] + each[:, 2], each[:, 1]], dim=1))
+    torch.testing.assert_close(each.sum(1), torch.ones(2))
+    sq = torch.cdist(x, centroids).pow(2)
+    torch.testing.assert_close(each, torch.softmax(-sq / 0.5, dim=1), atol=1e-6, rtol=1e-5)
