@@ -38,7 +38,7 @@ from bonecluster.checkpoint import FINAL_MODEL, TrainedClusters
 from bonecluster.data import fetch_options
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.dicomweb import is_dicomweb
-from bonecluster.data.records import study_index
+from bonecluster.data.records import study_index, study_key
 from bonecluster.stage2.scoring import ANOMALY, PartAnomaly, embed_images
 from bonecluster.study_links import cluster_probabilities, study_vote
 from bonecluster.typicality import TYPICALITY, Typicality
@@ -475,15 +475,23 @@ def run_identity(run: str | Path) -> str:
 
 def _predict_chunks(predictor: Predictor, data: PreparedDataset, batch_size: int, progress: bool,
                     use_metadata_parts: bool) -> list[ImagePrediction]:
-    """Predict ``batch_size`` images at a time (bounded memory, a progress bar on stderr)."""
+    """Predict about ``batch_size`` images at a time (bounded memory, a progress bar on stderr). A chunk
+    ends where a study does, so the images of a study listed together are assigned together (by
+    their mean embedding, or by their vote: :meth:`Predictor._stage1`)."""
     from tqdm.auto import tqdm
 
     out: list[ImagePrediction] = []
+    keys = [study_key(r) for r in data.records]
     with tqdm(total=len(data), desc="predict", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for start in range(0, len(data), batch_size):
-            chunk = data.subset(np.arange(start, min(start + batch_size, len(data))))
+        start = 0
+        while start < len(data):
+            end = min(start + batch_size, len(data))
+            while end < len(data) and keys[end] == keys[end - 1]:
+                end += 1
+            chunk = data.subset(np.arange(start, end))
             out += predictor.predict(chunk, use_metadata_parts)
             bar.update(len(chunk))
+            start = end
     return out
 
 
