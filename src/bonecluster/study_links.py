@@ -147,6 +147,8 @@ def study_vote(labels: np.ndarray, probabilities: np.ndarray, studies: np.ndarra
     A study is one body part, so its views belong in one cluster (MURA scores studies, too)."""
     labels, studies = np.asarray(labels, np.int64), np.asarray(studies, np.int64)
     probabilities = np.asarray(probabilities, np.float64)
+    if len(labels) == 0:
+        return labels
     n_studies, k = int(studies.max()) + 1, probabilities.shape[1]
     counts = np.zeros((n_studies, k))
     np.add.at(counts, (studies, labels), 1.0)

@@ -124,6 +124,7 @@ def test_a_study_takes_the_cluster_most_of_its_films_are_in_ties_to_the_larger_s
     assert study_vote(labels, prob, studies).tolist() == [0, 0, 0, 0, 0, 2, 2]
     lone = np.arange(7)
     assert study_vote(labels, prob, lone).tolist() == labels.tolist()   # no studies: every film keeps its own
+    assert study_vote(np.zeros(0, int), np.zeros((0, 3)), np.zeros(0, int)).tolist() == []
 
 
 def test_cluster_probabilities_sum_each_clusters_centroids():
