@@ -40,7 +40,7 @@ from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.dicomweb import is_dicomweb
 from bonecluster.data.records import study_index, study_key
 from bonecluster.stage2.scoring import ANOMALY, PartAnomaly, embed_images
-from bonecluster.study_links import cluster_probabilities, study_vote
+from bonecluster.study_links import study_vote
 from bonecluster.typicality import TYPICALITY, Typicality
 
 # Softmax temperature over negative squared distances to the stage-1 centroids. Embeddings are
@@ -171,7 +171,7 @@ class Predictor:
         # is a cluster of several centroids (cluster.study_links): the confidence sums over them
         soft = torch.softmax(-sq / CONFIDENCE_TEMPERATURE, dim=1)
         if self.stage1.groups is not None and records is not None:   # rule SM's clusters: a study votes (rule SV)
-            clusters = cluster_probabilities(points, centroids, self.stage1.groups, CONFIDENCE_TEMPERATURE)
+            clusters = soft @ torch.nn.functional.one_hot(self.stage1.groups.long(), self.stage1.n_clusters).float()
             labels = torch.from_numpy(study_vote(labels.numpy(), clusters.numpy(), study_index(records)))
         same = self._same_name(self.stage1.n_clusters)[labels][:, self.stage1.centroid_clusters()]
         prob = (soft * same).sum(1)
