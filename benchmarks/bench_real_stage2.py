@@ -1,6 +1,6 @@
 """Stage 2 on real films, piece by piece: held-out AUROC of each part of the label-free score.
 
-    python benchmarks/bench_real_stage2.py --data ../shared/data --source mura-humerus [--set data.size=128 ...]
+    python benchmarks/bench_real_stage2.py --data ../shared/data --source mura-humerus [--set stage2.size=128 ...]
     python benchmarks/bench_real_stage2.py --source mura-humerus --run /tmp/bench_real_stage2/mura-humerus/run
     python benchmarks/bench_real_stage2.py --source fracatlas-hand --ceiling --labels-seeds 0 1 2
 
@@ -101,13 +101,13 @@ def train_part(train_csv: Path, run: Path, cfg, part: str, progress: bool,
     the phantom pre-training (0 where none is asked for or ``phantom_cache`` holds it) and of the rest."""
     from bonecluster.data import prepare_sources
     from bonecluster.pipeline import resolve_phantom_weights
-    from bonecluster.stage2.train import train_stage2
+    from bonecluster.stage2.train import stage2_data_config, train_stage2
 
     t0 = time.perf_counter()
     # stage2.weights=phantoms: pre-trained once under phantom_cache, shared by every source of --work
     cfg = resolve_phantom_weights(cfg, run, progress, stages=(2,), cache=phantom_cache)
     t1 = time.perf_counter()
-    data = prepare_sources([str(train_csv)], cfg.data, cache=run / "cache", progress=progress)
+    data = prepare_sources([str(train_csv)], stage2_data_config(cfg), cache=run / "cache", progress=progress)
     train_stage2(data, run, cfg, stage1_names=[part] * len(data), progress=progress)
     return t1 - t0, time.perf_counter() - t1
 

@@ -44,7 +44,7 @@ from bonecluster.metrics import auroc
 from bonecluster.selftrain import study_mean
 from bonecluster.stage2.parts import group_by_part
 from bonecluster.stage2.scoring import study_groups
-from bonecluster.stage2.train import fit_part_anomaly, saved_extra_seeds
+from bonecluster.stage2.train import fit_part_anomaly, saved_extra_seeds, stage2_data_config
 from bonecluster.yardstick import cnn_reference, hog_reference, hog_reference_by_part
 
 
@@ -73,8 +73,9 @@ def main() -> None:
     cfg = config_from_dict(read_yaml(work / "config.yaml"))
     for item in args.set:
         cfg = apply_override(cfg, item)
-    train = prepare_sources([work / "phantoms"], cfg.data, cache=work / "cache", progress=False)
-    valid = prepare_sources([work / "phantoms-valid"], cfg.data, cache=work / "cache", progress=False)
+    films = stage2_data_config(cfg)   # stage 2's size (stage2.size), stage 1's unless set
+    train = prepare_sources([work / "phantoms"], films, cache=work / "cache", progress=False)
+    valid = prepare_sources([work / "phantoms-valid"], films, cache=work / "cache", progress=False)
     valid_groups = group_by_part(valid)
 
     rows, ceiling, t0 = {}, {}, time.perf_counter()

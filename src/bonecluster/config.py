@@ -227,6 +227,11 @@ class Stage2Config:
     # size and network, cached under the data cache; bonecluster.phantom_pretrain), "imagenet",
     # "pretrained" or a weights file.
     weights: str = "same"
+    # The square side stage 2's films are decoded to, apart from stage 1's (its own decode-once
+    # store in the same cache; the part networks, their phantom pre-training and every stage-2
+    # prediction use it). 0 = data.size, stage 1's. A fracture line or a screw is a pixel or two
+    # at 64 px (issue 27).
+    size: int = 0
     knn: int = 5                   # abnormality = mean cosine distance to the k nearest training images
     fallback_quantile: float = 0.9 # threshold when the two-mode mixture finds no split
     min_images: int = 20           # parts with fewer images are skipped (with a warning)

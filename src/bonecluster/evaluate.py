@@ -79,8 +79,9 @@ def evaluate(run: str | Path, sources: Sequence[str | Path], json_path: str | Pa
     with timer.phase("evaluation"):
         data = prepare_sources(sources, cfg.data, cache=cfg.data.cache or run / "cache", progress=progress)
         predictor = Predictor(run)
-        preds, embeddings = predictor.predict_with_embeddings(data)
-        few_preds, probes = few_label_predictions(predictor, data, preds)
+        stage2_data = predictor.stage2_data(data, cfg.data.limits(), progress)   # data itself unless stage2.size
+        preds, embeddings = predictor.predict_with_embeddings(data, stage2_data=stage2_data)
+        few_preds, probes = few_label_predictions(predictor, stage2_data, preds)
         metrics = score(data, preds, study_how=cfg.stage2.study_score, few_preds=few_preds, probes=probes,
                         naming=naming_counts(run, predictor.names, data.records))
         checks = score_checks_of(predictor)
@@ -112,7 +113,8 @@ def load_probes(run: str | Path, parts) -> dict[str, FewLabelProbe]:
 def few_label_predictions(predictor: Predictor, data: PreparedDataset, preds: list[ImagePrediction]
                           ) -> tuple[list[ImagePrediction] | None, dict[str, FewLabelProbe]]:
     """The predictions with the few-label score (and the probe's threshold) for the
-    images of parts that have a probe (others: no score). (None, {}) when no part has one."""
+    images of parts that have a probe (others: no score). (None, {}) when no part has one.
+    ``data``: the predicted records at stage 2's size (:meth:`Predictor.stage2_data`)."""
     probes = load_probes(predictor.run, predictor.parts)
     if not probes:
         return None, {}

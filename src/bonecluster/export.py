@@ -11,7 +11,8 @@ Input of every graph: ``image``, float32 ``(N, 1, S, S)``, the image as the netw
 after the cache: decoded, intensity-scaled to the ``pct_low``..``pct_high`` percentiles,
 squashed (or letterboxed, or deskewed) to S x S uint8 (``data.size``, ``data.fit``), then divided by 255, so
 values lie in [0, 1]. The model's own normalisation (grey mean/std) and the Sobel filter are
-inside the graph. N is dynamic.
+inside the graph. N is dynamic. A run trained with ``stage2.size`` has stage-2 graphs that take
+the film decoded the same way at that side instead (the manifest's ``input_size`` of each part).
 
 ``stage1.onnx`` outputs:
 
@@ -212,10 +213,11 @@ def export_onnx(run: str | Path, out_dir: str | Path | None = None, opset: int =
     for part, (trained, anomaly) in chosen.items():
         path = out / f"stage2_{_safe(part)}.onnx"
         graph = Stage2Graph(trained, anomaly)
-        manifest["exporter"] = _export(graph, example, path, opset, exporter)
+        part_size = trained.cfg.data.size   # stage2.size, or stage 1's
+        manifest["exporter"] = _export(graph, torch.rand(2, 1, part_size, part_size), path, opset, exporter)
         written.append(path)
         manifest["stage2"][part] = {
-            "file": path.name, "outputs": list(Stage2Graph.output_names),
+            "file": path.name, "outputs": list(Stage2Graph.output_names), "input_size": part_size,
             "threshold": anomaly.threshold, "threshold_method": anomaly.threshold_method,
             "score_kind": anomaly.score_kind, "refined": graph.refined, "knn": getattr(graph, "knn", None),
             "patch_knn": getattr(graph, "patch_knn", None), "score_scales": graph.scales or None,
@@ -300,7 +302,10 @@ def _readme(m: dict) -> str:
                  "over the refiner's models and over the image and its mirror" if s.get("refined") else
                  f"{s['score_kind']} kNN abnormality score (global knn={s['knn']}, patch knn={s['patch_knn']}, "
                  f"scales={s['score_scales']})")
+        size = s.get("input_size", m["input"]["size"])
         lines += [f"## {s['file']} ({part})", "",
+                  *([f"Input `image`: (N, 1, {size}, {size}), decoded as above at this side (`stage2.size`)."]
+                    if size != m["input"]["size"] else []),
                   "- `embedding`: the part's PCA-whitened, L2-normalised global features",
                   f"- `score` (N,): {score}",
                   f"- `abnormal` (N,) bool: score >= {s['threshold']:.6g} ({s['threshold_method']})", ""]

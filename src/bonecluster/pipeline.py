@@ -41,7 +41,7 @@ from bonecluster.names import NAMES, load_cluster_names, save_cluster_names
 from bonecluster.naming import training_metadata_audit
 from bonecluster.phantom_pretrain import PHANTOMS, cached_phantom_weights, cached_weights_path
 from bonecluster.stage2.scoring import embed_images
-from bonecluster.stage2.train import SAME, check_stage2, stage2_weights, train_stage2
+from bonecluster.stage2.train import SAME, check_stage2, stage2_data_config, stage2_weights, train_stage2
 from bonecluster.timing import NO_TIMER, NoTimer
 from bonecluster.typicality import TYPICALITY, Typicality
 
@@ -108,18 +108,14 @@ def check_model(cfg: Config, stages: Sequence[int] = STAGES) -> None:
     """Fail in a second, before any film is decoded or phantom pre-trained: an unknown
     ``model.arch``, a missing package (timm), a ViT whose patches do not tile ``data.size``, a
     missing weights file, a stage-2 setting out of range."""
-    try:
-        with torch.device("meta"):   # shapes only: no memory, no weights read, nothing downloaded
-            build_model(cfg.model, weights="none", image_size=cfg.data.size)
-    except BackboneError:
-        raise
-    except Exception:   # a model that cannot be built on the meta device: build it for real
-        build_model(cfg.model, weights="none", image_size=cfg.data.size)
+    _check_builds(cfg, cfg.data.size)
     if str(cfg.model.weights).lower() not in NAMED_WEIGHTS:
         weights_file(Path(cfg.model.weights).expanduser(), cfg.model.arch)
     if 2 not in stages:
         return
     check_stage2(cfg)
+    if stage2_data_config(cfg).size != cfg.data.size:   # a ViT's patches must tile stage 2's films too
+        _check_builds(cfg, stage2_data_config(cfg).size)
     weights = stage2_weights(cfg)
     if weights.lower() not in (*NAMED_WEIGHTS, SAME):
         try:
@@ -127,6 +123,18 @@ def check_model(cfg: Config, stages: Sequence[int] = STAGES) -> None:
         except FileNotFoundError as err:   # the message names model.weights; this is stage 2's own
             raise FileNotFoundError(f"stage2.weights: {str(err).replace('model.weights', 'stage2.weights')} "
                                     "('same' starts where stage 1 started)") from err
+
+
+def _check_builds(cfg: Config, size: int) -> None:
+    """Build ``model`` for ``size`` px films, shapes only where it can (no memory, no weights read,
+    nothing downloaded); raises what building raises."""
+    try:
+        with torch.device("meta"):
+            build_model(cfg.model, weights="none", image_size=size)
+    except BackboneError:
+        raise
+    except Exception:   # a model that cannot be built on the meta device: build it for real
+        build_model(cfg.model, weights="none", image_size=size)
 
 
 def resolve_phantom_weights(cfg: Config, run: Path, progress: bool = True,
@@ -140,9 +148,9 @@ def resolve_phantom_weights(cfg: Config, run: Path, progress: bool = True,
     if stage1_network_used and str(cfg.model.weights).lower() == PHANTOMS:
         cfg = merge(cfg, {"model": {"weights": _phantom_weights(cfg, cache, progress, info)}})
     if 2 in stages and stage2_weights(cfg).lower() == PHANTOMS:
-        # stage 2's network at the run's size, pre-trained from scratch: with stage 1 on phantoms
-        # too the settings are the same, and so is the cached file
-        part = merge(cfg, {"model": {"weights": PHANTOMS}})
+        # stage 2's network at stage 2's size (stage2.size), pre-trained from scratch: with stage 1 on
+        # phantoms at the same size the settings are the same, and so is the cached file
+        part = merge(cfg, {"model": {"weights": PHANTOMS}, "data": {"size": stage2_data_config(cfg).size}})
         cfg = merge(cfg, {"stage2": {"weights": _phantom_weights(part, cache, progress, info)}})
     return cfg
 

@@ -7,7 +7,8 @@ one model, embedding bank and threshold per body part) and predicts for a prepar
 :func:`predict_paths` (the ``bonecluster predict`` command) reads image files, folders (searched
 recursively), DICOM files, MURA trees or CSV manifests with the run's own data settings, decodes
 them into a cache (a temporary folder removed afterwards, unless ``cache`` names one to keep and
-reuse), predicts in chunks and returns a :class:`PredictionReport`:
+reuse; a run trained with ``stage2.size`` gets each film decoded a second time, at stage 2's size),
+predicts in chunks and returns a :class:`PredictionReport`:
 
 * one :class:`ImagePrediction` per image that decoded;
 * one :class:`StudyPrediction` per study and body part where the records carry a study id (MURA
@@ -36,7 +37,8 @@ import torch
 from bonecluster.cluster import study_means
 from bonecluster.checkpoint import FINAL_MODEL, TrainedClusters
 from bonecluster.data import fetch_options
-from bonecluster.data.cache import PreparedDataset
+from bonecluster.data.cache import PreparedDataset, prepare_like
+from bonecluster.data.decode import Limits, Preprocess
 from bonecluster.data.dicomweb import is_dicomweb
 from bonecluster.data.records import study_index, study_key
 from bonecluster.stage2.scoring import ANOMALY, PartAnomaly, embed_images
@@ -91,6 +93,7 @@ class Predictor:
         self.parts = self._load_parts(device)
         if self.stage1 is None and not self.parts:
             raise FileNotFoundError(f"{self.run}: no trained model (neither stage1/ nor stage2/<PART>/)")
+        self.stage2_pre = self._stage2_preprocess()
 
     def _load_typicality(self, stage1: Path) -> Typicality | None:
         """The out-of-distribution reference, when it belongs to this model (same number of
@@ -112,12 +115,31 @@ class Predictor:
                 parts[folder.name] = (TrainedClusters.load(folder, device), PartAnomaly.load(folder / ANOMALY))
         return parts
 
-    def predict(self, data: PreparedDataset, use_metadata_parts: bool = True) -> list[ImagePrediction]:
-        """One prediction per record. Stage 2 uses the metadata body part when there is one
-        (and ``use_metadata_parts``), else the stage-1 cluster name."""
-        return self.predict_with_embeddings(data, use_metadata_parts)[0]
+    def _stage2_preprocess(self) -> Preprocess | None:
+        """How the part models' films are decoded (their size is ``stage2.size``); None without parts."""
+        found = {trained.cfg.data.preprocess() for trained, _ in self.parts.values()}
+        if len(found) > 1:
+            raise ValueError(f"{self.run}: the stage-2 part models were trained at different sizes or settings "
+                             f"({', '.join(sorted(p.key() for p in found))}); train stage 2 again")
+        return found.pop() if found else None
 
-    def predict_with_embeddings(self, data: PreparedDataset, use_metadata_parts: bool = True
+    def stage2_data(self, data: PreparedDataset, limits=None, progress: bool = False) -> PreparedDataset:
+        """``data`` (decoded for stage 1) as the part models take it: the same records at stage 2's
+        size, decoded once into the same cache (``data`` itself when the sizes are one).
+        ``limits``: the decoding limits (:meth:`bonecluster.config.DataConfig.limits`)."""
+        if self.stage2_pre is None:
+            return data
+        return prepare_like(data, self.stage2_pre, limits if limits is not None else Limits(), progress=progress)
+
+    def predict(self, data: PreparedDataset, use_metadata_parts: bool = True,
+                stage2_data: PreparedDataset | None = None) -> list[ImagePrediction]:
+        """One prediction per record. Stage 2 uses the metadata body part when there is one
+        (and ``use_metadata_parts``), else the stage-1 cluster name. ``stage2_data``: the same
+        records at stage 2's size (:meth:`stage2_data`), needed when it is not stage 1's."""
+        return self.predict_with_embeddings(data, use_metadata_parts, stage2_data)[0]
+
+    def predict_with_embeddings(self, data: PreparedDataset, use_metadata_parts: bool = True,
+                                stage2_data: PreparedDataset | None = None
                                 ) -> tuple[list[ImagePrediction], np.ndarray | None]:
         """Predictions plus the stage-1 embeddings (N, d) they came from (None without stage 1)."""
         images = data.images()
@@ -126,7 +148,7 @@ class Predictor:
                                             else ([None] * n, [None] * n, None))
         names = [None if c is None else self.names.get(int(c), f"cluster-{int(c)}") for c in clusters]
         parts = [(r.body_part if use_metadata_parts and r.body_part else nm) for r, nm in zip(data.records, names)]
-        scores = self._stage2(images, parts)
+        scores = self._stage2(self._stage2_images(images, stage2_data), parts) if self.parts else {}
         typical, inside = self._typicality(embeddings, n)
         out = []
         for i, rec in enumerate(data.records):
@@ -183,6 +205,20 @@ class Predictor:
         """(k, k) float: 1 where clusters i and j carry the same name (the diagonal always)."""
         names = [self.names.get(c, f"cluster-{c}") for c in range(k)]
         return torch.tensor([[float(a == b) for b in names] for a in names])
+
+    def _stage2_images(self, images: np.ndarray, stage2_data: PreparedDataset | None) -> np.ndarray:
+        """(N, S2, S2) uint8: ``stage2_data``'s films, or stage 1's ``images`` when they are at stage
+        2's size; ValueError when neither is."""
+        if stage2_data is not None:
+            if len(stage2_data) != len(images):
+                raise ValueError(f"stage2_data holds {len(stage2_data)} films for {len(images)} to predict")
+            images = stage2_data.images()
+        size = self.stage2_pre.size
+        if len(images) and images.shape[-1] != size:
+            raise ValueError(f"{self.run}: the stage-2 models take {size} px films (stage2.size) and these are "
+                             f"{images.shape[-1]} px; pass the same records at {size} px as stage2_data "
+                             "(Predictor.stage2_data)")
+        return images
 
     def _stage2(self, images: np.ndarray, parts: list[str]) -> dict[int, float]:
         scores: dict[int, float] = {}
@@ -365,7 +401,8 @@ def predict_paths(run: str | Path, inputs: Sequence[str | Path], progress: bool 
                            workers=workers, progress=progress)
         except DataError as err:
             raise DataError(f"none of the {len(records)} image(s) in {names} could be read{_reasons(skips)}") from err
-        images = _predict_chunks(predictor, data, batch_size, progress, use_metadata_parts)
+        stage2_data = predictor.stage2_data(data, cfg.data.limits(), progress)
+        images = _predict_chunks(predictor, data, batch_size, progress, use_metadata_parts, stage2_data)
         how = cfg.stage2.study_score
         report = PredictionReport(str(run), how, images, study_predictions(images, how),
                                   [SkippedFile(s.path, s.reason) for s in skips.items])
@@ -474,7 +511,7 @@ def run_identity(run: str | Path) -> str:
 
 
 def _predict_chunks(predictor: Predictor, data: PreparedDataset, batch_size: int, progress: bool,
-                    use_metadata_parts: bool) -> list[ImagePrediction]:
+                    use_metadata_parts: bool, stage2_data: PreparedDataset | None = None) -> list[ImagePrediction]:
     """Predict about ``batch_size`` images at a time (bounded memory, a progress bar on stderr). A chunk
     ends where a study does, so the images of a study listed together are assigned together (by
     their mean embedding, or by their vote: :meth:`Predictor._stage1`)."""
@@ -488,9 +525,10 @@ def _predict_chunks(predictor: Predictor, data: PreparedDataset, batch_size: int
             end = min(start + batch_size, len(data))
             while end < len(data) and keys[end] == keys[end - 1]:
                 end += 1
-            chunk = data.subset(np.arange(start, end))
-            out += predictor.predict(chunk, use_metadata_parts)
-            bar.update(len(chunk))
+            chunk = np.arange(start, end)
+            out += predictor.predict(data.subset(chunk), use_metadata_parts,
+                                     None if stage2_data is None else stage2_data.subset(chunk))
+            bar.update(end - start)
             start = end
     return out
 

@@ -54,6 +54,7 @@ def test_several_networks_without_epochs_warn_that_they_are_one(caplog, tmp_path
 
     class NoParts:   # train_stage2 warns before it groups any image
         records = []
+        pre = load_config("cpu").data.preprocess()   # decoded at stage 2's size already
 
     cfg = load_config("cpu", overrides=["stage2.networks=3", "stage2.epochs=0", "stage2.refine_rounds=2"])
     with caplog.at_level(logging.WARNING, logger="bonecluster"):
@@ -69,3 +70,28 @@ def test_several_networks_without_epochs_warn_that_they_are_one(caplog, tmp_path
 def test_stage_1s_final_cluster_merging_is_not_carried_into_the_parts():
     cfg = load_config("cpu-real")
     assert cfg.cluster.study_links == 30 and stage2_config(cfg).cluster.study_links == 0
+
+
+def test_stage2_size_sets_the_part_networks_films_and_nothing_of_stage_1():
+    from bonecluster.stage2.train import stage2_data_config
+
+    cfg = load_config("cpu", overrides=["data.size=64", "stage2.size=128"])
+    assert stage2_config(cfg).data.size == 128 == stage2_data_config(cfg).size
+    assert stage2_config(cfg).data.fit == cfg.data.fit and cfg.data.size == 64
+    same = load_config("cpu", overrides=["data.size=96"])
+    assert same.stage2.size == 0 and stage2_config(same).data.size == 96
+
+
+def test_stage2_phantom_weights_are_pretrained_at_stage2_size(monkeypatch, tmp_path):
+    from bonecluster import pipeline
+
+    sizes = []
+
+    def fake_weights(cfg, cache, progress, info):
+        sizes.append(cfg.data.size)
+        return f"phantoms-{cfg.data.size}.pt"
+
+    monkeypatch.setattr(pipeline, "_phantom_weights", fake_weights)
+    cfg = load_config("cpu", overrides=["data.size=64", "stage2.size=128"])   # stage2.weights: phantoms
+    assert pipeline.resolve_phantom_weights(cfg, tmp_path, progress=False).stage2.weights == "phantoms-128.pt"
+    assert sizes == [128]

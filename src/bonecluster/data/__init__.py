@@ -7,13 +7,14 @@ import io
 from pathlib import Path
 from typing import Sequence
 
-from bonecluster.data.cache import PreparedDataset, prepare
+from bonecluster.data.cache import PreparedDataset, prepare, prepare_like
 from bonecluster.data.readers import DataError, ReaderLimits, read_records, read_sources
 from bonecluster.data.records import Record, SkipError, Skipped, SkipLog
 from bonecluster.io import atomic_write_text
 
 __all__ = ["DataError", "PreparedDataset", "Record", "SkipError", "SkipLog", "Skipped",
-           "fetch_options", "prepare", "prepare_sources", "read_records", "read_sources", "write_skipped_csv"]
+           "fetch_options", "prepare", "prepare_like", "prepare_sources", "read_records", "read_sources",
+           "write_skipped_csv"]
 
 
 def prepare_sources(sources: Sequence[str | Path], data_cfg, cache: str | Path | None = None,

@@ -328,6 +328,25 @@ def prepare(records: Sequence[Record], cache: str | Path, pre: Preprocess = Prep
                            seconds=time.perf_counter() - t0)
 
 
+def prepare_like(data: PreparedDataset, pre: Preprocess, limits: Limits = Limits(), workers: int | None = None,
+                 progress: bool = True) -> PreparedDataset:
+    """``data``'s records decoded with another preprocessing ``pre`` (stage 2's size,
+    ``stage2.size``) into the same cache folder, in the same order; ``data`` itself when ``pre`` is
+    its own. Raises DataError naming a file that was decoded for ``data`` but cannot be now (changed
+    or removed since): the two views must stay aligned, record for record."""
+    from bonecluster.data.readers import DataError
+
+    if pre == data.pre:
+        return data
+    skips = SkipLog()
+    out = prepare(data.records, Path(data.store_dir).parent, pre, limits, skips, workers=workers, progress=progress)
+    if len(out) != len(data):
+        lost = skips.items[0]
+        raise DataError(f"{lost.path}: decoded at {data.pre.size} px but not at {pre.size} px ({lost.reason}); "
+                        "the file changed since: prepare the data again")
+    return out
+
+
 def _plan(records, store: PixelStore, skips: SkipLog, limits: Limits
           ) -> tuple[list[FileKey], list[FileKey | None]]:
     """Keys of every record (None when the file vanished) and the ones still to decode."""

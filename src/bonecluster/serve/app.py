@@ -110,6 +110,9 @@ class _OneImage:
     image: np.ndarray  # uint8 (S, S)
     records: list[Record] = field(default_factory=list)
 
+    def __len__(self) -> int:
+        return 1
+
     def images(self) -> np.ndarray:
         return self.image[None]
 
@@ -229,19 +232,27 @@ class ViewerState:
             self._gates = (loop, asyncio.Semaphore(self.max_decodes), asyncio.Lock())
         return self._gates[1], self._gates[2]
 
-    def decode(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
-        """One uploaded file at the models' size and at the page's, uint8 (raises SkipError).
+    def decode(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One uploaded file at stage 1's size, at stage 2's (``stage2.size``; the same array when
+        they are one) and at the page's, uint8 (raises SkipError).
 
         The full-size intermediates (~16 bytes per pixel at the peak) are freed on return.
         """
         scaled = decode_scaled(path, self.pre, self.limits)
-        return fit_to_square(scaled, self.pre.size, self.pre.fit), fit_to_square(scaled, DISPLAY_SIZE, self.pre.fit)
+        small = fit_to_square(scaled, self.pre.size, self.pre.fit)
+        part = self.predictor.stage2_pre
+        part_film = small if part is None or part.size == self.pre.size else fit_to_square(scaled, part.size, part.fit)
+        return small, part_film, fit_to_square(scaled, DISPLAY_SIZE, self.pre.fit)
 
-    def predict_decoded(self, small: np.ndarray, display: np.ndarray, filename: str) -> _Result:
-        """Predict, explain and find neighbours for one decoded upload (one model pass at a time)."""
+    def predict_decoded(self, small: np.ndarray, display: np.ndarray, filename: str,
+                        part_film: np.ndarray | None = None) -> _Result:
+        """Predict, explain and find neighbours for one decoded upload (one model pass at a time).
+        ``part_film``: the upload at stage 2's size (``small`` when not given)."""
+        part_film = small if part_film is None else part_film
         with self.lock, torch.no_grad():
             pred, emb = self.predictor.predict_with_embeddings(_OneImage(small, [Record(filename)]),
-                                                               use_metadata_parts=False)
+                                                               use_metadata_parts=False,
+                                                               stage2_data=_OneImage(part_film, [Record(filename)]))
             pred = pred[0]
             out = pred.to_dict()
             out.update(stage2_cluster=None, stage2_cluster_name=None, heatmap_layer=None,
@@ -249,12 +260,12 @@ class ViewerState:
             heatmap = None
             if pred.part is not None:
                 trained, anomaly = self.predictor.parts[pred.part]
-                label, _ = trained.assign(embed_images(trained, small[None]))
+                label, _ = trained.assign(embed_images(trained, part_film[None]))
                 out["stage2_cluster"] = int(label[0])
                 out["stage2_cluster_name"] = self.stage2_names(pred.part).get(int(label[0]))
                 pca = anomaly.pca if anomaly.pca is not None else trained.pca
                 if trained.model.cam_layers():   # a backbone with no map to explain gets no heatmap
-                    cam, layer = grad_cam(trained.model, small, knn_distance_target(anomaly.bank, pca, anomaly.knn))
+                    cam, layer = grad_cam(trained.model, part_film, knn_distance_target(anomaly.bank, pca, anomaly.knn))
                     heatmap = _png(colourise(_resize_map(cam[0], DISPLAY_SIZE)))
                     # A refined part's score is a HOG model; the map shows the kNN distance that seeded it.
                     out.update(heatmap_layer=layer,
@@ -442,13 +453,13 @@ def create_app(run: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, max_
             path, filename = await _receive_upload(request, state.max_upload_bytes, Path(tmp))
             try:
                 async with decode_slots:  # bounds the memory of concurrent decodes
-                    small, display = await run_in_threadpool(state.decode, path)
+                    small, part_film, display = await run_in_threadpool(state.decode, path)
             except SkipError as err:
                 reason = str(err)
                 status = 415 if reason.startswith(("not an image", "unreadable DICOM: not a DICOM")) else 422
                 raise HTTPException(status, f"cannot use this file: {reason}") from None
         async with model_turn:  # one model pass at a time, without a worker thread per waiter
-            result = await run_in_threadpool(state.predict_decoded, small, display, filename)
+            result = await run_in_threadpool(state.predict_decoded, small, display, filename, part_film)
         rid = state.remember(result)
         body = {"id": rid, **result.prediction, "image_url": f"/api/results/{rid}/image.png",
                 "heatmap_url": f"/api/results/{rid}/heatmap.png" if result.heatmap_png else None}

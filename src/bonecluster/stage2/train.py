@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from bonecluster.anomaly import label_free_threshold
-from bonecluster.config import Config, Stage2Config
-from bonecluster.data.cache import PreparedDataset
+from bonecluster.config import Config, DataConfig, Stage2Config
+from bonecluster.data.cache import PreparedDataset, prepare_like
 from bonecluster.checkpoint import CHECKPOINT, FINAL_MODEL, TrainedClusters, load_torch, save_torch
 from bonecluster.engine import DeepClusterEngine
 from bonecluster.selftrain import share_list
@@ -36,24 +36,39 @@ log = logging.getLogger("bonecluster")
 
 SEED_SCORES = "seed_scores.pt"   # an extra seed network's kNN scores (stage2.networks)
 SAME = "same"                    # stage2.weights: start where stage 1's network started
+MIN_STAGE2_SIZE = 16             # stage2.size: layer3, the patch score's map, keeps one position at 16 px
 
 
 def stage2_config(cfg: Config) -> Config:
     """Stage 1's engine settings with the stage-2 replacements (k, epochs, and the network's start
     where ``stage2.weights`` is not ``same``).
 
-    Stage 1's over-clustering (``cluster.train_k``), study-level clustering (``cluster.by_study``),
-    final clusters merged through studies (``cluster.study_links``), phantom part subspace (``cluster.subspace``: within one part it would keep the directions
-    that tell the other parts apart) and whitening strength (``cluster.eigen_power``, chosen on
-    body parts) are not carried over: a part has a few hundred images, and its rounds cluster
-    images into ``stage2.k`` in the usual PCA-whitened space.
+    The part networks see films at ``stage2.size`` (:func:`stage2_data_config`). Stage 1's
+    over-clustering (``cluster.train_k``), study-level clustering (``cluster.by_study``), final
+    clusters merged through studies (``cluster.study_links``), phantom part subspace
+    (``cluster.subspace``: within one part it would keep the directions that tell the other parts
+    apart) and whitening strength (``cluster.eigen_power``, chosen on body parts) are not carried
+    over: a part has a few hundred images, and its rounds cluster images into ``stage2.k`` in the
+    usual PCA-whitened space.
     """
     weights = stage2_weights(cfg)
     model = cfg.model if weights == SAME else replace(cfg.model, weights=weights)
-    return replace(cfg, model=model,
+    return replace(cfg, model=model, data=stage2_data_config(cfg),
                    cluster=replace(cfg.cluster, k=cfg.stage2.k, train_k=0, by_study=False, study_links=0,
                                    subspace="none", eigen_power=-0.5),
                    train=replace(cfg.train, epochs=cfg.stage2.epochs))
+
+
+def stage2_data_config(cfg: Config) -> DataConfig:
+    """Stage 1's data settings at stage 2's size (``stage2.size``; 0 keeps ``data.size``)."""
+    return replace(cfg.data, size=cfg.stage2.size or cfg.data.size)
+
+
+def stage2_dataset(data: PreparedDataset, cfg: Config, progress: bool = True) -> PreparedDataset:
+    """``data`` (decoded for stage 1) at stage 2's size, record for record, from the same cache
+    folder; ``data`` itself when the sizes are one."""
+    s2data = stage2_data_config(cfg)
+    return prepare_like(data, s2data.preprocess(), s2data.limits(), workers=s2data.workers or None, progress=progress)
 
 
 def stage2_weights(cfg: Config) -> str:
@@ -87,6 +102,10 @@ def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, s2: Stage2
 def check_stage2(cfg: Config) -> None:
     """Fail in a second on a stage-2 setting out of range, before any pre-training or decoding."""
     stage2_weights(cfg)
+    size = cfg.stage2.size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or 0 < size < MIN_STAGE2_SIZE:
+        raise ValueError(f"stage2.size must be 0 (stage 1's data.size) or a whole number of pixels "
+                         f">= {MIN_STAGE2_SIZE}, got {size!r}")
     if not isinstance(cfg.stage2.epochs, int) or cfg.stage2.epochs < 0:
         raise ValueError(f"stage2.epochs must be a whole number >= 0 (0: the part networks as they start), "
                          f"got {cfg.stage2.epochs!r}")
@@ -108,10 +127,13 @@ def check_stage2(cfg: Config) -> None:
 
 def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_names: list[str] | None = None,
                  resume: bool = False, progress: bool = True, timer: NoTimer = NO_TIMER) -> dict:
-    """Train one model per part into RUN/stage2/<PART>; returns a summary per part. ``timer``
-    records each part as the phase "stage 2 <PART>" (:mod:`bonecluster.timing`)."""
+    """Train one model per part into RUN/stage2/<PART>; returns a summary per part. ``data`` is
+    decoded for stage 1; with ``stage2.size`` set the parts train on the same records at that size
+    (decoded once into the same cache: :func:`stage2_dataset`). ``timer`` records each part as the
+    phase "stage 2 <PART>" (:mod:`bonecluster.timing`)."""
     s2cfg = stage2_config(cfg)
     check_stage2(cfg)
+    data = stage2_dataset(data, cfg, progress)
     if cfg.stage2.networks > 1 and cfg.stage2.refine_rounds == 0:
         log.warning("stage 2: stage2.networks=%d is ignored without refinement (stage2.refine_rounds=0): "
                     "the extra networks only seed it; one network per part", cfg.stage2.networks)
