@@ -71,9 +71,9 @@ def main() -> None:
         run_demo(work, cfg, n=args.n, seed=args.seed, progress=False)
         print(f"trained the demo run in {time.perf_counter() - t0:.0f} s")
     cfg = config_from_dict(read_yaml(work / "config.yaml"))
+    films = stage2_data_config(cfg)   # the size the part models were trained at (stage2.size), whatever --set says
     for item in args.set:
         cfg = apply_override(cfg, item)
-    films = stage2_data_config(cfg)   # stage 2's size (stage2.size), stage 1's unless set
     train = prepare_sources([work / "phantoms"], films, cache=work / "cache", progress=False)
     valid = prepare_sources([work / "phantoms-valid"], films, cache=work / "cache", progress=False)
     valid_groups = group_by_part(valid)

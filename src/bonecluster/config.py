@@ -223,8 +223,8 @@ class Stage2Config:
     k: int = 10                    # clusters per part: normal anatomy varies with the view
     epochs: int = 10               # 0: the part network is scored as it starts (stage2.weights), untrained
     # Where each part network starts: "same" (stage 1's model.weights, as the run resolved it) or
-    # any model.weights value: "none", "phantoms" (pre-trained on labelled phantoms at this run's
-    # size and network, cached under the data cache; bonecluster.phantom_pretrain), "imagenet",
+    # any model.weights value: "none", "phantoms" (pre-trained on labelled phantoms at stage 2's
+    # size, stage2.size, and this run's network, cached under the data cache; bonecluster.phantom_pretrain), "imagenet",
     # "pretrained" or a weights file.
     weights: str = "same"
     # The square side stage 2's films are decoded to, apart from stage 1's (its own decode-once

@@ -19,6 +19,7 @@ from bonecluster.evaluate import evaluate
 from bonecluster.io import atomic_write_text
 from bonecluster.pipeline import train
 from bonecluster.report import comparison_table
+from bonecluster.stage2.train import stage2_data_config
 from bonecluster.timing import PhaseTimer, format_phase_table, phase_rows
 from bonecluster.yardstick import hog_reference_by_part
 
@@ -66,10 +67,11 @@ def run_demo(out: str | Path, cfg: Config, n: int = 1400, seed: int = 0, progres
 
 def supervised_yardstick(phantoms: Path, held_out: Path, out: Path, cfg: Config) -> dict:
     """The HOG reference fitted on every training label of each part, scored on the held-out
-    phantoms (:func:`bonecluster.yardstick.hog_reference_by_part`): not part of the run."""
+    phantoms (:func:`bonecluster.yardstick.hog_reference_by_part`), at stage 2's size: not part of the run."""
     cache = cfg.data.cache or out / "cache"
-    train_set = prepare_sources([phantoms], cfg.data, cache=cache, progress=False)
-    valid_set = prepare_sources([held_out], cfg.data, cache=cache, progress=False)
+    films = stage2_data_config(cfg)
+    train_set = prepare_sources([phantoms], films, cache=cache, progress=False)
+    valid_set = prepare_sources([held_out], films, cache=cache, progress=False)
     per_part = hog_reference_by_part(train_set, valid_set)
     macro = sum(per_part.values()) / len(per_part) if per_part else None
     return {"hog_auroc_by_part": per_part, "hog_auroc_macro": macro}

@@ -115,7 +115,10 @@ def check_model(cfg: Config, stages: Sequence[int] = STAGES) -> None:
         return
     check_stage2(cfg)
     if stage2_data_config(cfg).size != cfg.data.size:   # a ViT's patches must tile stage 2's films too
-        _check_builds(cfg, stage2_data_config(cfg).size)
+        try:
+            _check_builds(cfg, stage2_data_config(cfg).size)
+        except BackboneError as err:
+            raise BackboneError(str(err).replace("data.size", "stage2.size")) from err
     weights = stage2_weights(cfg)
     if weights.lower() not in (*NAMED_WEIGHTS, SAME):
         try:

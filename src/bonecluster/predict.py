@@ -42,6 +42,7 @@ from bonecluster.data.decode import Limits, Preprocess
 from bonecluster.data.dicomweb import is_dicomweb
 from bonecluster.data.records import study_index, study_key
 from bonecluster.stage2.scoring import ANOMALY, PartAnomaly, embed_images
+from bonecluster.stage2.train import stage2_data_config
 from bonecluster.study_links import study_vote
 from bonecluster.typicality import TYPICALITY, Typicality
 
@@ -116,20 +117,31 @@ class Predictor:
         return parts
 
     def _stage2_preprocess(self) -> Preprocess | None:
-        """How the part models' films are decoded (their size is ``stage2.size``); None without parts."""
-        found = {trained.cfg.data.preprocess() for trained, _ in self.parts.values()}
-        if len(found) > 1:
-            raise ValueError(f"{self.run}: the stage-2 part models were trained at different sizes or settings "
-                             f"({', '.join(sorted(p.key() for p in found))}); train stage 2 again")
-        return found.pop() if found else None
+        """How the part models' films are decoded (their size is ``stage2.size``); None without parts.
 
-    def stage2_data(self, data: PreparedDataset, limits=None, progress: bool = False) -> PreparedDataset:
+        A part folder trained at another size than the run's last stage-2 training (say, a part
+        skipped for too few films after ``--stages 2 --set stage2.size=...``) is left out, with a
+        warning, rather than making the whole run unusable."""
+        if not self.parts:
+            return None
+        wanted = stage2_data_config(load_run_config(self.run)).preprocess()
+        for part, (trained, _) in list(self.parts.items()):
+            pre = trained.cfg.data.preprocess()
+            if pre != wanted:
+                log.warning("%s: trained on %d px films (%s), not the run's stage 2 (%d px); left out: train stage 2 "
+                            "again", self.run / "stage2" / part, pre.size, pre.key(), wanted.size)
+                del self.parts[part]
+        return wanted if self.parts else None
+
+    def stage2_data(self, data: PreparedDataset, limits: Limits | None = None, progress: bool = False,
+                    workers: int | None = None) -> PreparedDataset:
         """``data`` (decoded for stage 1) as the part models take it: the same records at stage 2's
         size, decoded once into the same cache (``data`` itself when the sizes are one).
-        ``limits``: the decoding limits (:meth:`bonecluster.config.DataConfig.limits`)."""
+        ``limits``: the decoding limits (:meth:`bonecluster.config.DataConfig.limits`); ``workers``:
+        decoding processes (None: up to 8)."""
         if self.stage2_pre is None:
             return data
-        return prepare_like(data, self.stage2_pre, limits if limits is not None else Limits(), progress=progress)
+        return prepare_like(data, self.stage2_pre, limits if limits is not None else Limits(), workers, progress)
 
     def predict(self, data: PreparedDataset, use_metadata_parts: bool = True,
                 stage2_data: PreparedDataset | None = None) -> list[ImagePrediction]:
@@ -401,7 +413,7 @@ def predict_paths(run: str | Path, inputs: Sequence[str | Path], progress: bool 
                            workers=workers, progress=progress)
         except DataError as err:
             raise DataError(f"none of the {len(records)} image(s) in {names} could be read{_reasons(skips)}") from err
-        stage2_data = predictor.stage2_data(data, cfg.data.limits(), progress)
+        stage2_data = predictor.stage2_data(data, cfg.data.limits(), progress, workers)
         images = _predict_chunks(predictor, data, batch_size, progress, use_metadata_parts, stage2_data)
         how = cfg.stage2.study_score
         report = PredictionReport(str(run), how, images, study_predictions(images, how),

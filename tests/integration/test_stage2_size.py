@@ -88,17 +88,20 @@ def test_evaluate_and_export_use_stage2_size(run, phantoms, tmp_path):
     assert np.abs(score - anomaly.score(trained, images).numpy()).max() < 1e-4
 
 
-def test_prepare_like_names_a_file_that_no_longer_decodes(phantoms, tmp_path):
+def test_prepare_like_names_a_file_that_changed_or_no_longer_decodes(phantoms, tmp_path):
     import shutil
 
     folder = tmp_path / "films"
     shutil.copytree(phantoms, folder)
     cfg = load_config("cpu", overrides=["data.size=32", "data.workers=1"])
     data = prepare_sources([folder], cfg.data, cache=tmp_path / "cache", progress=False)
-    broken = data.records[3].path
+    at_48 = stage2_data_config(load_config("cpu", overrides=["data.size=32", "stage2.size=48"]))
+    changed, broken = data.records[2].path, data.records[3].path
+    shutil.copyfile(data.records[0].path, changed)   # still an image, but another one: the views would disagree
+    with pytest.raises(DataError, match="changed between its decoding at 32 px and at 48 px"):
+        prepare_like(data, at_48.preprocess(), progress=False)
     with open(broken, "wb") as f:
         f.write(b"not an image any more")
-    at_48 = stage2_data_config(load_config("cpu", overrides=["data.size=32", "stage2.size=48"]))
     with pytest.raises(DataError, match="decoded at 32 px but not at 48 px"):
         prepare_like(data, at_48.preprocess(), progress=False)
     assert prepare_like(data, data.pre) is data
@@ -121,11 +124,72 @@ def test_viewer_scores_an_upload_at_stage2_size(run, phantoms):
         warnings.simplefilter("ignore")
         from fastapi.testclient import TestClient
 
+    import bonecluster.serve.app as app
+
+    seen = []
+    real_grad_cam = app.grad_cam
+
+    def grad_cam(model, film, target):
+        seen.append(film.shape)
+        return real_grad_cam(model, film, target)
+
     png = sorted(phantoms.glob("train/XR_HAND/**/*.png"))[0]
     expected = predict_paths(run, [png], progress=False, use_metadata_parts=False).images[0]
-    with TestClient(create_app(run), base_url="http://127.0.0.1") as client:
+    with pytest.MonkeyPatch.context() as patch, TestClient(create_app(run), base_url="http://127.0.0.1") as client:
+        patch.setattr(app, "grad_cam", grad_cam)
         r = client.post("/api/predict", files={"file": ("x.png", png.read_bytes(), "image/png")})
     assert r.status_code == 200, r.text
     d = r.json()
     assert d["part"] == expected.part and d["score"] == pytest.approx(expected.score, abs=1e-5)
-    assert d["heatmap_url"] is not None   # Grad-CAM ran on the part network at its own size
+    assert d["heatmap_url"] is not None and seen == [(STAGE2_SIZE, STAGE2_SIZE)]   # the part network's own size
+
+
+def test_part_models_of_another_size_are_left_out_with_a_warning(run, phantoms, tmp_path, caplog):
+    import shutil
+
+    from bonecluster.config import read_yaml
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("cache", "onnx"))
+    cfg = read_yaml(copy / "config.yaml")
+    cfg["stage2"]["size"] = 0   # the run's stage 2 is now stage 1's size: the 48-px part folders are stale
+    (copy / "config.yaml").write_text(_yaml(cfg))
+    with caplog.at_level("WARNING", logger="bonecluster"):
+        predictor = Predictor(copy)
+    assert predictor.parts == {} and predictor.stage2_pre is None
+    assert "trained on 48 px films" in caplog.text and "left out" in caplog.text
+    report = predict_paths(copy, [phantoms], progress=False)   # stage 1 still predicts
+    assert all(p.cluster is not None and p.score is None for p in report.images)
+
+
+def _yaml(mapping) -> str:
+    import yaml
+
+    return yaml.safe_dump(mapping, sort_keys=False)
+
+
+def test_few_label_probes_fit_and_score_at_stage2_size(tmp_path_factory):
+    from bonecluster.evaluate import evaluate
+    from tests.integration.conftest import train_stage2_only
+
+    root = train_stage2_only(tmp_path_factory.mktemp("few"), "--labels-fraction", "0.2",
+                             "--set", f"stage2.size={STAGE2_SIZE}")
+    run, valid = root / "run", root / "ph" / "valid"
+    metrics = evaluate(run, [valid], root / "m.json", progress=False)
+    assert metrics["stage2_few_labels"]["labels_fraction"] == 0.2
+    from bonecluster.evaluate import few_label_predictions
+
+    predictor = Predictor(run)
+    data = prepare_sources([valid], load_run_config(run).data, cache=run / "cache", progress=False)
+    films = predictor.stage2_data(data)
+    assert films.pre.size == STAGE2_SIZE and data.pre.size == 32
+    preds = predictor.predict(data, stage2_data=films)
+    few, probes = few_label_predictions(predictor, films, preds)
+    assert probes
+    per_part = metrics["stage2_few_labels"]["per_part"]
+    for part, probe in probes.items():
+        idx = [i for i, p in enumerate(preds) if p.part == part]
+        trained, anomaly = predictor.parts[part]
+        direct = probe.score(trained, films.images()[idx], anomaly)
+        assert np.allclose(direct.numpy(), [few[i].score for i in idx], atol=1e-5), part
+        assert per_part[part]["n_images"] == len(idx)

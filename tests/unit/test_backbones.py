@@ -229,6 +229,10 @@ def test_pipeline_checks_the_model_before_any_film(tmp_path):
     cfg = apply_override(apply_override(load_config("cpu"), f"model.arch={VIT}"), "data.size=64")
     with pytest.raises(BackboneError, match="multiple of 14"):
         check_model(cfg)
+    cfg = apply_override(apply_override(cfg, "data.size=56"), "stage2.size=64")   # stage 1 fits, stage 2 does not
+    check_model(cfg, stages=[1])
+    with pytest.raises(BackboneError, match=r"multiple of 14; got 64 \(try stage2.size=56 or 70\)"):
+        check_model(cfg)
     cfg = apply_override(apply_override(load_config("cpu"), "model.arch=timm/resnet18"),
                          f"model.weights={Path(tmp_path) / 'missing.pt'}")
     with pytest.raises(FileNotFoundError, match="missing.pt"):

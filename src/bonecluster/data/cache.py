@@ -332,8 +332,8 @@ def prepare_like(data: PreparedDataset, pre: Preprocess, limits: Limits = Limits
                  progress: bool = True) -> PreparedDataset:
     """``data``'s records decoded with another preprocessing ``pre`` (stage 2's size,
     ``stage2.size``) into the same cache folder, in the same order; ``data`` itself when ``pre`` is
-    its own. Raises DataError naming a file that was decoded for ``data`` but cannot be now (changed
-    or removed since): the two views must stay aligned, record for record."""
+    its own. The two views must stay aligned, film for film: raises DataError naming a file that
+    was decoded for ``data`` but cannot be now, or that changed in between (another mtime or size)."""
     from bonecluster.data.readers import DataError
 
     if pre == data.pre:
@@ -344,7 +344,28 @@ def prepare_like(data: PreparedDataset, pre: Preprocess, limits: Limits = Limits
         lost = skips.items[0]
         raise DataError(f"{lost.path}: decoded at {data.pre.size} px but not at {pre.size} px ({lost.reason}); "
                         "the file changed since: prepare the data again")
+    before, now = _decoded_versions(data.store_dir), _decoded_versions(out.store_dir)
+    for rec, row, new_row in zip(data.records, data.rows, out.rows):
+        path = os.path.realpath(rec.path)
+        if path not in before or path not in now or before[path] != (int(row), *now[path][1:]) \
+                or now[path][0] != int(new_row):
+            raise DataError(f"{rec.path}: changed between its decoding at {data.pre.size} px and at {pre.size} px; "
+                            "prepare the data again")
     return out
+
+
+def _decoded_versions(store_dir: Path) -> dict[str, tuple[int, int, int]]:
+    """path -> (row, mtime_ns, bytes) of the newest index line of each file in a store, read
+    without the lock (an index line is written only after its pixels; a torn last line is ignored)."""
+    found = {}
+    index = Path(store_dir) / "index.jsonl"
+    with open(index, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            entry = json.loads(line)
+            found[entry["path"]] = (entry["row"], entry["mtime_ns"], entry["bytes"])
+    return found
 
 
 def _plan(records, store: PixelStore, skips: SkipLog, limits: Limits

@@ -241,7 +241,7 @@ class ViewerState:
         scaled = decode_scaled(path, self.pre, self.limits)
         small = fit_to_square(scaled, self.pre.size, self.pre.fit)
         part = self.predictor.stage2_pre
-        part_film = small if part is None or part.size == self.pre.size else fit_to_square(scaled, part.size, part.fit)
+        part_film = small if part is None or part == self.pre else fit_to_square(scaled, part.size, part.fit)
         return small, part_film, fit_to_square(scaled, DISPLAY_SIZE, self.pre.fit)
 
     def predict_decoded(self, small: np.ndarray, display: np.ndarray, filename: str,
