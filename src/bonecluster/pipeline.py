@@ -41,7 +41,8 @@ from bonecluster.names import NAMES, load_cluster_names, save_cluster_names
 from bonecluster.naming import training_metadata_audit
 from bonecluster.phantom_pretrain import PHANTOMS, cached_phantom_weights, cached_weights_path
 from bonecluster.stage2.scoring import embed_images
-from bonecluster.stage2.train import SAME, check_stage2, stage2_data_config, stage2_weights, train_stage2
+from bonecluster.stage2.train import (SAME, check_stage2, stage2_data_config, stage2_dataset, stage2_weights,
+                                      train_stage2)
 from bonecluster.timing import NO_TIMER, NoTimer
 from bonecluster.typicality import TYPICALITY, Typicality
 
@@ -96,12 +97,24 @@ def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: S
                 summary["stage1"] = train_stage1(data, run, cfg, resume=resume, progress=progress, timer=timer).summary
         if 2 in stages:
             names = stage1_image_names(run, len(data)) if any(r.body_part is None for r in data.records) else None
-            summary["stage2"] = train_stage2(data, run, cfg, names, resume=resume, progress=progress, timer=timer)
+            films = stage2_run_data(data, cfg, progress, info)   # data itself unless stage2.size
+            summary["stage2"] = train_stage2(films, run, cfg, names, resume=resume, progress=progress, timer=timer)
             if info.is_main:
                 atomic_write_text(run / "stage2" / "summary.json", json.dumps(summary["stage2"], indent=2))
     finally:
         dist.teardown(info)
     return summary
+
+
+def stage2_run_data(data: PreparedDataset, cfg: Config, progress: bool = True,
+                    info: dist.DistInfo = dist.DistInfo()) -> PreparedDataset:
+    """The run's films at stage 2's size (``stage2.size``), record for record; ``data`` itself
+    when it is stage 1's. Under torchrun rank 0 decodes; the other ranks then find every film in
+    the cache."""
+    if info.is_main:
+        films = stage2_dataset(data, cfg, progress)
+    dist.barrier(info)
+    return films if info.is_main else stage2_dataset(data, cfg, progress=False)
 
 
 def check_model(cfg: Config, stages: Sequence[int] = STAGES) -> None:
