@@ -101,7 +101,8 @@ def train_part(train_csv: Path, run: Path, cfg, part: str, progress: bool,
     the phantom pre-training (0 where none is asked for or ``phantom_cache`` holds it) and of the rest."""
     from bonecluster.data import prepare_sources
     from bonecluster.pipeline import resolve_phantom_weights
-    from bonecluster.stage2.train import stage2_data_config, train_stage2
+    from bonecluster.config import stage2_data_config
+    from bonecluster.stage2.train import train_stage2
 
     t0 = time.perf_counter()
     # stage2.weights=phantoms: pre-trained once under phantom_cache, shared by every source of --work

@@ -37,14 +37,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bonecluster.config import apply_override, config_from_dict, load_config, read_yaml
+from bonecluster.config import apply_override, config_from_dict, load_config, read_yaml, stage2_data_config
 from bonecluster.data import prepare_sources
 from bonecluster.checkpoint import TrainedClusters
 from bonecluster.metrics import auroc
 from bonecluster.selftrain import study_mean
 from bonecluster.stage2.parts import group_by_part
 from bonecluster.stage2.scoring import study_groups
-from bonecluster.stage2.train import fit_part_anomaly, saved_extra_seeds, stage2_data_config
+from bonecluster.stage2.train import fit_part_anomaly, saved_extra_seeds
 from bonecluster.yardstick import cnn_reference, hog_reference, hog_reference_by_part
 
 

@@ -438,6 +438,12 @@ def resolve_size(cfg: Config) -> Config:
     return merge(cfg, {"data": {"size": default_size(cfg.model.arch)}})
 
 
+def stage2_data_config(cfg: Config) -> DataConfig:
+    """Stage 1's data settings at stage 2's size (``stage2.size``; 0 keeps ``data.size``): how
+    stage 2's films are decoded."""
+    return dataclasses.replace(cfg.data, size=cfg.stage2.size or cfg.data.size)
+
+
 def preset_names() -> list[str]:
     """The presets shipped with the package (``presets/*.yaml``), sorted."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))

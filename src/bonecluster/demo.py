@@ -13,13 +13,12 @@ import json
 import time
 from pathlib import Path
 
-from bonecluster.config import Config
+from bonecluster.config import Config, stage2_data_config
 from bonecluster.data import prepare_sources
 from bonecluster.evaluate import evaluate
 from bonecluster.io import atomic_write_text
 from bonecluster.pipeline import train
 from bonecluster.report import comparison_table
-from bonecluster.stage2.train import stage2_data_config
 from bonecluster.timing import PhaseTimer, format_phase_table, phase_rows
 from bonecluster.yardstick import hog_reference_by_part
 

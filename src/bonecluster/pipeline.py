@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from bonecluster import distributed as dist
-from bonecluster.config import Config, merge, to_yaml
+from bonecluster.config import Config, merge, stage2_data_config, to_yaml
 from bonecluster.data import PreparedDataset, prepare_sources, write_skipped_csv
 from bonecluster.device import pick_device
 from bonecluster.checkpoint import FINAL_MODEL, TrainedClusters
@@ -41,8 +41,7 @@ from bonecluster.names import NAMES, load_cluster_names, save_cluster_names
 from bonecluster.naming import training_metadata_audit
 from bonecluster.phantom_pretrain import PHANTOMS, cached_phantom_weights, cached_weights_path
 from bonecluster.stage2.scoring import embed_images
-from bonecluster.stage2.train import (SAME, check_stage2, stage2_data_config, stage2_dataset, stage2_weights,
-                                      train_stage2)
+from bonecluster.stage2.train import SAME, check_stage2, stage2_dataset, stage2_weights, train_stage2
 from bonecluster.timing import NO_TIMER, NoTimer
 from bonecluster.typicality import TYPICALITY, Typicality
 

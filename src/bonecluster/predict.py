@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from bonecluster.cluster import study_means
+from bonecluster.config import stage2_data_config
 from bonecluster.checkpoint import FINAL_MODEL, TrainedClusters
 from bonecluster.data import fetch_options
 from bonecluster.data.cache import PreparedDataset, prepare_like
@@ -42,7 +43,6 @@ from bonecluster.data.decode import Limits, Preprocess
 from bonecluster.data.dicomweb import is_dicomweb
 from bonecluster.data.records import study_index, study_key
 from bonecluster.stage2.scoring import ANOMALY, PartAnomaly, embed_images
-from bonecluster.stage2.train import stage2_data_config
 from bonecluster.study_links import study_vote
 from bonecluster.typicality import TYPICALITY, Typicality
 

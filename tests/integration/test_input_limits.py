@@ -169,7 +169,10 @@ class _FakePredictor:
     def __init__(self, run, device="cpu"):
         pass
 
-    def predict(self, data, use_metadata_parts=True):
+    def stage2_data(self, data, *args, **kwargs):
+        return data
+
+    def predict(self, data, use_metadata_parts=True, stage2_data=None):
         from bonecluster.predict import ImagePrediction
 
         return [ImagePrediction(r.path, None, None, None, None, None, None, None, r.study) for r in data.records]

@@ -13,7 +13,8 @@ from bonecluster.checkpoint import TrainedClusters
 from bonecluster.config import load_config
 from bonecluster.data import DataError, prepare_like, prepare_sources
 from bonecluster.predict import Predictor, load_run_config, predict_paths
-from bonecluster.stage2.train import check_stage2, stage2_data_config
+from bonecluster.config import stage2_data_config
+from bonecluster.stage2.train import check_stage2
 from tests.integration.test_cli_train import S2, SETS
 
 # 28 phantoms, 4 a part (a stage-2 model for every part), and one torch thread, as predict's tests

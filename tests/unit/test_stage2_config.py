@@ -73,7 +73,7 @@ def test_stage_1s_final_cluster_merging_is_not_carried_into_the_parts():
 
 
 def test_stage2_size_sets_the_part_networks_films_and_nothing_of_stage_1():
-    from bonecluster.stage2.train import stage2_data_config
+    from bonecluster.config import stage2_data_config
 
     cfg = load_config("cpu", overrides=["data.size=64", "stage2.size=128"])
     assert stage2_config(cfg).data.size == 128 == stage2_data_config(cfg).size

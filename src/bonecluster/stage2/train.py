@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from bonecluster.anomaly import label_free_threshold
-from bonecluster.config import Config, DataConfig, Stage2Config
+from bonecluster.config import Config, Stage2Config, stage2_data_config
 from bonecluster.data.cache import PreparedDataset, prepare_like
 from bonecluster.checkpoint import CHECKPOINT, FINAL_MODEL, TrainedClusters, load_torch, save_torch
 from bonecluster.engine import DeepClusterEngine
@@ -57,11 +57,6 @@ def stage2_config(cfg: Config) -> Config:
                    cluster=replace(cfg.cluster, k=cfg.stage2.k, train_k=0, by_study=False, study_links=0,
                                    subspace="none", eigen_power=-0.5),
                    train=replace(cfg.train, epochs=cfg.stage2.epochs))
-
-
-def stage2_data_config(cfg: Config) -> DataConfig:
-    """Stage 1's data settings at stage 2's size (``stage2.size``; 0 keeps ``data.size``)."""
-    return replace(cfg.data, size=cfg.stage2.size or cfg.data.size)
 
 
 def stage2_dataset(data: PreparedDataset, cfg: Config, progress: bool = True) -> PreparedDataset:
