@@ -43,7 +43,7 @@ from bonecluster.data.decode import Limits, Preprocess
 from bonecluster.data.dicomweb import is_dicomweb
 from bonecluster.data.records import study_index, study_key
 from bonecluster.stage2.scoring import ANOMALY, PartAnomaly, embed_images
-from bonecluster.study_links import study_vote
+from bonecluster.study_links import cluster_probabilities, group_sums, study_vote
 from bonecluster.typicality import TYPICALITY, Typicality
 
 # Softmax temperature over negative squared distances to the stage-1 centroids. Embeddings are
@@ -198,14 +198,12 @@ class Predictor:
         if self.stage1.cfg.cluster.by_study and records is not None:
             studies = torch.from_numpy(study_index(records))
             points = study_means(x, studies)
-        centroids = self.stage1.centroids.float()
         labels, _ = self.stage1.assign(points)
-        sq = (points.pow(2).sum(1, keepdim=True) - 2 * points @ centroids.T + centroids.pow(2).sum(1)).clamp_min(0)
         # a name several clusters share (over-clustering, many-to-one names) is one answer, and so
         # is a cluster of several centroids (cluster.study_links): the confidence sums over them
-        soft = torch.softmax(-sq / CONFIDENCE_TEMPERATURE, dim=1)
+        soft = cluster_probabilities(points, self.stage1.centroids, None, CONFIDENCE_TEMPERATURE)   # (N, K)
         if self.stage1.groups is not None and records is not None:   # rule SM's clusters: a study votes (rule SV)
-            clusters = soft @ torch.nn.functional.one_hot(self.stage1.groups.long(), self.stage1.n_clusters).float()
+            clusters = group_sums(soft, self.stage1.groups)
             labels = torch.from_numpy(study_vote(labels.numpy(), clusters.numpy(), study_index(records)))
         same = self._same_name(self.stage1.n_clusters)[labels][:, self.stage1.centroid_clusters()]
         prob = (soft * same).sum(1)

@@ -134,10 +134,15 @@ def cluster_probabilities(points: torch.Tensor, centroids: torch.Tensor, groups:
     (K, d) at ``temperature``, summed over each cluster's centroids (``groups`` (K,); None: one each)."""
     points, centroids = points.float(), centroids.float()
     sq = (points.pow(2).sum(1, keepdim=True) - 2 * points @ centroids.T + centroids.pow(2).sum(1)).clamp_min(0)
-    soft = torch.softmax(-sq / temperature, dim=1)
+    return group_sums(torch.softmax(-sq / temperature, dim=1), groups)
+
+
+def group_sums(per_centroid: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    """``(N, K)`` values per centroid summed over each cluster's centroids -> ``(N, k)`` (``groups``
+    (K,) the cluster of each centroid; None: one centroid a cluster, returned as it is)."""
     if groups is None:
-        return soft
-    return soft @ torch.nn.functional.one_hot(groups.long().cpu(), int(groups.max()) + 1).float()
+        return per_centroid
+    return per_centroid @ torch.nn.functional.one_hot(groups.long().cpu(), int(groups.max()) + 1).float()
 
 
 def study_vote(labels: np.ndarray, probabilities: np.ndarray, studies: np.ndarray) -> np.ndarray:

@@ -95,21 +95,9 @@ class PixelStore:
 
     def _load_index_and_repair(self) -> None:
         """Read the index, drop a torn tail, and cut pixels past the last indexed row."""
-        good_bytes, entries, n_rows = 0, {}, 0
-        if self.index_path.exists():
-            with open(self.index_path, "rb") as f:
-                for line in f:
-                    if not line.endswith(b"\n"):
-                        break  # torn by a kill mid-write
-                    try:
-                        entry = json.loads(line)
-                    except ValueError:
-                        break
-                    good_bytes += len(line)
-                    entries[entry["path"]] = entry
-                    n_rows = max(n_rows, entry["row"] + 1)
-            if good_bytes < self.index_path.stat().st_size:
-                _truncate(self.index_path, good_bytes)
+        entries, good_bytes, n_rows = _read_index(self.index_path)
+        if self.index_path.exists() and good_bytes < self.index_path.stat().st_size:
+            _truncate(self.index_path, good_bytes)
         pixel_bytes = self.pixels_path.stat().st_size if self.pixels_path.exists() else 0
         if pixel_bytes < n_rows * self.row_bytes:
             raise RuntimeError(f"{self.pixels_path}: shorter than its index says; delete the cache folder")
@@ -197,6 +185,26 @@ class PixelStore:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read_index(path: Path) -> tuple[dict[str, dict], int, int]:
+    """The newest entry of each file in an index (by path), the bytes of its complete lines and the
+    rows they reach (every line counts, superseded ones too); reading stops at a line torn by a kill
+    mid-write. Reads only (the lock is the caller's)."""
+    entries, good_bytes, n_rows = {}, 0, 0
+    if path.exists():
+        with open(path, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    break
+                good_bytes += len(line)
+                entries[entry["path"]] = entry
+                n_rows = max(n_rows, entry["row"] + 1)
+    return entries, good_bytes, n_rows
 
 
 def _mkdir(folder: Path) -> None:
@@ -344,28 +352,16 @@ def prepare_like(data: PreparedDataset, pre: Preprocess, limits: Limits = Limits
         lost = skips.items[0]
         raise DataError(f"{lost.path}: decoded at {data.pre.size} px but not at {pre.size} px ({lost.reason}); "
                         "the file changed since: prepare the data again")
-    before, now = _decoded_versions(data.store_dir), _decoded_versions(out.store_dir)
+    # the same version of each file on both sides: its newest index entry in each store, at the row used
+    before = _read_index(Path(data.store_dir) / "index.jsonl")[0]
+    now = _read_index(Path(out.store_dir) / "index.jsonl")[0]
     for rec, row, new_row in zip(data.records, data.rows, out.rows):
-        path = os.path.realpath(rec.path)
-        if path not in before or path not in now or before[path] != (int(row), *now[path][1:]) \
-                or now[path][0] != int(new_row):
+        a, b = before.get(os.path.realpath(rec.path)), now.get(os.path.realpath(rec.path))
+        if a is None or b is None or (a["row"], b["row"]) != (int(row), int(new_row)) \
+                or (a["mtime_ns"], a["bytes"]) != (b["mtime_ns"], b["bytes"]):
             raise DataError(f"{rec.path}: changed between its decoding at {data.pre.size} px and at {pre.size} px; "
                             "prepare the data again")
     return out
-
-
-def _decoded_versions(store_dir: Path) -> dict[str, tuple[int, int, int]]:
-    """path -> (row, mtime_ns, bytes) of the newest index line of each file in a store, read
-    without the lock (an index line is written only after its pixels; a torn last line is ignored)."""
-    found = {}
-    index = Path(store_dir) / "index.jsonl"
-    with open(index, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            entry = json.loads(line)
-            found[entry["path"]] = (entry["row"], entry["mtime_ns"], entry["bytes"])
-    return found
 
 
 def _plan(records, store: PixelStore, skips: SkipLog, limits: Limits
