@@ -105,12 +105,14 @@ def train_part(train_csv: Path, run: Path, cfg, part: str, progress: bool,
     from bonecluster.stage2.train import train_stage2
 
     t0 = time.perf_counter()
-    # stage2.weights=phantoms: pre-trained once under phantom_cache, shared by every source of --work
-    cfg = resolve_phantom_weights(cfg, run, progress, stages=(2,), cache=phantom_cache)
-    t1 = time.perf_counter()
     data = prepare_sources([str(train_csv)], stage2_data_config(cfg), cache=run / "cache", progress=progress)
+    t1 = time.perf_counter()
+    # stage2.weights=phantoms: pre-trained once under phantom_cache, shared by every source of --work
+    # (with phantoms.adapt, one per source: it adapts to the source's training films)
+    cfg = resolve_phantom_weights(cfg, run, progress, stages=(2,), cache=phantom_cache, stage2_films=data)
+    t2 = time.perf_counter()
     train_stage2(data, run, cfg, stage1_names=[part] * len(data), progress=progress)
-    return t1 - t0, time.perf_counter() - t1
+    return t2 - t1, (t1 - t0) + (time.perf_counter() - t2)
 
 
 def study_means(records, scores: np.ndarray) -> tuple[list, np.ndarray]:

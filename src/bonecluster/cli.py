@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 from bonecluster import __version__
@@ -154,6 +155,10 @@ def _add_pretrain_phantoms(sub) -> None:
                                                 "and the per-task accuracy on other phantoms)")
     p.add_argument("--films", type=_positive(int), help="phantom films to train on (phantoms.films; default 20000)")
     p.add_argument("--epochs", type=_positive(int), help="passes over them (phantoms.epochs; default 3)")
+    p.add_argument("--adapt-to", nargs="+", metavar="DATA",
+                   help="unlabelled real films to adapt the network to, domain-adversarially (" + DATA_HELP
+                        + "); sets phantoms.adapt=1 unless --set gives another weight; labels are never read")
+    p.add_argument("--cache", metavar="DIR", help="keep the decoded --adapt-to films here (default: a temporary folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_options(p)
     p.set_defaults(func=cmd_pretrain_phantoms)
@@ -165,14 +170,35 @@ def cmd_pretrain_phantoms(args) -> int:
     for key, value in (("films", args.films), ("epochs", args.epochs)):
         if value is not None:
             args.overrides.append(f"phantoms.{key}={value}")
+    if args.adapt_to and not any(o.startswith("phantoms.adapt=") for o in args.overrides):
+        args.overrides.append("phantoms.adapt=1")
     cfg = _load_config(args)
-    result = pretrain_on_phantoms(cfg, args.out, progress=not args.quiet)
+    if cfg.phantoms.adapt > 0 and not args.adapt_to:
+        raise SystemExit(f"phantoms.adapt={cfg.phantoms.adapt} needs real films to adapt to: give --adapt-to DATA")
+    with tempfile.TemporaryDirectory(prefix="bonecluster-adapt-") as scratch:
+        real_films = _adapt_films(args, cfg, scratch) if args.adapt_to and cfg.phantoms.adapt > 0 else None
+        result = pretrain_on_phantoms(cfg, args.out, progress=not args.quiet, real_films=real_films)
     last = result.history[-1] if result.history else {}
     scores = ", ".join(f"{k[6:-9]} {v:.3f}" for k, v in last.items() if k.startswith("valid_"))
     print(f"pre-trained on {cfg.phantoms.films} phantoms x {cfg.phantoms.epochs} epochs in {result.seconds:.0f} s"
           + (f"; accuracy on other phantoms: {scores}" if scores else ""))
     print(f"weights: {result.weights} (use --set model.weights={result.weights})")
     return 0
+
+
+def _adapt_films(args, cfg, scratch: str):
+    """The --adapt-to films decoded at the config's data settings (skipped files reported), in
+    memory: uint8 ``(N, S, S)``."""
+    import numpy as np
+
+    from bonecluster.data import prepare_sources
+
+    data = prepare_sources(args.adapt_to, cfg.data, cache=args.cache or cfg.data.cache or scratch,
+                           progress=not args.quiet)
+    if data.skipped:
+        print(f"--adapt-to: {len(data.skipped)} files skipped (unreadable or too large)", file=sys.stderr)
+    print(f"adapting to {len(data.records)} real films (no labels read)")
+    return np.array(data.images())
 
 
 # ----------------------------------------------------------------------------- prepare

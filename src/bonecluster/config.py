@@ -397,6 +397,15 @@ class PhantomPretrainConfig:
     # docs/RESULTS.md): phantoms alone, two pre-training seeds, the mean over the three real-film
     # evaluations 0.499 -> 0.511, under the +0.03 bar.
     annotations: float = 0.0
+    # Weight of a domain-adversarial loss (Ganin & Lempitsky 2015, DANN): a small head behind a
+    # gradient-reversal layer learns to tell the phantoms from the run's own unlabelled real films
+    # (`pretrain-phantoms --adapt-to DATA`, or the run's training films with model.weights=phantoms),
+    # and the backbone learns to make the two look alike to it, so what it learnt of phantom anatomy
+    # applies to real films. The reversal weight ramps from 0 to this value (DANN's 2/(1+exp(-10p))-1
+    # over training). No real label is read. 0 (the default) trains on phantoms alone. 1 failed rule DA
+    # (2026-12-06, docs/RESULTS.md): phantoms alone, two pre-training seeds, the mean over the three
+    # real-film evaluations 0.579 -> 0.522, all three lower.
+    adapt: float = 0.0
 
 
 @dataclass

@@ -20,6 +20,11 @@ are saved beside the backbone (:func:`load_task_heads`), and the finding head's 
 on real films is a label-free abnormality score (:func:`phantom_abnormality`). Views are
 augmented with ``train.augment`` (crops, turns, flips, exposure, shutters), as the clustering
 rounds are.
+
+With ``phantoms.adapt > 0`` the pre-training also sees unlabelled real films (``real_films``):
+a domain head behind a gradient-reversal layer learns to tell them from the phantoms, and the
+backbone learns to make the two alike to it (Ganin & Lempitsky 2015, "Unsupervised domain
+adaptation by backpropagation"). Their labels are never read; they have none here.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import time
@@ -178,6 +184,100 @@ def render_corpus(n: int, data: DataConfig, seed: int = 0, first: int = 0, worke
 # --------------------------------------------------------------------------- training
 
 
+# --------------------------------------------------------------------------- domain adaptation
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; the gradient times ``-weight`` backward (DANN's gradient-reversal layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.weight * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """``x`` unchanged; what flows back through it is multiplied by ``-weight``."""
+    return _ReverseGradient.apply(x, weight)
+
+
+def adversary_weight(progress: float, adapt: float) -> float:
+    """The reversal weight at ``progress`` (0 at the first step, 1 at the last) of training:
+    ``adapt * (2 / (1 + exp(-10 p)) - 1)``, DANN's ramp (Ganin & Lempitsky 2015, §5.2.1), which
+    keeps the domain head's early, noisy gradients from disturbing the backbone."""
+    return adapt * (2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0)
+
+
+class DomainHead(nn.Module):
+    """Pooled features ``(N, D)`` -> one logit per film ``(N,)``: real film (1) or phantom (0)."""
+
+    def __init__(self, feature_dim: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features).squeeze(1)
+
+
+@dataclass
+class _Adversary:
+    """The domain-adversarial part of pre-training: the head, the real films it sees (uint8
+    ``(M, S, S)``), ``phantoms.adapt`` and the number of steps the ramp spans."""
+
+    head: DomainHead
+    films: np.ndarray
+    adapt: float
+    total_steps: int
+    step: int = 0
+    correct: int = 0
+    seen: int = 0
+
+    def loss(self, features: torch.Tensor, n_phantoms: int) -> torch.Tensor:
+        """Binary cross-entropy of the domain head on ``features`` ``(n_phantoms + n_real, D)``,
+        phantoms first, through the gradient reversal at this step's weight."""
+        weight = adversary_weight(self.step / max(self.total_steps - 1, 1), self.adapt)
+        self.step += 1
+        logits = self.head(reverse_gradient(features, weight)).float()
+        target = torch.zeros_like(logits)
+        target[n_phantoms:] = 1.0
+        self.correct += int(((logits > 0).float() == target).sum())
+        self.seen += len(target)
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+    def take_accuracy(self) -> float:
+        """Share of films the domain head told apart since the last call (0.5: it cannot)."""
+        accuracy = self.correct / max(self.seen, 1)
+        self.correct = self.seen = 0
+        return accuracy
+
+
+def check_real_films(films: np.ndarray | None, p: PhantomPretrainConfig, size: int) -> np.ndarray | None:
+    """The real films domain adaptation needs, checked against ``phantoms.adapt`` and ``data.size``;
+    None when ``adapt`` is 0 (they are then not used)."""
+    if not (p.adapt >= 0 and math.isfinite(p.adapt)):
+        raise ValueError(f"phantoms.adapt must be a finite number >= 0, got {p.adapt}")
+    if p.adapt == 0:
+        return None
+    if films is None or len(films) == 0:
+        raise ValueError("phantoms.adapt > 0 needs unlabelled real films to adapt to: give "
+                         "`bonecluster pretrain-phantoms --adapt-to DATA`, or train a run with model.weights=phantoms")
+    if films.ndim != 3 or films.shape[1:] != (size, size) or films.dtype != np.uint8:
+        raise ValueError(f"the real films to adapt to must be uint8 (N, {size}, {size}) at data.size, "
+                         f"got {films.dtype} {tuple(films.shape)}")
+    return films
+
+
+def films_digest(films: np.ndarray) -> str:
+    """A short digest of a uint8 film array's shape and bytes (what a cached file adapted to)."""
+    h = hashlib.sha256(repr(tuple(films.shape)).encode())
+    h.update(np.ascontiguousarray(films).data)
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class PretrainResult:
     weights: Path                 # the backbone state dict (model.weights=...)
@@ -209,15 +309,19 @@ def _start_weights(weights: str) -> str:
     return "none" if str(weights).lower() == PHANTOMS else weights
 
 
-def pretrain_on_phantoms(cfg: Config, out: str | Path, progress: bool = True) -> PretrainResult:
+def pretrain_on_phantoms(cfg: Config, out: str | Path, progress: bool = True,
+                         real_films: np.ndarray | None = None) -> PretrainResult:
     """Train ``cfg.model``'s backbone on ``cfg.phantoms.films`` labelled phantoms; write ``out``.
 
     ``out`` gets the backbone state dict (``{"model": {"backbone.*": tensor}}``, what
     ``model.weights`` reads) and ``out.json`` the settings, per-epoch loss and the accuracy per
     task on ``phantoms.validation_films`` other phantoms. Both are written atomically.
+    ``real_films`` (uint8 ``(M, S, S)`` at ``data.size``, no labels) are the films that
+    ``phantoms.adapt > 0`` adapts to; they are ignored when it is 0.
     """
     p: PhantomPretrainConfig = cfg.phantoms
     tasks = check_tasks(p.tasks)
+    real_films = check_real_films(real_films, p, cfg.data.size)
     out = Path(out)
     t0 = time.perf_counter()
     device = pick_device(cfg.train.device)
@@ -232,19 +336,25 @@ def pretrain_on_phantoms(cfg: Config, out: str | Path, progress: bool = True) ->
                         image_size=cfg.data.size).to(device)
     heads = TaskHeads(model.feature_dim, tasks).to(device)
     params = list(model.backbone.parameters()) + list(heads.parameters())
+    steps = p.epochs * max(len(train_set) // p.batch_size, 1)
+    adversary = None
+    if real_films is not None:
+        adversary = _Adversary(DomainHead(model.feature_dim).to(device), real_films, p.adapt, steps)
+        params += list(adversary.head.parameters())
     opt = torch.optim.SGD(params, lr=p.lr, momentum=0.9, weight_decay=p.weight_decay, nesterov=True)
     augment = RadiographAugment(cfg.train.augment)
     use_amp, dtype = mixed_precision(cfg.train, device)
     use_amp = use_amp and dtype == torch.bfloat16   # no loss scaler here: float16 GPUs train in float32
-    steps = p.epochs * max(len(train_set) // p.batch_size, 1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=steps, pct_start=0.1,
                                                 anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
     generator = torch.Generator().manual_seed(cfg.seed)
     history = []
     for epoch in range(p.epochs):
         loss = _train_epoch(model, heads, train_set, tasks, opt, sched, augment, generator, device, use_amp,
-                            p.batch_size, progress, f"phantom pre-training {epoch + 1}/{p.epochs}")
+                            p.batch_size, progress, f"phantom pre-training {epoch + 1}/{p.epochs}", adversary)
         row = {"epoch": epoch + 1, "loss": round(loss, 4)}
+        if adversary is not None:   # 0.5: the domain head cannot tell the phantoms from the real films
+            row["domain_accuracy"] = round(adversary.take_accuracy(), 4)
         if valid_set is not None:
             row.update({f"valid_{t}_accuracy": round(a, 4) for t, a in
                         task_accuracy(model, heads, valid_set, tasks, device, p.batch_size).items()})
@@ -253,14 +363,23 @@ def pretrain_on_phantoms(cfg: Config, out: str | Path, progress: bool = True) ->
     seconds = time.perf_counter() - t0
     _save(model, heads, out, {"version": PRETRAIN_VERSION, "phantoms": asdict(p), "model": _model_settings(cfg),
                        "data": _data_settings(cfg.data), "augment": asdict(cfg.train.augment), "seed": cfg.seed,
-                       "device": str(device), "seconds": round(seconds, 1), "history": history})
+                       "device": str(device), "seconds": round(seconds, 1), "history": history,
+                       **_adapted_to(real_films)})
     return PretrainResult(out, seconds, history)
 
 
+def _adapted_to(real_films: np.ndarray | None) -> dict:
+    return {} if real_films is None else {"adapted_to": {"films": len(real_films), "digest": films_digest(real_films)}}
+
+
 def _train_epoch(model, heads, corpus, tasks, opt, sched, augment, generator, device, use_amp, batch_size,
-                 progress, desc) -> float:
+                 progress, desc, adversary: _Adversary | None = None) -> float:
+    """One pass over ``corpus``; with an ``adversary`` each batch of phantoms is joined by as many
+    real films (drawn with replacement, augmented the same way) for the domain loss."""
     model.train()
     heads.train()
+    if adversary is not None:
+        adversary.head.train()
     order = torch.randperm(len(corpus), generator=generator).numpy()
     n_batches = max(len(corpus) // batch_size, 1)   # drop the last partial batch (BatchNorm)
     labels = {t: torch.from_numpy(corpus.labels[t]) for t in tasks}
@@ -269,9 +388,16 @@ def _train_epoch(model, heads, corpus, tasks, opt, sched, augment, generator, de
         for b in range(n_batches):
             idx = order[b * batch_size:(b + 1) * batch_size]
             x = augment(uint8_to_unit_float(torch.from_numpy(corpus.images[idx]).to(device)), generator=generator)
+            if adversary is not None:
+                pick = torch.randint(len(adversary.films), (len(idx),), generator=generator).numpy()
+                real = uint8_to_unit_float(torch.from_numpy(adversary.films[np.sort(pick)]).to(device))
+                x = torch.cat([x, augment(real, generator=generator)])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = heads(model.features(x))
+                features = model.features(x)
+                logits = heads(features[:len(idx)])
                 loss = sum(F.cross_entropy(logits[t].float(), labels[t][idx].to(device)) for t in tasks)
+                if adversary is not None:
+                    loss = loss + adversary.loss(features, len(idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -366,30 +492,35 @@ def _data_settings(data: DataConfig) -> dict:
     return {"size": data.size, "fit": data.fit, "pct_low": data.pct_low, "pct_high": data.pct_high}
 
 
-def weights_key(cfg: Config) -> str:
+def weights_key(cfg: Config, real_films: np.ndarray | None = None) -> str:
     """A short digest of every setting that changes the pre-trained weights, except the device and
-    ``model.channels_last``, which change them only by float rounding."""
+    ``model.channels_last``, which change them only by float rounding; with ``phantoms.adapt`` set,
+    of the real films adapted to as well."""
     phantoms = asdict(cfg.phantoms)
-    for later in ("framing", "children", "whole_arm", "annotations"):   # only when set: the keys of files cached before them stay valid
+    for later in ("framing", "children", "whole_arm", "annotations", "adapt"):   # only when set: the keys of files cached before them stay valid
         if not phantoms[later]:
             del phantoms[later]
     settings = {"version": PRETRAIN_VERSION, "phantoms": phantoms, "model": _model_settings(cfg),
                 "data": _data_settings(cfg.data), "augment": asdict(cfg.train.augment), "seed": cfg.seed}
+    real_films = check_real_films(real_films, cfg.phantoms, cfg.data.size)
+    if real_films is not None:
+        settings["adapted_to"] = films_digest(real_films)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
-def cached_weights_path(cfg: Config, cache: str | Path) -> Path:
+def cached_weights_path(cfg: Config, cache: str | Path, real_films: np.ndarray | None = None) -> Path:
     """Where :func:`cached_phantom_weights` keeps the file for these settings (absolute)."""
-    return (Path(cache) / "phantom-weights" / f"{weights_key(cfg)}.pt").resolve()
+    return (Path(cache) / "phantom-weights" / f"{weights_key(cfg, real_films)}.pt").resolve()
 
 
-def cached_phantom_weights(cfg: Config, cache: str | Path, progress: bool = True) -> Path:
+def cached_phantom_weights(cfg: Config, cache: str | Path, progress: bool = True,
+                           real_films: np.ndarray | None = None) -> Path:
     """``cache/phantom-weights/KEY.pt``, pre-training it first unless a file for these settings is there."""
-    path = cached_weights_path(cfg, cache)
+    path = cached_weights_path(cfg, cache, real_films)
     if path.is_file() and path.with_name(path.name + ".json").is_file():
         log.info("phantom pre-training: reusing %s", path)
         return path
-    pretrain_on_phantoms(cfg, path, progress=progress)
+    pretrain_on_phantoms(cfg, path, progress=progress, real_films=real_films)
     return path
 
 

@@ -85,18 +85,20 @@ def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: S
     check_model(cfg, stages)
     info = dist.setup(pick_device(cfg.train.device).type)
     try:
-        cfg = resolve_phantom_weights(cfg, run, progress, info, stages)
-        if info.is_main:
-            atomic_write_text(run / "config.yaml", to_yaml(cfg))
+        # decoded first: a bad source fails before minutes of phantom pre-training, which
+        # phantoms.adapt points at these very films
         with timer.phase("decoding"):
             data = prepare_run_data(sources, run, cfg, progress, info)
+            films = stage2_run_data(data, cfg, progress, info) if 2 in stages else None   # data unless stage2.size
+        cfg = resolve_phantom_weights(cfg, run, progress, info, stages, films=data, stage2_films=films)
+        if info.is_main:
+            atomic_write_text(run / "config.yaml", to_yaml(cfg))
         summary = {"skipped_files": len(data.skipped), "is_main": info.is_main}
         if 1 in stages:
             with timer.phase("stage 1"):
                 summary["stage1"] = train_stage1(data, run, cfg, resume=resume, progress=progress, timer=timer).summary
         if 2 in stages:
             names = stage1_image_names(run, len(data)) if any(r.body_part is None for r in data.records) else None
-            films = stage2_run_data(data, cfg, progress, info)   # data itself unless stage2.size
             summary["stage2"] = train_stage2(films, run, cfg, names, resume=resume, progress=progress, timer=timer)
             if info.is_main:
                 atomic_write_text(run / "stage2" / "summary.json", json.dumps(summary["stage2"], indent=2))
@@ -154,27 +156,33 @@ def _check_builds(cfg: Config, size: int) -> None:
 
 def resolve_phantom_weights(cfg: Config, run: Path, progress: bool = True,
                             info: dist.DistInfo = dist.DistInfo(), stages: Sequence[int] = STAGES,
-                            cache: str | Path | None = None) -> Config:
+                            cache: str | Path | None = None, films: PreparedDataset | None = None,
+                            stage2_films: PreparedDataset | None = None) -> Config:
     """``model.weights=phantoms`` (and ``stage2.weights=phantoms`` when stage 2 is trained):
     pre-train on phantoms (or reuse the file cached under ``cache``, by default the data cache, for
-    the same settings) and return the config naming that file, as the run records it."""
+    the same settings) and return the config naming that file, as the run records it.
+
+    With ``phantoms.adapt > 0`` stage 1's pre-training adapts to ``films`` and stage 2's to
+    ``stage2_films`` (the run's training films at each stage's size; no label is read)."""
     cache = Path(cache or cfg.data.cache or run / "cache")
     stage1_network_used = 1 in stages or stage2_weights(cfg) == SAME
     if stage1_network_used and str(cfg.model.weights).lower() == PHANTOMS:
-        cfg = merge(cfg, {"model": {"weights": _phantom_weights(cfg, cache, progress, info)}})
+        cfg = merge(cfg, {"model": {"weights": _phantom_weights(cfg, cache, progress, info, films)}})
     if 2 in stages and stage2_weights(cfg).lower() == PHANTOMS:
         # stage 2's network at stage 2's size (stage2.size), pre-trained from scratch: with stage 1 on
         # phantoms at the same size the settings are the same, and so is the cached file
         part = merge(cfg, {"model": {"weights": PHANTOMS}, "data": {"size": stage2_data_config(cfg).size}})
-        cfg = merge(cfg, {"stage2": {"weights": _phantom_weights(part, cache, progress, info)}})
+        cfg = merge(cfg, {"stage2": {"weights": _phantom_weights(part, cache, progress, info, stage2_films)}})
     return cfg
 
 
-def _phantom_weights(cfg: Config, cache: Path, progress: bool, info: dist.DistInfo) -> str:
+def _phantom_weights(cfg: Config, cache: Path, progress: bool, info: dist.DistInfo,
+                     films: PreparedDataset | None) -> str:
+    real = np.asarray(films.images()) if cfg.phantoms.adapt > 0 and films is not None else None
     if info.is_main:
-        cached_phantom_weights(cfg, cache, progress=progress)
+        cached_phantom_weights(cfg, cache, progress=progress, real_films=real)
     dist.barrier(info)
-    return str(cached_weights_path(cfg, cache))
+    return str(cached_weights_path(cfg, cache, real))
 
 
 def train_stage1(data: PreparedDataset, run: str | Path, cfg: Config, resume: bool = False,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -114,3 +116,34 @@ def test_both_networks_on_phantoms_share_one_pretrained_file_and_stage2_alone_sk
                                      f"stage2.weights={files[0]}"])]) == 0
     assert not (other / "phantom-weights").exists()
     assert yaml.safe_load((tmp_path / "s2" / "config.yaml").read_text())["model"]["weights"] == "phantoms"
+
+
+def test_the_cli_adapts_to_real_films_it_is_given_and_refuses_adapt_without_them(tmp_path, capsys,
+                                                                                  single_torch_thread):
+    generate_phantoms(tmp_path / "films", n=20, size=64, seed=5, progress=False, workers=1)   # stand-ins, unlabelled use
+    out = tmp_path / "adapted.pt"
+    assert main(["pretrain-phantoms", "--out", str(out), "--films", "48", "--epochs", "1", "--quiet",
+                 "--adapt-to", str(tmp_path / "films"), *_sets(TINY + PRETRAIN[2:])]) == 0
+    assert "adapting to 20 real films" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "adapted.pt.json").read_text())
+    assert meta["phantoms"]["adapt"] == 1.0 and meta["adapted_to"]["films"] == 20
+    assert "domain_accuracy" in meta["history"][0]
+    with pytest.raises(SystemExit, match="--adapt-to DATA"):
+        main(["pretrain-phantoms", "--out", str(tmp_path / "no.pt"), "--quiet",
+              *_sets(TINY + PRETRAIN + ["phantoms.adapt=0.5"])])
+    assert not (tmp_path / "no.pt").exists()
+
+
+def test_a_run_with_adapt_pretrains_on_its_own_decoded_films_before_training(tmp_path, single_torch_thread):
+    generate_phantoms(tmp_path / "ph", n=28, size=64, seed=3, progress=False, workers=1)
+    cache = tmp_path / "cache"
+    base = TINY + PRETRAIN + ["train.epochs=1", "stage2.epochs=0", "stage2.k=2", "stage2.min_images=4",
+                              f"data.cache={cache}", "phantoms.adapt=1", "stage2.size=48"]
+    assert main(["train", str(tmp_path / "ph"), "--out", str(tmp_path / "run"), "--quiet",
+                 *_sets(base + ["model.weights=phantoms", "stage2.weights=phantoms"])]) == 0
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    stage1, stage2 = Path(config["model"]["weights"]), Path(config["stage2"]["weights"])
+    assert stage1 != stage2 and stage1.parent == stage2.parent == (cache / "phantom-weights").resolve()
+    for weights, size in ((stage1, 32), (stage2, 48)):   # each adapted to the run's 28 films at its stage's size
+        meta = json.loads(weights.with_name(weights.name + ".json").read_text())
+        assert meta["adapted_to"]["films"] == 28 and meta["data"]["size"] == size
