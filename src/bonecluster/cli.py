@@ -157,8 +157,9 @@ def _add_pretrain_phantoms(sub) -> None:
     p.add_argument("--epochs", type=_positive(int), help="passes over them (phantoms.epochs; default 3)")
     p.add_argument("--adapt-to", nargs="+", metavar="DATA",
                    help="unlabelled real films to adapt the network to, domain-adversarially (" + DATA_HELP
-                        + "); sets phantoms.adapt=1 unless --set gives another weight; labels are never read")
-    p.add_argument("--cache", metavar="DIR", help="keep the decoded --adapt-to films here (default: a temporary folder)")
+                        + "); sets phantoms.adapt=1 unless the config gives another weight; labels are never read")
+    p.add_argument("--cache", metavar="DIR", help="keep the decoded --adapt-to films here (default: data.cache if set, "
+                                                  "else a temporary folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_options(p)
     p.set_defaults(func=cmd_pretrain_phantoms)
@@ -170,9 +171,12 @@ def cmd_pretrain_phantoms(args) -> int:
     for key, value in (("films", args.films), ("epochs", args.epochs)):
         if value is not None:
             args.overrides.append(f"phantoms.{key}={value}")
-    if args.adapt_to and not any(o.startswith("phantoms.adapt=") for o in args.overrides):
-        args.overrides.append("phantoms.adapt=1")
     cfg = _load_config(args)
+    if args.adapt_to and cfg.phantoms.adapt == 0:
+        if any(o.startswith("phantoms.adapt=") for o in args.overrides):
+            raise SystemExit("--adapt-to gives films to adapt to, but --set phantoms.adapt=0 switches adaptation off")
+        args.overrides.append("phantoms.adapt=1")
+        cfg = _load_config(args)
     if cfg.phantoms.adapt > 0 and not args.adapt_to:
         raise SystemExit(f"phantoms.adapt={cfg.phantoms.adapt} needs real films to adapt to: give --adapt-to DATA")
     with tempfile.TemporaryDirectory(prefix="bonecluster-adapt-") as scratch:
@@ -198,7 +202,7 @@ def _adapt_films(args, cfg, scratch: str):
     if data.skipped:
         print(f"--adapt-to: {len(data.skipped)} files skipped (unreadable or too large)", file=sys.stderr)
     print(f"adapting to {len(data.records)} real films (no labels read)")
-    return np.array(data.images())
+    return np.asarray(data.images())
 
 
 # ----------------------------------------------------------------------------- prepare

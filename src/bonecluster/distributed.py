@@ -82,6 +82,15 @@ def broadcast(t: torch.Tensor, info: DistInfo, src: int = 0) -> torch.Tensor:
     return t
 
 
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    """Rank ``src``'s picklable ``obj`` on every rank (the others pass anything, e.g. None)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -235,6 +235,7 @@ class _Adversary:
     step: int = 0
     correct: int = 0
     seen: int = 0
+    loss_sum: float = 0.0
 
     def loss(self, features: torch.Tensor, n_phantoms: int) -> torch.Tensor:
         """Binary cross-entropy of the domain head on ``features`` ``(n_phantoms + n_real, D)``,
@@ -246,13 +247,18 @@ class _Adversary:
         target[n_phantoms:] = 1.0
         self.correct += int(((logits > 0).float() == target).sum())
         self.seen += len(target)
-        return F.binary_cross_entropy_with_logits(logits, target)
+        loss = F.binary_cross_entropy_with_logits(logits, target)
+        self.loss_sum += float(loss.detach()) * len(target)
+        return loss
 
-    def take_accuracy(self) -> float:
-        """Share of films the domain head told apart since the last call (0.5: it cannot)."""
-        accuracy = self.correct / max(self.seen, 1)
+    def take_epoch(self) -> dict[str, float]:
+        """Since the last call: ``domain_loss`` (mean binary cross-entropy per film) and
+        ``domain_accuracy`` (share of films the head told apart; 0.5: it cannot)."""
+        seen = max(self.seen, 1)
+        row = {"domain_loss": self.loss_sum / seen, "domain_accuracy": self.correct / seen}
         self.correct = self.seen = 0
-        return accuracy
+        self.loss_sum = 0.0
+        return row
 
 
 def check_real_films(films: np.ndarray | None, p: PhantomPretrainConfig, size: int) -> np.ndarray | None:
@@ -263,8 +269,9 @@ def check_real_films(films: np.ndarray | None, p: PhantomPretrainConfig, size: i
     if p.adapt == 0:
         return None
     if films is None or len(films) == 0:
-        raise ValueError("phantoms.adapt > 0 needs unlabelled real films to adapt to: give "
-                         "`bonecluster pretrain-phantoms --adapt-to DATA`, or train a run with model.weights=phantoms")
+        raise ValueError(f"phantoms.adapt={p.adapt} needs unlabelled real films to adapt to, and none were given: "
+                         "`bonecluster pretrain-phantoms --adapt-to DATA` names them, and a `train` run with "
+                         "model.weights=phantoms (or stage2.weights=phantoms) adapts to its own training films")
     if films.ndim != 3 or films.shape[1:] != (size, size) or films.dtype != np.uint8:
         raise ValueError(f"the real films to adapt to must be uint8 (N, {size}, {size}) at data.size, "
                          f"got {films.dtype} {tuple(films.shape)}")
@@ -352,9 +359,9 @@ def pretrain_on_phantoms(cfg: Config, out: str | Path, progress: bool = True,
     for epoch in range(p.epochs):
         loss = _train_epoch(model, heads, train_set, tasks, opt, sched, augment, generator, device, use_amp,
                             p.batch_size, progress, f"phantom pre-training {epoch + 1}/{p.epochs}", adversary)
-        row = {"epoch": epoch + 1, "loss": round(loss, 4)}
-        if adversary is not None:   # 0.5: the domain head cannot tell the phantoms from the real films
-            row["domain_accuracy"] = round(adversary.take_accuracy(), 4)
+        row = {"epoch": epoch + 1, "loss": round(loss, 4)}   # the tasks' loss, as without adaptation
+        if adversary is not None:   # accuracy 0.5: the domain head cannot tell the phantoms from the real films
+            row.update({k: round(v, 4) for k, v in adversary.take_epoch().items()})
         if valid_set is not None:
             row.update({f"valid_{t}_accuracy": round(a, 4) for t, a in
                         task_accuracy(model, heads, valid_set, tasks, device, p.batch_size).items()})
@@ -396,10 +403,9 @@ def _train_epoch(model, heads, corpus, tasks, opt, sched, augment, generator, de
                 features = model.features(x)
                 logits = heads(features[:len(idx)])
                 loss = sum(F.cross_entropy(logits[t].float(), labels[t][idx].to(device)) for t in tasks)
-                if adversary is not None:
-                    loss = loss + adversary.loss(features, len(idx))
+                domain = adversary.loss(features, len(idx)) if adversary is not None else 0.0
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + domain).backward()
             opt.step()
             if sched.last_epoch + 1 < sched.total_steps:
                 sched.step()

@@ -39,7 +39,7 @@ from bonecluster.backbones import BackboneError
 from bonecluster.models import build_model, weights_file
 from bonecluster.names import NAMES, load_cluster_names, save_cluster_names
 from bonecluster.naming import training_metadata_audit
-from bonecluster.phantom_pretrain import PHANTOMS, cached_phantom_weights, cached_weights_path
+from bonecluster.phantom_pretrain import PHANTOMS, cached_phantom_weights
 from bonecluster.stage2.scoring import embed_images
 from bonecluster.stage2.train import SAME, check_stage2, stage2_dataset, stage2_weights, train_stage2
 from bonecluster.timing import NO_TIMER, NoTimer
@@ -75,8 +75,11 @@ def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: S
           resume: bool = False, progress: bool = True, timer: NoTimer = NO_TIMER) -> dict:
     """Train the requested stages into ``run``; returns a summary per stage.
 
-    ``timer`` (a :class:`bonecluster.timing.PhaseTimer`) records the phases "decoding", "stage 1"
-    and "stage 2 <PART>", each with the engine's phases inside (``bonecluster demo`` prints them).
+    ``timer`` (a :class:`bonecluster.timing.PhaseTimer`) records the phases "decoding" (at stage 1's
+    size and, with ``stage2.size``, at stage 2's), "stage 1" and "stage 2 <PART>", each with the
+    engine's phases inside (``bonecluster demo`` prints them). The films are decoded before any
+    phantom pre-training (``model.weights=phantoms``): a bad source fails first, and
+    ``phantoms.adapt`` adapts to them.
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -178,11 +181,14 @@ def resolve_phantom_weights(cfg: Config, run: Path, progress: bool = True,
 
 def _phantom_weights(cfg: Config, cache: Path, progress: bool, info: dist.DistInfo,
                      films: PreparedDataset | None) -> str:
-    real = np.asarray(films.images()) if cfg.phantoms.adapt > 0 and films is not None else None
+    """The cached file's path on every rank; rank 0 pre-trains (and alone reads ``films``, whose
+    digest is part of the path when ``phantoms.adapt`` is set)."""
+    path = None
     if info.is_main:
-        cached_phantom_weights(cfg, cache, progress=progress, real_films=real)
+        real = np.asarray(films.images()) if cfg.phantoms.adapt > 0 and films is not None else None
+        path = str(cached_phantom_weights(cfg, cache, progress=progress, real_films=real))
     dist.barrier(info)
-    return str(cached_weights_path(cfg, cache, real))
+    return dist.broadcast_object(path, info)
 
 
 def train_stage1(data: PreparedDataset, run: str | Path, cfg: Config, resume: bool = False,

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from bonecluster.checkpoint import FINAL_MODEL
 from bonecluster.cli import main
+from bonecluster.data import PreparedDataset
 from bonecluster.data.phantoms import generate_phantoms
+from bonecluster.phantom_pretrain import films_digest
 from tests.integration.test_engine import TINY
 
 PRETRAIN = ["phantoms.films=48", "phantoms.epochs=1", "phantoms.batch_size=16", "phantoms.validation_films=14"]
@@ -131,6 +137,9 @@ def test_the_cli_adapts_to_real_films_it_is_given_and_refuses_adapt_without_them
     with pytest.raises(SystemExit, match="--adapt-to DATA"):
         main(["pretrain-phantoms", "--out", str(tmp_path / "no.pt"), "--quiet",
               *_sets(TINY + PRETRAIN + ["phantoms.adapt=0.5"])])
+    with pytest.raises(SystemExit, match="phantoms.adapt=0 switches adaptation off"):
+        main(["pretrain-phantoms", "--out", str(tmp_path / "no.pt"), "--quiet", "--adapt-to", str(tmp_path / "films"),
+              *_sets(TINY + PRETRAIN + ["phantoms.adapt=0"])])
     assert not (tmp_path / "no.pt").exists()
 
 
@@ -143,7 +152,28 @@ def test_a_run_with_adapt_pretrains_on_its_own_decoded_films_before_training(tmp
                  *_sets(base + ["model.weights=phantoms", "stage2.weights=phantoms"])]) == 0
     config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     stage1, stage2 = Path(config["model"]["weights"]), Path(config["stage2"]["weights"])
-    assert stage1 != stage2 and stage1.parent == stage2.parent == (cache / "phantom-weights").resolve()
+    assert stage1.parent == stage2.parent == (cache / "phantom-weights").resolve()
+    films = PreparedDataset.load(tmp_path / "run" / "data.json")
     for weights, size in ((stage1, 32), (stage2, 48)):   # each adapted to the run's 28 films at its stage's size
         meta = json.loads(weights.with_name(weights.name + ".json").read_text())
         assert meta["adapted_to"]["films"] == 28 and meta["data"]["size"] == size
+    assert json.loads(stage1.with_name(stage1.name + ".json").read_text())["adapted_to"]["digest"] == \
+        films_digest(np.asarray(films.images()))
+
+
+def test_under_torchrun_rank_0_adapts_once_and_every_rank_trains_from_its_file(tmp_path):
+    """Two CPU processes (gloo): rank 0 decodes, pre-trains against the films and hands the file's
+    path to rank 1, which never reads the films to find it."""
+    generate_phantoms(tmp_path / "ph", n=28, size=64, seed=3, progress=False, workers=1)
+    cache = tmp_path / "cache"
+    sets = _sets(TINY + PRETRAIN + ["train.epochs=1", "train.device=cpu", "model.weights=phantoms",
+                                    "phantoms.adapt=1", f"data.cache={cache}"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "bonecluster", "train", str(tmp_path / "ph"), "--out", str(tmp_path / "run"), "--stages", "1",
+           "--quiet", *sets]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    files = list((cache / "phantom-weights").glob("*.pt"))
+    assert len(files) == 1
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["weights"] == str(files[0].resolve())
+    assert json.loads(files[0].with_name(files[0].name + ".json").read_text())["adapted_to"]["films"] == 28

@@ -39,7 +39,7 @@ def test_the_reversal_weight_ramps_from_zero_to_adapt():
     assert all(a < b for a, b in zip(ramp, ramp[1:])) and ramp[-1] <= 0.5
 
 
-def test_the_adversary_labels_phantoms_0_and_real_films_1_and_counts_what_it_told_apart():
+def test_the_adversary_labels_phantoms_0_and_real_films_1_and_reports_its_loss_and_accuracy():
     torch.manual_seed(0)
     head = DomainHead(4, hidden=8)
     features = torch.randn(10, 4)
@@ -49,8 +49,10 @@ def test_the_adversary_labels_phantoms_0_and_real_films_1_and_counts_what_it_tol
     target = torch.tensor([0.0] * 6 + [1.0] * 4)
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
     assert float(loss.detach()) == pytest.approx(float(expected))
-    assert adversary.take_accuracy() == pytest.approx(float(((logits > 0).float() == target).float().mean()))
-    assert adversary.take_accuracy() == 0.0 and adversary.step == 1   # counts start again
+    row = adversary.take_epoch()
+    assert row["domain_accuracy"] == pytest.approx(float(((logits > 0).float() == target).float().mean()))
+    assert row["domain_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert adversary.take_epoch() == {"domain_loss": 0.0, "domain_accuracy": 0.0} and adversary.step == 1
 
 
 def test_the_backbone_side_gets_the_domain_gradient_reversed_at_the_ramps_weight():
@@ -66,12 +68,26 @@ def test_the_backbone_side_gets_the_domain_gradient_reversed_at_the_ramps_weight
     assert torch.allclose(reversed_grad, -adversary_weight(1.0, 1.0) * plain.grad, atol=1e-6)
 
 
+def test_pretraining_ramps_the_reversal_weight_over_every_step_of_every_epoch(tmp_path, monkeypatch):
+    import bonecluster.phantom_pretrain as pp
+
+    seen = []
+    monkeypatch.setattr(pp, "adversary_weight", lambda progress, adapt: seen.append((progress, adapt)) or 0.0)
+    torch.set_num_threads(1)
+    cfg = load_config("cpu", overrides=TINY + ["phantoms.adapt=0.7", "phantoms.epochs=2"])
+    history = pretrain_on_phantoms(cfg, tmp_path / "w.pt", progress=False, real_films=_films()).history
+    assert len(seen) == 2 * (64 // 16)                       # one weight per step, both epochs
+    assert seen[0] == (0.0, 0.7) and seen[-1] == (1.0, 0.7)
+    assert [p for p, _ in seen] == sorted(p for p, _ in seen)
+    assert all(set(row) >= {"loss", "domain_loss", "domain_accuracy"} for row in history)
+
+
 def test_real_films_are_checked_against_adapt_and_the_size():
     p = load_config("cpu", overrides=TINY).phantoms
     assert check_real_films(_films(), p, 32) is None                       # adapt 0: not used
     p.adapt = 1.0
     assert check_real_films(_films(), p, 32) is not None
-    with pytest.raises(ValueError, match="--adapt-to"):
+    with pytest.raises(ValueError, match="phantoms.adapt=1.0 needs unlabelled real films.*--adapt-to"):
         check_real_films(None, p, 32)
     with pytest.raises(ValueError, match=r"uint8 \(N, 32, 32\).*\(24, 48, 48\)"):
         check_real_films(_films(size=48), p, 32)
