@@ -88,14 +88,17 @@ def train(sources: Sequence[str | Path], run: str | Path, cfg: Config, stages: S
     check_model(cfg, stages)
     info = dist.setup(pick_device(cfg.train.device).type)
     try:
-        # decoded first: a bad source fails before minutes of phantom pre-training, which
-        # phantoms.adapt points at these very films
+        if info.is_main:   # the run folder's first write: a folder that cannot take it fails here
+            atomic_write_text(run / "config.yaml", to_yaml(cfg))
+        # decoded before any phantom pre-training: a bad source fails first, and phantoms.adapt
+        # adapts to these very films
         with timer.phase("decoding"):
             data = prepare_run_data(sources, run, cfg, progress, info)
             films = stage2_run_data(data, cfg, progress, info) if 2 in stages else None   # data unless stage2.size
-        cfg = resolve_phantom_weights(cfg, run, progress, info, stages, films=data, stage2_films=films)
-        if info.is_main:
-            atomic_write_text(run / "config.yaml", to_yaml(cfg))
+        resolved = resolve_phantom_weights(cfg, run, progress, info, stages, films=data, stage2_films=films)
+        if resolved != cfg and info.is_main:   # the run records the weights file it started from
+            atomic_write_text(run / "config.yaml", to_yaml(resolved))
+        cfg = resolved
         summary = {"skipped_files": len(data.skipped), "is_main": info.is_main}
         if 1 in stages:
             with timer.phase("stage 1"):
