@@ -87,7 +87,7 @@ def test_stage2_phantom_weights_are_pretrained_at_stage2_size(monkeypatch, tmp_p
 
     sizes = []
 
-    def fake_weights(cfg, cache, progress, info):
+    def fake_weights(cfg, cache, progress, info, films):
         sizes.append(cfg.data.size)
         return f"phantoms-{cfg.data.size}.pt"
 
