@@ -179,9 +179,11 @@ def cmd_pretrain_phantoms(args) -> int:
         cfg = _load_config(args)
     if cfg.phantoms.adapt > 0 and not args.adapt_to:
         raise SystemExit(f"phantoms.adapt={cfg.phantoms.adapt} needs real films to adapt to: give --adapt-to DATA")
-    with tempfile.TemporaryDirectory(prefix="bonecluster-adapt-") as scratch:
-        real_films = _adapt_films(args, cfg, scratch) if args.adapt_to and cfg.phantoms.adapt > 0 else None
-        result = pretrain_on_phantoms(cfg, args.out, progress=not args.quiet, real_films=real_films)
+    real_films = None
+    if args.adapt_to:   # adapt > 0 here: the checks above leave no other case
+        with tempfile.TemporaryDirectory(prefix="bonecluster-adapt-") as scratch:
+            real_films = _adapt_films(args, cfg, scratch)   # in memory: the scratch cache may go
+    result = pretrain_on_phantoms(cfg, args.out, progress=not args.quiet, real_films=real_films)
     last = result.history[-1] if result.history else {}
     scores = ", ".join(f"{k[6:-9]} {v:.3f}" for k, v in last.items() if k.startswith("valid_"))
     print(f"pre-trained on {cfg.phantoms.films} phantoms x {cfg.phantoms.epochs} epochs in {result.seconds:.0f} s"

@@ -181,9 +181,6 @@ def render_corpus(n: int, data: DataConfig, seed: int = 0, first: int = 0, worke
     return PhantomCorpus(images, {task: labels[:, j] for j, task in enumerate(TASK_CLASSES)})
 
 
-# --------------------------------------------------------------------------- training
-
-
 # --------------------------------------------------------------------------- domain adaptation
 
 
@@ -283,6 +280,9 @@ def films_digest(films: np.ndarray) -> str:
     h = hashlib.sha256(repr(tuple(films.shape)).encode())
     h.update(np.ascontiguousarray(films).data)
     return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- training
 
 
 @dataclass
