@@ -38,7 +38,7 @@ from bonecluster.methods import get_method
 from bonecluster.models import DeepClusterNet, batch_norms, batchnorm_momentum, build_model
 from bonecluster.phantom_pretrain import PhantomCorpus
 from bonecluster.phantom_subspace import SUBSPACES, phantom_part_whitening, subspace_corpus
-from bonecluster.study_links import link_clusters, linked_share, why_not_linked
+from bonecluster.study_links import link_clusters, linked_share, why_not_linked, why_not_merged
 from bonecluster.timing import NO_TIMER, NoTimer
 
 log = logging.getLogger("bonecluster")
@@ -277,8 +277,8 @@ class DeepClusterEngine:
         fine = self.method.cluster_points(points, self.cfg.cluster.study_links, seeds)
         linked = link_clusters(fine, self.link_studies, k, seeds[0])
         if linked is None:
-            log.warning("cluster.study_links: the %d clusters share no study, or the cut left a cluster empty; "
-                        "clustering into %d as usual", len(fine.centroids), k)
+            log.warning("cluster.study_links: %s; clustering into %d as usual",
+                        why_not_merged(fine, self.link_studies, k), k)
         else:
             log.info("final clusters: %d k-means clusters merged into %d through shared studies", len(fine.centroids), k)
         return linked

@@ -10,7 +10,7 @@ import torch
 from bonecluster.cluster import KMeansResult, kmeans, kmeans_best_of
 from bonecluster.metrics import hungarian_accuracy
 from bonecluster.study_links import (assign_clusters, link_clusters, linked_share, merge_linked_clusters,
-                                     study_link_weights, why_not_linked)
+                                     study_link_weights, why_not_linked, why_not_merged)
 
 
 def test_link_weights_count_split_pairs_of_a_study_over_its_size_less_one():
@@ -138,3 +138,15 @@ def test_cluster_probabilities_sum_each_clusters_centroids():
     torch.testing.assert_close(each.sum(1), torch.ones(2))
     sq = torch.cdist(x, centroids).pow(2)
     torch.testing.assert_close(each, torch.softmax(-sq / 0.5, dim=1), atol=1e-6, rtol=1e-5)
+
+
+def test_why_not_merged_names_the_reason_the_cut_failed():
+    centroids = torch.eye(4)
+    # films 0-3 in clusters 0-3, one study per film: no film pair of one study to link by
+    alone = KMeansResult(centroids, torch.tensor([0, 1, 2, 3]), 0.0, 0, "torch")
+    assert why_not_merged(alone, np.array([0, 1, 2, 3]), 2) == "no study has films in two of the 4 clusters"
+    # one study across clusters 0 and 1; clusters 2 and 3 hold films without a mate
+    split = KMeansResult(centroids, torch.tensor([0, 1, 2, 3]), 0.0, 0, "torch")
+    assert why_not_merged(split, np.array([0, 0, 1, 2]), 3) == (
+        "the cut of the 4 clusters' study links left one of the 3 groups empty "
+        "(2 of the clusters hold films with a study mate)")
