@@ -141,12 +141,10 @@ def test_cluster_probabilities_sum_each_clusters_centroids():
 
 
 def test_why_not_merged_names_the_reason_the_cut_failed():
-    centroids = torch.eye(4)
-    # films 0-3 in clusters 0-3, one study per film: no film pair of one study to link by
-    alone = KMeansResult(centroids, torch.tensor([0, 1, 2, 3]), 0.0, 0, "torch")
-    assert why_not_merged(alone, np.array([0, 1, 2, 3]), 2) == "no study has films in two of the 4 clusters"
+    fine = KMeansResult(torch.eye(4), torch.tensor([0, 1, 2, 3]), 0.0, 0, "torch")   # film i in cluster i
+    # one study per film: no film pair of one study to link by
+    assert why_not_merged(fine, np.array([0, 1, 2, 3]), 2) == "no study has films in two of the 4 clusters"
     # one study across clusters 0 and 1; clusters 2 and 3 hold films without a mate
-    split = KMeansResult(centroids, torch.tensor([0, 1, 2, 3]), 0.0, 0, "torch")
-    assert why_not_merged(split, np.array([0, 0, 1, 2]), 3) == (
+    assert why_not_merged(fine, np.array([0, 0, 1, 2]), 3) == (
         "the cut of the 4 clusters' study links left one of the 3 groups empty "
         "(2 of the clusters hold films with a study mate)")
