@@ -110,18 +110,17 @@ def why_not_linked(studies: np.ndarray, n_clusters: int, k: int) -> str | None:
 
 
 def why_not_merged(fine: KMeansResult, studies: np.ndarray, k: int) -> str:
-    """Why :func:`link_clusters` gave None for ``fine`` and ``studies`` (N,), in words for the log:
-    no film pair of one study lies in two clusters, or the cut made fewer than ``k`` groups (it
-    happens where the films with study mates fill only a few clusters and the rest hang on the weak
-    centroid affinity alone)."""
+    """Why :func:`link_clusters` gave None for ``fine`` and ``studies`` (N,), in words for the log.
+
+    :func:`merge_linked_clusters` gives None in two cases: no film pair of one study lies in two
+    clusters, or the cut made fewer than ``k`` groups (where the clusters with links are few and
+    the rest hang on the weak centroid affinity alone). Call it only after such a None."""
     clusters, studies = fine.assignments.cpu().numpy(), np.asarray(studies, np.int64)
     links = study_link_weights(clusters, studies, len(fine.centroids))
     if not (links > 0).any():
         return f"no study has films in two of the {len(fine.centroids)} clusters"
-    counts = np.bincount(studies)
-    linked = np.unique(clusters[counts[studies] >= 2])
-    return (f"the cut of the {len(fine.centroids)} clusters' study links left one of the {k} groups empty "
-            f"({len(linked)} of the clusters hold films with a study mate)")
+    return (f"the cut of the study links made fewer than {k} groups ({int((links > 0).any(1).sum())} of the "
+            f"{len(fine.centroids)} clusters are linked to another)")
 
 
 def link_clusters(fine: KMeansResult, studies: np.ndarray, k: int, seed: int) -> KMeansResult | None:

@@ -140,11 +140,18 @@ def test_cluster_probabilities_sum_each_clusters_centroids():
     torch.testing.assert_close(each, torch.softmax(-sq / 0.5, dim=1), atol=1e-6, rtol=1e-5)
 
 
-def test_why_not_merged_names_the_reason_the_cut_failed():
-    fine = KMeansResult(torch.eye(4), torch.tensor([0, 1, 2, 3]), 0.0, 0, "torch")   # film i in cluster i
+def test_why_not_merged_names_the_reason_the_cut_failed(monkeypatch):
+    import sklearn.cluster
+
+    fine = KMeansResult(torch.eye(4), torch.tensor([0, 1, 2, 2]), 0.0, 0, "torch")   # films 2 and 3 share cluster 2
     # one study per film: no film pair of one study to link by
-    assert why_not_merged(fine, np.array([0, 1, 2, 3]), 2) == "no study has films in two of the 4 clusters"
-    # one study across clusters 0 and 1; clusters 2 and 3 hold films without a mate
-    assert why_not_merged(fine, np.array([0, 0, 1, 2]), 3) == (
-        "the cut of the 4 clusters' study links left one of the 3 groups empty "
-        "(2 of the clusters hold films with a study mate)")
+    alone = np.array([0, 1, 2, 3])
+    assert link_clusters(fine, alone, 2, seed=0) is None
+    assert why_not_merged(fine, alone, 2) == "no study has films in two of the 4 clusters"
+    # study 0 across clusters 0 and 1, study 1 inside cluster 2 (a mate, but no link); a cut that makes
+    # one group where 3 are asked for
+    mates = np.array([0, 0, 1, 1])
+    monkeypatch.setattr(sklearn.cluster.SpectralClustering, "fit_predict", lambda self, x: np.zeros(len(x), int))
+    assert link_clusters(fine, mates, 3, seed=0) is None
+    assert why_not_merged(fine, mates, 3) == (
+        "the cut of the study links made fewer than 3 groups (2 of the 4 clusters are linked to another)")
