@@ -115,8 +115,7 @@ def why_not_merged(fine: KMeansResult, studies: np.ndarray, k: int) -> str:
     :func:`merge_linked_clusters` gives None in two cases: no film pair of one study lies in two
     clusters, or the cut made fewer than ``k`` groups (where the clusters with links are few and
     the rest hang on the weak centroid affinity alone). Call it only after such a None."""
-    clusters, studies = fine.assignments.cpu().numpy(), np.asarray(studies, np.int64)
-    links = study_link_weights(clusters, studies, len(fine.centroids))
+    links = study_link_weights(fine.assignments.cpu().numpy(), studies, len(fine.centroids))
     if not (links > 0).any():
         return f"no study has films in two of the {len(fine.centroids)} clusters"
     return (f"the cut of the study links made fewer than {k} groups ({int((links > 0).any(1).sum())} of the "
