@@ -10,7 +10,8 @@ Scores computed against the training images of the same body part, and their mix
   each spatial position of a mid-level feature map (ResNet ``layer3``) is compared with all
   training patches, and the image's score is the largest per-position nearest-neighbour cosine
   distance (PatchCore, Roth et al. 2022, "Towards Total Recall in Industrial Anomaly
-  Detection", without its coreset subsampling: the banks here are small).
+  Detection"); its coreset (:func:`greedy_coreset`) and neighbourhood-averaged positions are
+  options (``stage2.patch_coreset``, ``stage2.patch_pool``).
 * **Gaussian** pieces, measured in ``benchmarks/bench_real_stage2.py`` and not a ``stage2.score``
   choice (yet): :func:`gaussian_scores` (one Gaussian over the pooled features) and
   :func:`patch_gaussian_scores` (PaDiM, one per ``layer3`` position).
@@ -108,6 +109,33 @@ def patch_knn_scores(bank: torch.Tensor, queries: torch.Tensor, k: int = 1, bank
         dist = (1.0 - sims.topk(k, dim=1).values).mean(dim=1)
         out.append(dist.view(q.shape[0], positions).amax(dim=1))
     return torch.cat(out).float()
+
+
+def greedy_coreset(points: torch.Tensor, n: int, seed: int = 0, proj_dim: int = 128) -> torch.Tensor:
+    """Indices of ``n`` rows of ``points`` (P, c) that cover them: greedy k-centre selection.
+
+    PatchCore's coreset (Roth et al. 2022, section 3.2; Sener and Savarese 2018): start from one
+    seeded random row, then add, one at a time, the row farthest (Euclidean) from every row chosen
+    so far. Distances are taken after a seeded Gaussian random projection to ``proj_dim``
+    dimensions (Johnson-Lindenstrauss), as PatchCore does, when c is larger. Returns (n,) int64
+    indices in the order chosen; n is capped at P.
+    """
+    if points.ndim != 2 or len(points) == 0:
+        raise ValueError(f"points must be a non-empty (P, c) tensor, got {tuple(points.shape)}")
+    n = min(int(n), len(points))
+    if n < 1:
+        raise ValueError(f"a coreset needs at least one row, got n={n}")
+    generator = torch.Generator().manual_seed(seed)
+    x = points.float()
+    if x.shape[1] > proj_dim:
+        x = x @ torch.randn(x.shape[1], proj_dim, generator=generator) / proj_dim ** 0.5
+    chosen = torch.empty(n, dtype=torch.int64)
+    chosen[0] = torch.randint(len(x), (1,), generator=generator)
+    nearest = (x - x[chosen[0]]).square().sum(dim=1)   # squared distance to the closest chosen row
+    for i in range(1, n):
+        chosen[i] = nearest.argmax()
+        nearest = torch.minimum(nearest, (x - x[chosen[i]]).square().sum(dim=1))
+    return chosen
 
 
 @dataclass

@@ -243,6 +243,13 @@ class Stage2Config:
     pca_dim: int = 64              # PCA-whitening of the global bank, fitted per part (not cluster.pca_dim)
     patch_knn: int = 1             # neighbours per patch (1 = PatchCore)
     patch_bank_size: int = 100000  # at most this many training patches are kept (seeded random subset)
+    # PatchCore's two pieces beyond the nearest-patch distance (Roth et al. 2022): each layer3
+    # position averaged over its patch_pool x patch_pool neighbourhood before it is compared
+    # ("locally aware patch features", section 3.1; 1 = the position alone, PatchCore uses 3), and a
+    # greedy coreset keeping this share of the training patches instead of a random subset (section
+    # 3.2; 0 = every patch, up to patch_bank_size). Both measured on real films (docs/RESULTS.md, rule PC).
+    patch_pool: int = 1
+    patch_coreset: float = 0.0
     # Label-free refinement of that score (0 rounds = off): the training images' kNN scores,
     # averaged per study, call the top refine_share abnormal; a HOG logistic regression (inverse
     # L2 strength refine_C) is fitted to those pseudo-labels on each image and its mirror, its

@@ -34,7 +34,8 @@ graph, its kNN banks are constants):
   part's own PCA and L2-normalised (the global bank's space);
 * ``score`` (N,) float32: the abnormality score. ``global`` = mean over the ``knn`` nearest bank
   rows of ``1 - embedding . bank``; ``patch`` = max over layer3 positions of the mean over the
-  ``patch_knn`` nearest bank patches of ``1 - patch . bank_patch`` (patches L2-normalised);
+  ``patch_knn`` nearest bank patches of ``1 - patch . bank_patch`` (patches L2-normalised, after
+  the ``stage2.patch_pool`` neighbourhood average, the manifest's ``patch_pool``);
   ``global+patch`` = the mean of ``global / scale_global`` and ``patch / scale_patch`` (the
   medians of the training scores, in the manifest's ``score_scales``);
 * ``abnormal`` (N,) bool: ``score >= threshold``.
@@ -65,7 +66,7 @@ from bonecluster.checkpoint import TrainedClusters
 from bonecluster.io import atomic_write_text
 from bonecluster.predict import CONFIDENCE_TEMPERATURE, Predictor, check_run, load_run_config
 from bonecluster.selftrain import refined_score
-from bonecluster.stage2.scoring import PartAnomaly
+from bonecluster.stage2.scoring import PartAnomaly, patch_vectors
 
 log = logging.getLogger("bonecluster")
 
@@ -135,6 +136,7 @@ class Stage2Graph(nn.Module):
                 raise ValueError("the part's anomaly file has no patch bank for its patch score")
             self.register_buffer("patch_bank", anomaly.patch_bank.detach().float().cpu().clone())
             self.patch_knn = max(1, min(int(anomaly.patch_knn), len(anomaly.patch_bank)))
+            self.patch_pool = int(trained.cfg.stage2.patch_pool)
         # combine_scores' scales: the median of each score over the training images
         self.scales = ([float(t.float().median().clamp_min(1e-12)) for t in anomaly.train_parts]
                        if self.use_global and self.use_patch else [])
@@ -153,7 +155,7 @@ class Stage2Graph(nn.Module):
             top = (emb @ self.bank.T).topk(self.knn, dim=1).values
             parts.append((1.0 - top).mean(dim=1))
         if self.use_patch:
-            patches = F.normalize(mid.flatten(2).transpose(1, 2), dim=2)
+            patches = patch_vectors(mid, self.patch_pool)
             top = (patches @ self.patch_bank.T).topk(self.patch_knn, dim=2).values
             parts.append((1.0 - top).mean(dim=2).amax(dim=1))
         if self.refined:   # the kNN score only seeded the refiner
@@ -220,7 +222,8 @@ def export_onnx(run: str | Path, out_dir: str | Path | None = None, opset: int =
             "file": path.name, "outputs": list(Stage2Graph.output_names), "input_size": part_size,
             "threshold": anomaly.threshold, "threshold_method": anomaly.threshold_method,
             "score_kind": anomaly.score_kind, "refined": graph.refined, "knn": getattr(graph, "knn", None),
-            "patch_knn": getattr(graph, "patch_knn", None), "score_scales": graph.scales or None,
+            "patch_knn": getattr(graph, "patch_knn", None), "patch_pool": getattr(graph, "patch_pool", None),
+            "score_scales": graph.scales or None,
             "bank_size": int(len(anomaly.bank)),
             "patch_bank_size": None if anomaly.patch_bank is None else int(len(anomaly.patch_bank))}
     written.append(atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n"))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from bonecluster.anomaly import (Gaussian, combine_scores, gaussian_scores, knn_scores, label_free_threshold, mean_rank, normalise, patch_gaussian_scores, percentile_of,
-                                 patch_knn_scores)
+from bonecluster.anomaly import (Gaussian, combine_scores, gaussian_scores, greedy_coreset, knn_scores, label_free_threshold,
+                                 mean_rank, normalise, patch_gaussian_scores, percentile_of, patch_knn_scores)
 
 
 def test_knn_scores_exact_small_case():
@@ -85,6 +85,30 @@ def test_patch_scores_leave_out_own_image_and_study():
     assert s.tolist() == pytest.approx([1.0, 1.0, 1.0])          # same study: no longer a match
     with pytest.raises(ValueError):
         patch_knn_scores(bank, patches, exclude_self=True)       # needs bank_images
+
+
+def test_greedy_coreset_takes_one_row_from_each_far_group_first():
+    """Three tight groups far apart: whatever row it starts from, the next two picks are the other
+    groups' (the farthest rows), never a second row of a group already covered."""
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = (centres[:, None, :] + 0.01 * torch.randn(3, 5, 2, generator=torch.Generator().manual_seed(0))).reshape(-1, 2)
+    for seed in range(6):
+        picks = greedy_coreset(points, 3, seed=seed)
+        assert sorted((picks // 5).tolist()) == [0, 1, 2]
+        assert torch.equal(picks, greedy_coreset(points, 3, seed=seed))   # the seed fixes the start
+    assert len(greedy_coreset(points, 99)) == 15 and sorted(greedy_coreset(points, 99).tolist()) == list(range(15))
+
+
+def test_greedy_coreset_exact_on_a_line_and_refuses_nothing_to_cover():
+    points = torch.tensor([[0.0], [1.0], [3.0], [10.0]])
+    picks = greedy_coreset(points, 4, seed=0).tolist()
+    start = points[picks[0], 0].item()
+    # second pick: the point farthest from the start; the rest follow the farthest-first order
+    assert points[picks[1], 0].item() == (0.0 if start >= 5 else 10.0)
+    with pytest.raises(ValueError, match="non-empty"):
+        greedy_coreset(torch.empty(0, 3), 2)
+    with pytest.raises(ValueError, match="at least one"):
+        greedy_coreset(points, 0)
 
 
 def test_combine_scores_divides_by_training_medians():

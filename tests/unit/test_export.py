@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -71,8 +73,10 @@ def test_stage1_graph_matches_the_predictor(trained, images, tmp_path):
     assert np.abs(shared - summed).max() < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["global", "patch", "global+patch"])
-def test_stage2_graph_matches_part_anomaly_score(trained, images, tmp_path, kind):
+@pytest.mark.parametrize("kind, pool", [("global", 1), ("patch", 1), ("global+patch", 1), ("patch", 3)])
+def test_stage2_graph_matches_part_anomaly_score(trained, images, tmp_path, kind, pool):
+    trained = dataclasses.replace(trained, cfg=dataclasses.replace(
+        trained.cfg, stage2=dataclasses.replace(trained.cfg.stage2, patch_pool=pool)))
     anomaly = _anomaly(trained, images, kind)
     path = tmp_path / "part.onnx"
     _export(Stage2Graph(trained, anomaly), torch.rand(2, 1, SIZE, SIZE), path, 17, "legacy")

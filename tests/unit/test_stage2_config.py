@@ -42,7 +42,11 @@ def test_extra_seed_networks_only_where_something_is_trained_and_refined():
 @pytest.mark.parametrize("setting, message", [("stage2.networks=0", "stage2.networks"),
                                               ("stage2.epochs=-1", "stage2.epochs"),
                                               ("stage2.refine_C=0", "stage2.refine_C"),
-                                              ("stage2.probe_mix=2", "stage2.probe_mix")])
+                                              ("stage2.probe_mix=2", "stage2.probe_mix"),
+                                              ("stage2.patch_pool=2", "stage2.patch_pool"),
+                                              ("stage2.patch_pool=0", "stage2.patch_pool"),
+                                              ("stage2.patch_coreset=1", "stage2.patch_coreset"),
+                                              ("stage2.patch_coreset=-0.1", "stage2.patch_coreset")])
 def test_check_stage2_names_the_setting_out_of_range(setting, message):
     with pytest.raises(ValueError, match=message):
         check_stage2(load_config("cpu", overrides=[setting]))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bonecluster.anomaly import combine_scores, knn_scores, patch_knn_scores
+from bonecluster.anomaly import combine_scores, greedy_coreset, knn_scores, patch_knn_scores
 from bonecluster.cluster import PCAWhitening, fit_pca_whitening, l2_normalise
 from bonecluster.config import Stage2Config
 from bonecluster.data.cache import PreparedDataset
@@ -53,18 +53,31 @@ def part_features(trained: TrainedClusters, images: np.ndarray,
     """uint8 (N, S, S) -> pooled final features (N, D) and layer3 patches (N, L, c), on the CPU.
 
     The pooled features are what ``model.features`` returns; the patches are the next-to-last
-    stage's map (a ResNet's ``layer3``, a ViT's patch tokens), one L2-normalised c-vector per
-    spatial position (L = h * w).
+    stage's map (a ResNet's ``layer3``, a ViT's patch tokens) as :func:`patch_vectors` makes them
+    with the part's ``stage2.patch_pool``.
     """
     model = trained.model
     device = next(model.parameters()).device
+    pool = trained.cfg.stage2.patch_pool
     pooled, patches = [], []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).float().div_(255)
         feats, mid, _ = model.pooled_and_maps(x.unsqueeze(1).to(device))
         pooled.append(feats.float().cpu())
-        patches.append(torch.nn.functional.normalize(mid.float().flatten(2).transpose(1, 2), dim=2).cpu())
+        patches.append(patch_vectors(mid.float(), pool).cpu())
     return torch.cat(pooled), torch.cat(patches)
+
+
+def patch_vectors(mid: torch.Tensor, pool: int = 1) -> torch.Tensor:
+    """A feature map (N, c, h, w) -> one L2-normalised c-vector per position, (N, h * w, c).
+
+    With ``pool`` > 1 each position is first averaged over its pool x pool neighbourhood (stride 1,
+    the map's size kept, positions off the map not counted): PatchCore's locally aware patch
+    features (Roth et al. 2022, section 3.1), which give each position some context.
+    """
+    if pool > 1:
+        mid = torch.nn.functional.avg_pool2d(mid, pool, stride=1, padding=pool // 2, count_include_pad=False)
+    return torch.nn.functional.normalize(mid.flatten(2).transpose(1, 2), dim=2)
 
 
 @dataclass
@@ -171,7 +184,11 @@ def knn_fit(trained: TrainedClusters, images: np.ndarray, groups: torch.Tensor, 
         n, positions, c = patches.shape
         patch_bank = patches.reshape(-1, c)
         owner = torch.arange(n).repeat_interleave(positions)
-        if len(patch_bank) > s2.patch_bank_size:   # a seeded random subset keeps memory bounded
+        if s2.patch_coreset > 0:   # the patches that cover the rest (PatchCore's coreset)
+            size = min(s2.patch_bank_size, max(1, round(s2.patch_coreset * len(patch_bank))))
+            keep = greedy_coreset(patch_bank, size, seed=seed).sort().values
+            patch_bank, owner = patch_bank[keep], owner[keep]
+        elif len(patch_bank) > s2.patch_bank_size:   # a seeded random subset keeps memory bounded
             keep = torch.randperm(len(patch_bank), generator=torch.Generator().manual_seed(seed))
             keep = keep[:s2.patch_bank_size].sort().values
             patch_bank, owner = patch_bank[keep], owner[keep]

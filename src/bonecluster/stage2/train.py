@@ -118,6 +118,13 @@ def check_stage2(cfg: Config) -> None:
         raise ValueError(f"stage2.refine_C must be > 0, got {cfg.stage2.refine_C}")
     if not isinstance(cfg.stage2.networks, int) or cfg.stage2.networks < 1:
         raise ValueError(f"stage2.networks must be a whole number >= 1, got {cfg.stage2.networks!r}")
+    pool = cfg.stage2.patch_pool
+    if not isinstance(pool, int) or isinstance(pool, bool) or pool < 1 or pool % 2 == 0:
+        raise ValueError(f"stage2.patch_pool must be an odd whole number >= 1 (1 = each position alone, "
+                         f"3 = PatchCore's 3 x 3 neighbourhood), got {pool!r}")
+    if not 0.0 <= cfg.stage2.patch_coreset < 1.0:
+        raise ValueError(f"stage2.patch_coreset must be in [0, 1) (the share of training patches kept; "
+                         f"0 = every one), got {cfg.stage2.patch_coreset}")
 
 
 def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_names: list[str] | None = None,

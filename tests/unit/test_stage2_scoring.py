@@ -1,0 +1,78 @@
+"""Stage 2's patch vectors: PatchCore's neighbourhood average (stage2.patch_pool) and coreset bank
+(stage2.patch_coreset) in bonecluster.stage2.scoring."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from bonecluster.anomaly import greedy_coreset
+from bonecluster.checkpoint import TrainedClusters
+from bonecluster.cluster import fit_pca_whitening, l2_normalise
+from bonecluster.config import Config
+from bonecluster.models import DeepClusterNet
+from bonecluster.stage2.scoring import knn_fit, part_features, patch_vectors
+
+SIZE = 48
+
+
+def test_patch_vectors_without_pool_are_the_normalised_positions():
+    mid = torch.randn(2, 4, 3, 5)
+    out = patch_vectors(mid, 1)
+    assert out.shape == (2, 15, 4)
+    assert torch.allclose(out[1, 7], mid[1, :, 1, 2] / mid[1, :, 1, 2].norm())
+
+
+def test_a_3x3_pool_averages_each_position_with_the_neighbours_on_the_map():
+    """One channel of ones at the centre of a 3 x 3 map and a second channel of ones everywhere:
+    every position's 3 x 3 window holds the centre, so channel 0 is 1 / (positions in the window)."""
+    mid = torch.zeros(1, 2, 3, 3)
+    mid[0, 0, 1, 1] = 1.0
+    mid[0, 1] = 1.0
+    out = patch_vectors(mid, 3).reshape(3, 3, 2)
+    window = torch.tensor([[4.0, 6.0, 4.0], [6.0, 9.0, 6.0], [4.0, 6.0, 4.0]])   # corners see 4 positions
+    expected = torch.stack([1.0 / window, torch.ones(3, 3)], dim=-1)
+    assert torch.allclose(out, expected / expected.norm(dim=-1, keepdim=True))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 256, (8, SIZE, SIZE), dtype=np.uint8)
+
+
+def _trained(images, **stage2):
+    torch.manual_seed(0)
+    model = DeepClusterNet("resnet18", sobel=True, num_clusters=2).eval()
+    cfg = Config()
+    cfg = replace(cfg, stage2=replace(cfg.stage2, **stage2))
+    with torch.no_grad():
+        feats = model.features(torch.from_numpy(images).float().div(255).unsqueeze(1))
+    pca = fit_pca_whitening(feats, dim=4)
+    return TrainedClusters(model, pca, l2_normalise(torch.randn(2, 4)), np.zeros(len(images), np.int64), cfg)
+
+
+def test_part_features_pool_the_map_with_the_parts_setting(images, single_torch_thread):
+    plain, pooled = _trained(images), _trained(images, patch_pool=3)
+    _, a = part_features(plain, images)
+    _, b = part_features(pooled, images)
+    assert a.shape == b.shape and not torch.allclose(a, b)
+    with torch.no_grad():
+        _, mid, _ = pooled.model.pooled_and_maps(torch.from_numpy(images).float().div(255).unsqueeze(1))
+    assert torch.allclose(b, patch_vectors(mid, 3), atol=1e-5)
+
+
+def test_the_coreset_bank_keeps_its_share_of_the_patches(images, single_torch_thread):
+    trained = _trained(images, score="patch", patch_coreset=0.25)
+    groups = torch.arange(len(images))
+    _, _, _, _, bank = knn_fit(trained, images, groups, trained.cfg.stage2, seed=3, batch_size=4)
+    _, patches = part_features(trained, images)
+    every = patches.reshape(-1, patches.shape[2])
+    size = round(0.25 * len(every))
+    assert bank.shape == (size, every.shape[1])
+    assert torch.equal(bank, every[greedy_coreset(every, size, seed=3).sort().values])
+    plain = _trained(images, score="patch")
+    _, _, _, _, whole = knn_fit(plain, images, groups, plain.cfg.stage2, seed=3, batch_size=4)
+    assert len(whole) == len(every)   # no coreset: every patch (under patch_bank_size)
