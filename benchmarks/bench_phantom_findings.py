@@ -89,7 +89,7 @@ def phantom_knn(model, cfg, train_images: np.ndarray, train_groups, images: np.n
     s2, holder = cfg.stage2, SimpleNamespace(model=model.eval())   # part_features reads .model only
     _, train_parts, pca, bank, patch_bank = knn_fit(holder, train_images, train_groups, s2, seed=cfg.seed,
                                                     batch_size=cfg.train.feature_batch_size)
-    pooled, patches = part_features(holder, images, cfg.train.feature_batch_size)
+    pooled, patches = part_features(holder, images, cfg.train.feature_batch_size, s2.patch_pool)
     parts = []
     if s2.score in ("global", "global+patch"):
         parts.append(knn_scores(bank, l2_normalise(pca.transform(pooled)), k=s2.knn))

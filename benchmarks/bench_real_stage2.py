@@ -151,13 +151,13 @@ def score_pieces(folder: Path, train, held_out) -> dict:
     anomaly = PartAnomaly.load(folder / ANOMALY)
     images = held_out.images()
     truth = held_out.abnormal(np.arange(len(held_out)))
-    pooled, patches = part_features(trained, images)   # one feature pass for every piece
+    pooled, patches = part_features(trained, images, pool=anomaly.patch_pool)   # one feature pass for every piece
     parts = anomaly.knn_parts(trained, pooled, patches)
     pieces = {f"knn_{kind}": score for kind, score in parts.items()}
     pieces["knn"] = anomaly.combine(parts)
     # Feature-space Gaussians (not a stage2.score choice): one over the pooled features, and PaDiM's
     # one per layer3 position, fitted on the training films' features.
-    train_pooled, train_patches = part_features(trained, train.images())
+    train_pooled, train_patches = part_features(trained, train.images(), pool=anomaly.patch_pool)
     pieces["gauss_global"] = gaussian_scores(train_pooled, pooled)
     pieces["gauss_patch"] = patch_gaussian_scores(train_patches, patches)
     label_free = anomaly.refiner.score(images) if anomaly.refiner is not None else pieces["knn"]

@@ -111,14 +111,16 @@ def patch_knn_scores(bank: torch.Tensor, queries: torch.Tensor, k: int = 1, bank
     return torch.cat(out).float()
 
 
-def greedy_coreset(points: torch.Tensor, n: int, seed: int = 0, proj_dim: int = 128) -> torch.Tensor:
-    """Indices of ``n`` rows of ``points`` (P, c) that cover them: greedy k-centre selection.
+def greedy_coreset(points: torch.Tensor, n: int, seed: int = 0, proj_dim: int = 128,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Indices of up to ``n`` rows of ``points`` (P, c) that cover them: greedy k-centre selection.
 
     PatchCore's coreset (Roth et al. 2022, section 3.2; Sener and Savarese 2018): start from one
-    seeded random row, then add, one at a time, the row farthest (Euclidean) from every row chosen
-    so far. Distances are taken after a seeded Gaussian random projection to ``proj_dim``
-    dimensions (Johnson-Lindenstrauss), as PatchCore does, when c is larger. Returns (n,) int64
-    indices in the order chosen; n is capped at P.
+    seeded random row, then add, one at a time, the row whose (Euclidean) distance to its nearest
+    chosen row is largest. Distances are taken after a seeded Gaussian random projection to
+    ``proj_dim`` dimensions (Johnson-Lindenstrauss), as PatchCore does, when c is larger; the
+    selection runs on ``device``. Returns (n,) int64 indices on the CPU in the order chosen; fewer
+    when every row is already at distance 0 from a chosen one (n is capped at P).
     """
     if points.ndim != 2 or len(points) == 0:
         raise ValueError(f"points must be a non-empty (P, c) tensor, got {tuple(points.shape)}")
@@ -128,14 +130,30 @@ def greedy_coreset(points: torch.Tensor, n: int, seed: int = 0, proj_dim: int = 
     generator = torch.Generator().manual_seed(seed)
     x = points.float()
     if x.shape[1] > proj_dim:
-        x = x @ torch.randn(x.shape[1], proj_dim, generator=generator) / proj_dim ** 0.5
-    chosen = torch.empty(n, dtype=torch.int64)
-    chosen[0] = torch.randint(len(x), (1,), generator=generator)
-    nearest = (x - x[chosen[0]]).square().sum(dim=1)   # squared distance to the closest chosen row
-    for i in range(1, n):
-        chosen[i] = nearest.argmax()
-        nearest = torch.minimum(nearest, (x - x[chosen[i]]).square().sum(dim=1))
-    return chosen
+        x = x @ (torch.randn(x.shape[1], proj_dim, generator=generator) / proj_dim ** 0.5)
+    start = int(torch.randint(len(x), (1,), generator=generator))
+    x = x.to(device)
+    norms = x.square().sum(dim=1)
+
+    tiny = 1e-5 * float(norms.max().clamp_min(1e-12))   # float rounding of the expansion below
+
+    def squared_distances(i: int) -> torch.Tensor:   # (P,) to row i, without a (P, c) temporary
+        d = (norms - 2.0 * (x @ x[i]) + norms[i]).clamp_min_(0.0)
+        d[i] = 0.0
+        return d
+
+    chosen = [start]
+    nearest = squared_distances(start)   # each row's squared distance to its closest chosen row
+    while len(chosen) < n:
+        far = int(nearest.argmax())
+        if nearest[far] <= 0:            # every row coincides with a chosen one: nothing left to cover
+            break
+        if nearest[far] <= tiny and float((x[chosen] - x[far]).square().sum(dim=1).min()) == 0.0:
+            nearest[far] = 0.0           # a copy of a chosen row (rounding kept it above 0): covered
+            continue
+        chosen.append(far)
+        nearest = torch.minimum(nearest, squared_distances(far))
+    return torch.tensor(chosen, dtype=torch.int64)
 
 
 @dataclass

@@ -136,7 +136,7 @@ class Stage2Graph(nn.Module):
                 raise ValueError("the part's anomaly file has no patch bank for its patch score")
             self.register_buffer("patch_bank", anomaly.patch_bank.detach().float().cpu().clone())
             self.patch_knn = max(1, min(int(anomaly.patch_knn), len(anomaly.patch_bank)))
-            self.patch_pool = int(trained.cfg.stage2.patch_pool)
+            self.patch_pool = int(anomaly.patch_pool)
         # combine_scores' scales: the median of each score over the training images
         self.scales = ([float(t.float().median().clamp_min(1e-12)) for t in anomaly.train_parts]
                        if self.use_global and self.use_patch else [])

@@ -100,15 +100,32 @@ def test_greedy_coreset_takes_one_row_from_each_far_group_first():
 
 
 def test_greedy_coreset_exact_on_a_line_and_refuses_nothing_to_cover():
+    """Points 0, 1, 3, 10: from each start, every next pick is the point farthest from its nearest pick."""
     points = torch.tensor([[0.0], [1.0], [3.0], [10.0]])
-    picks = greedy_coreset(points, 4, seed=0).tolist()
-    start = points[picks[0], 0].item()
-    # second pick: the point farthest from the start; the rest follow the farthest-first order
-    assert points[picks[1], 0].item() == (0.0 if start >= 5 else 10.0)
+    order = {0.0: [0.0, 10.0, 3.0, 1.0], 1.0: [1.0, 10.0, 3.0, 0.0], 3.0: [3.0, 10.0, 0.0, 1.0],
+             10.0: [10.0, 0.0, 3.0, 1.0]}
+    starts = set()
+    for seed in range(12):
+        picked = points[greedy_coreset(points, 4, seed=seed), 0].tolist()
+        assert picked == order[picked[0]]
+        starts.add(picked[0])
+    assert len(starts) > 1   # the seed moves the start
     with pytest.raises(ValueError, match="non-empty"):
         greedy_coreset(torch.empty(0, 3), 2)
     with pytest.raises(ValueError, match="at least one"):
         greedy_coreset(points, 0)
+
+
+def test_greedy_coreset_projects_wide_rows_and_stops_when_all_are_covered():
+    """512-wide rows (projected to 128 before the distances): three far groups still give one pick
+    each; rows that are copies of two distinct rows give two picks, however many are asked for."""
+    g = torch.Generator().manual_seed(1)
+    centres = 10 * torch.randn(3, 512, generator=g)
+    points = (centres[:, None, :] + 0.01 * torch.randn(3, 4, 512, generator=g)).reshape(-1, 512)
+    assert sorted((greedy_coreset(points, 3, seed=2) // 4).tolist()) == [0, 1, 2]
+    copies = torch.stack([centres[0]] * 5 + [centres[1]] * 3)
+    picks = greedy_coreset(copies, 6, seed=0)
+    assert len(picks) == 2 and sorted((picks >= 5).tolist()) == [False, True]
 
 
 def test_combine_scores_divides_by_training_medians():

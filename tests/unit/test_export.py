@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -38,14 +36,14 @@ def trained(images, single_torch_thread):
     return TrainedClusters(model, pca, centroids, np.zeros(len(images), np.int64), Config())
 
 
-def _anomaly(trained, images, kind: str) -> PartAnomaly:
-    pooled, patches = part_features(trained, images)
+def _anomaly(trained, images, kind: str, pool: int = 1) -> PartAnomaly:
+    pooled, patches = part_features(trained, images, pool=pool)
     pca = fit_pca_whitening(pooled, dim=5)
     bank = l2_normalise(pca.transform(pooled))
     patch_bank = patches.reshape(-1, patches.shape[2])
     train_parts = (torch.rand(len(images)) + 0.5, torch.rand(len(images)) + 0.1)
     return PartAnomaly(bank, train_parts[0], 0.4, "quantile", 3, kind, pca, patch_bank, 2,
-                       train_parts if kind == "global+patch" else ())
+                       train_parts if kind == "global+patch" else (), patch_pool=pool)
 
 
 def _run(path, x):
@@ -75,9 +73,7 @@ def test_stage1_graph_matches_the_predictor(trained, images, tmp_path):
 
 @pytest.mark.parametrize("kind, pool", [("global", 1), ("patch", 1), ("global+patch", 1), ("patch", 3)])
 def test_stage2_graph_matches_part_anomaly_score(trained, images, tmp_path, kind, pool):
-    trained = dataclasses.replace(trained, cfg=dataclasses.replace(
-        trained.cfg, stage2=dataclasses.replace(trained.cfg.stage2, patch_pool=pool)))
-    anomaly = _anomaly(trained, images, kind)
+    anomaly = _anomaly(trained, images, kind, pool)
     path = tmp_path / "part.onnx"
     _export(Stage2Graph(trained, anomaly), torch.rand(2, 1, SIZE, SIZE), path, 17, "legacy")
     queries = np.ascontiguousarray(images[::-1][:4])
@@ -87,6 +83,30 @@ def test_stage2_graph_matches_part_anomaly_score(trained, images, tmp_path, kind
     assert abnormal.tolist() == (expected >= anomaly.threshold).tolist()
     pooled, _ = part_features(trained, queries)
     assert np.abs(emb - l2_normalise(anomaly.pca.transform(pooled)).numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_the_neighbourhood_pool_exports_with_its_edges(tmp_path, exporter):
+    """patch_vectors with a 3 x 3 pool on a 5 x 4 map (edges and corners average fewer positions):
+    the ONNX graph gives the torch figures with either exporter."""
+    from bonecluster.stage2.scoring import patch_vectors
+
+    class Pool(torch.nn.Module):
+        output_names = ("patches",)
+
+        def forward(self, image):   # the exporter names its input "image"
+            return patch_vectors(image, 3)
+
+    mid = torch.randn(3, 6, 5, 4)
+    path = tmp_path / "pool.onnx"
+    try:
+        _export(Pool(), mid[:2], path, 17, exporter)
+    except Exception as error:   # dynamo needs onnxscript; legacy must always work
+        if exporter == "legacy":
+            raise
+        pytest.skip(f"the dynamo exporter is not usable here: {error}")
+    (out,) = _run(path, mid.numpy())
+    assert np.abs(out - patch_vectors(mid, 3).numpy()).max() < 1e-5
 
 
 def test_a_patch_score_without_patch_bank_is_refused(trained, images):

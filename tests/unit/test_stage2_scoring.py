@@ -54,14 +54,42 @@ def _trained(images, **stage2):
     return TrainedClusters(model, pca, l2_normalise(torch.randn(2, 4)), np.zeros(len(images), np.int64), cfg)
 
 
-def test_part_features_pool_the_map_with_the_parts_setting(images, single_torch_thread):
-    plain, pooled = _trained(images), _trained(images, patch_pool=3)
-    _, a = part_features(plain, images)
-    _, b = part_features(pooled, images)
+def test_part_features_pool_the_map(images, single_torch_thread):
+    trained = _trained(images)
+    _, a = part_features(trained, images)
+    _, b = part_features(trained, images, pool=3)
     assert a.shape == b.shape and not torch.allclose(a, b)
     with torch.no_grad():
-        _, mid, _ = pooled.model.pooled_and_maps(torch.from_numpy(images).float().div(255).unsqueeze(1))
+        _, mid, _ = trained.model.pooled_and_maps(torch.from_numpy(images).float().div(255).unsqueeze(1))
     assert torch.allclose(b, patch_vectors(mid, 3), atol=1e-5)
+
+
+def test_a_pooled_bank_is_queried_pooled_and_the_pool_survives_saving(images, tmp_path, single_torch_thread):
+    """fit_part_anomaly keeps stage2.patch_pool with the bank; new films are scored with it, also after
+    a save and load (a bank of pooled patches queried with unpooled ones would score everything odd)."""
+    from bonecluster.stage2.scoring import PartAnomaly
+    from bonecluster.stage2.train import fit_part_anomaly
+
+    from bonecluster.data.records import Record
+
+    class Films:   # what fit_part_anomaly reads of a PreparedDataset: two films per study
+        def __init__(self):
+            self.records = [Record(f"f{i}.png", patient=f"p{i // 2}", study=f"s{i // 2}") for i in range(len(images))]
+
+        def images(self):
+            return images
+
+        def __len__(self):
+            return len(images)
+
+    trained = _trained(images, score="patch", patch_pool=3, refine_rounds=0)
+    anomaly = fit_part_anomaly(trained, Films(), trained.cfg.stage2, seed=0, batch_size=4)
+    assert anomaly.patch_pool == 3
+    _, pooled = part_features(trained, images[:3], pool=3)
+    expected = anomaly.knn_parts(trained, None, pooled)["patch"]
+    assert torch.allclose(anomaly.score(trained, images[:3]), expected)
+    anomaly.save(tmp_path / "anomaly.pt")
+    assert torch.allclose(PartAnomaly.load(tmp_path / "anomaly.pt").score(trained, images[:3]), expected)
 
 
 def test_the_coreset_bank_keeps_its_share_of_the_patches(images, single_torch_thread):

@@ -3,7 +3,8 @@
 The part model gives two views of an image (:func:`part_features`): its pooled final
 features, PCA-whitened to ``stage2.pca_dim`` by a PCA fitted on the part's training images (not the
 engine's ``cluster.pca_dim``, which is tuned for clustering into a few groups) and L2-normalised;
-and its ``layer3`` feature map, one L2-normalised vector per position. An image's kNN score
+and its ``layer3`` feature map, one L2-normalised vector per position (each averaged over its
+``stage2.patch_pool`` neighbourhood first, :func:`patch_vectors`). An image's kNN score
 (``stage2.score``) is a kNN distance to the part's training images in either or both (the
 distances are :mod:`bonecluster.anomaly`'s). Training images are scored leaving out their study.
 
@@ -49,16 +50,15 @@ SCORES = ("global", "patch", "global+patch")
 
 @torch.no_grad()
 def part_features(trained: TrainedClusters, images: np.ndarray,
-                  batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                  batch_size: int = 256, pool: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, S, S) -> pooled final features (N, D) and layer3 patches (N, L, c), on the CPU.
 
     The pooled features are what ``model.features`` returns; the patches are the next-to-last
     stage's map (a ResNet's ``layer3``, a ViT's patch tokens) as :func:`patch_vectors` makes them
-    with the part's ``stage2.patch_pool``.
+    with ``pool`` (a part's bank and its queries must share it: ``PartAnomaly.patch_pool``).
     """
     model = trained.model
     device = next(model.parameters()).device
-    pool = trained.cfg.stage2.patch_pool
     pooled, patches = [], []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).float().div_(255)
@@ -101,6 +101,7 @@ class PartAnomaly:
     train_parts: tuple = ()            # per-score training scores (for combine_scores' scales)
     refiner: ScoreRefiner | None = None
     checks: dict = field(default_factory=dict)   # label-free checks of the training scores (stage2.guard)
+    patch_pool: int = 1                # stage2.patch_pool the patch bank was made with (queries need the same)
 
     def score(self, trained: TrainedClusters, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
         """Abnormality scores of new images (uint8 (M, S, S)) with the part model ``trained``."""
@@ -114,7 +115,7 @@ class PartAnomaly:
         """The kNN score (``stage2.score``) of new images: the score itself, or the refiner's seed."""
         if len(images) == 0:
             return torch.zeros(0)
-        return self.combine(self.knn_parts(trained, *part_features(trained, images, batch_size)))
+        return self.combine(self.knn_parts(trained, *part_features(trained, images, batch_size, self.patch_pool)))
 
     def knn_parts(self, trained: TrainedClusters, pooled: torch.Tensor, patches: torch.Tensor
                   ) -> dict[str, torch.Tensor]:
@@ -141,7 +142,7 @@ class PartAnomaly:
                           "patch_bank": self.patch_bank, "patch_knn": self.patch_knn,
                           "train_parts": list(self.train_parts),
                           "refiner": None if self.refiner is None else self.refiner.state_dict(),
-                          "checks": self.checks})
+                          "checks": self.checks, "patch_pool": self.patch_pool})
 
     @classmethod
     def load(cls, path: Path) -> "PartAnomaly":
@@ -150,7 +151,8 @@ class PartAnomaly:
         return cls(d["bank"], d["train_scores"], float(d["threshold"]), d["threshold_method"], int(d["knn"]),
                    d.get("score_kind", "global"), None if pca is None else PCAWhitening.from_state_dict(pca),
                    d.get("patch_bank"), int(d.get("patch_knn", 1)), tuple(d.get("train_parts", ())),
-                   None if refiner is None else ScoreRefiner.from_state_dict(refiner), d.get("checks") or {})
+                   None if refiner is None else ScoreRefiner.from_state_dict(refiner), d.get("checks") or {},
+                   int(d.get("patch_pool", 1)))
 
 
 def study_groups(data: PreparedDataset) -> torch.Tensor:
@@ -174,7 +176,7 @@ def knn_seed_scores(trained: TrainedClusters, data: PreparedDataset, s2: Stage2C
 def knn_fit(trained: TrainedClusters, images: np.ndarray, groups: torch.Tensor, s2: Stage2Config, *, seed: int,
             batch_size: int) -> tuple:
     """The kNN score of the training images: (scores (N,), its parts, PCA, global bank, patch bank)."""
-    pooled, patches = part_features(trained, images, batch_size)
+    pooled, patches = part_features(trained, images, batch_size, s2.patch_pool)
     pca = fit_pca_whitening(pooled, dim=s2.pca_dim)
     bank = l2_normalise(pca.transform(pooled))
     parts, patch_bank = [], None
@@ -186,8 +188,12 @@ def knn_fit(trained: TrainedClusters, images: np.ndarray, groups: torch.Tensor, 
         owner = torch.arange(n).repeat_interleave(positions)
         if s2.patch_coreset > 0:   # the patches that cover the rest (PatchCore's coreset)
             size = min(s2.patch_bank_size, max(1, round(s2.patch_coreset * len(patch_bank))))
-            keep = greedy_coreset(patch_bank, size, seed=seed).sort().values
+            keep = greedy_coreset(patch_bank, size, seed=seed,
+                                  device=next(trained.model.parameters()).device).sort().values
             patch_bank, owner = patch_bank[keep], owner[keep]
+            if len(torch.unique(groups[owner])) < 2:   # every training film would leave the whole bank out
+                raise ValueError(f"stage2.patch_coreset={s2.patch_coreset} keeps {len(keep)} patches, all of one "
+                                 f"study; raise it (or set it to 0)")
         elif len(patch_bank) > s2.patch_bank_size:   # a seeded random subset keeps memory bounded
             keep = torch.randperm(len(patch_bank), generator=torch.Generator().manual_seed(seed))
             keep = keep[:s2.patch_bank_size].sort().values

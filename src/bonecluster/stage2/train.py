@@ -91,7 +91,7 @@ def fit_part_anomaly(trained: TrainedClusters, data: PreparedDataset, s2: Stage2
     checks = score_checks(scores.numpy(), seed_scores, images, groups.numpy(), part)
     t = label_free_threshold(scores.numpy(), s2.fallback_quantile, seed=seed)
     return PartAnomaly(bank, scores, t.value, t.method, s2.knn, s2.score, pca, patch_bank, s2.patch_knn,
-                       tuple(parts) if len(parts) > 1 else (), refiner, checks)
+                       tuple(parts) if len(parts) > 1 else (), refiner, checks, s2.patch_pool)
 
 
 def check_stage2(cfg: Config) -> None:
