@@ -71,6 +71,22 @@ def test_several_networks_without_epochs_warn_that_they_are_one(caplog, tmp_path
     assert "ignored" not in caplog.text
 
 
+@pytest.mark.parametrize("setting", ["stage2.patch_pool=3", "stage2.patch_coreset=0.1"])
+def test_patch_settings_without_a_patch_score_warn_that_they_are_ignored(caplog, tmp_path, setting):
+    from bonecluster.stage2.train import train_stage2
+
+    class NoParts:   # train_stage2 warns before it groups any image
+        records = []
+        pre = load_config("cpu").data.preprocess()
+
+    for score, warned in (("global", True), ("patch", False), ("global+patch", False)):
+        caplog.clear()
+        cfg = load_config("cpu", overrides=[setting, f"stage2.score={score}"])
+        with caplog.at_level(logging.WARNING, logger="bonecluster"):
+            train_stage2(NoParts(), tmp_path, cfg, stage1_names=[])
+        assert ("stage2.score=global does not use" in caplog.text) == warned
+
+
 def test_stage_1s_final_cluster_merging_is_not_carried_into_the_parts():
     cfg = load_config("cpu-real")
     assert cfg.cluster.study_links == 30 and stage2_config(cfg).cluster.study_links == 0

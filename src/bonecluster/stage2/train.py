@@ -142,6 +142,9 @@ def train_stage2(data: PreparedDataset, run: str | Path, cfg: Config, stage1_nam
     elif cfg.stage2.networks > 1 and cfg.stage2.epochs == 0:
         log.warning("stage 2: stage2.networks=%d is ignored with stage2.epochs=0: untrained networks from the same "
                     "weights are one network; one network per part", cfg.stage2.networks)
+    if cfg.stage2.score == "global" and (cfg.stage2.patch_pool != 1 or cfg.stage2.patch_coreset > 0):
+        log.warning("stage 2: stage2.patch_pool and stage2.patch_coreset shape the patch score, which "
+                    "stage2.score=global does not use; they are ignored")
     summary = {}
     for part, positions in group_by_part(data, stage1_names).items():
         if len(positions) < max(cfg.stage2.min_images, cfg.stage2.k):
