@@ -245,10 +245,10 @@ class Stage2Config:
     patch_bank_size: int = 100000  # at most this many training patches are kept (seeded random subset)
     # PatchCore's two pieces beyond the nearest-patch distance (Roth et al. 2022): each layer3
     # position averaged over its patch_pool x patch_pool neighbourhood before it is compared
-    # ("locally aware patch features", section 3.1; 1 = the position alone, PatchCore uses 3), and a
+    # ("locally aware patch features", section 3.1; odd; 1 = the position alone, PatchCore uses 3), and a
     # greedy coreset keeping this share of the training patches, at most patch_bank_size, instead of
-    # every patch or a random subset (section 3.2; 0 = off). Both measured on real films (docs/RESULTS.md,
-    # rule PC).
+    # every patch or a random subset (section 3.2; 0 = off). Neither helped on real films at 128 px,
+    # so both are off (docs/RESULTS.md, rule PC).
     patch_pool: int = 1
     patch_coreset: float = 0.0
     # Label-free refinement of that score (0 rounds = off): the training images' kNN scores,

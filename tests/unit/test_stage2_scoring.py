@@ -26,6 +26,12 @@ def test_patch_vectors_without_pool_are_the_normalised_positions():
     assert torch.allclose(out[1, 7], mid[1, :, 1, 2] / mid[1, :, 1, 2].norm())
 
 
+@pytest.mark.parametrize("pool", [0, 2])
+def test_an_even_or_empty_pool_is_refused(pool):
+    with pytest.raises(ValueError, match="odd"):
+        patch_vectors(torch.zeros(1, 2, 3, 3), pool)
+
+
 def test_a_3x3_pool_averages_each_position_with_the_neighbours_on_the_map():
     """One channel of ones at the centre of a 3 x 3 map and a second channel of ones everywhere:
     every position's 3 x 3 window holds the centre, so channel 0 is 1 / (positions in the window)."""
@@ -104,3 +110,11 @@ def test_the_coreset_bank_keeps_its_share_of_the_patches(images, single_torch_th
     plain = _trained(images, score="patch")
     _, _, _, _, whole = knn_fit(plain, images, groups, plain.cfg.stage2, seed=3, batch_size=4)
     assert len(whole) == len(every)   # no coreset: every patch (under patch_bank_size)
+
+
+def test_a_coreset_of_one_study_is_refused(images, single_torch_thread):
+    """A bank whose patches all come from one study leaves nothing for that study's films to be
+    compared with (each is scored without its own study), so it is refused by name."""
+    trained = _trained(images, score="patch", patch_coreset=0.001)   # one patch of 72
+    with pytest.raises(ValueError, match="stage2.patch_coreset=0.001 keeps 1 patches, all of one study"):
+        knn_fit(trained, images, torch.arange(len(images)), trained.cfg.stage2, seed=0, batch_size=4)

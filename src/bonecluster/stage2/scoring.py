@@ -75,6 +75,8 @@ def patch_vectors(mid: torch.Tensor, pool: int = 1) -> torch.Tensor:
     the map's size kept, positions off the map not counted): PatchCore's locally aware patch
     features (Roth et al. 2022, section 3.1), which give each position some context.
     """
+    if pool < 1 or pool % 2 == 0:   # an even window would add a row and a column of positions
+        raise ValueError(f"the patch pool must be an odd whole number >= 1, got {pool}")
     if pool > 1:
         mid = torch.nn.functional.avg_pool2d(mid, pool, stride=1, padding=pool // 2, count_include_pad=False)
     return torch.nn.functional.normalize(mid.flatten(2).transpose(1, 2), dim=2)
