@@ -49,19 +49,23 @@ def images():
     return np.random.default_rng(0).integers(0, 256, (8, SIZE, SIZE), dtype=np.uint8)
 
 
-def _trained(images, **stage2):
+@pytest.fixture(scope="module")
+def network(images):
+    """One untrained part network and its PCA, built once; each test sets its own stage-2 settings."""
     torch.manual_seed(0)
     model = DeepClusterNet("resnet18", sobel=True, num_clusters=2).eval()
-    cfg = Config()
-    cfg = replace(cfg, stage2=replace(cfg.stage2, **stage2))
     with torch.no_grad():
         feats = model.features(torch.from_numpy(images).float().div(255).unsqueeze(1))
-    pca = fit_pca_whitening(feats, dim=4)
-    return TrainedClusters(model, pca, l2_normalise(torch.randn(2, 4)), np.zeros(len(images), np.int64), cfg)
+    return TrainedClusters(model, fit_pca_whitening(feats, dim=4), l2_normalise(torch.randn(2, 4)),
+                           np.zeros(len(images), np.int64), Config())
 
 
-def test_part_features_pool_the_map(images, single_torch_thread):
-    trained = _trained(images)
+def _trained(network, **stage2):
+    return replace(network, cfg=replace(network.cfg, stage2=replace(network.cfg.stage2, **stage2)))
+
+
+def test_part_features_pool_the_map(images, network, single_torch_thread):
+    trained = _trained(network)
     _, a = part_features(trained, images)
     _, b = part_features(trained, images, pool=3)
     assert a.shape == b.shape and not torch.allclose(a, b)
@@ -70,7 +74,7 @@ def test_part_features_pool_the_map(images, single_torch_thread):
     assert torch.allclose(b, patch_vectors(mid, 3), atol=1e-5)
 
 
-def test_a_pooled_bank_is_queried_pooled_and_the_pool_survives_saving(images, tmp_path, single_torch_thread):
+def test_a_pooled_bank_is_queried_pooled_and_the_pool_survives_saving(images, network, tmp_path, single_torch_thread):
     """fit_part_anomaly keeps stage2.patch_pool with the bank; new films are scored with it, also after
     a save and load (a bank of pooled patches queried with unpooled ones would score everything odd)."""
     from bonecluster.stage2.scoring import PartAnomaly
@@ -88,7 +92,7 @@ def test_a_pooled_bank_is_queried_pooled_and_the_pool_survives_saving(images, tm
         def __len__(self):
             return len(images)
 
-    trained = _trained(images, score="patch", patch_pool=3, refine_rounds=0)
+    trained = _trained(network, score="patch", patch_pool=3, refine_rounds=0)
     anomaly = fit_part_anomaly(trained, Films(), trained.cfg.stage2, seed=0, batch_size=4)
     assert anomaly.patch_pool == 3
     _, pooled = part_features(trained, images[:3], pool=3)
@@ -98,8 +102,8 @@ def test_a_pooled_bank_is_queried_pooled_and_the_pool_survives_saving(images, tm
     assert torch.allclose(PartAnomaly.load(tmp_path / "anomaly.pt").score(trained, images[:3]), expected)
 
 
-def test_the_coreset_bank_keeps_its_share_of_the_patches(images, single_torch_thread):
-    trained = _trained(images, score="patch", patch_coreset=0.25)
+def test_the_coreset_bank_keeps_its_share_of_the_patches(images, network, single_torch_thread):
+    trained = _trained(network, score="patch", patch_coreset=0.25)
     groups = torch.arange(len(images))
     _, _, _, _, bank = knn_fit(trained, images, groups, trained.cfg.stage2, seed=3, batch_size=4)
     _, patches = part_features(trained, images)
@@ -107,14 +111,14 @@ def test_the_coreset_bank_keeps_its_share_of_the_patches(images, single_torch_th
     size = round(0.25 * len(every))
     assert bank.shape == (size, every.shape[1])
     assert torch.equal(bank, every[greedy_coreset(every, size, seed=3).sort().values])
-    plain = _trained(images, score="patch")
+    plain = _trained(network, score="patch")
     _, _, _, _, whole = knn_fit(plain, images, groups, plain.cfg.stage2, seed=3, batch_size=4)
     assert len(whole) == len(every)   # no coreset: every patch (under patch_bank_size)
 
 
-def test_a_coreset_of_one_study_is_refused(images, single_torch_thread):
+def test_a_coreset_of_one_study_is_refused(images, network, single_torch_thread):
     """A bank whose patches all come from one study leaves nothing for that study's films to be
     compared with (each is scored without its own study), so it is refused by name."""
-    trained = _trained(images, score="patch", patch_coreset=0.001)   # one patch of 72
+    trained = _trained(network, score="patch", patch_coreset=0.001)   # one patch of 72
     with pytest.raises(ValueError, match="stage2.patch_coreset=0.001 keeps 1 patches, all of one study"):
         knn_fit(trained, images, torch.arange(len(images)), trained.cfg.stage2, seed=0, batch_size=4)

@@ -175,6 +175,20 @@ def knn_seed_scores(trained: TrainedClusters, data: PreparedDataset, s2: Stage2C
     return knn_fit(trained, data.images(), knn_groups(data), s2, seed=seed, batch_size=batch_size)[0]
 
 
+def kept_patches(patch_bank: torch.Tensor, s2: Stage2Config, *, seed: int,
+                 device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Sorted indices of the training patches (P, c) a part's bank keeps, or None for all of them:
+    PatchCore's coreset (``stage2.patch_coreset``, at most ``stage2.patch_bank_size``) or, with
+    more patches than that size, a seeded random subset that keeps memory bounded."""
+    if s2.patch_coreset > 0:
+        size = min(s2.patch_bank_size, max(1, round(s2.patch_coreset * len(patch_bank))))
+        return greedy_coreset(patch_bank, size, seed=seed, device=device).sort().values
+    if len(patch_bank) > s2.patch_bank_size:
+        keep = torch.randperm(len(patch_bank), generator=torch.Generator().manual_seed(seed))
+        return keep[:s2.patch_bank_size].sort().values
+    return None
+
+
 def knn_fit(trained: TrainedClusters, images: np.ndarray, groups: torch.Tensor, s2: Stage2Config, *, seed: int,
             batch_size: int) -> tuple:
     """The kNN score of the training images: (scores (N,), its parts, PCA, global bank, patch bank)."""
@@ -188,18 +202,12 @@ def knn_fit(trained: TrainedClusters, images: np.ndarray, groups: torch.Tensor, 
         n, positions, c = patches.shape
         patch_bank = patches.reshape(-1, c)
         owner = torch.arange(n).repeat_interleave(positions)
-        if s2.patch_coreset > 0:   # the patches that cover the rest (PatchCore's coreset)
-            size = min(s2.patch_bank_size, max(1, round(s2.patch_coreset * len(patch_bank))))
-            keep = greedy_coreset(patch_bank, size, seed=seed,
-                                  device=next(trained.model.parameters()).device).sort().values
+        keep = kept_patches(patch_bank, s2, seed=seed, device=next(trained.model.parameters()).device)
+        if keep is not None:
             patch_bank, owner = patch_bank[keep], owner[keep]
-            if len(torch.unique(groups[owner])) < 2:   # every training film would leave the whole bank out
-                raise ValueError(f"stage2.patch_coreset={s2.patch_coreset} keeps {len(keep)} patches, all of one "
-                                 f"study; raise it (or set it to 0)")
-        elif len(patch_bank) > s2.patch_bank_size:   # a seeded random subset keeps memory bounded
-            keep = torch.randperm(len(patch_bank), generator=torch.Generator().manual_seed(seed))
-            keep = keep[:s2.patch_bank_size].sort().values
-            patch_bank, owner = patch_bank[keep], owner[keep]
+        if s2.patch_coreset > 0 and len(torch.unique(groups[owner])) < 2:   # each film would leave the whole bank out
+            raise ValueError(f"stage2.patch_coreset={s2.patch_coreset} keeps {len(patch_bank)} patches, all of one "
+                             f"study; raise it (or set it to 0)")
         parts.append(patch_knn_scores(patch_bank, patches, k=s2.patch_knn, bank_images=owner,
                                       exclude_self=True, groups=groups))
     scores = parts[0] if len(parts) == 1 else combine_scores(parts, parts)[0]
