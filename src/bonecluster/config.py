@@ -199,6 +199,12 @@ class TrainConfig:
     # The backbone's learning rate is lr * backbone_lr_scale (DeepCluster's train.lr and SimCLR's /
     # DINO's selfsup.lr alike); heads keep theirs. Below 1 fine-tunes pretrained weights gently.
     backbone_lr_scale: float = 1.0
+    # Layer-wise learning-rate decay (ELECTRA, Clark et al. 2020; BEiT s2.3): the backbone's last
+    # stage keeps lr * backbone_lr_scale and each stage below it gets `layer_lr_decay` times the
+    # one above (a ResNet: layer4 1, layer3 d, layer2 d^2, layer1 d^3, stem d^4), so fine-tuning
+    # moves the general early filters of pretrained weights least. 1 = one rate for the whole
+    # backbone (the default); ResNet backbones only.
+    layer_lr_decay: float = 1.0
     # BatchNorm statistics used when extracting features for k-means:
     # "running" = eval mode with the running averages (reference code);
     # "recompute" = re-estimate the averages over the whole (unaugmented) dataset first

@@ -404,6 +404,8 @@ def _check_choices(cfg: Config) -> None:
         raise ValueError(f"train.bn_images must be a whole number >= 0 (0 = every image), got {cfg.train.bn_images!r}")
     if cfg.train.backbone_lr_scale < 0:
         raise ValueError(f"train.backbone_lr_scale must be >= 0, got {cfg.train.backbone_lr_scale}")
+    if not 0 < cfg.train.layer_lr_decay <= 1:
+        raise ValueError(f"train.layer_lr_decay must be in (0, 1] (1 = no decay), got {cfg.train.layer_lr_decay}")
     if cfg.cluster.train_k < 0:
         raise ValueError(f"cluster.train_k must be >= 0 (0 = cluster.k), got {cfg.cluster.train_k}")
     check_eigen_power(cfg.cluster.eigen_power, "cluster.eigen_power")

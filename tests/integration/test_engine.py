@@ -303,6 +303,16 @@ def test_backbone_lr_scale_sets_the_backbones_group(phantoms, tmp_path):
         DeepClusterEngine(_cfg(1, "train.backbone_lr_scale=-1"), tmp_path / "bad", progress=False)
 
 
+def test_layer_lr_decay_reaches_the_simclr_optimiser_and_is_range_checked(tmp_path):
+    cfg = _cfg(1, "method=simclr", "selfsup.epochs=1", "train.layer_lr_decay=0.5", "train.backbone_lr_scale=0.5")
+    engine = DeepClusterEngine(cfg, tmp_path / "run", progress=False)
+    scales = [g["lr_scale"] for g in engine.method.pretrain_optimizer.param_groups]
+    assert scales == [0.5 / 16, 0.5 / 8, 0.5 / 4, 0.5 / 2, 0.5, 1.0]   # stem .. layer4, then the projection head
+    for bad in ("0", "1.5", "-0.5"):
+        with pytest.raises(ValueError, match="layer_lr_decay must be in"):
+            DeepClusterEngine(_cfg(1, f"train.layer_lr_decay={bad}"), tmp_path / f"bad{bad}", progress=False)
+
+
 def _bn_stats(engine):
     return [t.clone() for m in engine.model.modules() if isinstance(m, torch.nn.BatchNorm2d)
             for t in (m.running_mean, m.running_var)]

@@ -107,3 +107,40 @@ def test_an_optimiser_saved_in_one_group_loads_into_backbone_and_head_groups():
     other = torch.optim.SGD([{"params": head}], lr=0.1)      # a frozen backbone: fewer parameters
     with pytest.raises(ValueError, match="holds 3 parameters and this run's 1: resume with the model.freeze"):
         load_optimizer_state(other, old.state_dict(), "test")
+
+
+def test_layer_lr_decay_gives_each_resnet_stage_its_rate_in_parameter_order():
+    from bonecluster.methods._base import backbone_groups, backbone_parameters
+    from bonecluster.models import DeepClusterNet
+
+    model = DeepClusterNet("resnet18", sobel=True, num_clusters=3)
+    (whole,) = backbone_groups(model, 0.5)          # no decay: one group, as before the setting
+    assert whole["lr_scale"] == 0.5 and len(whole["params"]) == len(backbone_parameters(model))
+    groups = backbone_groups(model, 0.5, layer_decay=0.5)
+    # stem, layer1 .. layer4: the last stage keeps backbone_lr_scale, each earlier one half the next
+    assert [g["lr_scale"] for g in groups] == [0.5 * 0.5 ** 4, 0.5 * 0.5 ** 3, 0.5 * 0.25, 0.5 * 0.5, 0.5]
+    flat = [p for g in groups for p in g["params"]]
+    assert [id(p) for p in flat] == [id(p) for p in backbone_parameters(model)]   # no top layer, order kept
+    stem = {id(p) for p in (*model.backbone.conv1.parameters(), *model.backbone.bn1.parameters())}
+    assert {id(p) for p in groups[0]["params"]} == stem
+    assert {id(p) for p in groups[4]["params"]} == {id(p) for p in model.backbone.layer4.parameters()}
+    model.freeze_backbone()
+    assert backbone_groups(model, 1.0, layer_decay=0.5) == []
+
+
+def test_layer_lr_decay_refuses_a_backbone_without_resnet_stages():
+    from bonecluster.methods._base import backbone_groups, resnet_stage
+
+    assert [resnet_stage(n) for n in ("backbone.conv1.weight", "backbone.bn1.bias", "backbone.layer3.0.conv1.weight",
+                                      "backbone.blocks.0.attn.qkv.weight", "top_layer.weight")] == [0, 0, 3, None, None]
+
+    class Vit(torch.nn.Module):
+        arch, frozen = "timm/vit_tiny", False
+
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.ModuleDict({"blocks": torch.nn.Linear(2, 2)})
+
+    assert len(backbone_groups(Vit(), 1.0)) == 1
+    with pytest.raises(ValueError, match=r"layer_lr_decay=0.5 needs a ResNet backbone.*'timm/vit_tiny'.*backbone.blocks"):
+        backbone_groups(Vit(), 1.0, layer_decay=0.5)

@@ -151,12 +151,45 @@ def backbone_parameters(model: DeepClusterNet) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if not n.startswith("top_layer.")]
 
 
-def backbone_groups(model: DeepClusterNet, lr_scale: float) -> list[dict]:
-    """The backbone's optimiser parameter group, its learning rate ``lr_scale`` times the base
-    (``train.backbone_lr_scale``); none when the backbone is frozen (``model.freeze``)."""
+def resnet_stage(name: str) -> int | None:
+    """A ResNet backbone parameter's stage: 0 for the stem (``conv1``, ``bn1``), N for ``layerN``,
+    None for a name that is neither (torchvision's and timm's ResNets share these names)."""
+    parts = name.split(".")
+    if len(parts) < 2 or parts[0] != "backbone":
+        return None
+    if parts[1] in ("conv1", "bn1"):
+        return 0
+    if parts[1].startswith("layer") and parts[1][5:].isdigit():
+        return int(parts[1][5:])
+    return None
+
+
+def backbone_groups(model: DeepClusterNet, lr_scale: float, layer_decay: float = 1.0) -> list[dict]:
+    """The backbone's optimiser parameter groups, their learning rate ``lr_scale`` times the base
+    (``train.backbone_lr_scale``); none when the backbone is frozen (``model.freeze``).
+
+    One group, unless ``layer_decay`` < 1 (``train.layer_lr_decay``, ELECTRA's layer-wise decay):
+    then one group per ResNet stage, the last stage at ``lr_scale`` and each earlier one
+    ``layer_decay`` times the next. The groups keep the parameters' order, so a checkpoint's
+    optimiser state saved with other groups splits back in place (``load_optimizer_state``).
+    """
     if model.frozen:
         return []
-    return [{"params": backbone_parameters(model), "lr_scale": float(lr_scale)}]
+    if layer_decay == 1.0:
+        return [{"params": backbone_parameters(model), "lr_scale": float(lr_scale)}]
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("top_layer.")]
+    stages = [resnet_stage(n) for n, _ in named]
+    if None in stages:
+        odd = named[stages.index(None)][0]
+        raise ValueError(f"train.layer_lr_decay={layer_decay} needs a ResNet backbone (a stem and layer1..layerN); "
+                         f"model.arch={model.arch!r} has parameter {odd!r}: leave train.layer_lr_decay at 1")
+    last = max(stages)
+    groups: list[dict] = []
+    for (_, param), stage in zip(named, stages):
+        if not groups or groups[-1]["stage"] != stage:
+            groups.append({"params": [], "stage": stage, "lr_scale": float(lr_scale) * layer_decay ** (last - stage)})
+        groups[-1]["params"].append(param)
+    return [{"params": g["params"], "lr_scale": g["lr_scale"]} for g in groups]
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, what: str) -> None:

@@ -59,7 +59,8 @@ class TwoViewPretraining(Method):
         if s.epochs:   # no head without epochs: `selfsup.epochs=0` clusters the given network as it is
             self.head = self.make_head().to(loop.device)
             self.view_augment = RadiographAugment(s.augment)   # selfsup.augment: strong, two per image
-            groups = (backbone_groups(loop.model, self.cfg.train.backbone_lr_scale)
+            groups = (backbone_groups(loop.model, self.cfg.train.backbone_lr_scale,
+                                      self.cfg.train.layer_lr_decay)
                       + [{"params": list(self.head.parameters()), "lr_scale": 1.0}])
             self.pretrain_optimizer = torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum,
                                                       weight_decay=s.weight_decay)

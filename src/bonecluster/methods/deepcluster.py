@@ -43,7 +43,7 @@ class DeepCluster(Method):
         t = self.cfg.train
         # SGD with momentum over everything but the top layer (which has its own, per round);
         # None when the backbone is frozen (model.freeze: only the top layer trains).
-        groups = backbone_groups(loop.model, t.backbone_lr_scale)
+        groups = backbone_groups(loop.model, t.backbone_lr_scale, t.layer_lr_decay)
         self.optimizer = (torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
                           if groups else None)
 
