@@ -345,6 +345,13 @@ class SelfSupConfig:
     # image's second view is made from another film of its study, when it has one, so the two
     # views show one part in two projections. 0 = off (draws nothing); study ids only, no label.
     study_pair_p: float = 0.0
+    # Multi-crop (SwAV, Caron et al. 2020 s3.2): this many extra small views of every image, each a
+    # crop of `local_scale` of the film's area resized to `local_size` px (0 = data.size // 2),
+    # with the views' other augmentations. Each is pulled to both full-size views by NT-Xent
+    # (method simclr only, one process). 0 = off (draws nothing; the views are as before).
+    local_crops: int = 0
+    local_size: int = 0
+    local_scale: tuple[float, float] = (0.05, 0.25)
     # simclr-phantoms: weight of the labelled phantoms' task loss beside NT-Xent (methods/simclr_phantoms.py)
     phantom_weight: float = 1.0
     # DINO only. Its paper starts the teacher's momentum at 0.996 over about 10^5 steps; a few

@@ -100,6 +100,9 @@ class DeepClusterEngine:
         if cfg.selfsup.study_pair_p and not self.method.pretrain_epochs:   # only two-view epochs pair films
             log.warning("selfsup.study_pair_p=%g does nothing here: method %s has no two-view pre-training "
                         "epochs (selfsup.epochs=%d)", cfg.selfsup.study_pair_p, cfg.method, cfg.selfsup.epochs)
+        if cfg.selfsup.local_crops and not self.method.pretrain_epochs:   # small views belong to two-view epochs
+            log.warning("selfsup.local_crops=%d does nothing here: method %s has no two-view pre-training "
+                        "epochs (selfsup.epochs=%d)", cfg.selfsup.local_crops, cfg.method, cfg.selfsup.epochs)
 
     @property
     def total_epochs(self) -> int:

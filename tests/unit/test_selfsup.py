@@ -109,3 +109,23 @@ def test_sinkhorn_keeps_a_clear_balanced_structure():
 def test_sinkhorn_rejects_empty_input():
     with pytest.raises(ValueError, match="non-empty"):
         sinkhorn_balanced(torch.zeros(0, 3))
+
+
+def test_multi_crop_loss_averages_the_full_pair_and_every_small_to_full_pair():
+    from types import SimpleNamespace
+
+    from bonecluster.methods.simclr import SimCLR
+
+    torch.manual_seed(0)
+    n, d, tau = 6, 8, 0.2
+    out = torch.randn(2 * n, d)
+    small = torch.randn(3 * n, d)
+    fake = SimpleNamespace(cfg=SimpleNamespace(selfsup=SimpleNamespace(temperature=tau)))
+    loss = SimCLR.local_loss(fake, out, small)
+    a, b = out[:n], out[n:]
+    terms = [nt_xent(a, b, tau)] + [nt_xent(small[l * n:(l + 1) * n], v, tau) for l in range(3) for v in (a, b)]
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+    # small views that point at their own film's full views score lower than the same views shuffled
+    own = torch.cat([a + 0.05 * torch.randn(n, d) for _ in range(3)])
+    shuffled = own[torch.randperm(3 * n)]
+    assert SimCLR.local_loss(fake, torch.cat([a, a]), own) < SimCLR.local_loss(fake, torch.cat([a, a]), shuffled)

@@ -10,11 +10,13 @@ second view may come from another film of the image's study (``bonecluster.study
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import ClassVar, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from bonecluster.augment import RadiographAugment
 from bonecluster.data.cache import PreparedDataset
@@ -50,15 +52,18 @@ class TwoViewPretraining(Method):
     """``selfsup.epochs`` epochs of a two-view loss before anything is clustered."""
 
     phase: ClassVar[str] = ""   # metrics.csv's phase column and the progress bar's name
+    multi_crop: ClassVar[bool] = False   # whether local_loss is defined (selfsup.local_crops)
 
     def __init__(self, loop: Loop) -> None:
         super().__init__(loop)
         s = self.cfg.selfsup
         self.head: torch.nn.Module | None = None
+        self.local_augment: RadiographAugment | None = None
         self._mates: tuple[PreparedDataset, MateSource] | None = None   # (dataset, its study mates)
         if s.epochs:   # no head without epochs: `selfsup.epochs=0` clusters the given network as it is
             self.head = self.make_head().to(loop.device)
             self.view_augment = RadiographAugment(s.augment)   # selfsup.augment: strong, two per image
+            self.local_augment = self.make_local_augment()
             groups = (backbone_groups(loop.model, self.cfg.train.backbone_lr_scale,
                                       self.cfg.train.layer_lr_decay)
                       + [{"params": list(self.head.parameters()), "lr_scale": 1.0}])
@@ -66,6 +71,35 @@ class TwoViewPretraining(Method):
                                                       weight_decay=s.weight_decay)
 
     def make_head(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def make_local_augment(self) -> RadiographAugment | None:
+        """The small views' augmentation (``selfsup.local_crops``), or None when there are none."""
+        s = self.cfg.selfsup
+        if not s.local_crops:
+            return None
+        low, high = s.local_scale
+        if s.local_crops < 0 or not 0 < low <= high <= 1 or s.local_size < 0:
+            raise ValueError(f"selfsup.local_crops must be >= 0, local_scale a (low, high) share with 0 < low <= high "
+                             f"<= 1 and local_size >= 0; got {s.local_crops}, {s.local_scale}, {s.local_size}")
+        if not self.multi_crop:
+            raise ValueError(f"selfsup.local_crops={s.local_crops}: multi-crop views work with method simclr only, "
+                             f"not {self.phase}")
+        if self.loop.dist.world_size > 1:
+            raise ValueError("selfsup.local_crops runs in one process for now (its second forward pass per step "
+                             "does not suit DistributedDataParallel): leave it at 0 under torchrun")
+        return RadiographAugment(dataclasses.replace(s.augment, crop_scale=(float(low), float(high))))
+
+    def local_views(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """``selfsup.local_crops`` small views of a batch ``(N, 1, S, S)``, stacked ``(L * N, 1, s, s)``
+        (rows l * N + i are image i), ``s = selfsup.local_size`` or ``S // 2``."""
+        size = self.cfg.selfsup.local_size or x.shape[-1] // 2
+        crops = torch.cat([self.local_augment(x, generator=gen) for _ in range(self.cfg.selfsup.local_crops)])
+        return F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+    def local_loss(self, out: torch.Tensor, local_out: torch.Tensor) -> torch.Tensor:
+        """The loss of the head's ``(L * N, D)`` outputs on the small views against its ``(2N, D)``
+        outputs on the two full-size views (multi-crop methods only)."""
         raise NotImplementedError
 
     def view_loss(self, views: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -118,7 +152,12 @@ class TwoViewPretraining(Method):
             views = torch.cat([self.view_augment(x, generator=gen), self.view_augment(x2, generator=gen)])
             with loop.autocast():
                 out = net(views).float()
-            loss = self.view_loss(views, out)
+            if self.local_augment is None:
+                loss = self.view_loss(views, out)
+            else:   # small views: their own pass (another size, so BatchNorm sees them apart)
+                with loop.autocast():
+                    local_out = net(self.local_views(x, gen)).float()
+                loss = self.local_loss(out, local_out)
             self.pretrain_optimizer.zero_grad(set_to_none=True)
             loop.scaler.scale(loss).backward()
             loop.scaler.step(self.pretrain_optimizer)

@@ -20,6 +20,7 @@ class SimCLR(TwoViewPretraining):
     """NT-Xent on two views through a ProjectionHead; k-means once afterwards."""
 
     phase = "simclr"
+    multi_crop = True
 
     def make_head(self) -> torch.nn.Module:
         s = self.cfg.selfsup
@@ -28,3 +29,16 @@ class SimCLR(TwoViewPretraining):
     def view_loss(self, views: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         n = len(out) // 2
         return nt_xent(out[:n], out[n:], self.cfg.selfsup.temperature)
+
+    def local_loss(self, out: torch.Tensor, local_out: torch.Tensor) -> torch.Tensor:
+        """Multi-crop NT-Xent (SwAV s3.2 with SimCLR's loss): the two full-size views' pair and every
+        (small view, full-size view) pair, each an NT-Xent over the batch, averaged with equal weights.
+
+        ``out``: ``(2N, D)``, rows i and N + i the two full-size views of image i; ``local_out``:
+        ``(L * N, D)``, row l * N + i the l-th small view of image i.
+        """
+        n, tau = len(out) // 2, self.cfg.selfsup.temperature
+        full = (out[:n], out[n:])
+        terms = [nt_xent(full[0], full[1], tau)]
+        terms += [nt_xent(small, view, tau) for small in local_out.split(n) for view in full]
+        return torch.stack(terms).mean()

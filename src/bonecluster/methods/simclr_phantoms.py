@@ -48,6 +48,7 @@ class SimCLRPhantoms(SimCLR):
     """NT-Xent on the films plus the labelled phantoms' task loss in every step; k-means once afterwards."""
 
     phase = "simclr-phantoms"
+    multi_crop = False   # its loss adds the phantoms' tasks; small views are not weighed against them yet
 
     def __init__(self, loop: Loop) -> None:
         if loop.dist.world_size > 1:

@@ -84,3 +84,33 @@ def test_study_mates_without_two_view_epochs_warn_that_they_do_nothing(tmp_path,
 def test_a_study_pair_probability_outside_zero_to_one_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"selfsup.study_pair_p must be in \[0, 1\], got 1.5"):
         DeepClusterEngine(method_config("simclr", 0, "selfsup.study_pair_p=1.5"), tmp_path / "run", progress=False)
+
+
+def test_multi_crop_adds_small_views_of_the_same_films_and_trains(phantoms, tmp_path, monkeypatch):
+    # selfsup.local_crops: L extra views per film at half the size, each a crop of 5-25% of the film
+    seen = []
+    local_views = TwoViewPretraining.local_views
+
+    def spy(self, x, gen):
+        views = local_views(self, x, gen)
+        seen.append((x.shape, views.shape))
+        return views
+
+    monkeypatch.setattr(TwoViewPretraining, "local_views", spy)
+    cfg = method_config("simclr", 0, "train.device=cpu", "selfsup.local_crops=3")
+    res, rows, trained = train_method(phantoms, tmp_path / "run", cfg)
+    assert res.epochs_run == 2 and all(np.isfinite(float(r["loss"])) for r in rows)
+    assert seen and all(v == (3 * x[0], 1, x[2] // 2, x[3] // 2) for x, v in seen)
+    assert len(trained.assignments) == 56
+
+
+def test_multi_crop_is_refused_where_it_cannot_run_and_warns_where_it_does_nothing(tmp_path, caplog):
+    for extra, message in ((["method=dino"], "multi-crop views work with method simclr only, not dino"),
+                           (["selfsup.local_scale=[0.3, 0.1]"], "local_scale a \\(low, high\\) share"),
+                           (["selfsup.local_size=-8"], "local_size >= 0")):
+        cfg = method_config("simclr", 0, "selfsup.local_crops=2", *extra)
+        with pytest.raises(ValueError, match=message):
+            DeepClusterEngine(cfg, tmp_path / "run", progress=False)
+    with caplog.at_level("WARNING", logger="bonecluster"):
+        DeepClusterEngine(method_config("deepcluster", 1, "selfsup.local_crops=2"), tmp_path / "dc", progress=False)
+    assert any("local_crops=2 does nothing here: method deepcluster" in r.getMessage() for r in caplog.records)
