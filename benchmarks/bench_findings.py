@@ -3,9 +3,10 @@
 Issue 24: before any label-free stage-2 figure means anything, the phantoms' abnormalities must be
 visible to a model that reads every label. This script draws the demo's phantoms (``n`` training
 films and ``n/4`` held-out ``valid`` films of other patients, as ``bonecluster demo`` does),
-decodes them as the preset's stage 2 does (``cpu``: 64 px, squashed; ``--set stage2.size=128``), and for each body part fits the
-supervised HOG reference (:mod:`bonecluster.yardstick`) (an L2 logistic regression on HOG of each image
-and its mirror, every training label; the true part, not a cluster). It prints the held-out
+decodes them as the preset's stage 2 does (``cpu``: 64 px, squashed; ``--set stage2.size=128``),
+and for each body part fits the supervised HOG reference (:mod:`bonecluster.yardstick`) (an L2
+logistic regression on HOG of each image and its mirror, every training label; the true part, not
+a cluster). It prints the held-out
 AUROC per part and, per finding kind, the AUROC of the same scores on that kind's films against
 the part's normal films, pooled over parts (``--valid-n`` larger than the demo's steadies them).
 

@@ -14,7 +14,8 @@ evaluation, on the training side's embedding (the run's PCA, L2-normalised; ``sk
   (``bonecluster name``) could reach, not a label-free figure;
 * ``K-ward``, ``K-average``, ``K-complete``, ``K-spectral``: K clusters merged into k without labels,
   by Ward linkage on the centroids, average or complete linkage on their cosine distance, or
-  spectral clustering of the centroids' cosine affinity.
+  spectral clustering of the centroids' cosine affinity (every centroid weighs the same, whatever
+  its cluster's size).
 
 Held-out films take their cluster's name or merged group; each cell is the Hungarian accuracy
 (the share named right for ``K-named``), mean ± std over the seeds.
@@ -32,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_real_suite import EVALUATIONS, _embed, _labels, region_labels, require_data, split_all  # noqa: E402
+from bench_real_suite import (EVALUATIONS, SOURCES, _embed, _labels, region_labels, require_data,  # noqa: E402
+                              split_all)
 
 OVER = (15, 30, 60)
 MERGES = ("named", "ward", "average", "complete", "spectral")
@@ -92,7 +94,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--run", required=True, help="a stage-1 run trained on training-side films only")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_real_suite"),
                     help="where the suite's split lives (the same split either way)")
-    ap.add_argument("--evaluations", nargs="+", default=[e.key for e in EVALUATIONS])
+    ap.add_argument("--evaluations", nargs="+", default=[e.key for e in EVALUATIONS], choices=[e.key for e in EVALUATIONS])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--restarts", type=int, default=5)
     ap.add_argument("--json")
@@ -105,7 +107,7 @@ def main(argv=None) -> dict:
     splits = split_all(data, Path(args.work))
     trained = TrainedClusters.load(run / "stage1")
     cache = trained.cfg.data.cache or run / "cache"
-    regions = region_labels(data)
+    regions = region_labels(data) if (data / SOURCES["fracatlas"]).exists() else {}
     result = {"run": str(run), "restarts": args.restarts, "evaluations": {}}
     for ev in EVALUATIONS:
         if ev.key not in args.evaluations or not all(s in splits for s in ev.sources):
@@ -118,6 +120,9 @@ def main(argv=None) -> dict:
         k = len(set(y_ev[y_ev != ""]) | set(y_tr[y_tr != ""]))
         rows = {}
         for variant in args.variants:
+            if variant != "k" and int(variant.split("-")[0]) > len(e_tr):
+                print(f"({ev.key}) {variant}: skipped, more clusters than the {len(e_tr)} training films")
+                continue
             scores = [score_variant(variant, e_tr, y_tr, e_ev, y_ev, k, seed) for seed in range(args.restarts)]
             rows[variant] = {"mean": float(np.mean(scores)), "std": float(np.std(scores)),
                              "scores": [round(s, 4) for s in scores]}

@@ -24,7 +24,7 @@ from bonecluster.data.loader import CachedBatches, batch_loader, to_float
 from bonecluster.data.records import study_index
 from bonecluster.methods._base import (Loop, Method, backbone_groups, epoch_generator, load_optimizer_state,
                                        set_learning_rate, warmup_cosine)
-from bonecluster.models import DeepClusterNet
+from bonecluster.models import RESNETS, DeepClusterNet
 from bonecluster.study_mates import StudyMates
 
 log = logging.getLogger("bonecluster")
@@ -78,8 +78,8 @@ class TwoViewPretraining(Method):
         s = self.cfg.selfsup
         if not s.local_crops:
             return None
-        low, high = s.local_scale
-        if s.local_crops < 0 or not 0 < low <= high <= 1 or s.local_size < 0:
+        scale = tuple(s.local_scale)
+        if s.local_crops < 0 or len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1 or s.local_size < 0:
             raise ValueError(f"selfsup.local_crops must be >= 0, local_scale a (low, high) share with 0 < low <= high "
                              f"<= 1 and local_size >= 0; got {s.local_crops}, {s.local_scale}, {s.local_size}")
         if not self.multi_crop:
@@ -88,7 +88,16 @@ class TwoViewPretraining(Method):
         if self.loop.dist.world_size > 1:
             raise ValueError("selfsup.local_crops runs in one process for now (its second forward pass per step "
                              "does not suit DistributedDataParallel): leave it at 0 under torchrun")
-        return RadiographAugment(dataclasses.replace(s.augment, crop_scale=(float(low), float(high))))
+        size = s.local_size or self.cfg.data.size // 2
+        if self.loop.model.arch not in RESNETS and size != self.cfg.data.size:
+            raise ValueError(f"selfsup.local_crops makes {size}-px views, and model.arch={self.loop.model.arch!r} may be "
+                             f"built for {self.cfg.data.size} px only (a ViT's position table): use a ResNet, or "
+                             f"selfsup.local_size={self.cfg.data.size}")
+        if self.cfg.train.feature_bn == "running":
+            log.warning("selfsup.local_crops with train.feature_bn=running: BatchNorm's running statistics then mix "
+                        "the %d-px small views into what k-means' features are normalised by; "
+                        "train.feature_bn=recompute (the presets') re-estimates them on the films", size)
+        return RadiographAugment(dataclasses.replace(s.augment, crop_scale=(float(scale[0]), float(scale[1]))))
 
     def local_views(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """``selfsup.local_crops`` small views of a batch ``(N, 1, S, S)``, stacked ``(L * N, 1, s, s)``
@@ -155,8 +164,9 @@ class TwoViewPretraining(Method):
             if self.local_augment is None:
                 loss = self.view_loss(views, out)
             else:   # small views: their own pass (another size, so BatchNorm sees them apart)
+                small = self.local_views(x, gen)
                 with loop.autocast():
-                    local_out = net(self.local_views(x, gen)).float()
+                    local_out = net(small).float()
                 loss = self.local_loss(out, local_out)
             self.pretrain_optimizer.zero_grad(set_to_none=True)
             loop.scaler.scale(loss).backward()

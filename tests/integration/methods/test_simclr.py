@@ -114,3 +114,13 @@ def test_multi_crop_is_refused_where_it_cannot_run_and_warns_where_it_does_nothi
     with caplog.at_level("WARNING", logger="bonecluster"):
         DeepClusterEngine(method_config("deepcluster", 1, "selfsup.local_crops=2"), tmp_path / "dc", progress=False)
     assert any("local_crops=2 does nothing here: method deepcluster" in r.getMessage() for r in caplog.records)
+
+
+def test_multi_crop_refuses_a_three_number_scale_and_a_fixed_size_backbone(tmp_path):
+    with pytest.raises(ValueError, match="local_scale a \\(low, high\\) share"):
+        DeepClusterEngine(method_config("simclr", 0, "selfsup.local_crops=2", "selfsup.local_scale=[0.1, 0.2, 0.3]"),
+                          tmp_path / "run", progress=False)
+    vit = ["model.arch=timm/test_vit", "model.sobel=false", "train.device=cpu", "selfsup.local_crops=2"]
+    pytest.importorskip("timm")
+    with pytest.raises(ValueError, match="may be built for 32 px only"):
+        DeepClusterEngine(method_config("simclr", 0, *vit), tmp_path / "vit", progress=False)
