@@ -79,6 +79,10 @@ POOLS = {
 }   # (sources whose training side is used, sources used whole: no labels, no held-out side)
 
 
+# cluster settings that change only the final k-means, not the space it runs in (--run keeps the run's space)
+FINAL_CLUSTERING_KEYS = ("cluster.study_links=", "cluster.n_init=", "cluster.niter=")
+
+
 @dataclass(frozen=True)
 class Evaluation:
     key: str
@@ -303,11 +307,12 @@ def main(argv=None) -> dict:
     t1 = time.perf_counter()
     trained = TrainedClusters.load(run / "stage1")
     if args.run and args.overrides:   # e.g. --space pca --set cluster.eigen_power=0: another space, same network
-        links_only = all(o.startswith("cluster.study_links=") for o in args.overrides)
-        if (args.space == "run" and not links_only) or any(not o.startswith("cluster.") or o.startswith("cluster.subspace=")
+        final_only = all(o.startswith(FINAL_CLUSTERING_KEYS) for o in args.overrides)   # the space stays the run's
+        if (args.space == "run" and not final_only) or any(not o.startswith("cluster.") or o.startswith("cluster.subspace=")
                                                            for o in args.overrides):
             raise SystemExit("with --run, --set takes only cluster.* keys (the space itself is --space), "
-                             "and needs --space pca or phantom-parts unless it sets only cluster.study_links")
+                             "and needs --space pca or phantom-parts unless it sets only "
+                             + ", ".join(k.rstrip("=") for k in FINAL_CLUSTERING_KEYS))
         for item in args.overrides:
             trained.cfg = apply_override(trained.cfg, item)
     if args.space != "run":

@@ -105,6 +105,11 @@ def test_the_suite_trains_once_and_scores_three_evaluations_with_their_ceilings(
         assert linked[key]["hungarian_scores"] == evals[key]["hungarian_scores"]
         assert linked[key]["hungarian_study_vote"] is None
     assert 0 < linked["b"]["hungarian_study_vote"] <= 1
+    # the final k-means' restarts change with the run's space kept: the run's own n_init gives its scores back
+    same = suite.main([*common, "--set", "cluster.n_init=1"])["evaluations"]
+    assert all(same[key]["hungarian_scores"] == evals[key]["hungarian_scores"] for key in "abc")
+    more = suite.main([*common, "--set", "cluster.n_init=4"])
+    assert more["overrides"] == ["cluster.n_init=4"] and len(more["evaluations"]["a"]["hungarian_scores"]) == 2
     for bad in (["--space", "pca", "--set", "train.lr=0.1"], ["--set", "cluster.eigen_power=0"],
                 ["--space", "pca", "--set", "cluster.subspace=phantom-parts"]):
         with pytest.raises(SystemExit, match="cluster"):
