@@ -86,3 +86,22 @@ def test_without_refinement_one_network_is_trained_and_the_user_is_told(run, tmp
     assert not list((tmp_path / "r" / "stage2").glob("*/seed-net-1"))
     summary = json.loads((tmp_path / "r" / "stage2" / "summary.json").read_text())
     assert {s["networks"] for s in summary.values()} == {1}
+
+
+def test_resume_removes_a_seed_network_left_by_a_kill_after_its_scores_were_written(tmp_path):
+    # A kill between writing seed_scores.pt and deleting the network leaves both; --resume reuses the
+    # scores and must then delete the network, as the uninterrupted run does (tests/integration/test_kill.py).
+    from bonecluster.config import load_config
+    from bonecluster.checkpoint import save_torch
+    from bonecluster.stage2.train import _extra_seed_scores
+
+    folder = tmp_path / "seed-net-1"
+    folder.mkdir()
+    scores = torch.arange(5, dtype=torch.float32)
+    save_torch(folder / SEED_SCORES, {"scores": scores, "n_images": 5, "seed": 1})
+    for name in (CHECKPOINT, FINAL_MODEL):
+        (folder / name).write_bytes(b"left by the kill")
+    cfg = load_config("cpu", overrides=["stage2.networks=2", "stage2.refine_rounds=4", "stage2.epochs=1"])
+    extra, seconds = _extra_seed_scores(list(range(5)), tmp_path, cfg, resume=True, progress=False)
+    assert len(extra) == 1 and torch.equal(extra[0], scores) and seconds == 0.0
+    assert sorted(p.name for p in folder.iterdir()) == [SEED_SCORES]

@@ -200,6 +200,9 @@ def _extra_seed_scores(subset: PreparedDataset, out: Path, cfg: Config, resume: 
         folder = _seed_net_folder(out, i)
         saved = _saved_seed_scores(folder, len(subset)) if resume else None
         if saved is not None:
+            # a run killed between writing the scores and deleting the network left the network
+            for name in (CHECKPOINT, FINAL_MODEL):
+                (folder / name).unlink(missing_ok=True)
             scores.append(saved)
             continue
         net_cfg = replace(cfg, seed=cfg.seed + i)
