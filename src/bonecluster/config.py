@@ -348,7 +348,8 @@ class SelfSupConfig:
     # Multi-crop (SwAV, Caron et al. 2020 s3.2): this many extra small views of every image, each a
     # crop of `local_scale` of the film's area resized to `local_size` px (0 = data.size // 2),
     # with the views' other augmentations. Each is pulled to both full-size views by NT-Xent
-    # (method simclr only, one process). 0 = off (draws nothing; the views are as before).
+    # (SimCLR's pre-training: simclr, simclr-deepcluster, simclr-scan; one process). 0 = off (draws
+    # nothing; the views are as before).
     local_crops: int = 0
     local_size: int = 0
     local_scale: tuple[float, float] = (0.05, 0.25)

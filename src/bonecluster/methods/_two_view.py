@@ -83,8 +83,8 @@ class TwoViewPretraining(Method):
             raise ValueError(f"selfsup.local_crops must be >= 0, local_scale a (low, high) share with 0 < low <= high "
                              f"<= 1 and local_size >= 0; got {s.local_crops}, {s.local_scale}, {s.local_size}")
         if not self.multi_crop:
-            raise ValueError(f"selfsup.local_crops={s.local_crops}: multi-crop views work with method simclr only, "
-                             f"not {self.phase}")
+            raise ValueError(f"selfsup.local_crops={s.local_crops}: multi-crop views work with SimCLR's "
+                             f"pre-training only (simclr, simclr-deepcluster, simclr-scan), not {self.phase}")
         if self.loop.dist.world_size > 1:
             raise ValueError("selfsup.local_crops runs in one process for now (its second forward pass per step "
                              "does not suit DistributedDataParallel): leave it at 0 under torchrun")

@@ -105,7 +105,7 @@ def test_multi_crop_adds_small_views_of_the_same_films_and_trains(phantoms, tmp_
 
 
 def test_multi_crop_is_refused_where_it_cannot_run_and_warns_where_it_does_nothing(tmp_path, caplog):
-    for extra, message in ((["method=dino"], "multi-crop views work with method simclr only, not dino"),
+    for extra, message in ((["method=dino"], "multi-crop views work with SimCLR's pre-training only .*, not dino"),
                            (["selfsup.local_scale=[0.3, 0.1]"], "local_scale a \\(low, high\\) share"),
                            (["selfsup.local_size=-8"], "local_size >= 0")):
         cfg = method_config("simclr", 0, "selfsup.local_crops=2", *extra)
