@@ -60,13 +60,11 @@ def merge_centroids(centroids: np.ndarray, k: int, how: str, seed: int) -> np.nd
 
 def majority_names(clusters: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
     """Each cluster's commonest non-empty label ('' when it holds no labelled film)."""
-    names = np.full(n_clusters, "", dtype=object)
-    for c in range(n_clusters):
-        held = labels[(clusters == c) & (labels != "")]
-        if len(held):
-            values, counts = np.unique(held, return_counts=True)
-            names[c] = values[counts.argmax()]
-    return names
+    from bonecluster.metrics import majority_mapping
+
+    known = labels != ""
+    mapping = majority_mapping(clusters[known], labels[known]) if known.any() else {}
+    return np.array([mapping.get(c, "") for c in range(n_clusters)], dtype=object)
 
 
 def score_variant(variant: str, e_tr, y_tr, e_ev, y_ev, k: int, seed: int) -> float:

@@ -97,12 +97,12 @@ class DeepClusterEngine:
         self._subspace_corpus: PhantomCorpus | None = None   # labelled phantoms for cluster.subspace
         self.timer: NoTimer = NO_TIMER   # a bonecluster.timing.PhaseTimer times the phases (bench_epoch.py)
         self.method = method_cls(self)   # after the network: its heads draw from the seeded RNG next
-        if cfg.selfsup.study_pair_p and not self.method.pretrain_epochs:   # only two-view epochs pair films
-            log.warning("selfsup.study_pair_p=%g does nothing here: method %s has no two-view pre-training "
-                        "epochs (selfsup.epochs=%d)", cfg.selfsup.study_pair_p, cfg.method, cfg.selfsup.epochs)
-        if cfg.selfsup.local_crops and not self.method.pretrain_epochs:   # small views belong to two-view epochs
-            log.warning("selfsup.local_crops=%d does nothing here: method %s has no two-view pre-training "
-                        "epochs (selfsup.epochs=%d)", cfg.selfsup.local_crops, cfg.method, cfg.selfsup.epochs)
+        if not self.method.pretrain_epochs:   # study mates and small views belong to two-view epochs
+            for key in ("study_pair_p", "local_crops"):
+                if getattr(cfg.selfsup, key):
+                    log.warning("selfsup.%s=%g does nothing here: method %s has no two-view pre-training "
+                                "epochs (selfsup.epochs=%d)", key, getattr(cfg.selfsup, key), cfg.method,
+                                cfg.selfsup.epochs)
 
     @property
     def total_epochs(self) -> int:

@@ -13,6 +13,7 @@ A method adds its own optimisers, heads and losses, and returns their state for 
 
 from __future__ import annotations
 
+import itertools
 import math
 from contextlib import AbstractContextManager
 from typing import Callable, ClassVar, Iterable, Protocol
@@ -177,19 +178,14 @@ def backbone_groups(model: DeepClusterNet, lr_scale: float, layer_decay: float =
         return []
     if layer_decay == 1.0:
         return [{"params": backbone_parameters(model), "lr_scale": float(lr_scale)}]
-    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("top_layer.")]
-    stages = [resnet_stage(n) for n, _ in named]
-    if None in stages:
-        odd = named[stages.index(None)][0]
+    staged = [(resnet_stage(n), n, p) for n, p in model.named_parameters() if not n.startswith("top_layer.")]
+    odd = next((n for stage, n, _ in staged if stage is None), None)
+    if odd is not None:
         raise ValueError(f"train.layer_lr_decay={layer_decay} needs a ResNet backbone (a stem and layer1..layerN); "
                          f"model.arch={model.arch!r} has parameter {odd!r}: leave train.layer_lr_decay at 1")
-    last = max(stages)
-    groups: list[dict] = []
-    for (_, param), stage in zip(named, stages):
-        if not groups or groups[-1]["stage"] != stage:
-            groups.append({"params": [], "stage": stage, "lr_scale": float(lr_scale) * layer_decay ** (last - stage)})
-        groups[-1]["params"].append(param)
-    return [{"params": g["params"], "lr_scale": g["lr_scale"]} for g in groups]
+    last = max(stage for stage, _, _ in staged)
+    return [{"params": [p for _, _, p in run], "lr_scale": float(lr_scale) * layer_decay ** (last - stage)}
+            for stage, run in itertools.groupby(staged, key=lambda item: item[0])]   # consecutive runs: order kept
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, what: str) -> None:

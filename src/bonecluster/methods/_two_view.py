@@ -59,6 +59,7 @@ class TwoViewPretraining(Method):
         s = self.cfg.selfsup
         self.head: torch.nn.Module | None = None
         self.local_augment: RadiographAugment | None = None
+        self.local_size = 0   # the small views' side in px (selfsup.local_crops), set with local_augment
         self._mates: tuple[PreparedDataset, MateSource] | None = None   # (dataset, its study mates)
         if s.epochs:   # no head without epochs: `selfsup.epochs=0` clusters the given network as it is
             self.head = self.make_head().to(loop.device)
@@ -88,7 +89,7 @@ class TwoViewPretraining(Method):
         if self.loop.dist.world_size > 1:
             raise ValueError("selfsup.local_crops runs in one process for now (its second forward pass per step "
                              "does not suit DistributedDataParallel): leave it at 0 under torchrun")
-        size = s.local_size or self.cfg.data.size // 2
+        size = self.local_size = s.local_size or self.cfg.data.size // 2
         if self.loop.model.arch not in RESNETS and size != self.cfg.data.size:
             raise ValueError(f"selfsup.local_crops makes {size}-px views, and model.arch={self.loop.model.arch!r} may be "
                              f"built for {self.cfg.data.size} px only (a ViT's position table): use a ResNet, or "
@@ -101,10 +102,10 @@ class TwoViewPretraining(Method):
 
     def local_views(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """``selfsup.local_crops`` small views of a batch ``(N, 1, S, S)``, stacked ``(L * N, 1, s, s)``
-        (rows l * N + i are image i), ``s = selfsup.local_size`` or ``S // 2``."""
-        size = self.cfg.selfsup.local_size or x.shape[-1] // 2
+        (rows l * N + i are image i), ``s = selfsup.local_size`` or half of ``data.size``."""
         crops = torch.cat([self.local_augment(x, generator=gen) for _ in range(self.cfg.selfsup.local_crops)])
-        return F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return F.interpolate(crops, size=(self.local_size, self.local_size), mode="bilinear", antialias=True,
+                             align_corners=False)
 
     def local_loss(self, out: torch.Tensor, local_out: torch.Tensor) -> torch.Tensor:
         """The loss of the head's ``(L * N, D)`` outputs on the small views against its ``(2N, D)``

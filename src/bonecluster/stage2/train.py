@@ -200,9 +200,7 @@ def _extra_seed_scores(subset: PreparedDataset, out: Path, cfg: Config, resume: 
         folder = _seed_net_folder(out, i)
         saved = _saved_seed_scores(folder, len(subset)) if resume else None
         if saved is not None:
-            # a run killed between writing the scores and deleting the network left the network
-            for name in (CHECKPOINT, FINAL_MODEL):
-                (folder / name).unlink(missing_ok=True)
+            _drop_seed_network(folder)   # a run killed between writing the scores and deleting it left it
             scores.append(saved)
             continue
         net_cfg = replace(cfg, seed=cfg.seed + i)
@@ -213,10 +211,15 @@ def _extra_seed_scores(subset: PreparedDataset, out: Path, cfg: Config, resume: 
                                 batch_size=net_cfg.train.feature_batch_size)
         if engine.dist.is_main:
             save_torch(folder / SEED_SCORES, {"scores": score, "n_images": len(subset), "seed": net_cfg.seed})
-            for name in (CHECKPOINT, FINAL_MODEL):
-                (folder / name).unlink(missing_ok=True)
+            _drop_seed_network(folder)
         scores.append(score)
     return tuple(scores), seconds
+
+
+def _drop_seed_network(folder: Path) -> None:
+    """Delete an extra seed network's checkpoint and model once its scores are kept."""
+    for name in (CHECKPOINT, FINAL_MODEL):
+        (folder / name).unlink(missing_ok=True)
 
 
 def _saved_seed_scores(folder: Path, n_images: int) -> torch.Tensor | None:
