@@ -33,6 +33,7 @@ from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import batch_loader, to_float
 from bonecluster.data.records import study_index
 from bonecluster.device import mixed_precision, pick_device
+from bonecluster.divergence import TrainingDiverged, precision_hint
 from bonecluster.io import atomic_write_text
 from bonecluster.methods import get_method
 from bonecluster.models import DeepClusterNet, batch_norms, batchnorm_momentum, build_model
@@ -253,6 +254,11 @@ class DeepClusterEngine:
         the run's result, where ``cluster.study_links`` merges over-clusters (:meth:`linked_clusters`)."""
         c = self.cfg.cluster
         k = k or c.k
+        bad = int((~torch.isfinite(feats).all(dim=1)).sum())
+        if bad:   # the network itself gives NaN: name it here, not as k-means' bad input
+            raise TrainingDiverged(f"the network's features of {bad} of {len(feats)} films are NaN or infinite, so "
+                                   f"they cannot be clustered: its weights or BatchNorm statistics are not finite. "
+                                   f"Try a lower learning rate{precision_hint(self.precision, self.device.type)}.")
         with self.timer.phase("pca"):
             x, pca = self.whiten(feats)
         km = None

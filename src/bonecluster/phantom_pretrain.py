@@ -53,6 +53,7 @@ from bonecluster.data.phantoms import (FINDINGS, VIEWS, _default_workers, _progr
                                       check_children, check_framing, check_texture, check_whole_arm,
                                       render_labelled, reshare_film)
 from bonecluster.device import mixed_precision, pick_device, seed_everything
+from bonecluster.divergence import LossGuard
 from bonecluster.io import atomic_write_text
 from bonecluster.models import DeepClusterNet, build_model
 
@@ -391,6 +392,7 @@ def _train_epoch(model, heads, corpus, tasks, opt, sched, augment, generator, de
     n_batches = max(len(corpus) // batch_size, 1)   # drop the last partial batch (BatchNorm)
     labels = {t: torch.from_numpy(corpus.labels[t]) for t in tasks}
     total, bar = 0.0, _bar(n_batches, progress, desc)
+    guard = LossGuard(desc, "bfloat16" if use_amp else "float32", device.type)
     try:
         for b in range(n_batches):
             idx = order[b * batch_size:(b + 1) * batch_size]
@@ -409,7 +411,7 @@ def _train_epoch(model, heads, corpus, tasks, opt, sched, augment, generator, de
             opt.step()
             if sched.last_epoch + 1 < sched.total_steps:
                 sched.step()
-            total += float(loss.detach())
+            total += guard(float(loss.detach()), b)
             bar.update(1)
     finally:
         bar.close()

@@ -71,12 +71,22 @@ def test_pretraining_writes_a_weights_file_that_model_weights_loads(tmp_path):
     assert not torch.equal(fresh.backbone.conv1.weight, model.backbone.conv1.weight)
 
 
-def test_pretraining_learns_the_part_of_phantoms_it_never_saw(tmp_path):
+def test_a_nan_loss_stops_pre_training_at_its_step_and_writes_no_weights(tmp_path, monkeypatch):
+    from bonecluster.augment import RadiographAugment
+    from bonecluster.divergence import TrainingDiverged
+
+    monkeypatch.setattr(RadiographAugment, "__call__", lambda self, x, **kw: x * torch.nan)
+    cfg = load_config("cpu", overrides=[*TINY, "train.cpu_amp=false"])
+    with pytest.raises(TrainingDiverged, match=r"phantom pre-training 1/1, step 1: the loss is nan .*learning rate\.$"):
+        pretrain_on_phantoms(cfg, tmp_path / "w.pt", progress=False)
+    assert not (tmp_path / "w.pt").exists() and not (tmp_path / "w.pt.json").exists()
+
+
+def test_pretraining_learns_the_part_of_phantoms_it_never_saw(tmp_path, single_torch_thread):
     """Seeded, so it cannot be flaky on one machine; chance is 1/7 = 0.14."""
     cfg = load_config("cpu", overrides=["data.size=32", "data.fit=letterbox", "phantoms.films=448",
                                         "phantoms.epochs=4", "phantoms.batch_size=32", "phantoms.tasks=[part]",
                                         "phantoms.validation_films=140", "train.device=cpu"])
-    torch.set_num_threads(1)
     history = pretrain_on_phantoms(cfg, tmp_path / "w.pt", progress=False).history
     assert history[-1]["valid_part_accuracy"] > 0.3, history
     assert history[-1]["loss"] < history[0]["loss"], history

@@ -25,6 +25,7 @@ from bonecluster.augment import RadiographAugment
 from bonecluster.cluster import KMeansResult, PCAWhitening, kmeans_best_of
 from bonecluster.config import Config
 from bonecluster.data.cache import PreparedDataset
+from bonecluster.divergence import LossGuard
 from bonecluster.models import DeepClusterNet
 from bonecluster.timing import NoTimer
 
@@ -39,6 +40,7 @@ class Loop(Protocol):
     augment: RadiographAugment          # train.augment: DeepCluster's training views, SCAN's views
     scaler: torch.amp.GradScaler
     timer: NoTimer                      # times the phases (bonecluster.timing); NoTimer by default
+    precision: str                      # float32, bfloat16 or float16: what the training passes compute in
 
     def autocast(self) -> AbstractContextManager: ...
 
@@ -212,6 +214,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, what: st
     optimizer.load_state_dict(state)
     for group, scale in zip(optimizer.param_groups, scales):
         group["lr_scale"] = scale
+
+
+def loss_guard(loop: Loop, where: str) -> LossGuard:
+    """A :class:`~bonecluster.divergence.LossGuard` for one epoch of ``loop``'s training, named
+    ``where``; under float16 the loss scaler skips a bad step, so ten in a row are allowed."""
+    return LossGuard(where, loop.precision, loop.device.type, tolerate=10 if loop.scaler.is_enabled() else 0)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer | None, lr: float) -> None:

@@ -23,7 +23,7 @@ from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import CachedBatches, batch_loader, to_float
 from bonecluster.data.records import study_index
 from bonecluster.methods._base import (Loop, Method, backbone_groups, epoch_generator, load_optimizer_state,
-                                       set_learning_rate, warmup_cosine)
+                                       loss_guard, set_learning_rate, warmup_cosine)
 from bonecluster.models import RESNETS, DeepClusterNet
 from bonecluster.study_mates import StudyMates
 
@@ -153,7 +153,8 @@ class TwoViewPretraining(Method):
         student = getattr(net, "module", net)
         self.start_epoch(epoch)
         t0, total, seen = time.perf_counter(), 0.0, 0
-        for batch in loop.bar(loader, f"{self.phase} {epoch + 1}", leave=False):
+        guard = loss_guard(loop, f"{self.phase} epoch {epoch + 1}")
+        for step, batch in enumerate(loop.bar(loader, f"{self.phase} {epoch + 1}", leave=False)):
             batch, second = self.second_films(batch, mates, gen)
             if len(batch) < 2:
                 continue
@@ -174,7 +175,7 @@ class TwoViewPretraining(Method):
             loop.scaler.step(self.pretrain_optimizer)
             loop.scaler.update()
             self.after_step(student)
-            total += loss.item() * len(x)
+            total += guard(loss.item(), step) * len(x)
             seen += len(x)
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "phase": self.phase, "loss": round(total / max(seen, 1), 5),

@@ -24,8 +24,8 @@ from bonecluster import distributed as dist
 from bonecluster.cluster import KMeansResult, PCAWhitening
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import batch_loader, to_float
-from bonecluster.methods._base import (Loop, Method, backbone_groups, epoch_generator, load_optimizer_state, register,
-                                       set_learning_rate, warmup_cosine)
+from bonecluster.methods._base import (Loop, Method, backbone_groups, epoch_generator, load_optimizer_state, loss_guard,
+                                       register, set_learning_rate, warmup_cosine)
 from bonecluster.metrics import nmi
 from bonecluster.sampler import UniformLabelSampler
 
@@ -136,13 +136,16 @@ class DeepCluster(Method):
         loader = batch_loader(data, t.batch_size, sampler, with_positions=True, workers=t.workers,
                               pin_memory=device.type == "cuda")
         t0, total, seen, timer = time.perf_counter(), 0.0, 0, loop.timer
-        for batch, idx in timer.iterate("cache reads", loop.bar(loader, f"train {epoch + 1}", leave=False)):
+        guard = loss_guard(loop, f"deepcluster round {epoch + 1}")
+        steps = timer.iterate("cache reads", loop.bar(loader, f"train {epoch + 1}", leave=False))
+        for step, (batch, idx) in enumerate(steps):
             with timer.phase("cache reads"):
                 x = to_float(batch, device)
             with timer.phase("augmentation"):
                 x = loop.augment(x, generator=gen)
             with timer.phase("training step"):
-                total += self._pseudo_label_step(net, top_optimizer, x, targets[idx.to(device)]) * len(batch)
+                loss = self._pseudo_label_step(net, top_optimizer, x, targets[idx.to(device)])
+                total += guard(loss, step) * len(batch)
             seen += len(batch)
         return total / max(seen, 1), seen, time.perf_counter() - t0
 
