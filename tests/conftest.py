@@ -64,3 +64,22 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The CPU and its bfloat16 support at the end of the run, where a CI log's tail shows it:
+    bfloat16 kernels (and their failures) differ between CPUs."""
+    from bonecluster.device import cpu_has_native_bf16
+
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), []))
+    terminalreporter.write_line(f"machine: {model}; bfloat16 in hardware: {cpu_has_native_bf16()} "
+                                f"(avx512_bf16: {'avx512_bf16' in flags}, amx_bf16: {'amx_bf16' in flags}); "
+                                f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:   # not Linux
+        return []

@@ -68,12 +68,11 @@ def test_the_backbone_side_gets_the_domain_gradient_reversed_at_the_ramps_weight
     assert torch.allclose(reversed_grad, -adversary_weight(1.0, 1.0) * plain.grad, atol=1e-6)
 
 
-def test_pretraining_ramps_the_reversal_weight_over_every_step_of_every_epoch(tmp_path, monkeypatch):
+def test_pretraining_ramps_the_reversal_weight_over_every_step_of_every_epoch(tmp_path, monkeypatch, single_torch_thread):
     import bonecluster.phantom_pretrain as pp
 
     seen = []
     monkeypatch.setattr(pp, "adversary_weight", lambda progress, adapt: seen.append((progress, adapt)) or 0.0)
-    torch.set_num_threads(1)
     cfg = load_config("cpu", overrides=TINY + ["phantoms.adapt=0.7", "phantoms.epochs=2"])
     history = pretrain_on_phantoms(cfg, tmp_path / "w.pt", progress=False, real_films=_films()).history
     assert len(seen) == 2 * (64 // 16)                       # one weight per step, both epochs
@@ -82,7 +81,7 @@ def test_pretraining_ramps_the_reversal_weight_over_every_step_of_every_epoch(tm
     assert all(set(row) >= {"loss", "domain_loss", "domain_accuracy"} for row in history)
 
 
-def test_real_films_are_checked_against_adapt_and_the_size():
+def test_real_films_are_checked_against_adapt_and_the_size(single_torch_thread):
     p = load_config("cpu", overrides=TINY).phantoms
     assert check_real_films(_films(), p, 32) is None                       # adapt 0: not used
     p.adapt = 1.0
@@ -98,7 +97,6 @@ def test_real_films_are_checked_against_adapt_and_the_size():
 
 
 def test_pretraining_with_adapt_records_the_films_and_what_the_domain_head_told_apart(tmp_path):
-    torch.set_num_threads(1)
     films = _films()
     plain = pretrain_on_phantoms(load_config("cpu", overrides=TINY), tmp_path / "plain.pt", progress=False)
     cfg = load_config("cpu", overrides=TINY + ["phantoms.adapt=1"])
@@ -117,7 +115,7 @@ def test_pretraining_with_adapt_records_the_films_and_what_the_domain_head_told_
     assert not (tmp_path / "none.pt").exists()
 
 
-def test_the_cache_key_names_the_films_adapted_to_and_adapt_0_leaves_keys_as_they_were(tmp_path):
+def test_the_cache_key_names_the_films_adapted_to_and_adapt_0_leaves_keys_as_they_were(tmp_path, single_torch_thread):
     cfg = load_config("cpu", overrides=TINY)
     assert weights_key(load_config("cpu", overrides=TINY + ["phantoms.adapt=0"])) == weights_key(cfg)
     assert weights_key(cfg, _films()) == weights_key(cfg)                # films unused at adapt 0
@@ -126,7 +124,6 @@ def test_the_cache_key_names_the_films_adapted_to_and_adapt_0_leaves_keys_as_the
     assert len(keys) == 3
     with pytest.raises(ValueError, match="--adapt-to"):
         weights_key(adapt)
-    torch.set_num_threads(1)
     first = cached_phantom_weights(adapt, tmp_path, progress=False, real_films=_films())
     stamp = first.stat().st_mtime_ns
     assert cached_phantom_weights(adapt, tmp_path, progress=False, real_films=_films()) == first
