@@ -33,7 +33,7 @@ from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import batch_loader, to_float
 from bonecluster.data.records import study_index
 from bonecluster.device import mixed_precision, pick_device
-from bonecluster.divergence import TrainingDiverged, precision_hint
+from bonecluster.divergence import check_finite_features, check_finite_state, precision_hint
 from bonecluster.io import atomic_write_text
 from bonecluster.methods import get_method
 from bonecluster.models import DeepClusterNet, batch_norms, batchnorm_momentum, build_model
@@ -185,7 +185,9 @@ class DeepClusterEngine:
                 for bn, (track, training) in zip(bns, saved):
                     bn.track_running_stats = track
                     bn.train(training)
-        return dist.gather_shards(local, len(data), self.dist)
+        feats = dist.gather_shards(local, len(data), self.dist)   # the same on every rank, so all raise
+        check_finite_features(feats, precision_hint(self.precision, self.device.type))
+        return feats
 
     @torch.no_grad()
     def forward_all(self, data: PreparedDataset, desc: str, keep: bool,
@@ -254,11 +256,7 @@ class DeepClusterEngine:
         the run's result, where ``cluster.study_links`` merges over-clusters (:meth:`linked_clusters`)."""
         c = self.cfg.cluster
         k = k or c.k
-        bad = int((~torch.isfinite(feats).all(dim=1)).sum())
-        if bad:   # the network itself gives NaN: name it here, not as k-means' bad input
-            raise TrainingDiverged(f"the network's features of {bad} of {len(feats)} films are NaN or infinite, so "
-                                   f"they cannot be clustered: its weights or BatchNorm statistics are not finite. "
-                                   f"Try a lower learning rate{precision_hint(self.precision, self.device.type)}.")
+        check_finite_features(feats, precision_hint(self.precision, self.device.type))   # the network's fault
         with self.timer.phase("pca"):
             x, pca = self.whiten(feats)
         km = None
@@ -347,6 +345,9 @@ class DeepClusterEngine:
             atomic_write_text(self.out / "config.yaml", to_yaml(self.cfg))
 
     def _save_checkpoint(self, epochs_done: int, assignments: torch.Tensor, history: list[dict]) -> None:
+        # every rank: under DDP another process's NaN loss reaches these weights through the all-reduce
+        check_finite_state(self.model, f"epoch {epochs_done}", precision_hint(self.precision, self.device.type),
+                           kept="its checkpoint was not written; the last finished epoch's is kept")
         if self.dist.is_main:
             state = {
                 "format": FORMAT, "epoch": epochs_done, "model": self.model.state_dict(),

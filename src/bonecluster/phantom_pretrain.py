@@ -53,7 +53,7 @@ from bonecluster.data.phantoms import (FINDINGS, VIEWS, _default_workers, _progr
                                       check_children, check_framing, check_texture, check_whole_arm,
                                       render_labelled, reshare_film)
 from bonecluster.device import mixed_precision, pick_device, seed_everything
-from bonecluster.divergence import LossGuard
+from bonecluster.divergence import LossGuard, check_finite_state, precision_hint
 from bonecluster.io import atomic_write_text
 from bonecluster.models import DeepClusterNet, build_model
 
@@ -369,6 +369,8 @@ def pretrain_on_phantoms(cfg: Config, out: str | Path, progress: bool = True,
         history.append(row)
         log.info("phantom pre-training %s", row)
     seconds = time.perf_counter() - t0
+    check_finite_state(model, "phantom pre-training", precision_hint("bfloat16" if use_amp else "float32", device.type),
+                       kept="no weights file was written")
     _save(model, heads, out, {"version": PRETRAIN_VERSION, "phantoms": asdict(p), "model": _model_settings(cfg),
                        "data": _data_settings(cfg.data), "augment": asdict(cfg.train.augment), "seed": cfg.seed,
                        "device": str(device), "seconds": round(seconds, 1), "history": history,
@@ -392,7 +394,7 @@ def _train_epoch(model, heads, corpus, tasks, opt, sched, augment, generator, de
     n_batches = max(len(corpus) // batch_size, 1)   # drop the last partial batch (BatchNorm)
     labels = {t: torch.from_numpy(corpus.labels[t]) for t in tasks}
     total, bar = 0.0, _bar(n_batches, progress, desc)
-    guard = LossGuard(desc, "bfloat16" if use_amp else "float32", device.type)
+    guard = LossGuard(desc, "bfloat16" if use_amp else "float32", device.type, kept="no weights file was written")
     try:
         for b in range(n_batches):
             idx = order[b * batch_size:(b + 1) * batch_size]
@@ -411,7 +413,8 @@ def _train_epoch(model, heads, corpus, tasks, opt, sched, augment, generator, de
             opt.step()
             if sched.last_epoch + 1 < sched.total_steps:
                 sched.step()
-            total += guard(float(loss.detach()), b)
+            guard(float((loss + domain).detach()), b)   # the domain loss too: reversal can diverge
+            total += float(loss.detach())
             bar.update(1)
     finally:
         bar.close()

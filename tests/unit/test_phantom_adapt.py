@@ -81,7 +81,7 @@ def test_pretraining_ramps_the_reversal_weight_over_every_step_of_every_epoch(tm
     assert all(set(row) >= {"loss", "domain_loss", "domain_accuracy"} for row in history)
 
 
-def test_real_films_are_checked_against_adapt_and_the_size(single_torch_thread):
+def test_real_films_are_checked_against_adapt_and_the_size():
     p = load_config("cpu", overrides=TINY).phantoms
     assert check_real_films(_films(), p, 32) is None                       # adapt 0: not used
     p.adapt = 1.0
@@ -96,7 +96,7 @@ def test_real_films_are_checked_against_adapt_and_the_size(single_torch_thread):
             check_real_films(_films(), p, 32)
 
 
-def test_pretraining_with_adapt_records_the_films_and_what_the_domain_head_told_apart(tmp_path):
+def test_pretraining_with_adapt_records_the_films_and_what_the_domain_head_told_apart(tmp_path, single_torch_thread):
     films = _films()
     plain = pretrain_on_phantoms(load_config("cpu", overrides=TINY), tmp_path / "plain.pt", progress=False)
     cfg = load_config("cpu", overrides=TINY + ["phantoms.adapt=1"])

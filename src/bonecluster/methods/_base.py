@@ -217,9 +217,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, what: st
 
 
 def loss_guard(loop: Loop, where: str) -> LossGuard:
-    """A :class:`~bonecluster.divergence.LossGuard` for one epoch of ``loop``'s training, named
-    ``where``; under float16 the loss scaler skips a bad step, so ten in a row are allowed."""
-    return LossGuard(where, loop.precision, loop.device.type, tolerate=10 if loop.scaler.is_enabled() else 0)
+    """A :class:`~bonecluster.divergence.LossGuard` for one epoch of ``loop``'s training, named ``where``."""
+    return LossGuard(where, loop.precision, loop.device.type)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer | None, lr: float) -> None:

@@ -136,7 +136,8 @@ class DeepCluster(Method):
         loader = batch_loader(data, t.batch_size, sampler, with_positions=True, workers=t.workers,
                               pin_memory=device.type == "cuda")
         t0, total, seen, timer = time.perf_counter(), 0.0, 0, loop.timer
-        guard = loss_guard(loop, f"deepcluster round {epoch + 1}")
+        run_epoch = f" (epoch {self.pretrain_epochs + epoch + 1} of the run)" if self.pretrain_epochs else ""
+        guard = loss_guard(loop, f"deepcluster round {epoch + 1}{run_epoch}")
         steps = timer.iterate("cache reads", loop.bar(loader, f"train {epoch + 1}", leave=False))
         for step, (batch, idx) in enumerate(steps):
             with timer.phase("cache reads"):

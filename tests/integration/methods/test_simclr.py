@@ -97,9 +97,10 @@ def test_multi_crop_adds_small_views_of_the_same_films_and_trains(phantoms, tmp_
         return views
 
     monkeypatch.setattr(TwoViewPretraining, "local_views", spy)
-    # float32: under bfloat16 autocast the CI machine (CPU unrecorded; bfloat16 passes on an AMD EPYC
-    # with AVX512-BF16) gave NaN features for these 16-px views, which a ResNet's last two stages see
-    # as 1x1 maps (docs/RELIABILITY.md). The test is about the views; bonecluster.divergence names such a NaN
+    # float32: trained in bfloat16 (its CPU has it in hardware), this test ended on CI's machine with NaN
+    # features at the final k-means (CPU unrecorded; it passes in bfloat16 on an AMD EPYC with
+    # AVX512-BF16; docs/RELIABILITY.md). The test is about the views; test_divergence.py runs them in
+    # bfloat16 where the CPU has it, and reports a divergence there.
     cfg = method_config("simclr", 0, "train.device=cpu", "train.cpu_amp=false", "selfsup.local_crops=3")
     res, rows, trained = train_method(phantoms, tmp_path / "run", cfg)
     assert res.epochs_run == 2 and all(np.isfinite(float(r["loss"])) for r in rows)
