@@ -106,6 +106,44 @@ def mixed_precision(train_cfg, device: torch.device | str) -> tuple[bool, torch.
     return use, (amp_dtype(device) if use else torch.float16)
 
 
+def one_pixel_strided_convs(model: torch.nn.Module, size: int) -> list[str]:
+    """The strided convolutions (stride and kernel > 1) that a ``(1, 1, size, size)`` film reaches
+    as a map one pixel high or wide, by name, found with one forward pass (``model.features`` when it
+    has one). A backbone that refuses ``size`` (a ViT's fixed grid) gives ``[]``.
+
+    On a CPU, PyTorch's bfloat16 weight gradient of such a convolution is wrong: 3x3, stride 2,
+    padding 1 over a 1x1 map returned garbage or NaN in 6-11 of 12 calls (torch 2.14.1 on an AMD
+    EPYC with AVX512-BF16; float32, and 2x2 maps, right; ``benchmarks/bench_bf16_conv_grad.py``).
+    A ResNet's layer4 sees 1x1 maps from 16-px films down, so such films train in float32 there.
+    """
+    names = []
+    hooks = [module.register_forward_pre_hook(lambda _, args, name=name: names.append(name)
+                                              if min(args[0].shape[-2:]) == 1 else None)
+             for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Conv2d) and max(module.stride) > 1 and max(module.kernel_size) > 1]
+    was_training = model.training
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.no_grad():
+            getattr(model, "features", model)(torch.zeros(1, 1, size, size, device=device))
+    except (RuntimeError, ValueError, AssertionError):   # a backbone built for another size
+        return []
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return names
+
+
+def cpu_bf16_hazard(model: torch.nn.Module, size: int, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """:func:`one_pixel_strided_convs` at ``size`` where training would run in bfloat16 on a CPU,
+    else ``[]`` (the callers then train those films in float32)."""
+    if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
+        return []
+    return one_pixel_strided_convs(model, size)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, NumPy's global RNG and torch (CPU and every CUDA device)."""
     random.seed(seed)

@@ -32,7 +32,7 @@ from bonecluster.config import ClusterConfig, Config, to_dict, to_yaml
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import batch_loader, to_float
 from bonecluster.data.records import study_index
-from bonecluster.device import mixed_precision, pick_device
+from bonecluster.device import cpu_bf16_hazard, mixed_precision, pick_device
 from bonecluster.divergence import check_finite_features, check_finite_state, precision_hint
 from bonecluster.io import atomic_write_text
 from bonecluster.methods import get_method
@@ -89,6 +89,13 @@ class DeepClusterEngine:
             self.model.backbone.compile()
         self.augment = RadiographAugment(cfg.train.augment)
         self.use_amp, self.amp_dtype = mixed_precision(cfg.train, self.device)
+        hazard = cpu_bf16_hazard(self.model, cfg.data.size, self.device, self.amp_dtype) if self.use_amp else []
+        if hazard:
+            self.use_amp = False
+            if self.dist.is_main:
+                log.warning("data.size=%d: the network's %s sees 1x1 maps, where a CPU's bfloat16 weight gradient is "
+                            "wrong (NaN or garbage; docs/RELIABILITY.md): training in float32", cfg.data.size,
+                            ", ".join(hazard))
         self._float32 = False   # set by full_precision()
         if cfg.train.amp and cfg.train.cpu_amp and self.device.type == "cpu" and not self.use_amp and self.dist.is_main:
             log.info("train.cpu_amp: this CPU has no bfloat16 in hardware (AVX512-BF16 or AMX); training in float32")

@@ -433,6 +433,25 @@ def test_amp_on_cuda_and_on_a_cpu_only_when_asked_and_native(monkeypatch):
     assert amp_enabled("cpu", cpu=True) and device.amp_dtype("cpu") == torch.bfloat16
 
 
+def test_the_strided_convolutions_that_see_one_pixel_are_found_by_size():
+    from bonecluster.device import cpu_bf16_hazard, one_pixel_strided_convs
+
+    model = build_model(arch="resnet18", sobel=True)
+    model.train()
+    # a ResNet halves the map 4 times before layer4 (stem conv, max pool, layer2, layer3)
+    assert one_pixel_strided_convs(model, 16) == ["backbone.layer4.0.conv1"]
+    assert one_pixel_strided_convs(model, 8) == ["backbone.layer3.0.conv1", "backbone.layer4.0.conv1"]
+    assert one_pixel_strided_convs(model, 17) == [] and one_pixel_strided_convs(model, 64) == []
+    assert model.training   # the probe leaves the mode as it found it, and no hook behind
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert cpu_bf16_hazard(model, 16, torch.device("cpu"), torch.bfloat16) == ["backbone.layer4.0.conv1"]
+    assert cpu_bf16_hazard(model, 16, torch.device("cpu"), torch.float16) == []      # autocast off
+    assert cpu_bf16_hazard(model, 16, torch.device("cuda"), torch.bfloat16) == []    # only seen on a CPU
+    pytest.importorskip("timm")
+    vit = build_model(arch="timm/test_vit", sobel=False, image_size=32)
+    assert one_pixel_strided_convs(vit, 16) == []   # built for 32 px: it refuses 16, so nothing can be said
+
+
 def test_mixed_precision_reads_amp_and_cpu_amp(monkeypatch):
     import bonecluster.device as device
     from bonecluster.config import TrainConfig

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from contextlib import nullcontext
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -22,6 +23,7 @@ from bonecluster.augment import RadiographAugment
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import CachedBatches, batch_loader, to_float
 from bonecluster.data.records import study_index
+from bonecluster.device import cpu_bf16_hazard
 from bonecluster.methods._base import (Loop, Method, backbone_groups, epoch_generator, load_optimizer_state,
                                        loss_guard, set_learning_rate, warmup_cosine)
 from bonecluster.models import RESNETS, DeepClusterNet
@@ -60,6 +62,7 @@ class TwoViewPretraining(Method):
         self.head: torch.nn.Module | None = None
         self.local_augment: RadiographAugment | None = None
         self.local_size = 0   # the small views' side in px (selfsup.local_crops), set with local_augment
+        self.local_float32 = False   # the small views' pass outside autocast (set with local_augment)
         self._mates: tuple[PreparedDataset, MateSource] | None = None   # (dataset, its study mates)
         if s.epochs:   # no head without epochs: `selfsup.epochs=0` clusters the given network as it is
             self.head = self.make_head().to(loop.device)
@@ -94,6 +97,13 @@ class TwoViewPretraining(Method):
             raise ValueError(f"selfsup.local_crops makes {size}-px views, and model.arch={self.loop.model.arch!r} may be "
                              f"built for {self.cfg.data.size} px only (a ViT's position table): use a ResNet, or "
                              f"selfsup.local_size={self.cfg.data.size}")
+        hazard = cpu_bf16_hazard(self.loop.model, size, self.loop.device, torch.bfloat16) \
+            if self.loop.precision == "bfloat16" else []
+        self.local_float32 = bool(hazard)
+        if hazard:
+            log.warning("selfsup.local_crops: at %d px the network's %s sees 1x1 maps, where a CPU's bfloat16 weight "
+                        "gradient is wrong (NaN or garbage; docs/RELIABILITY.md): the small views train in float32",
+                        size, ", ".join(hazard))
         if self.cfg.train.feature_bn == "running":
             log.warning("selfsup.local_crops with train.feature_bn=running: BatchNorm's running statistics then mix "
                         "the %d-px small views into what k-means' features are normalised by; "
@@ -167,7 +177,7 @@ class TwoViewPretraining(Method):
                 loss = self.view_loss(views, out)
             else:   # small views: their own pass (another size, so BatchNorm sees them apart)
                 small = self.local_views(x, gen)
-                with loop.autocast():
+                with nullcontext() if self.local_float32 else loop.autocast():
                     local_out = net(small).float()
                 loss = self.local_loss(out, local_out)
             self.pretrain_optimizer.zero_grad(set_to_none=True)
