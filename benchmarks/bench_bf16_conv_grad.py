@@ -1,13 +1,14 @@
-"""Is this machine's bfloat16 convolution weight gradient right? A check of the PyTorch/oneDNN bug
-that :func:`bonecluster.device.one_pixel_strided_convs` steers training around.
+"""Is this machine's bfloat16 convolution weight gradient right? A check of the fault in PyTorch's
+CPU bfloat16 convolution that :func:`bonecluster.device.one_pixel_strided_convs` steers training around.
 
     python benchmarks/bench_bf16_conv_grad.py [--reps 12] [--device cpu] [--json OUT]
 
-For each convolution shape a ResNet-18 has (3x3 with stride 2 and 1, and the 1x1 stride-2
-shortcut) over maps of 1, 2 and 3 pixels, it compares the weight gradient computed under
-bfloat16 autocast with a float32 computation from the same bfloat16-rounded inputs, ``--reps``
-times with fresh random inputs, and prints how many calls were wrong (off by more than 5 % of the
-gradient's largest entry, or not finite), next to float32 itself as a control.
+For three of a ResNet-18's convolution shapes (3x3 with stride 2 and 1, and the 1x1 stride-2
+shortcut; not the 7x7 stem), 256 to 512 channels and a batch of 48, over maps of 1, 2 and 3
+pixels, it compares the weight gradient (only that) computed under bfloat16 autocast with a
+float32 computation from the same bfloat16-rounded inputs, ``--reps`` times with fresh random
+inputs, and prints how many calls were wrong (off by more than 5 % of the gradient's largest
+entry, or not finite), next to float32 itself as a control.
 
 On 2026-12-07 (torch 2.14.1, 2-core AMD EPYC with AVX512-BF16, no AMX) the 3x3 stride-2 padding-1
 convolution over a 1x1 map was wrong in 6-7 of 12 calls in channels-last layout and 10-11 of 12 in

@@ -107,39 +107,50 @@ def mixed_precision(train_cfg, device: torch.device | str) -> tuple[bool, torch.
 
 
 def one_pixel_strided_convs(model: torch.nn.Module, size: int) -> list[str]:
-    """The strided convolutions (stride and kernel > 1) that a ``(1, 1, size, size)`` film reaches
-    as a map one pixel high or wide, by name, found with one forward pass (``model.features`` when it
-    has one). A backbone that refuses ``size`` (a ViT's fixed grid) gives ``[]``.
+    """The strided convolution modules (stride and kernel > 1) that a ``(1, 1, size, size)`` film
+    reaches as a map one pixel high or wide, by name, found with one eager forward pass
+    (``model.features`` when it has one, never compiled; a DDP wrapper is looked through). A forward pass that
+    raises (a ViT built for another size) gives the ones reached before it.
 
-    On a CPU, PyTorch's bfloat16 weight gradient of such a convolution is wrong: 3x3, stride 2,
-    padding 1 over a 1x1 map returned garbage or NaN in 6-11 of 12 calls (torch 2.14.1 on an AMD
-    EPYC with AVX512-BF16; float32, and 2x2 maps, right; ``benchmarks/bench_bf16_conv_grad.py``).
-    A ResNet's layer4 sees 1x1 maps from 16-px films down, so such films train in float32 there.
+    Measured here (``benchmarks/bench_bf16_conv_grad.py``; torch 2.14.1, 2-core AMD EPYC with
+    AVX512-BF16, other CPUs untested): the bfloat16 weight gradient of a 3x3, stride-2, padding-1
+    convolution over a 1x1 map was garbage or NaN in 6-11 of 12 calls, while 1x1 stride-2 and 3x3
+    stride-1 convolutions there, every one over 2x2 maps, and float32 were right. Every strided
+    convolution over a one-pixel map is treated as suspect. A ResNet with the ImageNet stem gives
+    layer4 1x1 maps from 16-px films down (with ``model.small_input`` from 4 px).
     """
+    import torch._dynamo   # its switch runs a compiled backbone eagerly
+
+    model = getattr(model, "module", model)
+    device = next(model.parameters()).device
+    modes = {module: module.training for module in model.modules()}
     names = []
     hooks = [module.register_forward_pre_hook(lambda _, args, name=name: names.append(name)
                                               if min(args[0].shape[-2:]) == 1 else None)
              for name, module in model.named_modules()
              if isinstance(module, torch.nn.Conv2d) and max(module.stride) > 1 and max(module.kernel_size) > 1]
-    was_training = model.training
-    device = next(model.parameters()).device
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch._dynamo.config.patch(disable=True):   # eager, also under train.compile
             getattr(model, "features", model)(torch.zeros(1, 1, size, size, device=device))
     except (RuntimeError, ValueError, AssertionError):   # a backbone built for another size
-        return []
+        pass
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     return names
 
 
 def cpu_bf16_hazard(model: torch.nn.Module, size: int, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """:func:`one_pixel_strided_convs` at ``size`` where training would run in bfloat16 on a CPU,
-    else ``[]`` (the callers then train those films in float32)."""
+    """:func:`one_pixel_strided_convs` at ``size`` where ``model``'s backbone would train in
+    bfloat16 on a CPU, else ``[]`` (the callers then train those films in float32). A frozen
+    backbone computes no convolution gradient, so it has none."""
+    backbone = getattr(getattr(model, "module", model), "backbone", model)
     if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
+        return []
+    if not any(p.requires_grad for p in backbone.parameters()):
         return []
     return one_pixel_strided_convs(model, size)
 

@@ -85,20 +85,21 @@ class DeepClusterEngine:
                 log.warning("model.freeze with method=%s trains only the top layer, which each round replaces: "
                             "the clusters are k-means on fixed features, as with method=simclr "
                             "selfsup.epochs=0, in more time", cfg.method)
-        if cfg.train.compile:
-            self.model.backbone.compile()
-        self.augment = RadiographAugment(cfg.train.augment)
         self.use_amp, self.amp_dtype = mixed_precision(cfg.train, self.device)
+        if cfg.train.amp and cfg.train.cpu_amp and self.device.type == "cpu" and not self.use_amp and self.dist.is_main:
+            log.info("train.cpu_amp: this CPU has no bfloat16 in hardware (AVX512-BF16 or AMX); training in float32")
+        # before compiling: the probe is one eager forward pass
         hazard = cpu_bf16_hazard(self.model, cfg.data.size, self.device, self.amp_dtype) if self.use_amp else []
         if hazard:
             self.use_amp = False
             if self.dist.is_main:
-                log.warning("data.size=%d: the network's %s sees 1x1 maps, where a CPU's bfloat16 weight gradient is "
-                            "wrong (NaN or garbage; docs/RELIABILITY.md): training in float32", cfg.data.size,
+                log.warning("data.size=%d: the network's %s sees 1x1 maps, where this CPU's bfloat16 weight gradient "
+                            "may be wrong (NaN or garbage; docs/RELIABILITY.md): training in float32", cfg.data.size,
                             ", ".join(hazard))
+        if cfg.train.compile:
+            self.model.backbone.compile()
+        self.augment = RadiographAugment(cfg.train.augment)
         self._float32 = False   # set by full_precision()
-        if cfg.train.amp and cfg.train.cpu_amp and self.device.type == "cpu" and not self.use_amp and self.dist.is_main:
-            log.info("train.cpu_amp: this CPU has no bfloat16 in hardware (AVX512-BF16 or AMX); training in float32")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.studies: torch.Tensor | None = None   # (N,) study numbers when cluster.by_study (set by fit)
         self.link_studies: np.ndarray | None = None   # (N,) study numbers when cluster.study_links (set by fit)
@@ -382,7 +383,7 @@ class DeepClusterEngine:
         before = state.get("precision") or ("float32" if self.device.type == "cpu" else None)
         if self.dist.is_main and before and before != self.precision:
             log.warning("resuming %s, trained in %s so far, in %s from here (train.amp and train.cpu_amp choose "
-                        "it; a run begun before the cpu presets trained in bfloat16 keeps float32 with "
+                        "it, and data.size where bfloat16 is unsafe; a run begun before the cpu presets trained in bfloat16 keeps float32 with "
                         "--set train.cpu_amp=false)", path, before, self.precision)
         self.model.load_state_dict(state["model"])
         self.method.load_state_dict(state)

@@ -356,8 +356,8 @@ def pretrain_on_phantoms(cfg: Config, out: str | Path, progress: bool = True,
     hazard = cpu_bf16_hazard(model, cfg.data.size, device, dtype) if use_amp else []
     if hazard:
         use_amp = False
-        log.warning("data.size=%d: the network's %s sees 1x1 maps, where a CPU's bfloat16 weight gradient is wrong "
-                    "(NaN or garbage; docs/RELIABILITY.md): phantom pre-training in float32", cfg.data.size,
+        log.warning("data.size=%d: the network's %s sees 1x1 maps, where this CPU's bfloat16 weight gradient may be "
+                    "wrong (NaN or garbage; docs/RELIABILITY.md): phantom pre-training in float32", cfg.data.size,
                     ", ".join(hazard))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=steps, pct_start=0.1,
                                                 anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)

@@ -14,5 +14,4 @@ def test_every_resnet_shape_is_checked_and_float32_is_never_wrong(tmp_path, caps
     assert {(r["kernel"], r["stride"], r["side"]) for r in rows} == {(k, s, side) for k, s, _ in bench.SHAPES
                                                                        for side in (1, 2, 3)}
     assert all(r["float32 channels-last"] == 0 and r["float32 default"] == 0 for r in rows)
-    assert all(0 <= r["bf16 default"] <= 2 for r in rows)
     assert "3x3 s2 p1 | 1x1 |" in capsys.readouterr().out

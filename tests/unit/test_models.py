@@ -442,14 +442,18 @@ def test_the_strided_convolutions_that_see_one_pixel_are_found_by_size():
     assert one_pixel_strided_convs(model, 16) == ["backbone.layer4.0.conv1"]
     assert one_pixel_strided_convs(model, 8) == ["backbone.layer3.0.conv1", "backbone.layer4.0.conv1"]
     assert one_pixel_strided_convs(model, 17) == [] and one_pixel_strided_convs(model, 64) == []
-    assert model.training   # the probe leaves the mode as it found it, and no hook behind
+    assert model.training   # the probe leaves every module's mode as it found it, and no hook behind
     assert not any(m._forward_pre_hooks for m in model.modules())
+    model.backbone.layer1.eval()
+    assert one_pixel_strided_convs(model, 16) and model.training and not model.backbone.layer1.training
     assert cpu_bf16_hazard(model, 16, torch.device("cpu"), torch.bfloat16) == ["backbone.layer4.0.conv1"]
     assert cpu_bf16_hazard(model, 16, torch.device("cpu"), torch.float16) == []      # autocast off
     assert cpu_bf16_hazard(model, 16, torch.device("cuda"), torch.bfloat16) == []    # only seen on a CPU
     pytest.importorskip("timm")
     vit = build_model(arch="timm/test_vit", sobel=False, image_size=32)
+    vit.train()
     assert one_pixel_strided_convs(vit, 16) == []   # built for 32 px: it refuses 16, so nothing can be said
+    assert vit.training and not any(m._forward_pre_hooks for m in vit.modules())   # also after the refusal
 
 
 def test_mixed_precision_reads_amp_and_cpu_amp(monkeypatch):

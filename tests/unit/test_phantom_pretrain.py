@@ -83,6 +83,23 @@ def test_a_nan_loss_stops_pre_training_at_its_step_and_writes_no_weights(tmp_pat
     assert not (tmp_path / "w.pt").exists() and not (tmp_path / "w.pt.json").exists()
 
 
+def test_films_so_small_that_a_convolution_sees_one_pixel_pre_train_in_float32(tmp_path, monkeypatch, caplog):
+    import bonecluster.device as device
+    import bonecluster.phantom_pretrain as pp
+
+    seen = []
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(pp, "_train_epoch", lambda *args, **kwargs: seen.append(args[9]) or 1.0)   # use_amp
+    for size in (16, 32):
+        cfg = load_config("cpu", overrides=[*TINY, f"data.size={size}", "train.cpu_amp=true",
+                                            "phantoms.validation_films=0"])
+        with caplog.at_level("WARNING", logger="bonecluster"):
+            pretrain_on_phantoms(cfg, tmp_path / f"w{size}.pt", progress=False)
+    assert seen == [False, True]
+    assert any(r.getMessage().startswith("data.size=16: the network's backbone.layer4.0.conv1 sees 1x1 maps")
+               for r in caplog.records)
+
+
 def test_pretraining_learns_the_part_of_phantoms_it_never_saw(tmp_path, single_torch_thread):
     """Seeded, so it cannot be flaky on one machine; chance is 1/7 = 0.14."""
     cfg = load_config("cpu", overrides=["data.size=32", "data.fit=letterbox", "phantoms.films=448",

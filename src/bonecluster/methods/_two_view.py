@@ -101,8 +101,9 @@ class TwoViewPretraining(Method):
             if self.loop.precision == "bfloat16" else []
         self.local_float32 = bool(hazard)
         if hazard:
-            log.warning("selfsup.local_crops: at %d px the network's %s sees 1x1 maps, where a CPU's bfloat16 weight "
-                        "gradient is wrong (NaN or garbage; docs/RELIABILITY.md): the small views train in float32",
+            log.warning("selfsup.local_crops: at %d px the network's %s sees 1x1 maps, where this CPU's bfloat16 "
+                        "weight gradient may be wrong (NaN or garbage; docs/RELIABILITY.md): the small views train in "
+                        "float32",
                         size, ", ".join(hazard))
         if self.cfg.train.feature_bn == "running":
             log.warning("selfsup.local_crops with train.feature_bn=running: BatchNorm's running statistics then mix "

@@ -11,7 +11,6 @@ import torch
 
 from bonecluster.augment import RadiographAugment
 from bonecluster.checkpoint import CHECKPOINT, load_torch, read_metrics
-from bonecluster.device import cpu_has_native_bf16
 from bonecluster.divergence import LossGuard, TrainingDiverged
 from tests.integration.methods.conftest import method_config, train_method
 
@@ -72,30 +71,39 @@ def test_features_that_are_not_numbers_are_named_as_the_network_s_not_as_bad_k_m
 
 def test_small_views_that_would_give_a_convolution_one_pixel_train_in_float32_under_bfloat16(phantoms, tmp_path,
                                                                                              monkeypatch, caplog):
-    # A CPU's bfloat16 weight gradient of a stride-2 3x3 convolution over a 1x1 map is wrong (NaN or
+    # This CPU's bfloat16 weight gradient of a stride-2 3x3 convolution over a 1x1 map was wrong (NaN or
     # garbage: benchmarks/bench_bf16_conv_grad.py); a ResNet's layer4 sees 1x1 maps at 16 px. bfloat16 is
     # forced (emulated where the CPU lacks it), as in test_engine.py's cpu_amp test.
     import bonecluster.device as device
     from bonecluster.engine import DeepClusterEngine
+    from bonecluster.methods._two_view import TwoViewNet
 
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
-    bf16 = ["train.device=cpu", "train.cpu_amp=true", "selfsup.local_crops=3"]
+    bf16 = ["train.device=cpu", "train.cpu_amp=true", "selfsup.local_crops=3", "selfsup.epochs=1"]
+
+    def fallback_warnings():
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("selfsup.local_crops: at")]
+
     with caplog.at_level("WARNING", logger="bonecluster"):
         wide = DeepClusterEngine(method_config("simclr", 0, *bf16, "selfsup.local_size=24"), tmp_path / "w",
                                  progress=False)
-        assert wide.precision == "bfloat16" and not wide.method.local_float32 and not caplog.records
+        assert wide.precision == "bfloat16" and not wide.method.local_float32 and not fallback_warnings()
         narrow = DeepClusterEngine(method_config("simclr", 0, *bf16), tmp_path / "n", progress=False)
     assert narrow.precision == "bfloat16" and narrow.method.local_float32   # only the small views leave autocast
-    assert [r.getMessage() for r in caplog.records] == [
-        "selfsup.local_crops: at 16 px the network's backbone.layer4.0.conv1 sees 1x1 maps, where a CPU's bfloat16 "
-        "weight gradient is wrong (NaN or garbage; docs/RELIABILITY.md): the small views train in float32"]
-    # where the CPU has bfloat16, this training diverged in 2 of 6 runs alone and once in a full suite
-    # here (2026-12-07, before the fallback); now it trains
-    if cpu_has_native_bf16():
-        try:
-            train_method(phantoms, tmp_path / "run", method_config("simclr", 0, *bf16))
-        except TrainingDiverged as err:   # another CPU, another bug: the log's tail names the machine
-            warnings.warn(f"multi-crop in bfloat16 diverged on this CPU: {err}", stacklevel=1)
+    assert fallback_warnings() == [
+        "selfsup.local_crops: at 16 px the network's backbone.layer4.0.conv1 sees 1x1 maps, where this CPU's "
+        "bfloat16 weight gradient may be wrong (NaN or garbage; docs/RELIABILITY.md): the small views train in float32"]
+    # training: the 16-px pass runs outside autocast, the 32-px pass inside (here, before the fallback, this
+    # training diverged in 2 of 6 runs alone and once in a full suite on 2026-12-07)
+    seen = []
+    forward = TwoViewNet.forward
+    monkeypatch.setattr(TwoViewNet, "forward", lambda self, x: seen.append((x.shape[-1], torch.is_autocast_enabled("cpu")))
+                        or forward(self, x))
+    try:
+        train_method(phantoms, tmp_path / "run", method_config("simclr", 0, *bf16))
+    except TrainingDiverged as err:   # another CPU, another fault: the log's tail names the machine
+        warnings.warn(f"multi-crop in bfloat16 diverged on this CPU: {err}", stacklevel=1)
+    assert seen and set(seen) == {(32, True), (16, False)}
 
 
 def test_films_so_small_that_a_convolution_sees_one_pixel_train_in_float32(tmp_path, monkeypatch, caplog):
@@ -103,14 +111,18 @@ def test_films_so_small_that_a_convolution_sees_one_pixel_train_in_float32(tmp_p
     from bonecluster.engine import DeepClusterEngine
 
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
-    with caplog.at_level("WARNING", logger="bonecluster"):
+    with caplog.at_level("INFO", logger="bonecluster"):
         small = DeepClusterEngine(method_config("deepcluster", 1, "train.device=cpu", "train.cpu_amp=true",
                                                 "data.size=16"), tmp_path / "s", progress=False)
     assert small.precision == "float32"
-    assert any("data.size=16: the network's backbone.layer4.0.conv1 sees 1x1 maps" in r.getMessage()
-               for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("data.size=16: the network's backbone.layer4.0.conv1 sees 1x1 maps") for m in messages)
+    assert not any("has no bfloat16 in hardware" in m for m in messages)   # it has: the size is the reason
     assert DeepClusterEngine(method_config("deepcluster", 1, "train.device=cpu", "train.cpu_amp=true"),
                              tmp_path / "b", progress=False).precision == "bfloat16"   # 32 px: 2x2 at layer4
+    frozen = DeepClusterEngine(method_config("simclr", 0, "train.device=cpu", "train.cpu_amp=true", "data.size=16",
+                                             "model.freeze=true", "selfsup.epochs=0"), tmp_path / "f", progress=False)
+    assert frozen.precision == "bfloat16"   # a frozen backbone computes no convolution gradient
 
 
 def test_every_guard_built_for_a_loop_names_the_loop_s_precision(tmp_path):
