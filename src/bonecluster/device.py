@@ -155,6 +155,12 @@ def cpu_bf16_hazard(model: torch.nn.Module, size: int, device: torch.device, dty
     return one_pixel_strided_convs(model, size)
 
 
+def bf16_fallback_message(setting: str, size: int, hazard: list[str], outcome: str) -> str:
+    """The warning when :func:`cpu_bf16_hazard` finds ``hazard`` at ``setting`` = ``size`` px."""
+    return (f"{setting}: at {size} px the network's {', '.join(hazard)} sees 1x1 maps, where this CPU's bfloat16 "
+            f"weight gradient may be wrong (NaN or garbage; docs/RELIABILITY.md): {outcome}")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, NumPy's global RNG and torch (CPU and every CUDA device)."""
     random.seed(seed)

@@ -32,7 +32,7 @@ from bonecluster.config import ClusterConfig, Config, to_dict, to_yaml
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import batch_loader, to_float
 from bonecluster.data.records import study_index
-from bonecluster.device import cpu_bf16_hazard, mixed_precision, pick_device
+from bonecluster.device import bf16_fallback_message, cpu_bf16_hazard, mixed_precision, pick_device
 from bonecluster.divergence import check_finite_features, check_finite_state, precision_hint
 from bonecluster.io import atomic_write_text
 from bonecluster.methods import get_method
@@ -93,9 +93,7 @@ class DeepClusterEngine:
         if hazard:
             self.use_amp = False
             if self.dist.is_main:
-                log.warning("data.size=%d: the network's %s sees 1x1 maps, where this CPU's bfloat16 weight gradient "
-                            "may be wrong (NaN or garbage; docs/RELIABILITY.md): training in float32", cfg.data.size,
-                            ", ".join(hazard))
+                log.warning(bf16_fallback_message("data.size", cfg.data.size, hazard, "training in float32"))
         if cfg.train.compile:
             self.model.backbone.compile()
         self.augment = RadiographAugment(cfg.train.augment)

@@ -52,7 +52,7 @@ from bonecluster.data.decode import fit_to_square, scale_percentiles
 from bonecluster.data.phantoms import (FINDINGS, VIEWS, _default_workers, _progress_bar, check_annotations,
                                       check_children, check_framing, check_texture, check_whole_arm,
                                       render_labelled, reshare_film)
-from bonecluster.device import cpu_bf16_hazard, mixed_precision, pick_device, seed_everything
+from bonecluster.device import bf16_fallback_message, cpu_bf16_hazard, mixed_precision, pick_device, seed_everything
 from bonecluster.divergence import LossGuard, check_finite_state, precision_hint
 from bonecluster.io import atomic_write_text
 from bonecluster.models import DeepClusterNet, build_model
@@ -356,9 +356,7 @@ def pretrain_on_phantoms(cfg: Config, out: str | Path, progress: bool = True,
     hazard = cpu_bf16_hazard(model, cfg.data.size, device, dtype) if use_amp else []
     if hazard:
         use_amp = False
-        log.warning("data.size=%d: the network's %s sees 1x1 maps, where this CPU's bfloat16 weight gradient may be "
-                    "wrong (NaN or garbage; docs/RELIABILITY.md): phantom pre-training in float32", cfg.data.size,
-                    ", ".join(hazard))
+        log.warning(bf16_fallback_message("data.size", cfg.data.size, hazard, "phantom pre-training in float32"))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=steps, pct_start=0.1,
                                                 anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
     generator = torch.Generator().manual_seed(cfg.seed)

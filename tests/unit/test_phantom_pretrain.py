@@ -96,7 +96,7 @@ def test_films_so_small_that_a_convolution_sees_one_pixel_pre_train_in_float32(t
         with caplog.at_level("WARNING", logger="bonecluster"):
             pretrain_on_phantoms(cfg, tmp_path / f"w{size}.pt", progress=False)
     assert seen == [False, True]
-    assert any(r.getMessage().startswith("data.size=16: the network's backbone.layer4.0.conv1 sees 1x1 maps")
+    assert any(r.getMessage().startswith("data.size: at 16 px the network's backbone.layer4.0.conv1 sees 1x1 maps")
                for r in caplog.records)
 
 

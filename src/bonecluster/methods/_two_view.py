@@ -23,7 +23,7 @@ from bonecluster.augment import RadiographAugment
 from bonecluster.data.cache import PreparedDataset
 from bonecluster.data.loader import CachedBatches, batch_loader, to_float
 from bonecluster.data.records import study_index
-from bonecluster.device import cpu_bf16_hazard
+from bonecluster.device import bf16_fallback_message, cpu_bf16_hazard
 from bonecluster.methods._base import (Loop, Method, backbone_groups, epoch_generator, load_optimizer_state,
                                        loss_guard, set_learning_rate, warmup_cosine)
 from bonecluster.models import RESNETS, DeepClusterNet
@@ -101,10 +101,7 @@ class TwoViewPretraining(Method):
             if self.loop.precision == "bfloat16" else []
         self.local_float32 = bool(hazard)
         if hazard:
-            log.warning("selfsup.local_crops: at %d px the network's %s sees 1x1 maps, where this CPU's bfloat16 "
-                        "weight gradient may be wrong (NaN or garbage; docs/RELIABILITY.md): the small views train in "
-                        "float32",
-                        size, ", ".join(hazard))
+            log.warning(bf16_fallback_message("selfsup.local_crops", size, hazard, "the small views train in float32"))
         if self.cfg.train.feature_bn == "running":
             log.warning("selfsup.local_crops with train.feature_bn=running: BatchNorm's running statistics then mix "
                         "the %d-px small views into what k-means' features are normalised by; "

@@ -116,7 +116,7 @@ def test_films_so_small_that_a_convolution_sees_one_pixel_train_in_float32(tmp_p
                                                 "data.size=16"), tmp_path / "s", progress=False)
     assert small.precision == "float32"
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("data.size=16: the network's backbone.layer4.0.conv1 sees 1x1 maps") for m in messages)
+    assert any(m.startswith("data.size: at 16 px the network's backbone.layer4.0.conv1 sees 1x1 maps") for m in messages)
     assert not any("has no bfloat16 in hardware" in m for m in messages)   # it has: the size is the reason
     assert DeepClusterEngine(method_config("deepcluster", 1, "train.device=cpu", "train.cpu_amp=true"),
                              tmp_path / "b", progress=False).precision == "bfloat16"   # 32 px: 2x2 at layer4
