@@ -3,17 +3,17 @@ CPU bfloat16 convolution that :func:`bonecluster.device.one_pixel_strided_convs`
 
     python benchmarks/bench_bf16_conv_grad.py [--reps 12] [--device cpu] [--json OUT]
 
-For three of a ResNet-18's convolution shapes (3x3 with stride 2 and 1, and the 1x1 stride-2
-shortcut; not the 7x7 stem), 256 to 512 channels and a batch of 48, over maps of 1, 2 and 3
-pixels, it compares the weight gradient (only that) computed under bfloat16 autocast with a
-float32 computation from the same bfloat16-rounded inputs, ``--reps`` times with fresh random
-inputs, and prints how many calls were wrong (off by more than 5 % of the gradient's largest
-entry, or not finite), next to float32 itself as a control.
+For a ResNet-18's 3x3 (stride 2 and 1) and 1x1 stride-2 convolutions, a 5x5 stride-2 one and a
+depthwise 3x3 stride-2 one (EfficientNet-like), 256 channels in and a batch of 48, over maps of 1, 2
+and 3 pixels, it compares the gradients computed under bfloat16 autocast with a float32 computation
+from the same bfloat16-rounded inputs, ``--reps`` times with fresh random inputs, and prints how many
+calls were wrong (off by more than 5 % of the gradient's largest entry, or not finite): the weight
+gradient in both memory layouts, the input gradient, and float32 itself as a control.
 
-On 2026-12-07 (torch 2.14.1, 2-core AMD EPYC with AVX512-BF16, no AMX) the 3x3 stride-2 padding-1
-convolution over a 1x1 map was wrong in 6-7 of 12 calls in channels-last layout and 10-11 of 12 in
-the default one over two runs (garbage up to 1e35, or NaN); every other shape, and float32
-throughout, was right.
+On 2026-12-07 (torch 2.14.1, 2-core AMD EPYC with AVX512-BF16, no AMX) the weight gradient of the
+3x3 and 5x5 stride-2 convolutions over a 1x1 map was wrong in 6-12 of 12 calls over three runs
+(garbage up to 1e35, or NaN), the depthwise one's in 1 of 12 (channels-last); every other cell, every
+input gradient and float32 were right.
 """
 
 from __future__ import annotations
@@ -25,22 +25,26 @@ import sys
 import torch
 import torch.nn.functional as F
 
-# (kernel, stride, padding) of a ResNet-18's convolutions
-SHAPES = [(3, 2, 1), (3, 1, 1), (1, 2, 0)]
+# (name, kernel, stride, padding, depthwise)
+SHAPES = [("3x3 s2", 3, 2, 1, False), ("3x3 s1", 3, 1, 1, False), ("1x1 s2", 1, 2, 0, False),
+          ("5x5 s2", 5, 2, 2, False), ("3x3 s2 depthwise", 3, 2, 1, True)]
 
 
-def wrong_calls(kernel: int, stride: int, padding: int, side: int, bf16: bool, channels_last: bool, reps: int,
-                device: torch.device, generator: torch.Generator, channels: int = 256, batch: int = 48) -> int:
-    """How many of ``reps`` weight gradients of one convolution over ``side``-px maps were wrong."""
-    conv = torch.nn.Conv2d(channels, 2 * channels, kernel, stride, padding, bias=False).to(device)
+def wrong_calls(kernel: int, stride: int, padding: int, depthwise: bool, side: int, bf16: bool, channels_last: bool,
+                reps: int, device: torch.device, generator: torch.Generator, channels: int = 256,
+                batch: int = 48) -> tuple[int, int]:
+    """How many of ``reps`` (weight, input) gradients of one convolution over ``side``-px maps were wrong."""
+    out_channels = channels if depthwise else 2 * channels
+    conv = torch.nn.Conv2d(channels, out_channels, kernel, stride, padding, groups=channels if depthwise else 1,
+                           bias=False).to(device)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     conv = conv.to(memory_format=layout)
     out_side = (side + 2 * padding - kernel) // stride + 1
-    wrong = 0
+    wrong_weight = wrong_input = 0
     for _ in range(reps):
         x = torch.randn(batch, channels, side, side, generator=generator).to(device)
-        x = (x.to(torch.bfloat16) if bf16 else x).contiguous(memory_format=layout)
-        upstream = torch.randn(batch, 2 * channels, out_side, out_side, generator=generator).to(device)
+        x = (x.to(torch.bfloat16) if bf16 else x).contiguous(memory_format=layout).requires_grad_()
+        upstream = torch.randn(batch, out_channels, out_side, out_side, generator=generator).to(device)
         if bf16:   # the float32 reference sees the same rounded numbers
             upstream = upstream.to(torch.bfloat16).float()
         conv.weight.grad = None
@@ -48,10 +52,15 @@ def wrong_calls(kernel: int, stride: int, padding: int, side: int, bf16: bool, c
             out = conv(x)
         out.float().backward(upstream)
         weight = conv.weight.detach().clone().requires_grad_()
-        F.conv2d(x.float(), weight, None, stride, padding).backward(upstream)
-        error = (conv.weight.grad - weight.grad).abs().max()
-        wrong += not bool(error <= 0.05 * weight.grad.abs().max() + 1e-3)
-    return wrong
+        x_ref = x.detach().float().requires_grad_()
+        F.conv2d(x_ref, weight, None, stride, padding, groups=conv.groups).backward(upstream)
+        wrong_weight += not _close(conv.weight.grad, weight.grad)
+        wrong_input += not _close(x.grad.float(), x_ref.grad)
+    return wrong_weight, wrong_input
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return bool((got - want).abs().max() <= 0.05 * want.abs().max() + 1e-3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,16 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     rows = []
-    print(f"torch {torch.__version__}, {device}, {args.reps} calls per cell; wrong weight gradients:")
-    print("kernel stride pad | map | bf16 channels-last | bf16 default | float32 channels-last | float32 default")
-    for kernel, stride, padding in SHAPES:
+    print(f"torch {torch.__version__}, {device}, {args.reps} calls per cell; wrong gradients:")
+    columns = ("weight, bf16 channels-last", "weight, bf16 default", "input, bf16 default", "float32 control")
+    print("convolution | map | " + " | ".join(columns))
+    for name, kernel, stride, padding, depthwise in SHAPES:
         for side in (1, 2, 3):
-            cells = {f"{'bf16' if bf16 else 'float32'} {'channels-last' if cl else 'default'}":
-                     wrong_calls(kernel, stride, padding, side, bf16, cl, args.reps, device, generator)
-                     for bf16 in (True, False) for cl in (True, False)}
-            rows.append({"kernel": kernel, "stride": stride, "padding": padding, "side": side, **cells})
-            print(f"{kernel}x{kernel} s{stride} p{padding} | {side}x{side} | "
-                  + " | ".join(f"{v}/{args.reps}" for v in cells.values()), flush=True)
+            weight_cl = wrong_calls(kernel, stride, padding, depthwise, side, True, True, args.reps, device, generator)[0]
+            weight, inputs = wrong_calls(kernel, stride, padding, depthwise, side, True, False, args.reps, device,
+                                         generator)
+            control = wrong_calls(kernel, stride, padding, depthwise, side, False, False, args.reps, device, generator)
+            cells = dict(zip(columns, (weight_cl, weight, inputs, max(control))))
+            rows.append({"convolution": name, "side": side, **cells})
+            print(f"{name} | {side}x{side} | " + " | ".join(f"{v}/{args.reps}" for v in cells.values()), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "device": str(device), "reps": args.reps, "rows": rows}, f, indent=2)
