@@ -109,16 +109,16 @@ def mixed_precision(train_cfg, device: torch.device | str) -> tuple[bool, torch.
 def one_pixel_strided_convs(model: torch.nn.Module, size: int) -> list[str]:
     """The strided convolution modules (stride and kernel > 1) that a ``(1, 1, size, size)`` film
     reaches as a map one pixel high or wide, by name, found with one eager forward pass
-    (``model.features`` when it has one, never compiled; a DDP wrapper is looked through). A forward pass that
-    raises (a ViT built for another size) gives the ones reached before it.
+    (``model.features`` when it has one, never compiled; a DDP wrapper is looked through). A
+    forward pass that raises (a ViT built for another size) gives the ones reached before it.
 
     Measured here (``benchmarks/bench_bf16_conv_grad.py``; torch 2.14.1, 2-core AMD EPYC with
     AVX512-BF16, other CPUs untested): the bfloat16 weight gradient of a 3x3 or 5x5 stride-2
     convolution over a 1x1 map was garbage or NaN in 6-12 of 12 calls (a depthwise 3x3 one's in 1 of
     12), while 1x1 stride-2 and 3x3 stride-1 convolutions there, every one over 2x2 maps, the input
     gradients and float32 were right. Every strided convolution over a one-pixel map is treated as
-    suspect. A ResNet with the ImageNet stem gives
-    layer4 1x1 maps from 16-px films down (with ``model.small_input`` from 4 px).
+    suspect. A ResNet with the ImageNet stem gives layer4 1x1 maps from 16-px films down (with
+    ``model.small_input`` from 4 px).
     """
     import torch._dynamo   # its switch runs a compiled backbone eagerly
 
