@@ -72,8 +72,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
     try:
         from bonecluster.device import cpu_has_native_bf16
 
-        info = {key.strip(): value for key, value in (line.split(":", 1) for line in _cpuinfo_lines() if ":" in line)}
-        model = info.get("model name", "unknown").strip()
+        info = cpuinfo()
+        model = info.get("model name", "unknown")
         flags = set(info.get("flags", "").split())
         line = (f"machine: {model}; bfloat16 in hardware: {cpu_has_native_bf16()} (avx512_bf16: "
                 f"{'avx512_bf16' in flags}, amx_bf16: {'amx_bf16' in flags}); torch {torch.__version__}, "
@@ -83,9 +83,12 @@ def pytest_terminal_summary(terminalreporter) -> None:
     terminalreporter.write_line(line)
 
 
-def _cpuinfo_lines() -> list[str]:
-    """/proc/cpuinfo's lines up to the first blank line (the first CPU), or none off Linux."""
+def cpuinfo() -> dict[str, str]:
+    """/proc/cpuinfo's fields for the first CPU (``vendor_id``, ``model name``, ``flags``...), or
+    none off Linux."""
     try:
-        return Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0].splitlines()
+        first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
     except OSError:
-        return []
+        return {}
+    return {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in first.splitlines()
+                                                          if ":" in line)}

@@ -192,7 +192,7 @@ class DeepClusterEngine:
                     bn.track_running_stats = track
                     bn.train(training)
         feats = dist.gather_shards(local, len(data), self.dist)   # the same on every rank, so all raise
-        check_finite_features(feats, precision_hint(self.precision, self.device.type))
+        check_finite_features(feats, self.divergence_hint)
         return feats
 
     @torch.no_grad()
@@ -262,7 +262,7 @@ class DeepClusterEngine:
         the run's result, where ``cluster.study_links`` merges over-clusters (:meth:`linked_clusters`)."""
         c = self.cfg.cluster
         k = k or c.k
-        check_finite_features(feats, precision_hint(self.precision, self.device.type))   # the network's fault
+        check_finite_features(feats, self.divergence_hint)   # the network's fault
         with self.timer.phase("pca"):
             x, pca = self.whiten(feats)
         km = None
@@ -326,6 +326,11 @@ class DeepClusterEngine:
         """What the training passes compute in: ``float32``, ``bfloat16`` or ``float16``."""
         return str(self.amp_dtype).removeprefix("torch.") if self.use_amp else "float32"
 
+    @property
+    def divergence_hint(self) -> str:
+        """What a divergence message advises besides a lower rate (:func:`~bonecluster.divergence.precision_hint`)."""
+        return precision_hint(self.precision, self.device.type)
+
     @contextmanager
     def full_precision(self):
         """Inside, :meth:`autocast` does nothing: every pass runs in float32."""
@@ -352,7 +357,7 @@ class DeepClusterEngine:
 
     def _save_checkpoint(self, epochs_done: int, assignments: torch.Tensor, history: list[dict]) -> None:
         # every rank: under DDP another process's NaN loss reaches these weights through the all-reduce
-        check_finite_state(self.model, f"epoch {epochs_done}", precision_hint(self.precision, self.device.type),
+        check_finite_state(self.model, f"epoch {epochs_done}", self.divergence_hint,
                            kept="its checkpoint was not written; the last finished epoch's is kept")
         if self.dist.is_main:
             state = {

@@ -115,13 +115,9 @@ def cpu_vendor() -> str:
     """``vendor_id`` of /proc/cpuinfo (GenuineIntel, AuthenticAMD, ...), or ``platform.processor()``."""
     import platform
 
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from tests.conftest import cpuinfo
+
+    return cpuinfo().get("vendor_id") or platform.processor() or "unknown"
 
 
 def cpu_key() -> str:
