@@ -1,7 +1,8 @@
 """Stage-1 quality and speed: train DeepCluster over several seeds and score the clusters.
 
-By default the data are phantoms (``generate_phantoms(n=1400, size=128, seed=0)``, written once
-under ``--work``); give DATA paths (a folder, a MURA tree, a manifest CSV...) to use real images
+By default the data are phantoms (``generate_phantoms(n=1400, size=128, seed=0)``), drawn in a
+fresh temporary folder removed at the end (``--work`` keeps them, and the run folders, for the next
+run with the same ``--work``: phantoms drawn by older code are then reused); give DATA paths (a folder, a MURA tree, a manifest CSV...) to use real images
 instead. Labels are used only to score: Hungarian accuracy, NMI and ARI over the images that
 carry a body part (unlabelled images are trained on but not scored).
 
@@ -24,6 +25,7 @@ import logging
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,7 +89,9 @@ def main() -> None:
     p.add_argument("--phantom-n", type=int, default=1400)
     p.add_argument("--phantom-size", type=int, default=128)
     p.add_argument("--phantom-seed", type=int, default=0)
-    p.add_argument("--work", default="/tmp/bench_stage1", help="phantoms, caches and run folders")
+    p.add_argument("--work", help="keep the phantoms, caches and run folders here and reuse the phantoms on the "
+                   "next run with the same --work (default: a fresh temporary folder, removed at the end, so a "
+                   "phantom change is always drawn anew)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", help="write the rows and the summary here")
     p.add_argument("--progress", action="store_true")
@@ -96,7 +100,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = Path(args.work)
+    with tempfile.TemporaryDirectory(prefix="bench_stage1-") as scratch:
+        run(args, Path(args.work or scratch))
+
+
+def run(args, work: Path) -> None:
     cfg = load_config(args.preset, overrides=args.overrides)
     sources = args.data or [phantom_source(work, args.phantom_n, args.phantom_size, args.phantom_seed)]
     cache = work / "cache"

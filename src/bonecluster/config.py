@@ -419,6 +419,11 @@ class PhantomPretrainConfig:
     # docs/RESULTS.md): phantoms alone, two pre-training seeds, the mean over the three real-film
     # evaluations 0.499 -> 0.511, under the +0.03 bar.
     annotations: float = 0.0
+    # Draw the findings with the demo's per-part minimum sizes (data.phantoms.FINDING_SIZE_FACTOR:
+    # three times the example sizes on ELBOW, FINGER, HAND, SHOULDER and WRIST since rule PP,
+    # 2026-12-07) instead of the example sizes on every part. False keeps the pre-training films every
+    # real-film figure was measured with; what the larger findings do to transfer is not measured yet.
+    part_finding_sizes: bool = False
     # Weight of a domain-adversarial loss (Ganin & Lempitsky 2015, DANN): a small head behind a
     # gradient-reversal layer learns to tell the phantoms from the run's own unlabelled real films
     # (`pretrain-phantoms --adapt-to DATA`, or the run's training films with model.weights=phantoms),

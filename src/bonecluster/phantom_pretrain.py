@@ -108,13 +108,14 @@ class _Slice:
     children: float
     whole_arm: float
     annotations: float
+    part_finding_sizes: bool = False
 
 
 def _render_slice(job: _Slice) -> tuple[np.ndarray, np.ndarray]:
     """The slice's films, prepared like a decoded real film: percentile scaling (the cache's)
     then the configured fit to a square. A ``reshare_p`` share of them are first turned into
-    re-shared copies (:func:`reshare_film`); ``texture``, ``framing``, ``children``, ``whole_arm`` and
-    ``annotations`` are :func:`render_labelled`'s. Returns images uint8 ``(count, S, S)`` and labels int64
+    re-shared copies (:func:`reshare_film`); ``texture``, ``framing``, ``children``, ``whole_arm``,
+    ``annotations`` and ``part_finding_sizes`` are :func:`render_labelled`'s. Returns images uint8 ``(count, S, S)`` and labels int64
     ``(count, tasks)``."""
     size = job.data.size
     images = np.empty((job.count, size, size), dtype=np.uint8)
@@ -122,7 +123,8 @@ def _render_slice(job: _Slice) -> tuple[np.ndarray, np.ndarray]:
     for i in range(job.count):
         index = job.first + i
         film = render_labelled(index, size, job.seed, texture=job.texture, framing=job.framing,
-                               children=job.children, whole_arm=job.whole_arm, annotations=job.annotations)
+                               children=job.children, whole_arm=job.whole_arm, annotations=job.annotations,
+                               part_finding_sizes=job.part_finding_sizes)
         pixels = film.pixels
         if job.reshare_p > 0:   # its own stream: switching it on leaves the films themselves unchanged
             rng = np.random.default_rng([job.seed, _RESHARE_STREAM, index])
@@ -137,13 +139,13 @@ def _render_slice(job: _Slice) -> tuple[np.ndarray, np.ndarray]:
 def film_options(p: PhantomPretrainConfig) -> dict:
     """The ``phantoms`` settings that change how the films look, as :func:`render_corpus`'s keywords."""
     return {"reshare_p": p.reshare_p, "texture": p.texture, "framing": p.framing, "children": p.children,
-            "whole_arm": p.whole_arm, "annotations": p.annotations}
+            "whole_arm": p.whole_arm, "annotations": p.annotations, "part_finding_sizes": p.part_finding_sizes}
 
 
 def render_corpus(n: int, data: DataConfig, seed: int = 0, first: int = 0, workers: int | None = None,
                   progress: bool = True, reshare_p: float = 0.0, texture: float = 0.0,
                   framing: float = 0.0, children: float = 0.0, whole_arm: float = 0.0,
-                  annotations: float = 0.0) -> PhantomCorpus:
+                  annotations: float = 0.0, part_finding_sizes: bool = False) -> PhantomCorpus:
     """Films ``first .. first+n-1`` of the labelled phantom stream at ``data.size`` with ``data.fit``.
 
     Rendering takes about 3 ms a film at 96 px on one core; ``workers`` processes (default: one
@@ -158,8 +160,10 @@ def render_corpus(n: int, data: DataConfig, seed: int = 0, first: int = 0, worke
         raise ValueError(f"phantoms.reshare_p must be in [0, 1], got {reshare_p}")
     texture, framing, children = check_texture(texture), check_framing(framing), check_children(children)
     whole_arm, annotations = check_whole_arm(whole_arm), check_annotations(annotations)
+    if not isinstance(part_finding_sizes, bool):
+        raise ValueError(f"phantoms.part_finding_sizes must be true or false, got {part_finding_sizes!r}")
     jobs = [_Slice(first + s, min(chunk, n - s), seed, data, reshare_p, texture, framing, children, whole_arm,
-                   annotations)
+                   annotations, part_finding_sizes)
             for s in range(0, n, chunk)]
     bar = _bar(n, progress, "phantom films")
     parts = []
@@ -512,7 +516,7 @@ def weights_key(cfg: Config, real_films: np.ndarray | None = None) -> str:
     ``model.channels_last``, which change them only by float rounding; with ``phantoms.adapt`` set,
     of the real films adapted to as well."""
     phantoms = asdict(cfg.phantoms)
-    for later in ("framing", "children", "whole_arm", "annotations", "adapt"):   # only when set: the keys of files cached before them stay valid
+    for later in ("framing", "children", "whole_arm", "annotations", "part_finding_sizes", "adapt"):   # only when set: the keys of files cached before them stay valid
         if not phantoms[later]:
             del phantoms[later]
     settings = {"version": PRETRAIN_VERSION, "phantoms": phantoms, "model": _model_settings(cfg),

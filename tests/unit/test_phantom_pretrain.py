@@ -180,6 +180,8 @@ def test_cached_weights_are_reused_for_the_same_settings_only(tmp_path):
     assert weights_key(load_config("cpu", overrides=TINY + ["phantoms.whole_arm=0.3"])) != weights_key(cfg)
     assert weights_key(load_config("cpu", overrides=TINY + ["phantoms.annotations=0"])) == weights_key(cfg)
     assert weights_key(load_config("cpu", overrides=TINY + ["phantoms.annotations=0.3"])) != weights_key(cfg)
+    assert weights_key(load_config("cpu", overrides=TINY + ["phantoms.part_finding_sizes=false"])) == weights_key(cfg)
+    assert weights_key(load_config("cpu", overrides=TINY + ["phantoms.part_finding_sizes=true"])) != weights_key(cfg)
 
 
 def test_a_reshared_copy_is_turned_and_squeezed_and_depends_only_on_its_rng():

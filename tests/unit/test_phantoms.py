@@ -557,6 +557,59 @@ def test_a_dislocation_moves_the_joint_at_least_three_pixels():
     assert np.hypot(after[0] - before[0], after[1] - before[1]) >= _px(ph.MIN_DISLOCATION_PX) - 1e-9
 
 
+def test_a_parts_size_factor_multiplies_every_minimum_size():
+    """``least`` (the part's FINDING_SIZE_FACTOR in a film) scales each minimum, the angulation too."""
+    least = 2.5
+    an = _anatomy("WRIST")
+    bone = max(range(len(an.bones)), key=lambda i: an.bones[i].target)
+    u, site = an.bones[bone].shaft.direction, an.bones[bone].shaft.at(0.5)
+    tiny = ph.Fracture(bone=bone, t=0.5, tilt=0.0, gap=0.0, shift=0.0, slide=0.0, turn=0.0, swelling=0.0)
+    ph.apply_finding(an, [tiny], least=least)
+    near, far = an.bones[bone], an.bones[-1]
+    assert 2 * (near.cuts[-1][2] + (u[0] * site[0] + u[1] * site[1])) >= _px(least * ph.MIN_FRACTURE_GAP_PX) - 1e-9
+    v = far.shaft.direction
+    turn = abs(np.degrees(np.arctan2(u[0] * v[1] - u[1] * v[0], u[0] * v[0] + u[1] * v[1])))
+    assert turn >= least * ph.MIN_FRACTURE_TURN_DEG - 1e-6
+    an = _anatomy("HAND")
+    bone = max(range(len(an.bones)), key=lambda i: an.bones[i].target)
+    ph.apply_finding(an, [ph.Lesion(bone=bone, t=0.5, across=0.01, along=0.01, offset=0.0, depth=0.8, rim=0.0,
+                                    satellites=())], least=least)
+    hole = an.holes[0]
+    assert 2 * min(hole.shape.rx, hole.shape.ry) >= _px(least * ph.MIN_LESION_PX) - 1e-9
+    assert hole.rim_width >= _px(least * ph.MIN_RIM_PX) - 1e-9
+    moved = {}
+    for factor in (1.0, least):
+        an = _anatomy("ELBOW")
+        moving = next(b for b in an.bones if b.group in an.joints[0].groups)
+        before = moving.shaft.at(0.0)
+        ph.apply_finding(an, [ph.Dislocation(joint=0, shift=0.01, pull=0.0, turn=0.0, swelling=0.0)], least=factor)
+        after = next(b for b in an.bones if b.group in an.joints[0].groups).shaft.at(0.0)
+        moved[factor] = np.hypot(after[0] - before[0], after[1] - before[1])
+    assert moved[least] == pytest.approx(least * moved[1.0])
+    assert set(ph.FINDING_SIZE_FACTOR) == set(BODY_PARTS) and min(ph.FINDING_SIZE_FACTOR.values()) >= 1.0
+
+
+def test_demo_phantoms_draw_each_parts_sizes_and_pre_training_films_keep_the_example_sizes(monkeypatch):
+    """Rule PP made five parts' findings larger in the demo's films; the pre-training stream
+    (render_labelled) keeps the example sizes unless ``part_finding_sizes`` is set."""
+    assert ph.FINDING_SIZE_FACTOR["FOREARM"] == ph.FINDING_SIZE_FACTOR["HUMERUS"] == 1.0
+    large = [part for part, f in ph.FINDING_SIZE_FACTOR.items() if f > 1.0]
+    assert large
+    demo = [render_phantom(part, "dislocation", np.random.default_rng([i, 9]), 64) for part in large for i in range(3)]
+    default = [render_labelled(i, 40) for i in range(80)]
+    chosen = [render_labelled(i, 40, part_finding_sizes=True) for i in range(80)]
+    monkeypatch.setattr(ph, "FINDING_SIZE_FACTOR", dict.fromkeys(BODY_PARTS, 1.0))
+    examples = [render_phantom(part, "dislocation", np.random.default_rng([i, 9]), 64) for part in large for i in range(3)]
+    assert all(a.shape == b.shape for a, b in zip(demo, examples))
+    assert sum(not np.array_equal(a, b) for a, b in zip(demo, examples)) >= len(demo) - 1
+    before = [render_labelled(i, 40) for i in range(80)]
+    assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(default, before))
+    differs = [not np.array_equal(a.pixels, b.pixels) for a, b in zip(chosen, before)]
+    assert all((a.part, a.view, a.finding) == (b.part, b.view, b.finding) for a, b in zip(chosen, before))
+    assert any(differs)
+    assert all(b.finding is not None and b.part in large for b, d in zip(before, differs) if d)
+
+
 def test_finding_sites_fall_inside_the_box_every_film_of_the_part_shows():
     for part in BODY_PARTS:
         half_w, half_h = ph._shown_box(part)

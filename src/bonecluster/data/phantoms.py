@@ -929,16 +929,18 @@ def _sample_dislocation(anatomy: Anatomy, rng: np.random.Generator) -> Dislocati
                        swelling=0.0 if rng.random() < 0.5 else rng.uniform(2.5, 3.5))
 
 
-def apply_finding(anatomy: Anatomy, specs: Sequence[FindingSpec]) -> Anatomy:
+def apply_finding(anatomy: Anatomy, specs: Sequence[FindingSpec], least: float = 1.0) -> Anatomy:
+    """``specs`` drawn into ``anatomy``; ``least`` multiplies every minimum size (the part's
+    :data:`FINDING_SIZE_FACTOR`)."""
     for spec in specs:
         if isinstance(spec, Fracture):
-            _apply_fracture(anatomy, spec)
+            _apply_fracture(anatomy, spec, least=least)
         elif isinstance(spec, Plate):
-            _apply_plate(anatomy, spec)
+            _apply_plate(anatomy, spec, least)
         elif isinstance(spec, Lesion):
-            _apply_lesion(anatomy, spec)
+            _apply_lesion(anatomy, spec, least)
         else:
-            _apply_dislocation(anatomy, spec)
+            _apply_dislocation(anatomy, spec, least)
     return anatomy
 
 
@@ -946,10 +948,13 @@ def apply_finding(anatomy: Anatomy, specs: Sequence[FindingSpec]) -> Anatomy:
 # a supervised model, benchmarks/bench_findings.py) can see it there; normal films are untouched.
 # Sizes are in pixels of a film whose long side is FINDING_REFERENCE_PX: one pixel is 1/64 of
 # the film's long side, in body units (a film squashed to a square only stretches its short side).
-# They are the issue's examples. Twice these lifted the supervised CNN yardstick from 0.811 to
-# 0.868 and the label-free stage 2 from 0.717 to 0.772 on the demo, but made stage 1 split the
-# long bones into normal and abnormal (0.856 on demo seed 1 against 1.000), so they were withdrawn
-# (docs/BENCHMARKS.md, "The phantom findings' yardstick").
+# They are the issue's examples, times a factor per part (FINDING_SIZE_FACTOR). Twice these on
+# every part lifted the supervised CNN yardstick but made stage 1 split the long bones (FOREARM,
+# HUMERUS) into normal and abnormal (0.856 on demo seed 1 against 1.000), so the long bones keep
+# the examples; on the other five parts, where the examples left fractures and dislocations near
+# chance for a supervised model, three times them lifted the CNN yardstick from 0.806 / 0.830 to
+# 0.926 / 0.917 on demo seeds 0 / 1 with stage 1 at >= 0.99 (rule PP; docs/BENCHMARKS.md, "The
+# phantom findings' yardstick").
 FINDING_REFERENCE_PX = 64
 MIN_FRACTURE_GAP_PX = 2.0      # the dark line between the fragments
 MIN_FRACTURE_STEP_PX = 2.0     # sideways step of the far fragment
@@ -960,6 +965,9 @@ MIN_LESION_PX = 4.0            # the lytic hole's short diameter
 MIN_RIM_PX = 1.0               # its sclerotic rim, which every lesion now has
 MIN_RIM_DENSITY = 0.4          # the rim's added attenuation (a cortex adds 0.85-1.15)
 MIN_DISLOCATION_PX = 3.0       # how far the joint's distal side moves (sideways and apart)
+# Each part's minimum sizes are the ones above times its factor (the angulation too).
+FINDING_SIZE_FACTOR = {"ELBOW": 3.0, "FINGER": 3.0, "FOREARM": 1.0, "HAND": 3.0, "HUMERUS": 1.0,
+                       "SHOULDER": 3.0, "WRIST": 3.0}
 
 
 def _ref_px(n: float) -> float:
@@ -981,9 +989,9 @@ def _site_radius(bone: Bone) -> float:
     return max(bone.radius, 0.026)
 
 
-def _apply_fracture(an: Anatomy, f: Fracture, mild: bool = False) -> None:
-    """A gap plus a shifted, angulated far fragment; at least the MIN_FRACTURE_* sizes unless
-    ``mild`` (the reduced fracture under a plate, whose metal is the finding)."""
+def _apply_fracture(an: Anatomy, f: Fracture, mild: bool = False, least: float = 1.0) -> None:
+    """A gap plus a shifted, angulated far fragment; at least ``least`` times the MIN_FRACTURE_*
+    sizes unless ``mild`` (the reduced fracture under a plate, whose metal is the finding)."""
     bone = an.bones[f.bone]
     shaft, r = bone.shaft, _site_radius(bone)
     site, u = shaft.at(f.t), shaft.direction
@@ -993,9 +1001,9 @@ def _apply_fracture(an: Anatomy, f: Fracture, mild: bool = False) -> None:
     if mild:
         gap = max(gap, _MIN_GAP)
     else:
-        gap = max(gap, _ref_px(MIN_FRACTURE_GAP_PX))
-        step = _at_least(step, _ref_px(MIN_FRACTURE_STEP_PX))
-        turn = _at_least(turn, math.radians(MIN_FRACTURE_TURN_DEG))
+        gap = max(gap, _ref_px(least * MIN_FRACTURE_GAP_PX))
+        step = _at_least(step, _ref_px(least * MIN_FRACTURE_STEP_PX))
+        turn = _at_least(turn, math.radians(least * MIN_FRACTURE_TURN_DEG))
     half_gap = 0.5 * gap
     near = replace(bone, cuts=bone.cuts + ((-n[0], -n[1], -(c - half_gap)),))
     far = replace(bone, cuts=bone.cuts + ((n[0], n[1], c + half_gap),))
@@ -1010,7 +1018,7 @@ def _apply_fracture(an: Anatomy, f: Fracture, mild: bool = False) -> None:
         an.tissue.append(Blob(Ellipse(site, 1.4 * r, r, math.atan2(u[1], u[0])), bone.group))
 
 
-def _apply_plate(an: Anatomy, pl: Plate) -> None:
+def _apply_plate(an: Anatomy, pl: Plate, least: float = 1.0) -> None:
     if pl.fracture is not None:
         _apply_fracture(an, pl.fracture, mild=True)
     bone = an.bones[pl.bone]
@@ -1018,10 +1026,10 @@ def _apply_plate(an: Anatomy, pl: Plate) -> None:
     u = shaft.direction
     out = (-u[1] * pl.side, u[0] * pl.side)   # from the shaft towards the plate
     half = 0.5 * pl.length * shaft.length
-    thick = max(pl.thick * r, _ref_px(MIN_PLATE_THICK_PX))
+    thick = max(pl.thick * r, _ref_px(least * MIN_PLATE_THICK_PX))
     mid = _add(shaft.at(pl.t), out, shaft.radius_at(pl.t) + 0.5 * thick)
     an.metal.append((Capsule(_add(mid, u, -half), _add(mid, u, half), 0.5 * thick), pl.mu))
-    screw_r = max(pl.screw_r * r, 0.5 * _ref_px(MIN_SCREW_PX))
+    screw_r = max(pl.screw_r * r, 0.5 * _ref_px(least * MIN_SCREW_PX))
     for k in range(pl.screws):
         at = _add(mid, u, half * 0.85 * (2 * k / max(pl.screws - 1, 1) - 1))
         into = Rigid(angle=pl.screw_tilt).point((-out[0], -out[1]))
@@ -1031,13 +1039,13 @@ def _apply_plate(an: Anatomy, pl: Plate) -> None:
                                  math.atan2(into[1], into[0])), pl.mu))
 
 
-def _apply_lesion(an: Anatomy, ls: Lesion) -> None:
+def _apply_lesion(an: Anatomy, ls: Lesion, least: float = 1.0) -> None:
     bone = an.bones[ls.bone]
     shaft, r = bone.shaft, _site_radius(bone)
     u = shaft.direction
     angle = math.atan2(u[1], u[0])
     centre = _add(shaft.at(ls.t), (-u[1], u[0]), ls.offset * bone.radius)
-    across = max(ls.across * r, 0.5 * _ref_px(MIN_LESION_PX))   # half-axes
+    across = max(ls.across * r, 0.5 * _ref_px(least * MIN_LESION_PX))   # half-axes
     along = max(ls.along * r, across)
     if across > 0.85 * bone.radius:
         # Expansile: the bone bulges around the lesion behind a thin shell of cortex.
@@ -1045,20 +1053,20 @@ def _apply_lesion(an: Anatomy, ls: Lesion) -> None:
         bulge = Ellipse(centre, along + shell, across + shell, angle)
         an.bones[ls.bone] = replace(bone, prims=bone.prims + (bulge,))
     an.holes.append(Hole(Ellipse(centre, along, across, angle), ls.depth, max(ls.rim, MIN_RIM_DENSITY),
-                         _ref_px(MIN_RIM_PX)))
+                         _ref_px(least * MIN_RIM_PX)))
     for dt, scale in ls.satellites:
         c = _add(shaft.at(min(max(ls.t + dt, 0.0), 1.0)), (-u[1], u[0]), -0.5 * ls.offset * bone.radius)
         an.holes.append(Hole(Ellipse(c, scale * along, scale * min(across, 0.8 * bone.radius), angle),
                              ls.depth, 0.0))
 
 
-def _apply_dislocation(an: Anatomy, ds: Dislocation) -> None:
+def _apply_dislocation(an: Anatomy, ds: Dislocation, least: float = 1.0) -> None:
     jt = an.joints[ds.joint]
     side = (-jt.axis[1], jt.axis[0])
     shift = _add(_add((0.0, 0.0), side, ds.shift * jt.shift), jt.axis, ds.pull * jt.pull)
-    reach, least = math.hypot(*shift), _ref_px(MIN_DISLOCATION_PX)
-    if reach < least:
-        shift = (shift[0] * least / reach, shift[1] * least / reach)
+    reach, shortest = math.hypot(*shift), _ref_px(least * MIN_DISLOCATION_PX)
+    if reach < shortest:
+        shift = (shift[0] * shortest / reach, shift[1] * shortest / reach)
     an.move_groups(jt.groups, Rigid(angle=math.radians(ds.turn * jt.turn), pivot=jt.pivot,
                                     shift=shift))
     if ds.swelling:
@@ -1653,13 +1661,16 @@ def _render_view(patient: Patient, view: View, finding: Sequence[FindingSpec], s
                  texture: float = 0.0, texture_rng: np.random.Generator | None = None,
                  framing: float = 0.0, child_rng: np.random.Generator | None = None,
                  arm_rng: np.random.Generator | None = None,
-                 annotation_rng: np.random.Generator | None = None):
+                 annotation_rng: np.random.Generator | None = None, least: float | None = None):
     """One film of ``patient``. With ``child_rng`` the film is a child's: growth plates drawn
     from that stream (:func:`add_growth_plates`); ``patient`` should then be :func:`child_patient`'s.
     With ``arm_rng`` it is a whole-arm film (:func:`add_whole_arm`), zoomed out by a factor drawn
     from that stream; the film's own draws from ``rng`` stay as they were. With ``annotation_rng``
-    extra tags, text and a ruler are burned in from that stream (:func:`add_annotations`)."""
-    anatomy = apply_finding(build_anatomy(patient, view), finding)
+    extra tags, text and a ruler are burned in from that stream (:func:`add_annotations`).
+    ``least`` multiplies the findings' minimum sizes (default: the part's :data:`FINDING_SIZE_FACTOR`)."""
+    if least is None:
+        least = FINDING_SIZE_FACTOR[patient.part]
+    anatomy = apply_finding(build_anatomy(patient, view), finding, least)
     if arm_rng is not None:
         anatomy = add_whole_arm(anatomy, patient, view, arm_rng)
     if child_rng is not None:
@@ -1810,7 +1821,7 @@ class LabelledFilm:
 
 def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
                     framing: float = 0.0, children: float = 0.0, whole_arm: float = 0.0,
-                    annotations: float = 0.0) -> LabelledFilm:
+                    annotations: float = 0.0, part_finding_sizes: bool = False) -> LabelledFilm:
     """Film number ``index`` of an endless seeded stream of single films of new patients.
 
     The part is drawn uniformly, the study is abnormal with the part's share (about 0.4) and then
@@ -1830,6 +1841,9 @@ def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
     decided and drawn from a stream of its own in the same way; the label stays the part.
     ``annotations`` > 0 burns extra side-marker tags, text lines and rulers into that share of the
     films (:func:`add_annotations`), decided and drawn from a stream of its own in the same way.
+    ``part_finding_sizes`` draws the findings with the part's minimum sizes
+    (:data:`FINDING_SIZE_FACTOR`, as the demo's phantoms); by default they keep the issue's example
+    sizes on every part, the pre-training films that every real-film figure was measured with.
     """
     index, size, seed = _check_int(index, "index", 0), _check_size(size, 16), _check_seed(seed)
     texture, framing, children = check_texture(texture), check_framing(framing), check_children(children)
@@ -1858,7 +1872,8 @@ def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
         if not annotation_rng.random() < annotations:
             annotation_rng = None
     pixels = _render_view(patient, view, specs, side, size, rng, texture=texture, texture_rng=texture_rng,
-                          framing=framing, child_rng=child_rng, arm_rng=arm_rng, annotation_rng=annotation_rng)
+                          framing=framing, child_rng=child_rng, arm_rng=arm_rng, annotation_rng=annotation_rng,
+                          least=None if part_finding_sizes else 1.0)
     return LabelledFilm(pixels=pixels, part=part, view=view.label, finding=finding)
 
 
