@@ -90,8 +90,8 @@ def main() -> None:
     p.add_argument("--phantom-size", type=int, default=128)
     p.add_argument("--phantom-seed", type=int, default=0)
     p.add_argument("--work", help="keep the phantoms, caches and run folders here and reuse the phantoms on the "
-                   "next run with the same --work (default: a fresh temporary folder, removed at the end, so a "
-                   "phantom change is always drawn anew)")
+                   "next run with the same --work (default: a fresh temporary folder for phantoms, removed at the "
+                   "end, so a phantom change is always drawn anew; TMPDIR/bench_stage1 for DATA)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", help="write the rows and the summary here")
     p.add_argument("--progress", action="store_true")
@@ -101,7 +101,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_stage1-") as scratch:
-        run(args, Path(args.work or scratch))
+        # real films keep their decode cache between runs (it follows each file's mtime); phantoms
+        # are drawn anew, since a folder of them does not know which code drew it
+        real_cache = Path(tempfile.gettempdir()) / "bench_stage1"
+        run(args, Path(args.work) if args.work else real_cache if args.data else Path(scratch))
 
 
 def run(args, work: Path) -> None:

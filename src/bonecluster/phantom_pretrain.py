@@ -50,8 +50,8 @@ from bonecluster.augment import RadiographAugment, uint8_to_unit_float
 from bonecluster.config import Config, DataConfig, PhantomPretrainConfig
 from bonecluster.data.decode import fit_to_square, scale_percentiles
 from bonecluster.data.phantoms import (FINDINGS, VIEWS, _default_workers, _progress_bar, check_annotations,
-                                      check_children, check_framing, check_texture, check_whole_arm,
-                                      render_labelled, reshare_film)
+                                      check_children, check_framing, check_part_finding_sizes, check_texture,
+                                      check_whole_arm, render_labelled, reshare_film)
 from bonecluster.device import bf16_fallback_message, cpu_bf16_hazard, mixed_precision, pick_device, seed_everything
 from bonecluster.divergence import LossGuard, check_finite_state, precision_hint
 from bonecluster.io import atomic_write_text
@@ -160,8 +160,7 @@ def render_corpus(n: int, data: DataConfig, seed: int = 0, first: int = 0, worke
         raise ValueError(f"phantoms.reshare_p must be in [0, 1], got {reshare_p}")
     texture, framing, children = check_texture(texture), check_framing(framing), check_children(children)
     whole_arm, annotations = check_whole_arm(whole_arm), check_annotations(annotations)
-    if not isinstance(part_finding_sizes, bool):
-        raise ValueError(f"phantoms.part_finding_sizes must be true or false, got {part_finding_sizes!r}")
+    part_finding_sizes = check_part_finding_sizes(part_finding_sizes)
     jobs = [_Slice(first + s, min(chunk, n - s), seed, data, reshare_p, texture, framing, children, whole_arm,
                    annotations, part_finding_sizes)
             for s in range(0, n, chunk)]

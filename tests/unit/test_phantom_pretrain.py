@@ -222,6 +222,23 @@ def test_texture_framing_children_and_annotations_change_the_films_but_not_their
         render_corpus(4, cfg.data, workers=1, progress=False, **{lever: bad})
 
 
+def test_part_finding_sizes_change_exactly_the_abnormal_films_of_the_parts_whose_sizes_grew():
+    from bonecluster.data.phantoms import FINDING_SIZE_FACTOR
+
+    cfg = load_config("cpu", overrides=["data.size=32", "data.fit=letterbox", "phantoms.part_finding_sizes=true"])
+    assert cfg.phantoms.part_finding_sizes is True and film_options(cfg.phantoms)["part_finding_sizes"] is True
+    plain = render_corpus(40, cfg.data, workers=1, progress=False)
+    sized = render_corpus(40, cfg.data, workers=1, progress=False, part_finding_sizes=True)
+    assert all(np.array_equal(plain.labels[t], sized.labels[t]) for t in TASK_CLASSES)
+    changed = np.array([not np.array_equal(a, b) for a, b in zip(plain.images, sized.images)])
+    grown = [TASK_CLASSES["part"].index(p) for p, f in FINDING_SIZE_FACTOR.items() if f > 1.0]
+    could = np.isin(plain.labels["part"], grown) & (plain.labels["finding"] != TASK_CLASSES["finding"].index("normal"))
+    assert changed.sum() >= 3 and not (changed & ~could).any()
+    for bad in ("true", 1, None):
+        with pytest.raises(ValueError, match="phantoms.part_finding_sizes"):
+            render_corpus(4, cfg.data, workers=1, progress=False, part_finding_sizes=bad)
+
+
 def test_whole_arm_changes_exactly_the_humerus_and_forearm_films_it_asks_for():
     cfg = load_config("cpu", overrides=["data.size=32", "data.fit=letterbox", "phantoms.whole_arm=1"])
     assert cfg.phantoms.whole_arm == 1.0

@@ -567,9 +567,18 @@ def test_a_parts_size_factor_multiplies_every_minimum_size():
     ph.apply_finding(an, [tiny], least=least)
     near, far = an.bones[bone], an.bones[-1]
     assert 2 * (near.cuts[-1][2] + (u[0] * site[0] + u[1] * site[1])) >= _px(least * ph.MIN_FRACTURE_GAP_PX) - 1e-9
+    step = (far.shaft.at(0.5)[0] - site[0]) * -u[1] + (far.shaft.at(0.5)[1] - site[1]) * u[0]
+    assert abs(step) >= _px(least * ph.MIN_FRACTURE_STEP_PX) - 1e-9
     v = far.shaft.direction
     turn = abs(np.degrees(np.arctan2(u[0] * v[1] - u[1] * v[0], u[0] * v[0] + u[1] * v[1])))
     assert turn >= least * ph.MIN_FRACTURE_TURN_DEG - 1e-6
+    an = _anatomy("SHOULDER")
+    bone = max(range(len(an.bones)), key=lambda i: an.bones[i].target)
+    ph.apply_finding(an, [ph.Plate(bone=bone, t=0.5, length=0.4, side=1, thick=0.0, screws=3, mu=4.0, screw_r=0.0,
+                                   screw_tilt=0.0, fracture=None)], least=least)
+    assert 2 * an.metal[0][0].ra >= _px(least * ph.MIN_PLATE_THICK_PX) - 1e-9
+    screws = [prim for prim, _ in an.metal[1:] if isinstance(prim, ph.Capsule)]
+    assert screws and all(2 * sc.ra >= _px(least * ph.MIN_SCREW_PX) - 1e-9 for sc in screws)
     an = _anatomy("HAND")
     bone = max(range(len(an.bones)), key=lambda i: an.bones[i].target)
     ph.apply_finding(an, [ph.Lesion(bone=bone, t=0.5, across=0.01, along=0.01, offset=0.0, depth=0.8, rim=0.0,

@@ -71,7 +71,8 @@ from bonecluster import BODY_PARTS
 __all__ = [
     "FINDINGS", "VIEWS", "LabelledFilm", "PhantomSummary", "StudyPlan", "generate_phantoms",
     "WHOLE_ARM_PARTS", "add_annotations", "add_growth_plates", "add_whole_arm", "check_annotations",
-    "check_children", "check_framing", "check_texture", "check_whole_arm", "child_patient", "WHOLE_ARM_ZOOM",
+    "check_children", "check_framing", "check_part_finding_sizes", "check_texture", "check_whole_arm",
+    "child_patient", "WHOLE_ARM_ZOOM", "FINDING_SIZE_FACTOR",
     "make_contact_sheet", "make_twin_sheet", "plan_studies", "render_labelled",
     "render_phantom", "render_study", "render_twins", "reshare_film", "texture_field",
 ]
@@ -1759,6 +1760,13 @@ def check_whole_arm(share: float) -> float:
     return _check_level(share, "whole_arm", 1.0)
 
 
+def check_part_finding_sizes(value: bool) -> bool:
+    """``phantoms.part_finding_sizes``: true or false (not a truthy string or number)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"phantoms.part_finding_sizes must be true or false, got {value!r}")
+    return value
+
+
 def check_annotations(share: float) -> float:
     """``phantoms.annotations``: the share of films with extra tags, text and rulers, 0 (the default) to 1."""
     return _check_level(share, "annotations", 1.0)
@@ -1848,6 +1856,7 @@ def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
     index, size, seed = _check_int(index, "index", 0), _check_size(size, 16), _check_seed(seed)
     texture, framing, children = check_texture(texture), check_framing(framing), check_children(children)
     whole_arm, annotations = check_whole_arm(whole_arm), check_annotations(annotations)
+    part_finding_sizes = check_part_finding_sizes(part_finding_sizes)
     rng = np.random.default_rng([seed, _LABELLED_STREAM, index])
     part = BODY_PARTS[int(rng.integers(len(BODY_PARTS)))]
     finding = FINDINGS[_pick(rng, _FINDING_WEIGHTS[part])] if rng.random() < _ABNORMAL_SHARE[part] else None

@@ -7,7 +7,8 @@ multi-task domain randomisation (Tobin et al. 2017) with a self-supervised targe
 step adds, to SimCLR's NT-Xent on two views of the real batch, the cross-entropy of
 :class:`~bonecluster.phantom_pretrain.TaskHeads` on a batch of ``phantoms.batch_size`` labelled
 phantoms (``phantoms.tasks``, drawn at ``data.size`` / ``data.fit`` with ``phantoms.texture``,
-``reshare_p``, ``framing``, ``children``, ``whole_arm`` and ``annotations``; augmented with ``train.augment``), weighted by
+``reshare_p``, ``framing``, ``children``, ``whole_arm``, ``annotations`` and ``part_finding_sizes``; augmented
+with ``train.augment``), weighted by
 ``selfsup.phantom_weight``. No label of a real film is read. The task heads are dropped with
 the projection head; k-means runs once on the backbone's features, as for ``simclr``.
 
