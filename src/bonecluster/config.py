@@ -422,7 +422,9 @@ class PhantomPretrainConfig:
     # Draw the findings with the demo's per-part minimum sizes (data.phantoms.FINDING_SIZE_FACTOR:
     # three times the example sizes on ELBOW, FINGER, HAND, SHOULDER and WRIST since rule PP,
     # 2026-12-07) instead of the example sizes on every part. False keeps the pre-training films every
-    # real-film figure was measured with; what the larger findings do to transfer is not measured yet.
+    # real-film figure was measured with; true failed rule PT (2026-12-07, docs/RESULTS.md): phantoms
+    # alone, two pre-training seeds, the mean over the three real-film evaluations 0.579 -> 0.571,
+    # FracAtlas regions 0.488 -> 0.417.
     part_finding_sizes: bool = False
     # Weight of a domain-adversarial loss (Ganin & Lempitsky 2015, DANN): a small head behind a
     # gradient-reversal layer learns to tell the phantoms from the run's own unlabelled real films
