@@ -2,8 +2,8 @@
 
 By default the data are phantoms (``generate_phantoms(n=1400, size=128, seed=0)``), drawn in a
 fresh temporary folder removed at the end (``--work`` keeps them, and the run folders, for the next
-run with the same ``--work``: phantoms drawn by older code are then reused); give DATA paths (a folder, a MURA tree, a manifest CSV...) to use real images
-instead. Labels are used only to score: Hungarian accuracy, NMI and ARI over the images that
+run with the same ``--work``: phantoms drawn by older code are then reused); give DATA paths (a
+folder, a MURA tree, a manifest CSV...) to use real images instead. Labels are used only to score: Hungarian accuracy, NMI and ARI over the images that
 carry a body part (unlabelled images are trained on but not scored).
 
 Examples::
