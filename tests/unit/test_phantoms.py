@@ -501,122 +501,102 @@ def _px(n: float) -> float:
     return n / ph.FINDING_REFERENCE_PX
 
 
-def test_a_fracture_drawn_as_small_as_allowed_still_has_its_minimum_gap_step_and_angulation():
-    an = _anatomy("HUMERUS")
-    bone = max(range(len(an.bones)), key=lambda i: an.bones[i].target)
-    tiny = ph.Fracture(bone=bone, t=0.5, tilt=0.0, gap=0.0, shift=0.0, slide=0.0, turn=0.0, swelling=0.0)
-    before = an.bones[bone]
-    u, site = before.shaft.direction, before.shaft.at(0.5)
-    ph.apply_finding(an, [tiny])
+def _main_bone(an) -> int:
+    return max(range(len(an.bones)), key=lambda i: an.bones[i].target)
+
+
+def _tiny_fracture(bone: int) -> ph.Fracture:
+    return ph.Fracture(bone=bone, t=0.5, tilt=0.0, gap=0.0, shift=0.0, slide=0.0, turn=0.0, swelling=0.0)
+
+
+def _smallest_fracture(part: str, least: float = 1.0) -> tuple[float, float, float]:
+    """(gap, sideways step, angulation in degrees) of the smallest fracture drawable on the part's main bone."""
+    an = _anatomy(part)
+    bone = _main_bone(an)
+    u, site = an.bones[bone].shaft.direction, an.bones[bone].shaft.at(0.5)
+    ph.apply_finding(an, [_tiny_fracture(bone)], least=least)
     near, far = an.bones[bone], an.bones[-1]
     # tilt 0: the fracture line's normal is the shaft; the near fragment ends half a gap before the site
-    half_gap = near.cuts[-1][2] + (u[0] * site[0] + u[1] * site[1])
-    assert 2 * half_gap >= _px(ph.MIN_FRACTURE_GAP_PX) - 1e-9
+    gap = 2 * (near.cuts[-1][2] + (u[0] * site[0] + u[1] * site[1]))
     # the far fragment turns about the site, then steps sideways: the site's image is the step
     moved_site = far.shaft.at(0.5)
     step = (moved_site[0] - site[0]) * -u[1] + (moved_site[1] - site[1]) * u[0]
-    assert abs(step) >= _px(ph.MIN_FRACTURE_STEP_PX) - 1e-9
     v = far.shaft.direction
-    turn = abs(np.degrees(np.arctan2(u[0] * v[1] - u[1] * v[0], u[0] * v[0] + u[1] * v[1])))
+    return gap, step, abs(np.degrees(np.arctan2(u[0] * v[1] - u[1] * v[0], u[0] * v[0] + u[1] * v[1])))
+
+
+def _smallest_plate(part: str, least: float = 1.0, with_fracture: bool = False):
+    """The part's anatomy with the smallest plate drawable on its main bone, and that bone."""
+    an = _anatomy(part)
+    bone = _main_bone(an)
+    plate = ph.Plate(bone=bone, t=0.5, length=0.4, side=1, thick=0.0, screws=3, mu=4.0, screw_r=0.0,
+                     screw_tilt=0.0, fracture=_tiny_fracture(bone) if with_fracture else None)
+    ph.apply_finding(an, [plate], least=least)
+    return an, bone
+
+
+def _plate_and_screw_widths(an) -> tuple[float, list[float]]:
+    return 2 * an.metal[0][0].ra, [2 * prim.ra for prim, _ in an.metal[1:] if isinstance(prim, ph.Capsule)]
+
+
+def _smallest_lesion(part: str, least: float = 1.0) -> ph.Hole:
+    an = _anatomy(part)
+    ph.apply_finding(an, [ph.Lesion(bone=_main_bone(an), t=0.5, across=0.01, along=0.01, offset=0.0, depth=0.8,
+                                    rim=0.0, satellites=())], least=least)
+    return an.holes[0]
+
+
+def _smallest_dislocation(least: float = 1.0) -> float:
+    """How far the smallest dislocation of an elbow's first joint moves the bones beyond it."""
+    an = _anatomy("ELBOW")
+    joint = an.joints[0]
+    before = next(b for b in an.bones if b.group in joint.groups).shaft.at(0.0)
+    ph.apply_finding(an, [ph.Dislocation(joint=0, shift=0.01, pull=0.0, turn=0.0, swelling=0.0)], least=least)
+    after = next(b for b in an.bones if b.group in joint.groups).shaft.at(0.0)
+    return np.hypot(after[0] - before[0], after[1] - before[1])
+
+
+def test_a_fracture_drawn_as_small_as_allowed_still_has_its_minimum_gap_step_and_angulation():
+    gap, step, turn = _smallest_fracture("HUMERUS")
+    assert gap >= _px(ph.MIN_FRACTURE_GAP_PX) - 1e-9
+    assert abs(step) >= _px(ph.MIN_FRACTURE_STEP_PX) - 1e-9
     assert turn >= ph.MIN_FRACTURE_TURN_DEG - 1e-6
 
 
 def test_a_mild_fracture_under_a_plate_keeps_its_own_small_sizes():
-    an = _anatomy("FOREARM")
-    bone = max(range(len(an.bones)), key=lambda i: an.bones[i].target)
-    tiny = ph.Fracture(bone=bone, t=0.5, tilt=0.0, gap=0.0, shift=0.0, slide=0.0, turn=0.0, swelling=0.0)
-    plate = ph.Plate(bone=bone, t=0.5, length=0.4, side=1, thick=0.0, screws=3, mu=4.0, screw_r=0.0,
-                     screw_tilt=0.0, fracture=tiny)
-    ph.apply_finding(an, [plate])
+    an, bone = _smallest_plate("FOREARM", with_fracture=True)
     (_, _, c_near), (_, _, c_far) = an.bones[bone].cuts[-1], an.bones[-1].cuts[-1]
     assert abs(-c_near - c_far) < _px(ph.MIN_FRACTURE_GAP_PX)     # the metal is the finding, not the gap
-    plate_capsule = an.metal[0][0]
-    assert 2 * plate_capsule.ra >= _px(ph.MIN_PLATE_THICK_PX) - 1e-9
-    screws = [prim for prim, _ in an.metal[1:] if isinstance(prim, ph.Capsule)]
-    assert screws and all(2 * sc.ra >= _px(ph.MIN_SCREW_PX) - 1e-9 for sc in screws)
+    plate, screws = _plate_and_screw_widths(an)
+    assert plate >= _px(ph.MIN_PLATE_THICK_PX) - 1e-9
+    assert screws and all(sc >= _px(ph.MIN_SCREW_PX) - 1e-9 for sc in screws)
 
 
 def test_a_lesion_is_at_least_four_pixels_across_with_a_rim():
-    an = _anatomy("FINGER")
-    bone = max(range(len(an.bones)), key=lambda i: an.bones[i].target)
-    tiny = ph.Lesion(bone=bone, t=0.5, across=0.01, along=0.01, offset=0.0, depth=0.8, rim=0.0, satellites=())
-    ph.apply_finding(an, [tiny])
-    hole = an.holes[0]
+    hole = _smallest_lesion("FINGER")
     assert 2 * min(hole.shape.rx, hole.shape.ry) >= _px(ph.MIN_LESION_PX) - 1e-9
     assert hole.rim >= ph.MIN_RIM_DENSITY and hole.rim_width >= _px(ph.MIN_RIM_PX) - 1e-9
 
 
 def test_a_dislocation_moves_the_joint_at_least_three_pixels():
-    an = _anatomy("ELBOW")
-    joint = an.joints[0]
-    moving = next(b for b in an.bones if b.group in joint.groups)
-    before = moving.shaft.at(0.0)
-    tiny = ph.Dislocation(joint=0, shift=0.01, pull=0.0, turn=0.0, swelling=0.0)
-    ph.apply_finding(an, [tiny])
-    after = next(b for b in an.bones if b.group in joint.groups).shaft.at(0.0)
-    assert np.hypot(after[0] - before[0], after[1] - before[1]) >= _px(ph.MIN_DISLOCATION_PX) - 1e-9
+    assert _smallest_dislocation() >= _px(ph.MIN_DISLOCATION_PX) - 1e-9
 
 
 def test_a_parts_size_factor_multiplies_every_minimum_size():
     """``least`` (the part's FINDING_SIZE_FACTOR in a film) scales each minimum, the angulation too."""
     least = 2.5
-    an = _anatomy("WRIST")
-    bone = max(range(len(an.bones)), key=lambda i: an.bones[i].target)
-    u, site = an.bones[bone].shaft.direction, an.bones[bone].shaft.at(0.5)
-    tiny = ph.Fracture(bone=bone, t=0.5, tilt=0.0, gap=0.0, shift=0.0, slide=0.0, turn=0.0, swelling=0.0)
-    ph.apply_finding(an, [tiny], least=least)
-    near, far = an.bones[bone], an.bones[-1]
-    assert 2 * (near.cuts[-1][2] + (u[0] * site[0] + u[1] * site[1])) >= _px(least * ph.MIN_FRACTURE_GAP_PX) - 1e-9
-    step = (far.shaft.at(0.5)[0] - site[0]) * -u[1] + (far.shaft.at(0.5)[1] - site[1]) * u[0]
+    gap, step, turn = _smallest_fracture("WRIST", least)
+    assert gap >= _px(least * ph.MIN_FRACTURE_GAP_PX) - 1e-9
     assert abs(step) >= _px(least * ph.MIN_FRACTURE_STEP_PX) - 1e-9
-    v = far.shaft.direction
-    turn = abs(np.degrees(np.arctan2(u[0] * v[1] - u[1] * v[0], u[0] * v[0] + u[1] * v[1])))
     assert turn >= least * ph.MIN_FRACTURE_TURN_DEG - 1e-6
-    an = _anatomy("SHOULDER")
-    bone = max(range(len(an.bones)), key=lambda i: an.bones[i].target)
-    ph.apply_finding(an, [ph.Plate(bone=bone, t=0.5, length=0.4, side=1, thick=0.0, screws=3, mu=4.0, screw_r=0.0,
-                                   screw_tilt=0.0, fracture=None)], least=least)
-    assert 2 * an.metal[0][0].ra >= _px(least * ph.MIN_PLATE_THICK_PX) - 1e-9
-    screws = [prim for prim, _ in an.metal[1:] if isinstance(prim, ph.Capsule)]
-    assert screws and all(2 * sc.ra >= _px(least * ph.MIN_SCREW_PX) - 1e-9 for sc in screws)
-    an = _anatomy("HAND")
-    bone = max(range(len(an.bones)), key=lambda i: an.bones[i].target)
-    ph.apply_finding(an, [ph.Lesion(bone=bone, t=0.5, across=0.01, along=0.01, offset=0.0, depth=0.8, rim=0.0,
-                                    satellites=())], least=least)
-    hole = an.holes[0]
+    plate, screws = _plate_and_screw_widths(_smallest_plate("SHOULDER", least)[0])
+    assert plate >= _px(least * ph.MIN_PLATE_THICK_PX) - 1e-9
+    assert screws and all(sc >= _px(least * ph.MIN_SCREW_PX) - 1e-9 for sc in screws)
+    hole = _smallest_lesion("HAND", least)
     assert 2 * min(hole.shape.rx, hole.shape.ry) >= _px(least * ph.MIN_LESION_PX) - 1e-9
     assert hole.rim_width >= _px(least * ph.MIN_RIM_PX) - 1e-9
-    moved = {}
-    for factor in (1.0, least):
-        an = _anatomy("ELBOW")
-        moving = next(b for b in an.bones if b.group in an.joints[0].groups)
-        before = moving.shaft.at(0.0)
-        ph.apply_finding(an, [ph.Dislocation(joint=0, shift=0.01, pull=0.0, turn=0.0, swelling=0.0)], least=factor)
-        after = next(b for b in an.bones if b.group in an.joints[0].groups).shaft.at(0.0)
-        moved[factor] = np.hypot(after[0] - before[0], after[1] - before[1])
-    assert moved[least] == pytest.approx(least * moved[1.0])
+    assert _smallest_dislocation(least) == pytest.approx(least * _smallest_dislocation(1.0))
     assert set(ph.FINDING_SIZE_FACTOR) == set(BODY_PARTS) and min(ph.FINDING_SIZE_FACTOR.values()) >= 1.0
-
-
-def test_demo_phantoms_draw_each_parts_sizes_and_pre_training_films_keep_the_example_sizes(monkeypatch):
-    """Rule PP made five parts' findings larger in the demo's films; the pre-training stream
-    (render_labelled) keeps the example sizes unless ``part_finding_sizes`` is set."""
-    assert ph.FINDING_SIZE_FACTOR["FOREARM"] == ph.FINDING_SIZE_FACTOR["HUMERUS"] == 1.0
-    large = [part for part, f in ph.FINDING_SIZE_FACTOR.items() if f > 1.0]
-    assert large
-    demo = [render_phantom(part, "dislocation", np.random.default_rng([i, 9]), 64) for part in large for i in range(3)]
-    default = [render_labelled(i, 40) for i in range(80)]
-    chosen = [render_labelled(i, 40, part_finding_sizes=True) for i in range(80)]
-    monkeypatch.setattr(ph, "FINDING_SIZE_FACTOR", dict.fromkeys(BODY_PARTS, 1.0))
-    examples = [render_phantom(part, "dislocation", np.random.default_rng([i, 9]), 64) for part in large for i in range(3)]
-    assert all(a.shape == b.shape for a, b in zip(demo, examples))
-    assert sum(not np.array_equal(a, b) for a, b in zip(demo, examples)) >= len(demo) - 1
-    before = [render_labelled(i, 40) for i in range(80)]
-    assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(default, before))
-    differs = [not np.array_equal(a.pixels, b.pixels) for a, b in zip(chosen, before)]
-    assert all((a.part, a.view, a.finding) == (b.part, b.view, b.finding) for a, b in zip(chosen, before))
-    assert any(differs)
-    assert all(b.finding is not None and b.part in large for b, d in zip(before, differs) if d)
 
 
 def test_finding_sites_fall_inside_the_box_every_film_of_the_part_shows():
