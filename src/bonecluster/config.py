@@ -419,12 +419,14 @@ class PhantomPretrainConfig:
     # docs/RESULTS.md): phantoms alone, two pre-training seeds, the mean over the three real-film
     # evaluations 0.499 -> 0.511, under the +0.03 bar.
     annotations: float = 0.0
-    # Draw the findings with the demo's per-part minimum sizes (data.phantoms.FINDING_SIZE_FACTOR:
-    # three times the example sizes on ELBOW, FINGER, HAND, SHOULDER and WRIST since rule PP,
-    # 2026-12-07) instead of the example sizes on every part. False keeps the pre-training films every
-    # real-film figure was measured with; true failed rule PT (2026-12-07, docs/RESULTS.md): phantoms
-    # alone, two pre-training seeds, the mean over the three real-film evaluations 0.579 -> 0.571,
-    # FracAtlas regions 0.488 -> 0.417.
+    # Draw the findings as the demo's phantoms do: with the per-part minimum sizes
+    # (data.phantoms.FINDING_SIZE_FACTOR: three times the example sizes on ELBOW, FINGER, HAND,
+    # SHOULDER and WRIST since rule PP, 2026-12-07) and sites (METACARPAL_FINDINGS: HAND's fractures
+    # and dislocations at the metacarpals, swollen, since rule HD) instead of the example sizes and
+    # every site on every part. False keeps the pre-training films every real-film figure was measured
+    # with; true failed rule PT (2026-12-07, before rule HD; docs/RESULTS.md): phantoms alone, two
+    # pre-training seeds, the mean over the three real-film evaluations 0.579 -> 0.571, FracAtlas
+    # regions 0.488 -> 0.417.
     part_finding_sizes: bool = False
     # Weight of a domain-adversarial loss (Ganin & Lempitsky 2015, DANN): a small head behind a
     # gradient-reversal layer learns to tell the phantoms from the run's own unlabelled real films

@@ -117,16 +117,18 @@ def _minutes(seconds: float) -> str:
 
 def make_demo_phantoms(folder: Path, n: int, seed: int, split: str, progress: bool) -> Path:
     """Generate phantoms once; a rerun with the same n, seed, split and findings' minimum sizes
-    (:data:`~bonecluster.data.phantoms.FINDING_SIZE_FACTOR`) reuses them.
+    and sites (:data:`~bonecluster.data.phantoms.FINDING_SIZE_FACTOR`,
+    :data:`~bonecluster.data.phantoms.METACARPAL_FINDINGS`) reuses them.
 
     The ``valid`` split has other patients and other random streams than ``train``, so the demo
     evaluates on images that training never saw.
     """
-    from bonecluster.data.phantoms import FINDING_SIZE_FACTOR, generate_phantoms
+    from bonecluster.data.phantoms import FINDING_SIZE_FACTOR, METACARPAL_FINDINGS, generate_phantoms
 
     stamp = folder.with_suffix(".json")
-    # the sizes too: a demo folder from before rule PP (2026-12-07) holds other findings
-    wanted = {"n": n, "size": PHANTOM_SIZE, "seed": seed, "split": split, "finding_sizes": dict(FINDING_SIZE_FACTOR)}
+    # the sizes and sites too: a demo folder from before rules PP and HD (2026-12-07) holds other findings
+    wanted = {"n": n, "size": PHANTOM_SIZE, "seed": seed, "split": split, "finding_sizes": dict(FINDING_SIZE_FACTOR),
+              "metacarpal_findings": sorted(METACARPAL_FINDINGS)}
     if not (stamp.exists() and json.loads(stamp.read_text()) == wanted):
         s = generate_phantoms(folder, n=n, size=PHANTOM_SIZE, seed=seed, split=split, progress=progress)
         print(f"phantoms ({split}): {s.n_images} images, {s.n_studies} studies "

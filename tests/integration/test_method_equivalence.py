@@ -30,6 +30,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -107,20 +108,18 @@ def run_fingerprint(phantoms: Path, root: Path, overrides: list[str]) -> dict:
     }
 
 
-# The golden runs train on phantoms drawn with the findings' minimum sizes of their records: the
-# issue's examples on every part (before rule PP made five parts' three times larger). This test
-# pins the methods' code, not the phantom spec, so it draws those phantoms (in this process:
-# workers=1) and both CPUs' records stay valid.
+# The golden runs train on phantoms drawn with the findings of their records: the issue's example
+# sizes and every site on every part (before rule PP made five parts' three times larger and rule
+# HD put HAND's fractures and dislocations at the metacarpals). This test pins the methods' code,
+# not the phantom spec, so it draws those phantoms (in this process: workers=1) and both CPUs'
+# records stay valid.
 RECORDED_FINDING_SIZES = dict.fromkeys(phantom_spec.FINDING_SIZE_FACTOR, 1.0)
 
 
 def make_phantoms(root: Path) -> Path:
-    current = phantom_spec.FINDING_SIZE_FACTOR.copy()
-    phantom_spec.FINDING_SIZE_FACTOR.update(RECORDED_FINDING_SIZES)
-    try:
+    with mock.patch.dict(phantom_spec.FINDING_SIZE_FACTOR, RECORDED_FINDING_SIZES), \
+            mock.patch.object(phantom_spec, "METACARPAL_FINDINGS", frozenset()):
         generate_phantoms(root / "ph", n=56, size=64, seed=3, progress=False, workers=1)
-    finally:
-        phantom_spec.FINDING_SIZE_FACTOR.update(current)
     return root / "ph"
 
 

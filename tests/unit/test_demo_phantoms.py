@@ -12,7 +12,7 @@ def _mtimes(folder):
     return {p: p.stat().st_mtime_ns for p in sorted(folder.rglob("*.png"))}
 
 
-def test_demo_phantoms_are_reused_until_the_findings_sizes_change(tmp_path, monkeypatch):
+def test_demo_phantoms_are_reused_until_the_findings_sizes_or_sites_change(tmp_path, monkeypatch):
     folder = tmp_path / "phantoms"
     make_demo_phantoms(folder, 14, 0, "train", progress=False)
     first = _mtimes(folder)
@@ -25,3 +25,8 @@ def test_demo_phantoms_are_reused_until_the_findings_sizes_change(tmp_path, monk
     again = _mtimes(folder)
     assert again.keys() == first.keys() and all(again[p] > first[p] for p in first)
     assert json.loads(folder.with_suffix(".json").read_text())["finding_sizes"] == ph.FINDING_SIZE_FACTOR
+    monkeypatch.setattr(ph, "METACARPAL_FINDINGS", frozenset())   # the sites, as before rule HD
+    make_demo_phantoms(folder, 14, 0, "train", progress=False)
+    third = _mtimes(folder)
+    assert all(third[p] > again[p] for p in again)
+    assert json.loads(folder.with_suffix(".json").read_text())["metacarpal_findings"] == []

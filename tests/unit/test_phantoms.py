@@ -611,6 +611,45 @@ def test_finding_sites_fall_inside_the_box_every_film_of_the_part_shows():
                     assert abs(x) <= half_w and abs(y) <= half_h, (part, kind, seed)
 
 
+def _hand_specs(kind: str, part_rules: bool, n: int = 60) -> list[tuple]:
+    """(spec, anatomy) of ``n`` HAND studies with ``kind``, drawn as the demo's phantoms draw them."""
+    out = []
+    for seed in range(n):
+        rng = np.random.default_rng([seed, 5])
+        an = ph.build_anatomy(ph.sample_patient("HAND", rng), ph.View(0.0, 0.5))
+        out += [(spec, an) for spec in ph.sample_finding(kind, "HAND", an, rng, part_rules=part_rules)]
+    return out
+
+
+def test_hand_fractures_break_a_metacarpal_and_dislocations_sit_at_its_head_and_both_swell():
+    """Rule HD: a broken phalanx swung its digit like a flexed finger on the 64-px film."""
+    assert "HAND" in ph.METACARPAL_FINDINGS
+    fractures = _hand_specs("fracture", part_rules=True)
+    assert {an.bones[f.bone].name for f, an in fractures} <= {f"r{k}mc" for k in range(1, 6)}
+    dislocations = _hand_specs("dislocation", part_rules=True)
+    moved = {an.joints[d.joint].groups[0] for d, an in dislocations}
+    assert moved <= {f"r{k}p1" for k in range(1, 6)} and len(moved) >= 3   # the digit from p1 on moves
+    assert all(spec.swelling > 0 for spec, _ in fractures + dislocations)
+    # plates and lesions keep every site of the hand
+    assert any(not an.bones[pl.bone].name.endswith("mc") for pl, an in _hand_specs("plate", part_rules=True))
+
+
+def test_without_part_rules_hand_findings_keep_every_site_and_other_parts_are_unchanged():
+    """The pre-training films (render_labelled's default) draw HAND's findings as before rule HD."""
+    fractures = _hand_specs("fracture", part_rules=False)
+    assert any(an.bones[f.bone].name.endswith(("p1", "p2", "p3")) for f, an in fractures)
+    assert any(f.swelling == 0 for f, _ in fractures)
+    assert any(an.joints[d.joint].groups[0].endswith(("p2", "p3")) for d, an in _hand_specs("dislocation", False))
+    for part in set(BODY_PARTS) - ph.METACARPAL_FINDINGS:
+        for kind in FINDINGS:
+            drawn = []
+            for part_rules in (True, False):
+                rng = np.random.default_rng([7, 5])
+                an = ph.build_anatomy(ph.sample_patient(part, rng), ph.View(0.0, 0.5))
+                drawn.append(ph.sample_finding(kind, part, an, rng, part_rules=part_rules))
+            assert drawn[0] == drawn[1], (part, kind)
+
+
 def test_normal_films_are_the_same_bytes_as_before_the_findings_changed():
     """Issue 24 changed how findings are drawn, not normal anatomy: this digest was taken at a5eeea1."""
     h = hashlib.sha256()
