@@ -36,7 +36,10 @@ def hog(x: torch.Tensor, cell: int = 8, bins: int = 9) -> torch.Tensor:
     """
     gx, gy = central_gradients(x)
     mag = torch.sqrt(gx ** 2 + gy ** 2)
-    pos = torch.remainder(torch.atan2(gy, gx), math.pi) / math.pi * bins - 0.5   # bin centres at 0..bins-1
+    # where there is no gradient the angle is 0, as torch's atan2(0, 0) gives; said outright because
+    # the TorchScript ONNX exporter writes atan2 with a division, which reads NaN there
+    angle = torch.where(mag > 0, torch.atan2(gy, gx), torch.zeros_like(mag))
+    pos = torch.remainder(angle, math.pi) / math.pi * bins - 0.5   # bin centres at 0..bins-1
     low = torch.floor(pos)
     frac = pos - low
     centres = torch.arange(bins, dtype=x.dtype, device=x.device).view(1, bins, 1, 1)

@@ -109,6 +109,33 @@ def test_the_neighbourhood_pool_exports_with_its_edges(tmp_path, exporter):
     assert np.abs(out - patch_vectors(mid, 3).numpy()).max() < 1e-5
 
 
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_hog_exports_without_nan_where_a_film_is_flat(tmp_path, exporter):
+    """The refiner's HOG in a graph: flat regions (no gradient) gave NaN through the legacy exporter's
+    atan2 before the angle was set to 0 there, so a refined part scored NaN (found 2026-12-07)."""
+    from bonecluster.descriptors import hog
+
+    class Hog(torch.nn.Module):
+        output_names = ("hog",)
+
+        def forward(self, image):
+            return hog(image)
+
+    x = torch.zeros(2, 1, 32, 32)
+    x[:, :, :, 16:] = 0.8            # one vertical edge, flat elsewhere
+    x[1, :, 8:12, 4:8] = 0.3         # and a small square on the second film
+    path = tmp_path / "hog.onnx"
+    try:
+        _export(Hog(), x, path, 17, exporter)
+    except Exception as error:   # dynamo needs onnxscript; legacy must always work
+        if exporter == "legacy":
+            raise
+        pytest.skip(f"the dynamo exporter is not usable here: {error}")
+    (out,) = _run(path, x.numpy())
+    assert not np.isnan(out).any()
+    assert np.abs(out - hog(x).numpy()).max() < 1e-5
+
+
 def test_a_patch_score_without_patch_bank_is_refused(trained, images):
     anomaly = _anomaly(trained, images, "patch")
     anomaly.patch_bank = None
