@@ -612,7 +612,8 @@ def test_finding_sites_fall_inside_the_box_every_film_of_the_part_shows():
 
 
 def _hand_specs(kind: str, part_rules: bool, n: int = 60) -> list[tuple]:
-    """(spec, anatomy) of ``n`` HAND studies with ``kind``, drawn as the demo's phantoms draw them."""
+    """(spec, anatomy) of ``n`` HAND studies with ``kind``: as the demo's phantoms draw them with
+    ``part_rules``, as the pre-training films do by default without."""
     out = []
     for seed in range(n):
         rng = np.random.default_rng([seed, 5])
@@ -635,7 +636,7 @@ def test_hand_fractures_break_a_metacarpal_and_dislocations_sit_at_its_head_and_
 
 
 def test_without_part_rules_hand_findings_keep_every_site_and_other_parts_are_unchanged():
-    """The pre-training films (render_labelled's default) draw HAND's findings as before rule HD."""
+    """``part_rules=False`` (the pre-training films' default) draws HAND's findings as before rule HD."""
     fractures = _hand_specs("fracture", part_rules=False)
     assert any(an.bones[f.bone].name.endswith(("p1", "p2", "p3")) for f, an in fractures)
     assert any(f.swelling == 0 for f, _ in fractures)
@@ -648,6 +649,21 @@ def test_without_part_rules_hand_findings_keep_every_site_and_other_parts_are_un
                 an = ph.build_anatomy(ph.sample_patient(part, rng), ph.View(0.0, 0.5))
                 drawn.append(ph.sample_finding(kind, part, an, rng, part_rules=part_rules))
             assert drawn[0] == drawn[1], (part, kind)
+
+
+def test_the_pre_training_stream_keeps_every_hand_site_unless_part_finding_sizes():
+    """render_labelled draws HAND's findings by rule HD only with part_finding_sizes=True."""
+    from unittest import mock
+
+    hands = [i for i in range(150) if (f := ph.render_labelled(i, 32)).part == "HAND"
+             and f.finding in ("fracture", "dislocation")]
+    assert len(hands) >= 3
+    default = [ph.render_labelled(i, 32).pixels for i in hands]
+    sized = [ph.render_labelled(i, 32, part_finding_sizes=True).pixels for i in hands]
+    with mock.patch.object(ph, "METACARPAL_FINDINGS", frozenset()):   # as before rule HD
+        assert all(np.array_equal(a, ph.render_labelled(i, 32).pixels) for i, a in zip(hands, default))
+        assert any(not np.array_equal(a, ph.render_labelled(i, 32, part_finding_sizes=True).pixels)
+                   for i, a in zip(hands, sized))
 
 
 def test_normal_films_are_the_same_bytes_as_before_the_findings_changed():

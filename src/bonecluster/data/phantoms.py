@@ -949,7 +949,8 @@ def _is_metacarpal_head(joint_name: str) -> bool:
 
 
 def _swollen(spec: Fracture | Dislocation, rng: np.random.Generator, low: float, high: float):
-    """``spec`` with soft-tissue swelling (its own, or a new one of ``low``-``high`` bone radii)."""
+    """``spec`` with soft-tissue swelling: its own, or a new factor drawn from [``low``, ``high``),
+    the range its sampler draws from when it swells."""
     return spec if spec.swelling else replace(spec, swelling=rng.uniform(low, high))
 
 
@@ -998,7 +999,8 @@ FINDING_SIZE_FACTOR = {"ELBOW": 3.0, "FINGER": 3.0, "FOREARM": 1.0, "HAND": 3.0,
 # parts a fracture breaks a metacarpal, a dislocation is at a metacarpal head (MCP), and both
 # always swell, as most acute hand injuries do: HOG on HAND 0.80 / 0.71 -> 0.88 / 0.81 on phantom
 # seeds 0 / 1, the supervised CNN 0.68 / 0.75 -> 0.74 / 0.88 on two demo runs, stage 1 still >= 0.99
-# (rule HD; docs/BENCHMARKS.md). Plates and lesions keep every site.
+# (rule HD; docs/BENCHMARKS.md). Plates and lesions keep every site. The sites are found by the
+# hand film's names (_is_metacarpal, _is_metacarpal_head): another part here needs its own.
 METACARPAL_FINDINGS = frozenset({"HAND"})
 
 
