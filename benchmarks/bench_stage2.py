@@ -82,8 +82,8 @@ def main() -> None:
     for item in args.set:
         cfg = apply_override(cfg, item)
     train = prepare_sources([work / "phantoms"], films, cache=work / "cache", progress=False)
-    valid = prepare_sources([held_out_folder(work, args.valid_n, args.seed)], films, cache=work / "cache",
-                            progress=False)
+    held_out = held_out_folder(work, args.valid_n, args.seed)
+    valid = prepare_sources([held_out], films, cache=work / "cache", progress=False)
     valid_groups = group_by_part(valid)
 
     rows, ceiling, t0 = {}, {}, time.perf_counter()
@@ -128,12 +128,12 @@ def main() -> None:
             print(f"  {part:<10} hog_sup {c['hog_sup']:.3f}  cnn_sup {c['cnn_sup']:.3f}")
         print(f"  {'macro':<10} hog_sup {np.mean([c['hog_sup'] for c in ceiling.values()]):.3f}  "
               f"cnn_sup {np.mean([c['cnn_sup'] for c in ceiling.values()]):.3f}")
-    by_size = {size: hog_reference_at_size(work, cfg, size, args.valid_n, args.seed) for size in args.hog_sizes}
+    by_size = {size: hog_reference_at_size(work, cfg, size, held_out) for size in args.hog_sizes}
     for size, per_part in by_size.items():
         print(f"supervised HOG reference at {size} px: macro {np.mean(list(per_part.values())):.3f}  "
               + "  ".join(f"{part} {a:.3f}" for part, a in per_part.items()))
     if args.json:
-        args.json.write_text(json.dumps({"work": str(work), "held_out": str(held_out_folder(work, args.valid_n, args.seed)),
+        args.json.write_text(json.dumps({"work": str(work), "held_out": str(held_out),
                                          "stage2": vars(cfg.stage2), "per_part": rows,
                                          "macro": macro, "seconds": round(seconds, 1),
                                          "supervised_ceiling": ceiling or None,
@@ -152,14 +152,14 @@ def held_out_folder(work: Path, valid_n: int | None, default_seed: int) -> Path:
     return make_demo_phantoms(work / f"phantoms-valid-{valid_n}", valid_n, seed, "valid", progress=False)
 
 
-def hog_reference_at_size(work: Path, cfg, size: int, valid_n: int | None, seed: int) -> dict[str, float]:
+def hog_reference_at_size(work: Path, cfg, size: int, held_out: Path) -> dict[str, float]:
     """Held-out AUROC per part of the supervised HOG reference on phantoms decoded at ``size`` px
-    (the held-out films of :func:`held_out_folder`)."""
+    (``held_out``: the folder of :func:`held_out_folder`)."""
     from dataclasses import replace
 
     data_cfg = replace(cfg.data, size=size)
     train = prepare_sources([work / "phantoms"], data_cfg, cache=work / "cache", progress=False)
-    valid = prepare_sources([held_out_folder(work, valid_n, seed)], data_cfg, cache=work / "cache", progress=False)
+    valid = prepare_sources([held_out], data_cfg, cache=work / "cache", progress=False)
     return hog_reference_by_part(train, valid)
 
 

@@ -123,12 +123,11 @@ def make_demo_phantoms(folder: Path, n: int, seed: int, split: str, progress: bo
     The ``valid`` split has other patients and other random streams than ``train``, so the demo
     evaluates on images that training never saw.
     """
-    from bonecluster.data.phantoms import FINDING_SIZE_FACTOR, METACARPAL_FINDINGS, generate_phantoms
+    from bonecluster.data.phantoms import demo_finding_rules, generate_phantoms
 
     stamp = folder.with_suffix(".json")
     # the sizes and sites too: a demo folder from before rules PP and HD (2026-12-07) holds other findings
-    wanted = {"n": n, "size": PHANTOM_SIZE, "seed": seed, "split": split, "finding_sizes": dict(FINDING_SIZE_FACTOR),
-              "metacarpal_findings": sorted(METACARPAL_FINDINGS)}
+    wanted = {"n": n, "size": PHANTOM_SIZE, "seed": seed, "split": split, **demo_finding_rules()}
     if not (stamp.exists() and json.loads(stamp.read_text()) == wanted):
         s = generate_phantoms(folder, n=n, size=PHANTOM_SIZE, seed=seed, split=split, progress=progress)
         print(f"phantoms ({split}): {s.n_images} images, {s.n_studies} studies "

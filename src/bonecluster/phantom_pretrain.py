@@ -49,10 +49,9 @@ from bonecluster import BODY_PARTS
 from bonecluster.augment import RadiographAugment, uint8_to_unit_float
 from bonecluster.config import Config, DataConfig, PhantomPretrainConfig
 from bonecluster.data.decode import fit_to_square, scale_percentiles
-from bonecluster.data.phantoms import (FINDING_SIZE_FACTOR, FINDINGS, METACARPAL_FINDINGS, VIEWS, _default_workers,
-                                      _progress_bar, check_annotations,
+from bonecluster.data.phantoms import (FINDINGS, VIEWS, _default_workers, _progress_bar, check_annotations,
                                       check_children, check_framing, check_part_finding_sizes, check_texture,
-                                      check_whole_arm, render_labelled, reshare_film)
+                                      check_whole_arm, demo_finding_rules, render_labelled, reshare_film)
 from bonecluster.device import bf16_fallback_message, cpu_bf16_hazard, mixed_precision, pick_device, seed_everything
 from bonecluster.divergence import LossGuard, check_finite_state, precision_hint
 from bonecluster.io import atomic_write_text
@@ -522,7 +521,7 @@ def weights_key(cfg: Config, real_films: np.ndarray | None = None) -> str:
     settings = {"version": PRETRAIN_VERSION, "phantoms": phantoms, "model": _model_settings(cfg),
                 "data": _data_settings(cfg.data), "augment": asdict(cfg.train.augment), "seed": cfg.seed}
     if cfg.phantoms.part_finding_sizes:   # what "the demo's findings" are has changed (rules PP, HD)
-        settings["part_findings"] = {"sizes": FINDING_SIZE_FACTOR, "metacarpal": sorted(METACARPAL_FINDINGS)}
+        settings["part_findings"] = demo_finding_rules()
     real_films = check_real_films(real_films, cfg.phantoms, cfg.data.size)
     if real_films is not None:
         settings["adapted_to"] = films_digest(real_films)

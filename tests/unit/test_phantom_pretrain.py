@@ -187,7 +187,7 @@ def test_cached_weights_are_reused_for_the_same_settings_only(tmp_path):
     from unittest import mock
 
     sized_key, plain_key = weights_key(sized), weights_key(cfg)
-    with mock.patch("bonecluster.phantom_pretrain.METACARPAL_FINDINGS", frozenset()):
+    with mock.patch("bonecluster.data.phantoms.METACARPAL_FINDINGS", frozenset()):
         assert weights_key(sized) != sized_key
         assert weights_key(cfg) == plain_key   # without the switch the key ignores them
 

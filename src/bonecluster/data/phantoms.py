@@ -72,7 +72,7 @@ __all__ = [
     "FINDINGS", "VIEWS", "LabelledFilm", "PhantomSummary", "StudyPlan", "generate_phantoms",
     "WHOLE_ARM_PARTS", "add_annotations", "add_growth_plates", "add_whole_arm", "check_annotations",
     "check_children", "check_framing", "check_part_finding_sizes", "check_texture", "check_whole_arm",
-    "child_patient", "WHOLE_ARM_ZOOM", "FINDING_SIZE_FACTOR", "METACARPAL_FINDINGS",
+    "child_patient", "WHOLE_ARM_ZOOM", "FINDING_SIZE_FACTOR", "METACARPAL_FINDINGS", "demo_finding_rules",
     "make_contact_sheet", "make_twin_sheet", "plan_studies", "render_labelled",
     "render_phantom", "render_study", "render_twins", "reshare_film", "texture_field",
 ]
@@ -1002,6 +1002,14 @@ FINDING_SIZE_FACTOR = {"ELBOW": 3.0, "FINGER": 3.0, "FOREARM": 1.0, "HAND": 3.0,
 # (rule HD; docs/BENCHMARKS.md). Plates and lesions keep every site. The sites are found by the
 # hand film's names (_is_metacarpal, _is_metacarpal_head): another part here needs its own.
 METACARPAL_FINDINGS = frozenset({"HAND"})
+
+
+def demo_finding_rules() -> dict:
+    """The demo's findings beyond the issue's examples, JSON-ready: each part's size factor and the
+    parts whose fractures and dislocations sit at the metacarpals. A demo folder's phantom stamp and
+    the pre-training cache key (with ``phantoms.part_finding_sizes``) hold it, so a rule change
+    redraws or retrains."""
+    return {"finding_sizes": dict(FINDING_SIZE_FACTOR), "metacarpal_findings": sorted(METACARPAL_FINDINGS)}
 
 
 def _ref_px(n: float) -> float:
