@@ -29,6 +29,10 @@ product's scores and use labels that the label-free stage never sees.
 training's): the run's 50 held-out films a part hold 5-9 abnormal studies, so one part's AUROC
 moves by a tenth between seeds.
 
+``--by-finding`` adds, per part, the AUROC of each finding kind's held-out images against the part's
+normal images (from the generator's ``valid_phantom_findings.csv``), for the label-free score and,
+with ``--ceiling``, for both references: which kind of finding a score misses, not only which part.
+
 ``--hog-sizes 64 96 128`` trains only the HOG reference, on the phantoms decoded at each of those
 sizes (same HOG cells of 8 px), to ask whether a larger image would let any score see more.
 """
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -44,13 +49,17 @@ import numpy as np
 
 from bonecluster.config import apply_override, config_from_dict, load_config, read_yaml, stage2_data_config
 from bonecluster.data import prepare_sources
+from bonecluster.data.phantoms import FINDINGS
 from bonecluster.checkpoint import TrainedClusters
 from bonecluster.metrics import auroc
 from bonecluster.selftrain import study_mean
 from bonecluster.stage2.parts import group_by_part
 from bonecluster.stage2.scoring import study_groups
 from bonecluster.stage2.train import fit_part_anomaly, saved_extra_seeds
-from bonecluster.yardstick import cnn_reference, hog_reference, hog_reference_by_part
+from bonecluster.yardstick import cnn_reference_scores, hog_reference_by_part, hog_reference_scores
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_findings import finding_of, kind_auroc, study_findings  # noqa: E402  (one reading of the findings index)
 
 
 def main() -> None:
@@ -64,6 +73,8 @@ def main() -> None:
     ap.add_argument("--ceiling", action="store_true", help="also train supervised references on every label")
     ap.add_argument("--valid-n", type=int, metavar="N",
                     help="score on N held-out phantoms of the run's seed instead of its own (n/4)")
+    ap.add_argument("--by-finding", action="store_true",
+                    help="also report each finding kind's AUROC against the part's normal images")
     ap.add_argument("--hog-sizes", type=int, nargs="*", default=[], metavar="PX",
                     help="also train the supervised HOG reference at each of these image sizes")
     args = ap.parse_args()
@@ -85,8 +96,9 @@ def main() -> None:
     held_out = held_out_folder(work, args.valid_n, args.seed)
     valid = prepare_sources([held_out], films, cache=work / "cache", progress=False)
     valid_groups = group_by_part(valid)
+    valid_findings = study_findings(held_out, "valid") if args.by_finding else {}
 
-    rows, ceiling, t0 = {}, {}, time.perf_counter()
+    rows, ceiling, by_finding, t0 = {}, {}, {}, time.perf_counter()
     for part, pos in group_by_part(train).items():
         folder = work / "stage2" / part
         if part not in valid_groups or not (folder / "model.pt").exists():
@@ -100,10 +112,15 @@ def main() -> None:
         truth = valid.abnormal(vpos)
         scores = anomaly.score(trained, valid.images()[vpos]).numpy()
         flags = scores >= anomaly.threshold
+        scored = {"label_free": scores}
         if args.ceiling:
             train_truth = train.abnormal(pos)
-            ceiling[part] = supervised_ceiling(folder, train.subset(pos).images(), train_truth,
-                                               valid.images()[vpos], truth, cfg.seed)
+            scored.update(supervised_ceiling(folder, train.subset(pos).images(), train_truth,
+                                             valid.images()[vpos], cfg.seed))
+            ceiling[part] = {name: auroc(truth, scored[name]) for name in ("hog_sup", "cnn_sup")}
+        if args.by_finding:
+            kinds = [finding_of(valid.records[i].path, valid_findings) for i in vpos]
+            by_finding[part] = {name: finding_cells(kinds, s) for name, s in scored.items()}
         # every held-out view of a study scored with its study's mean (the views share one label)
         study_scores = study_mean(scores, study_groups(valid.subset(vpos)).numpy())
         rows[part] = {"n": len(vpos), "abnormal": float(truth.mean()), "auroc": auroc(truth, scores),
@@ -128,6 +145,12 @@ def main() -> None:
             print(f"  {part:<10} hog_sup {c['hog_sup']:.3f}  cnn_sup {c['cnn_sup']:.3f}")
         print(f"  {'macro':<10} hog_sup {np.mean([c['hog_sup'] for c in ceiling.values()]):.3f}  "
               f"cnn_sup {np.mean([c['cnn_sup'] for c in ceiling.values()]):.3f}")
+    if by_finding:
+        print("by finding kind (held-out AUROC of each kind's images against the part's normal images):")
+        for part, per_score in by_finding.items():
+            for name, cells in per_score.items():
+                print(f"  {part:<10} {name:<11}" + "  ".join(
+                    f"{kind} {a:.2f} ({n})" if a is not None else f"{kind} - ({n})" for kind, (a, n) in cells.items()))
     by_size = {size: hog_reference_at_size(work, cfg, size, held_out) for size in args.hog_sizes}
     for size, per_part in by_size.items():
         print(f"supervised HOG reference at {size} px: macro {np.mean(list(per_part.values())):.3f}  "
@@ -137,6 +160,7 @@ def main() -> None:
                                          "stage2": vars(cfg.stage2), "per_part": rows,
                                          "macro": macro, "seconds": round(seconds, 1),
                                          "supervised_ceiling": ceiling or None,
+                                         "by_finding": by_finding or None,
                                          "hog_reference_by_size": by_size or None}, indent=2, default=str))
 
 
@@ -164,15 +188,22 @@ def hog_reference_at_size(work: Path, cfg, size: int, held_out: Path) -> dict[st
 
 
 def supervised_ceiling(folder: Path, train_images: np.ndarray, train_truth: np.ndarray, valid_images: np.ndarray,
-                       valid_truth: np.ndarray, seed: int, epochs: int = 20) -> dict:
-    """Held-out AUROC of two references trained on every training label of one part."""
+                       seed: int, epochs: int = 20) -> dict[str, np.ndarray]:
+    """Held-out scores (M,) of two references trained on every training label of one part."""
     import torch
 
-    hog_auroc = hog_reference(train_images, train_truth, valid_images, valid_truth)
+    hog_scores = hog_reference_scores(train_images, train_truth, valid_images)
     torch.manual_seed(seed)   # before loading: the network's construction draws from it (figures recorded so)
     model = TrainedClusters.load(folder).model
-    return {"hog_sup": hog_auroc,
-            "cnn_sup": cnn_reference(model, train_images, train_truth, valid_images, valid_truth, seed=None, epochs=epochs)}
+    return {"hog_sup": hog_scores,
+            "cnn_sup": cnn_reference_scores(model, train_images, train_truth, valid_images, seed=None, epochs=epochs)}
+
+
+def finding_cells(kinds: list[str], scores: np.ndarray) -> dict[str, tuple[float | None, int]]:
+    """Per finding kind of one part's held-out images ('' for normal): (AUROC against the normal
+    images or None, number of images of that kind)."""
+    scored = [(kind, "part", s) for kind, s in zip(kinds, scores)]
+    return {kind: kind_auroc(scored, "part", kind) for kind in FINDINGS}
 
 if __name__ == "__main__":
     main()
