@@ -23,7 +23,7 @@ show how far a label-free score could go on these images at all: an L2 logistic 
 HOG of each image and its mirror (``hog_sup``), and the part's stage-2 network fine-tuned with
 binary cross-entropy, flips and small affine jitter (``cnn_sup``, ``--cnn-epochs``: 60). They are not the
 product's scores and use labels that the label-free stage never sees. Twenty epochs of the demo's
-~200 films a part (about 125 steps) left the CNN under-trained: 60 read 0.942 / 0.958 / 0.950 against
+~200 films a part (about 140 steps) left the CNN under-trained: 60 read 0.942 / 0.958 / 0.950 against
 0.911 / 0.913 / 0.925 on three demo runs (rule Y60, docs/BENCHMARKS.md), for about 12 minutes a run
 instead of 5 on a 2-core CPU.
 
