@@ -29,7 +29,7 @@ then every piece of its score is scored on the held-out films (image AUROC; labe
   read), one row per label seed;
 * with ``--ceiling``: the supervised yardsticks on the same films with *every* training label,
   HOG logistic regression (``bonecluster.yardstick.hog_reference``) and the part's network
-  fine-tuned (``cnn_reference``); ``--ceiling hog`` the first only.
+  fine-tuned (``cnn_reference``, ``--cnn-epochs``, 20); ``--ceiling hog`` the first only.
 
 Sources (``--source``): ``mura-humerus`` (256 px films), ``mura-humerus-64`` (the same studies
 squashed to 64 px), ``mura-elbow``, and FracAtlas by region, ``fracatlas-hand`` (any upper-limb
@@ -208,9 +208,9 @@ def few_label_rows(folder: Path, train, held_out, fraction: float, label_seeds: 
     return rows
 
 
-def yardsticks(folder: Path, train, held_out, seed: int, which: str = "all") -> dict:
+def yardsticks(folder: Path, train, held_out, seed: int, which: str = "all", cnn_epochs: int = 20) -> dict:
     """Supervised references with every training label (not the product's scores); ``which`` "hog"
-    skips the fine-tuned CNN (hours on a CPU at 224 px)."""
+    skips the fine-tuned CNN (hours on a CPU at 224 px), trained ``cnn_epochs``."""
     import torch
 
     from bonecluster.checkpoint import TrainedClusters
@@ -222,7 +222,7 @@ def yardsticks(folder: Path, train, held_out, seed: int, which: str = "all") -> 
     out = {"hog_sup": hog_reference(images, truth, vimages, vtruth), "cnn_sup": None}
     if which == "all":
         model = TrainedClusters.load(folder, torch.device("cpu")).model
-        out["cnn_sup"] = cnn_reference(model, images, truth, vimages, vtruth, seed=seed)
+        out["cnn_sup"] = cnn_reference(model, images, truth, vimages, vtruth, seed=seed, epochs=cnn_epochs)
     return out
 
 
@@ -268,6 +268,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--labels-seeds", type=int, nargs="*", default=[], help="few-label probe label seeds (none: off)")
     ap.add_argument("--ceiling", nargs="?", const="all", choices=("all", "hog"),
                     help="also train the supervised yardsticks (every label); 'hog': the HOG one only")
+    ap.add_argument("--cnn-epochs", type=int, default=20, help="epochs of the fine-tuned CNN yardstick (--ceiling)")
     ap.add_argument("--json", help="write the result here too")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -303,7 +304,7 @@ def main(argv=None) -> dict:
         if args.labels_seeds and name == args.source:
             r["few_label"] = few_label_rows(folder, train, held_out, args.labels_fraction, args.labels_seeds)
         if args.ceiling and name == args.source:
-            r["yardstick"] = yardsticks(folder, train, held_out, cfg.seed, args.ceiling)
+            r["yardstick"] = yardsticks(folder, train, held_out, cfg.seed, args.ceiling, args.cnn_epochs)
         evaluations[name] = r
     result = {"source": args.source, "part": part, "preset": args.preset, "overrides": args.overrides,
               "size": cfg.data.size, "fit": cfg.data.fit, "labels_fraction": args.labels_fraction,
