@@ -323,8 +323,8 @@ def _contrastive_augment() -> AugmentConfig:
 
 @dataclass
 class SelfSupConfig:
-    """Self-supervised pre-training: SimCLR (Chen et al. 2020) for the ``simclr*`` methods, DINO
-    (Caron et al. 2021) for ``dino``.
+    """Self-supervised pre-training: SimCLR (Chen et al. 2020) for the ``simclr*`` methods, MoCo (He
+    et al. 2020) for ``moco``, DINO (Caron et al. 2021) for ``dino``.
 
     SGD with momentum, linear warm-up then cosine decay to 0 over ``epochs``; the projection head
     is dropped afterwards and clustering uses the backbone's pooled features (for ``dino``, the
@@ -355,6 +355,14 @@ class SelfSupConfig:
     local_scale: tuple[float, float] = (0.05, 0.25)
     # simclr-phantoms: weight of the labelled phantoms' task loss beside NT-Xent (methods/simclr_phantoms.py)
     phantom_weight: float = 1.0
+    # MoCo only (methods/moco.py): the queue of earlier keys that serve as negatives beside the batch's
+    # own (MoCo v2 keeps 65,536 of 1.28 M images; here about a quarter of a few thousand films, so that
+    # a film's own key from the last epoch has left the queue before it returns), the key encoder's
+    # momentum (MoCo's 0.999 is for ~10^5 steps; a few hundred steps here), and the number of groups
+    # the key batch is split into after a shuffle (MoCo's "shuffle BN" in one process).
+    moco_queue: int = 1024
+    moco_momentum: float = 0.99
+    moco_bn_groups: int = 4
     # DINO only. Its paper starts the teacher's momentum at 0.996 over about 10^5 steps; a few
     # thousand images make a few hundred steps here, so the teacher starts faster (0.99, cosine to 1).
     dino_prototypes: int = 256

@@ -55,6 +55,27 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
     return F.cross_entropy(logits, positives)
 
 
+def queue_info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
+    """MoCo's InfoNCE (He et al. 2020, eq. 1) with the batch's other keys as negatives too (MoCo v3,
+    Chen et al. 2021).
+
+    Args:
+        q: ``(N, d)`` queries; row i's positive is row i of ``k``.
+        k: ``(N, d)`` keys from the momentum encoder (no gradient flows into them).
+        queue: ``(K, d)`` earlier keys, unit length, all negatives (``K = 0``: the batch only).
+        temperature: ``tau`` in ``exp(cos(q, k) / tau)``.
+    Returns:
+        A scalar: the mean over the N queries of ``-log softmax`` of the positive among the N keys of
+        the batch and the K of the queue.
+    """
+    if q.shape != k.shape or q.ndim != 2 or queue.ndim != 2 or queue.shape[1] != q.shape[1]:
+        raise ValueError(f"expected (N, d) queries and keys and a (K, d) queue, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)} and {tuple(queue.shape)}")
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.detach().float(), dim=1)
+    logits = torch.cat([q @ k.T, q @ queue.float().T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+
+
 class DinoHead(nn.Module):
     """DINO's head: ``(N, in_dim)`` -> ``(N, prototypes)`` cosine scores in [-1, 1].
 

@@ -24,7 +24,7 @@ def test_every_method_module_registers_the_name_of_its_file_and_has_a_summary():
 def test_the_paper_method_comes_first_and_every_known_method_is_there():
     assert method_names()[0] == DEFAULT == "deepcluster"
     assert set(method_names()) == {"deepcluster", "sela", "simclr", "simclr-deepcluster", "simclr-scan", "dino",
-                                  "simclr-phantoms"}
+                                  "simclr-phantoms", "moco"}
 
 
 def test_an_unknown_method_names_the_choices():

@@ -1,4 +1,4 @@
-"""SimCLR's NT-Xent loss, the projection head, DINO's head, loss and teacher update, and the
+"""SimCLR's NT-Xent loss, MoCo's queue InfoNCE, the projection head, DINO's head, loss and teacher update, and the
 balanced Sinkhorn assignment."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bonecluster.selfsup import (DinoHead, ProjectionHead, dino_loss, ema_, normalised_entropy, nt_xent,
-                                 sinkhorn_balanced)
+                                 queue_info_nce, sinkhorn_balanced)
 
 
 def test_nt_xent_matches_the_formula_on_two_pairs():
@@ -31,6 +31,46 @@ def test_nt_xent_is_lower_for_matching_views_than_for_shuffled_ones():
 def test_nt_xent_rejects_mismatched_batches():
     with pytest.raises(ValueError, match="same shape"):
         nt_xent(torch.zeros(4, 3), torch.zeros(5, 3))
+
+
+def test_queue_info_nce_matches_the_formula_with_batch_and_queue_negatives():
+    q = torch.tensor([[2.0, 0.0], [0.0, 1.0]])               # scaled: the loss compares directions
+    k = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    queue = torch.tensor([[-1.0, 0.0], [0.0, -1.0], [0.6, -0.8]])
+    tau = 0.5
+    # Query 0 = (1, 0): positive k0 (cos 1); negatives k1 (0.6), queue rows (-1, 0, 0.6).
+    # Query 1 = (0, 1): positive k1 (0.8); negatives k0 (0), queue rows (0, -1, -0.8).
+    def term(positive, negatives):
+        return -math.log(math.exp(positive / tau) / sum(math.exp(c / tau) for c in [positive, *negatives]))
+
+    expected = (term(1.0, [0.6, -1.0, 0.0, 0.6]) + term(0.8, [0.0, 0.0, -1.0, -0.8])) / 2
+    assert queue_info_nce(q, k, queue, tau).item() == pytest.approx(expected, rel=1e-6)
+    # An empty queue leaves the batch's own keys as the only negatives (MoCo v3).
+    expected_batch = (term(1.0, [0.6]) + term(0.8, [0.0])) / 2
+    assert queue_info_nce(q, k, torch.zeros(0, 2), tau).item() == pytest.approx(expected_batch, rel=1e-6)
+
+
+def test_queue_info_nce_sends_gradient_to_the_queries_only():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(6, 4, generator=g, requires_grad=True), torch.randn(6, 4, generator=g, requires_grad=True)
+    queue_info_nce(q, k, torch.nn.functional.normalize(torch.randn(9, 4, generator=g), dim=1)).backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0 and k.grad is None
+
+
+def test_a_films_own_key_left_in_the_queue_counts_against_it():
+    # Why selfsup.moco_queue is kept under the number of films: an old key of the query's own film
+    # in the queue is a negative as close as the positive: about log 2 more loss at a sharp temperature.
+    g = torch.Generator().manual_seed(2)
+    k = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    q = k + 0.01 * torch.randn(8, 16, generator=g)
+    far = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    gap = queue_info_nce(q, k, k, 0.05).item() - queue_info_nce(q, k, far, 0.05).item()
+    assert gap == pytest.approx(math.log(2), abs=0.01)
+
+
+def test_queue_info_nce_rejects_a_queue_of_another_width():
+    with pytest.raises(ValueError, match=r"\(K, d\) queue"):
+        queue_info_nce(torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(5, 2))
 
 
 def test_projection_head_shapes():

@@ -135,7 +135,8 @@ def registered(name: str) -> type[Method] | None:
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     """A CPU generator that depends only on (seed, epoch, stream): top-layer init and augmentation
     are then identical whether a run is resumed or not, and on every rank. Streams: 0 DeepCluster's
-    rounds, 1 the two-view pre-training, 2 SCAN's views, 3 simclr-phantoms' phantom order and augmentation."""
+    rounds, 1 the two-view pre-training, 2 SCAN's views, 3 simclr-phantoms' phantom order and augmentation,
+    4 MoCo's key shuffle."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch + stream * 7_919_000_009)
 
 
