@@ -9,19 +9,24 @@ pick its other view's key among the batch's keys (MoCo v3's symmetric loss) and 
 with BatchNorm over shuffled groups of the batch (MoCo's "shuffle BN", §3.3, in one process), so a
 query and its key do not share batch statistics that would tell them apart from the queue. The
 projection head is dropped afterwards and k-means clusters the trained (query) backbone's features,
-as for SimCLR. One process only for now (the queue would need every rank's keys).
+as for SimCLR. The queue holds at most half as many keys as there are films. One process only for now
+(the queue would need every rank's keys).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 import torch.nn.functional as F
 
+from bonecluster.data.cache import PreparedDataset
 from bonecluster.methods._base import Loop, epoch_generator, register
 from bonecluster.methods._two_view import TwoViewNet, TwoViewPretraining
 from bonecluster.selfsup import ProjectionHead, ema_, queue_info_nce
+
+log = logging.getLogger("bonecluster")
 
 
 @register("moco")
@@ -54,6 +59,23 @@ class MoCo(TwoViewPretraining):
     def make_head(self) -> torch.nn.Module:
         s = self.cfg.selfsup
         return ProjectionHead(self.loop.model.feature_dim, s.hidden_dim, s.proj_dim)
+
+    def pretrain_epoch(self, data: PreparedDataset, epoch: int) -> dict:
+        self.fit_queue(len(data))
+        return super().pretrain_epoch(data, epoch)
+
+    def fit_queue(self, films: int) -> None:
+        """Cut the queue to half the number of films (a quarter of an epoch's keys, two per film), so
+        that a film's own key from its last visit has almost always left it when the film comes back
+        (it would be a negative as close as the positive); a part's few hundred films in stage 2
+        would otherwise meet their own keys at every step."""
+        most = films // 2
+        if len(self.queue) <= most:
+            return
+        log.info("selfsup.moco_queue=%d is more than half of the %d films: the queue holds %d keys",
+                 len(self.queue), films, most)
+        self.queue = self.queue[:most].clone()
+        self.queue_next %= max(most, 1)
 
     def start_epoch(self, epoch: int) -> None:
         self.shuffle = epoch_generator(self.cfg.seed, epoch, stream=4)   # the same shuffles when resumed
@@ -103,5 +125,5 @@ class MoCo(TwoViewPretraining):
         super().load_state_dict(state)
         if self.head is not None and "pretrain" in state:
             self.key_net.load_state_dict(state["pretrain"]["key_net"])
-            self.queue.copy_(state["pretrain"]["queue"])
+            self.queue = state["pretrain"]["queue"].to(self.queue.device)   # its length fitted to the films
             self.queue_next = int(state["pretrain"]["queue_next"])

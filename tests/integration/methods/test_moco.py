@@ -11,7 +11,7 @@ from bonecluster.engine import DeepClusterEngine
 from bonecluster.methods.moco import MoCo
 from tests.integration.methods.conftest import method_config, train_method
 
-MOCO = ("selfsup.epochs=3", "selfsup.moco_queue=40", "train.device=cpu")
+MOCO = ("selfsup.epochs=3", "selfsup.batch_size=8", "selfsup.moco_queue=20", "train.device=cpu")
 
 
 def test_resumes_to_identical_assignments_and_keeps_a_filled_queue(phantoms, tmp_path):
@@ -23,18 +23,18 @@ def test_resumes_to_identical_assignments_and_keeps_a_filled_queue(phantoms, tmp
     resumed, _, _ = train_method(phantoms, tmp_path / "part", cfg, resume=True)
     np.testing.assert_array_equal(resumed.assignments, full.assignments)
     assert [r["phase"] for r in rows] == ["moco"] * 3 and len(trained.assignments) == 56
-    # 56 films, batches of 16: 3 steps an epoch of 32 keys each (2 views of 16); a 40-row queue
+    # 56 films, batches of 8: 7 steps an epoch of 16 keys each (2 views of 8); a 20-row queue
     # has been overwritten with unit keys, and the key encoder trailed the trained network.
     checkpoint = load_torch(tmp_path / "full" / CHECKPOINT)
     queue = checkpoint["pretrain"]["queue"]
-    assert queue.shape == (40, 16)
-    torch.testing.assert_close(queue.norm(dim=1), torch.ones(40))
-    assert checkpoint["pretrain"]["queue_next"] == (9 * 32) % 40 == 8
+    assert queue.shape == (20, 16)
+    torch.testing.assert_close(queue.norm(dim=1), torch.ones(20))
+    assert checkpoint["pretrain"]["queue_next"] == (21 * 16) % 20 == 16
     weight = "backbone.conv1.weight"
     key, query = checkpoint["pretrain"]["key_net"]["model." + weight], checkpoint["model"][weight]
     start = DeepClusterEngine(cfg, tmp_path / "unfitted", progress=False).model.state_dict()[weight]
     assert not torch.equal(key, query) and not torch.equal(key, start)   # it moved, and stayed behind
-    # 9 steps at momentum 0.99 move it a small part of the way (the trained network drifts meanwhile)
+    # 21 steps at momentum 0.99 move it a small part of the way (the trained network drifts meanwhile)
     assert (key - start).norm() < (query.cpu() - start).norm()
     torch.testing.assert_close(trained.model.state_dict()[weight], query.cpu())   # k-means sees the queries' network
 
@@ -46,6 +46,14 @@ def test_the_queue_overwrites_its_oldest_rows():
     assert moco.queue.tolist() == [[0.0, 1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0]] and moco.queue_next == 1
     moco.enqueue(torch.arange(12.0).view(6, 2))   # more keys than rows: the last 4 stay
     assert moco.queue[:, 0].tolist() == [10.0, 4.0, 6.0, 8.0] and moco.queue_next == 1
+
+
+def test_a_queue_longer_than_half_the_films_is_cut_to_it(phantoms, tmp_path, caplog):
+    cfg = method_config("moco", 1, "selfsup.epochs=1", "selfsup.moco_queue=1024", "train.device=cpu")
+    with caplog.at_level("INFO", logger="bonecluster"):
+        train_method(phantoms, tmp_path / "run", cfg)
+    assert load_torch(tmp_path / "run" / CHECKPOINT)["pretrain"]["queue"].shape == (28, 16)   # 56 films
+    assert "selfsup.moco_queue=1024 is more than half of the 56 films: the queue holds 28 keys" in caplog.text
 
 
 @pytest.mark.parametrize("setting, message", [("selfsup.moco_queue=-1", "moco_queue must be >= 0"),
