@@ -337,7 +337,7 @@ class SelfSupConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: int = 2
-    temperature: float = 0.2       # tau of the NT-Xent loss
+    temperature: float = 0.2       # tau of the NT-Xent loss (and of MoCo's InfoNCE)
     hidden_dim: int = 512          # projection head: feature_dim -> hidden_dim -> proj_dim
     proj_dim: int = 128
     augment: AugmentConfig = field(default_factory=_contrastive_augment)
@@ -357,8 +357,9 @@ class SelfSupConfig:
     phantom_weight: float = 1.0
     # MoCo only (methods/moco.py): the queue of earlier keys that serve as negatives beside the batch's
     # own (MoCo v2 keeps 65,536 of 1.28 M images; here about a quarter of a few thousand films, so that
-    # a film's own key from the last epoch has left the queue before it returns), the key encoder's
-    # momentum (MoCo's 0.999 is for ~10^5 steps; a few hundred steps here), and the number of groups
+    # a film's own key from the last epoch has left the queue before it returns; never more than half
+    # the number of films), the key encoder's momentum (MoCo's 0.999 is for ~10^5 steps; a few hundred
+    # to a few thousand here), and the number of groups
     # the key batch is split into after a shuffle (MoCo's "shuffle BN" in one process).
     moco_queue: int = 1024
     moco_momentum: float = 0.99

@@ -6,8 +6,11 @@ of earlier batches in a queue instead, made by a key encoder that is the moving 
 trained one, so the negatives grow without a larger batch. Here each view's projection (query) must
 pick its other view's key among the batch's keys (MoCo v3's symmetric loss) and the
 ``selfsup.moco_queue`` queued ones (:func:`~bonecluster.selfsup.queue_info_nce`). The keys are made
-with BatchNorm over shuffled groups of the batch (MoCo's "shuffle BN", §3.3, in one process), so a
-query and its key do not share batch statistics that would tell them apart from the queue. The
+with BatchNorm over shuffled groups of the batch (after MoCo's "shuffle BN", §3.3, in one process), so
+a key's statistics are not its query's. That is weaker than MoCo's: the queries are normalised over
+the whole batch, of which every key group is a part, so the batch's keys may still share a trace of
+its statistics that the queued keys lack; the batch's own keys being negatives too keeps that trace
+from singling out the positive. The
 projection head is dropped afterwards and k-means clusters the trained (query) backbone's features,
 as for SimCLR. The queue holds at most half as many keys as there are films. One process only for now
 (the queue would need every rank's keys).
@@ -74,8 +77,9 @@ class MoCo(TwoViewPretraining):
             return
         log.info("selfsup.moco_queue=%d is more than half of the %d films: the queue holds %d keys",
                  len(self.queue), films, most)
-        self.queue = self.queue[:most].clone()
-        self.queue_next %= max(most, 1)
+        newest_last = self.queue.roll(-self.queue_next, dims=0)   # the oldest row first
+        self.queue = newest_last[len(newest_last) - most:].clone()
+        self.queue_next = 0
 
     def start_epoch(self, epoch: int) -> None:
         self.shuffle = epoch_generator(self.cfg.seed, epoch, stream=4)   # the same shuffles when resumed
@@ -94,10 +98,11 @@ class MoCo(TwoViewPretraining):
         """The key encoder's ``(2N, D)`` outputs for ``(2N, C, H, W)`` views, row for row, each computed
         with the BatchNorm statistics of a random group of the views (shuffle BN)."""
         self.key_net.train()   # BatchNorm on batch statistics, as MoCo's key encoder
-        groups = max(1, min(self.cfg.selfsup.moco_bn_groups, len(views) // 2))   # BatchNorm needs 2 per group
+        # Groups differ in size by at most one, so each holds >= 2 views (BatchNorm needs 2).
+        groups = max(1, min(self.cfg.selfsup.moco_bn_groups, len(views) // 2))
         order = torch.randperm(len(views), generator=self.shuffle).to(views.device)
         with self.loop.autocast():
-            shuffled = torch.cat([self.key_net(chunk).float() for chunk in views[order].chunk(groups)])
+            shuffled = torch.cat([self.key_net(group).float() for group in views[order].tensor_split(groups)])
         return shuffled[torch.argsort(order)]
 
     def after_step(self, student: TwoViewNet) -> None:

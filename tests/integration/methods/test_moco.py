@@ -22,6 +22,14 @@ def test_resumes_to_identical_assignments_and_keeps_a_filled_queue(phantoms, tmp
     assert part.interrupted and {"head", "optimizer", "key_net", "queue", "queue_next"} <= set(saved)
     resumed, _, _ = train_method(phantoms, tmp_path / "part", cfg, resume=True)
     np.testing.assert_array_equal(resumed.assignments, full.assignments)
+    after_resume, uninterrupted = (load_torch(tmp_path / run / CHECKPOINT) for run in ("part", "full"))
+    for key in ("model", "key_net"):
+        state = after_resume["model"] if key == "model" else after_resume["pretrain"][key]
+        want = uninterrupted["model"] if key == "model" else uninterrupted["pretrain"][key]
+        for name in want:
+            assert torch.equal(state[name], want[name]), f"{key}.{name} differs after resuming"
+    assert torch.equal(after_resume["pretrain"]["queue"], uninterrupted["pretrain"]["queue"])
+    assert after_resume["pretrain"]["queue_next"] == uninterrupted["pretrain"]["queue_next"]
     assert [r["phase"] for r in rows] == ["moco"] * 3 and len(trained.assignments) == 56
     # 56 films, batches of 8: 7 steps an epoch of 16 keys each (2 views of 8); a 20-row queue
     # has been overwritten with unit keys, and the key encoder trailed the trained network.
@@ -32,7 +40,9 @@ def test_resumes_to_identical_assignments_and_keeps_a_filled_queue(phantoms, tmp
     assert checkpoint["pretrain"]["queue_next"] == (21 * 16) % 20 == 16
     weight = "backbone.conv1.weight"
     key, query = checkpoint["pretrain"]["key_net"]["model." + weight], checkpoint["model"][weight]
-    start = DeepClusterEngine(cfg, tmp_path / "unfitted", progress=False).model.state_dict()[weight]
+    unfitted = DeepClusterEngine(cfg, tmp_path / "unfitted", progress=False)
+    start = unfitted.model.state_dict()[weight]
+    assert not torch.equal(queue, unfitted.method.queue.cpu())   # real keys replaced the random start
     assert not torch.equal(key, query) and not torch.equal(key, start)   # it moved, and stayed behind
     # 21 steps at momentum 0.99 move it a small part of the way (the trained network drifts meanwhile)
     assert (key - start).norm() < (query.cpu() - start).norm()
@@ -102,6 +112,28 @@ def test_shuffled_key_groups_come_back_in_the_views_order():
     views = torch.randn(10, 6)
     got = _bare_moco(linear, torch.zeros(0, 3), groups=3).key_projections(views)
     torch.testing.assert_close(got, linear(views).detach())
+
+
+def test_keys_are_normalised_over_shuffled_groups_of_at_least_two_views():
+    # 5 films make 10 views; 4 groups of 3, 3, 2 and 2 (not 3, 3, 3 and 1, on which BatchNorm fails).
+    views = torch.randn(10, 6, generator=torch.Generator().manual_seed(3))
+    got = _bare_moco(torch.nn.BatchNorm1d(6, affine=False), torch.zeros(0, 6), groups=4).key_projections(views)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))   # _bare_moco's shuffle
+    groups = order.tensor_split(4)
+    assert [len(g) for g in groups] == [3, 3, 2, 2]
+    for rows in groups:
+        x = views[rows]
+        want = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+        torch.testing.assert_close(got[rows], want)
+
+
+def test_a_cut_queue_keeps_its_newest_keys_oldest_first():
+    moco = _bare_moco(torch.nn.Identity(), torch.arange(6.0).view(6, 1))
+    moco.queue_next = 2   # row 2 is the oldest key, row 1 the newest
+    moco.fit_queue(6)     # 6 films: at most 3 keys
+    assert moco.queue.flatten().tolist() == [5.0, 0.0, 1.0] and moco.queue_next == 0
+    moco.fit_queue(100)   # never grows
+    assert len(moco.queue) == 3
 
 
 def test_each_views_query_is_paired_with_the_other_views_key():
