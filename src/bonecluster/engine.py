@@ -380,6 +380,11 @@ class DeepClusterEngine:
         # Loaded onto the CPU: the RNG states and assignments must stay there, and load_state_dict
         # copies the weights (and the optimiser's moments) onto the model's own device.
         state = load_run_file(path, map_location="cpu")
+        trained_by = state["config"].get("method", self.cfg.method)
+        if trained_by != self.cfg.method:   # its heads and optimisers would not fit this method's
+            raise ValueError(f"{path} was trained with method={trained_by}, and this run asks for method="
+                             f"{self.cfg.method}: resume with --method {trained_by} (the cpu-real preset trains "
+                             f"moco since 2026-12-07, simclr before)")
         if state["config"] != to_dict(self.cfg):
             log.warning("resuming %s with a config that differs from the checkpoint's", path)
         # checkpoints older than the field were float32 on a CPU (and unknown on a GPU)

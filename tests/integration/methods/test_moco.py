@@ -147,3 +147,11 @@ def test_each_views_query_is_paired_with_the_other_views_key():
     expected = (queue_info_nce(q1, q2, queue, 0.2) + queue_info_nce(q2, q1, queue, 0.2)) / 2
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(moco.new_keys, torch.nn.functional.normalize(out, dim=1))
+
+
+def test_a_run_of_another_method_is_not_resumed_as_moco(phantoms, tmp_path):
+    # cpu-real trained simclr before 2026-12-07: resuming such a run with today's preset must say so.
+    train_method(phantoms, tmp_path / "run", method_config("simclr", 1, *MOCO), stop_after=1)
+    with pytest.raises(ValueError, match="trained with method=simclr, and this run asks for method=moco: "
+                                         "resume with --method simclr"):
+        train_method(phantoms, tmp_path / "run", method_config("moco", 1, *MOCO), resume=True)
