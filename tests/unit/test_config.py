@@ -12,7 +12,7 @@ def test_presets_load_and_differ():
     cpu, paper = load_config("cpu"), load_config("paper")
     assert cpu.data.size == 64 and paper.data.size == 224
     cpu_real, gpu_real = load_config("cpu-real"), load_config("gpu-real")
-    assert cpu_real.method == gpu_real.method == "simclr"
+    assert cpu_real.method == "moco" and gpu_real.method == "simclr"   # gpu-real is not measured yet
     assert gpu_real.data.size > cpu_real.data.size and gpu_real.selfsup.epochs > cpu_real.selfsup.epochs
 
 
