@@ -10,10 +10,9 @@ with BatchNorm over shuffled groups of the batch (after MoCo's "shuffle BN", §3
 a key's statistics are not its query's. That is weaker than MoCo's: the queries are normalised over
 the whole batch, of which every key group is a part, so the batch's keys may still share a trace of
 its statistics that the queued keys lack; the batch's own keys being negatives too keeps that trace
-from singling out the positive. The
-projection head is dropped afterwards and k-means clusters the trained (query) backbone's features,
-as for SimCLR. The queue holds at most half as many keys as there are films. One process only for now
-(the queue would need every rank's keys).
+from singling out the positive. The projection head is dropped afterwards and k-means clusters the
+trained (query) backbone's features, as for SimCLR. The queue holds at most half as many keys as
+there are films. One process only for now (the queue would need every rank's keys).
 """
 
 from __future__ import annotations
