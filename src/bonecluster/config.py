@@ -359,8 +359,8 @@ class SelfSupConfig:
     # own (MoCo v2 keeps 65,536 of 1.28 M images; here about a quarter of a few thousand films, so that
     # a film's own key from the last epoch has left the queue before it returns; never more than half
     # the number of films), the key encoder's momentum (MoCo's 0.999 is for ~10^5 steps; a few hundred
-    # to a few thousand here), and the number of groups
-    # the key batch is split into after a shuffle (MoCo's "shuffle BN" in one process).
+    # to a few thousand here), and the number of groups the key batch is split into after a shuffle
+    # (MoCo's "shuffle BN" in one process).
     moco_queue: int = 1024
     moco_momentum: float = 0.99
     moco_bn_groups: int = 4

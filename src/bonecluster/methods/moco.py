@@ -44,7 +44,7 @@ class MoCo(TwoViewPretraining):
         self.queue: torch.Tensor | None = None   # (moco_queue, proj_dim) unit keys, oldest overwritten first
         self.queue_next = 0                      # the queue row the next key goes to
         self.new_keys: torch.Tensor | None = None   # this step's keys, queued after the optimiser step
-        self.shuffle = epoch_generator(self.cfg.seed, 0, stream=4)
+        self.shuffle: torch.Generator | None = None   # the key groups' shuffle, set by start_epoch
         if self.head is None:
             return
         if s.moco_queue < 0 or not 0 <= s.moco_momentum < 1 or s.moco_bn_groups < 1:
