@@ -2,6 +2,7 @@
 
     python benchmarks/bench_overclusters.py --data ../shared/data --run RUN [--work W] [--json OUT]
     python benchmarks/bench_overclusters.py --data ../shared/data --run RUN --variants k 15-average
+    python benchmarks/bench_overclusters.py --data ../shared/data --run RUN --variants k --truth
 
 A diagnostic for issue 21 on one trained stage-1 run (e.g. ``bench_real_suite.py``'s pool run), on
 the suite's three evaluations and their split (``bench_real_suite.split_all``). For each
@@ -16,9 +17,29 @@ evaluation, on the training side's embedding (the run's PCA, L2-normalised; ``sk
   by Ward linkage on the centroids, average or complete linkage on their cosine distance, or
   spectral clustering of the centroids' cosine affinity (every centroid weighs the same, whatever
   its cluster's size).
+* ``graph-spectral``, ``graph-ward``: no over-clusters; the training films themselves grouped into k
+  along their 10-nearest-neighbour graph (cosine), by spectral clustering of the graph (Ng, Jordan
+  and Weiss 2001) or by Ward linkage allowed to join only graph neighbours (sklearn's connectivity).
+  A region that is a chain of look-alikes (foot, ankle, shank, knee) can then stay one group where
+  k-means cuts it. Held-out films take the commonest group of their 10 nearest training films.
+* ``gmm-diag``, ``gmm-full``: no over-clusters; a Gaussian mixture of k components with its own
+  diagonal or full covariance each (sklearn, k-means-initialised), where k-means gives every cluster
+  the same round spread: a wide class (60% of FracAtlas is leg: feet to knees) can then be one broad
+  component beside tight ones. Held-out films take their most probable component.
 
 Held-out films take their cluster's name or merged group; each cell is the Hungarian accuracy
 (the share named right for ``K-named``), mean ± std over the seeds.
+
+``--truth`` adds, per evaluation, whether the classes are what k-means looks for at all (reads every
+training-side label; on the labelled training films only, one k-means with ``n_init=10``):
+
+* ``inertia_ratio``: the within-class sum of squares of the labelled partition over k-means' own.
+  Above 1, k-means' objective prefers another partition to the classes, so no restart finds them;
+* ``nearest_mean``: held-out films given the class whose training mean is nearest (a labelled
+  ceiling in k-means' own geometry);
+* ``from_truth`` and ``from_truth_inertia_ratio``: k-means started at those class means and run
+  to convergence; whether the classes are at least a local optimum it stays in;
+* ``kmeans``: the same films' k-means from random starts, for comparison, held out.
 """
 
 from __future__ import annotations
@@ -38,7 +59,11 @@ from bench_real_suite import (EVALUATIONS, SOURCES, _embed, _labels, region_labe
 
 OVER = (15, 30, 60)
 MERGES = ("named", "ward", "average", "complete", "spectral")
-VARIANTS = ("k",) + tuple(f"{n}-{m}" for n in OVER for m in MERGES)
+GRAPHS = ("spectral", "ward")
+GRAPH_NEIGHBOURS = 10
+MIXTURES = ("diag", "full")
+VARIANTS = (("k",) + tuple(f"{n}-{m}" for n in OVER for m in MERGES) + tuple(f"graph-{g}" for g in GRAPHS)
+            + tuple(f"gmm-{c}" for c in MIXTURES))
 
 
 def merge_centroids(centroids: np.ndarray, k: int, how: str, seed: int) -> np.ndarray:
@@ -56,6 +81,31 @@ def merge_centroids(centroids: np.ndarray, k: int, how: str, seed: int) -> np.nd
         return SpectralClustering(k, affinity="precomputed", random_state=seed,
                                   assign_labels="discretize").fit_predict(affinity)
     raise ValueError(f"unknown merge {how!r}: choose one of {', '.join(MERGES[1:])}")
+
+
+def group_films_on_graph(embedding: np.ndarray, k: int, how: str, seed: int,
+                         neighbours: int = GRAPH_NEIGHBOURS) -> np.ndarray:
+    """``(N, d)`` L2-normalised films -> ``(N,)`` group of each, in ``range(k)``, along their kNN graph."""
+    from sklearn.cluster import AgglomerativeClustering, SpectralClustering
+    from sklearn.neighbors import kneighbors_graph
+
+    graph = kneighbors_graph(embedding, neighbours, metric="cosine", include_self=False)
+    graph = 0.5 * (graph + graph.T)   # symmetric: i and j are linked when either is among the other's nearest
+    if how == "spectral":
+        return SpectralClustering(k, affinity="precomputed", random_state=seed,
+                                  assign_labels="discretize").fit_predict(graph)
+    if how == "ward":
+        return AgglomerativeClustering(k, linkage="ward", connectivity=graph).fit_predict(embedding)
+    raise ValueError(f"unknown graph grouping {how!r}: choose one of {', '.join(GRAPHS)}")
+
+
+def assign_by_neighbours(e_tr: np.ndarray, groups: np.ndarray, e_ev: np.ndarray,
+                         neighbours: int = GRAPH_NEIGHBOURS) -> np.ndarray:
+    """Each held-out film ``(M, d)`` -> the commonest group among its nearest training films (cosine)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    knn = KNeighborsClassifier(min(neighbours, len(e_tr)), metric="cosine").fit(e_tr, groups)
+    return knn.predict(e_ev)
 
 
 def majority_names(clusters: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
@@ -77,6 +127,14 @@ def score_variant(variant: str, e_tr, y_tr, e_ev, y_ev, k: int, seed: int) -> fl
         pred = KMeans(k, n_init=10, random_state=seed).fit(e_tr).predict(e_ev)
         return hungarian_accuracy(pred[scored], y_ev[scored])
     n, how = variant.split("-")
+    if n == "gmm":
+        from sklearn.mixture import GaussianMixture
+
+        mixture = GaussianMixture(k, covariance_type=how, n_init=3, reg_covar=1e-4, random_state=seed).fit(e_tr)
+        return hungarian_accuracy(mixture.predict(e_ev)[scored], y_ev[scored])
+    if n == "graph":
+        groups = group_films_on_graph(e_tr, k, how, seed)
+        return hungarian_accuracy(assign_by_neighbours(e_tr, groups, e_ev)[scored], y_ev[scored])
     km = KMeans(int(n), n_init=10, random_state=seed).fit(e_tr)
     held = km.predict(e_ev)
     if how == "named":
@@ -84,6 +142,31 @@ def score_variant(variant: str, e_tr, y_tr, e_ev, y_ev, k: int, seed: int) -> fl
         return float((names[held][scored] == y_ev[scored]).mean())
     group = merge_centroids(km.cluster_centers_, k, how, seed)
     return hungarian_accuracy(group[held][scored], y_ev[scored])
+
+
+def partition_inertia(embedding: np.ndarray, groups: np.ndarray) -> float:
+    """Within-group sum of squared distances to each group's mean, ``(N, d)`` and ``(N,)``."""
+    return float(sum(((embedding[groups == g] - embedding[groups == g].mean(0)) ** 2).sum() for g in np.unique(groups)))
+
+
+def truth_check(e_tr, y_tr, e_ev, y_ev, seed: int = 0) -> dict:
+    """Are the labelled classes a k-means optimum? Reads every training label (see ``--truth``)."""
+    from sklearn.cluster import KMeans
+
+    from bonecluster.metrics import hungarian_accuracy
+
+    labelled, scored = y_tr != "", y_ev != ""
+    e, y = e_tr[labelled], y_tr[labelled]
+    classes = np.array(sorted(set(y)))
+    means = np.stack([e[y == c].mean(0) for c in classes])
+    km = KMeans(len(classes), n_init=10, random_state=seed).fit(e)
+    from_truth = KMeans(len(classes), init=means, n_init=1).fit(e)
+    nearest = classes[np.argmin(((e_ev[scored][:, None] - means[None]) ** 2).sum(-1), axis=1)]
+    return {"inertia_ratio": partition_inertia(e, y) / float(km.inertia_),
+            "from_truth_inertia_ratio": float(from_truth.inertia_) / float(km.inertia_),
+            "nearest_mean": float((nearest == y_ev[scored]).mean()),
+            "from_truth": hungarian_accuracy(from_truth.predict(e_ev[scored]), y_ev[scored]),
+            "kmeans": hungarian_accuracy(km.predict(e_ev[scored]), y_ev[scored])}
 
 
 def main(argv=None) -> dict:
@@ -95,6 +178,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--evaluations", nargs="+", default=[e.key for e in EVALUATIONS], choices=[e.key for e in EVALUATIONS])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--restarts", type=int, default=5)
+    ap.add_argument("--truth", action="store_true", help="add whether the classes are a k-means optimum (reads labels)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
@@ -118,7 +202,7 @@ def main(argv=None) -> dict:
         k = len(set(y_ev[y_ev != ""]) | set(y_tr[y_tr != ""]))
         rows = {}
         for variant in args.variants:
-            if variant != "k" and int(variant.split("-")[0]) > len(e_tr):
+            if variant.split("-")[0] not in ("k", "graph", "gmm") and int(variant.split("-")[0]) > len(e_tr):
                 print(f"({ev.key}) {variant}: skipped, more clusters than the {len(e_tr)} training films")
                 continue
             scores = [score_variant(variant, e_tr, y_tr, e_ev, y_ev, k, seed) for seed in range(args.restarts)]
@@ -127,6 +211,9 @@ def main(argv=None) -> dict:
             print(f"({ev.key}) {ev.title}, k = {k}: {variant:<12} {rows[variant]['mean']:.3f} ± "
                   f"{rows[variant]['std']:.3f}", flush=True)
         result["evaluations"][ev.key] = {"title": ev.title, "k": k, "variants": rows}
+        if args.truth:
+            truth = result["evaluations"][ev.key]["truth"] = truth_check(e_tr, y_tr, e_ev, y_ev)
+            print(f"({ev.key}) the classes against k-means: " + ", ".join(f"{n} {v:.3f}" for n, v in truth.items()), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
