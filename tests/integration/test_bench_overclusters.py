@@ -46,8 +46,9 @@ def test_variants_score_separated_blobs_and_named_reads_the_training_labels(benc
     assert bench.score_variant("15-named", e_tr, wrong, e_ev, y_ev, 3, seed=0) == pytest.approx(2 / 3)
 
 
-def test_graph_grouping_keeps_a_chain_of_look_alikes_whole_where_k_means_cuts_it(bench):
-    # 61 films along a 150-degree arc (one class, neighbour to neighbour alike) and 15 at the pole
+def test_graph_spectral_follows_the_neighbour_graphs_pieces_where_k_means_cuts_a_long_chain(bench):
+    # 61 films along a 150-degree arc (one class, neighbour to neighbour alike) and 15 at the pole: two pieces of
+    # the 10-NN graph (hence the warning). Joined by a bridge of films, neither graph variant keeps the arc whole.
     angles = np.deg2rad(np.linspace(0, 150, 61))
     arc = np.stack([np.cos(angles), np.sin(angles), np.zeros_like(angles)], 1)
     pole = np.array([0, 0, 1.0]) + np.random.default_rng(0).normal(0, 0.02, (15, 3))
@@ -70,6 +71,16 @@ def test_a_mixture_keeps_a_wide_class_whole_beside_tight_ones_where_k_means_cuts
     assert bench.score_variant(f"gmm-{covariance}", e, y, e, y, 3, seed=0) > 0.98
 
 
+def test_only_a_full_covariance_follows_a_tilted_class(bench):
+    rng = np.random.default_rng(0)
+    t = rng.uniform(-10, 10, 150)
+    tilted = np.stack([t, t], 1) + rng.normal(0, 0.3, (150, 2))   # along the diagonal: no axis-aligned spread fits it
+    e = np.concatenate([tilted, rng.normal([3, -3], 0.3, (40, 2)), rng.normal([-3, 3], 0.3, (40, 2))])
+    y = np.array(["tilted"] * 150 + ["a"] * 40 + ["b"] * 40)
+    assert bench.score_variant("gmm-full", e, y, e, y, 3, seed=0) == 1.0
+    assert bench.score_variant("gmm-diag", e, y, e, y, 3, seed=0) < 0.7
+
+
 def test_held_out_films_take_the_commonest_group_of_their_nearest_training_films(bench):
     e_tr = np.array([[1.0, 0.0], [0.9, 0.2], [0.9, 0.25], [0.0, 1.0], [0.1, 1.0]])
     groups = np.array([1, 0, 0, 2, 2])
@@ -83,13 +94,19 @@ def test_truth_check_measures_how_far_the_classes_are_from_the_k_means_optimum(b
     # point of k-means (each film is nearer its own class mean), so started there it stays.
     films = np.repeat(np.array([[0, 0], [10, 0], [5, 3.0]]), 4, axis=0)
     labels = np.repeat(np.array(["A", "A", "B"]), 4)
-    got = bench.truth_check(films, labels, films, labels)
+    # held out: one film of each kind, an A film at (8, 0.5), an A film at (5, 2) nearer B's mean, an unlabelled one
+    held = np.array([[0, 0], [10, 0], [5, 3], [8, 0.5], [5, 2], [1, 1.0]])
+    held_labels = np.array(["A", "A", "B", "A", "A", ""])
+    got = bench.truth_check(films, labels, held, held_labels)
     assert got["inertia_ratio"] == pytest.approx(200 / 68)
     assert got["from_truth_inertia_ratio"] == pytest.approx(200 / 68)
-    assert got["nearest_mean"] == 1.0 and got["from_truth"] == 1.0
-    assert got["kmeans"] == pytest.approx(2 / 3)
+    assert got["nearest_mean"] == pytest.approx(4 / 5) and got["from_truth"] == pytest.approx(4 / 5)
+    # k-means: {(0, 0)} and {(10, 0), (5, 3), (8, 0.5), (5, 2)}; at best 3 of the 5 scored films
+    assert got["kmeans"] == pytest.approx(3 / 5)
+    assert got["from_truth_iterations"] >= 1
     # an unlabelled training film is left out, as if it were not there
-    assert bench.truth_check(films, np.append(labels[:-1], ""), films, labels) == bench.truth_check(films[:-1], labels[:-1], films, labels)
+    assert (bench.truth_check(films, np.append(labels[:-1], ""), held, held_labels)
+            == bench.truth_check(films[:-1], labels[:-1], held, held_labels))
 
 
 def test_the_benchmark_scores_a_trained_run_on_the_suites_split(tmp_path, single_torch_thread, bench):
@@ -106,7 +123,12 @@ def test_the_benchmark_scores_a_trained_run_on_the_suites_split(tmp_path, single
         assert set(e["variants"]) == {"k", "15-named", "15-ward"}
         for row in e["variants"].values():
             assert len(row["scores"]) == 2 and 0 <= row["mean"] <= 1
-        assert e["truth"]["inertia_ratio"] > 0 and 0 <= e["truth"]["nearest_mean"] <= 1
+        truth = e["truth"]
+        assert set(truth) == {"inertia_ratio", "from_truth_inertia_ratio", "from_truth_iterations", "nearest_mean",
+                              "from_truth", "kmeans"}
+        # k-means started at the class means can only lower their sum of squares
+        assert truth["from_truth_inertia_ratio"] <= truth["inertia_ratio"] + 1e-9
+        assert all(0 <= truth[key] <= 1 for key in ("nearest_mean", "from_truth", "kmeans"))
     again = bench.main(["--data", str(data), "--work", work, "--run", str(tmp_path / "work" / "run"), "--restarts", "2",
                         "--evaluations", "b", "--variants", "15-named", "60-average"])
     # the same seeds give the same figures; a variant with more clusters than training films is skipped
