@@ -431,7 +431,8 @@ class PhantomPretrainConfig:
     # Draw the findings as the demo's phantoms do: with the per-part minimum sizes
     # (data.phantoms.FINDING_SIZE_FACTOR: three times the example sizes on ELBOW, FINGER, HAND,
     # SHOULDER and WRIST since rule PP, 2026-12-07) and sites (METACARPAL_FINDINGS: HAND's fractures
-    # and dislocations at the metacarpals, swollen, since rule HD) instead of the example sizes and
+    # and dislocations at the metacarpals, swollen, since rule HD; FOREARM_BONE_FRACTURES: WRIST's
+    # fractures at the radius and ulna, since rule WF2) instead of the example sizes and
     # every site on every part. False keeps the pre-training films every real-film figure was measured
     # with; true failed rule PT (2026-12-07, before rule HD; docs/RESULTS.md): phantoms alone, two
     # pre-training seeds, the mean over the three real-film evaluations 0.579 -> 0.571, FracAtlas

@@ -118,7 +118,8 @@ def _minutes(seconds: float) -> str:
 def make_demo_phantoms(folder: Path, n: int, seed: int, split: str, progress: bool) -> Path:
     """Generate phantoms once; a rerun with the same n, seed, split and findings' minimum sizes
     and sites (:data:`~bonecluster.data.phantoms.FINDING_SIZE_FACTOR`,
-    :data:`~bonecluster.data.phantoms.METACARPAL_FINDINGS`) reuses them.
+    :data:`~bonecluster.data.phantoms.METACARPAL_FINDINGS`,
+    :data:`~bonecluster.data.phantoms.FOREARM_BONE_FRACTURES`) reuses them.
 
     The ``valid`` split has other patients and other random streams than ``train``, so the demo
     evaluates on images that training never saw.

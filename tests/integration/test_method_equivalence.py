@@ -110,7 +110,8 @@ def run_fingerprint(phantoms: Path, root: Path, overrides: list[str]) -> dict:
 
 # The golden runs train on phantoms drawn with the findings of their records: the issue's example
 # sizes and every site on every part (before rule PP made five parts' three times larger and rule
-# HD put HAND's fractures and dislocations at the metacarpals). This test pins the methods' code,
+# HD put HAND's fractures and dislocations at the metacarpals, rule WF2 WRIST's fractures at the
+# radius and ulna). This test pins the methods' code,
 # not the phantom spec, so it draws those phantoms (in this process: workers=1) and both CPUs'
 # records stay valid.
 RECORDED_FINDING_SIZES = dict.fromkeys(phantom_spec.FINDING_SIZE_FACTOR, 1.0)
@@ -118,7 +119,8 @@ RECORDED_FINDING_SIZES = dict.fromkeys(phantom_spec.FINDING_SIZE_FACTOR, 1.0)
 
 def make_phantoms(root: Path) -> Path:
     with mock.patch.dict(phantom_spec.FINDING_SIZE_FACTOR, RECORDED_FINDING_SIZES), \
-            mock.patch.object(phantom_spec, "METACARPAL_FINDINGS", frozenset()):
+            mock.patch.object(phantom_spec, "METACARPAL_FINDINGS", frozenset()), \
+            mock.patch.object(phantom_spec, "FOREARM_BONE_FRACTURES", frozenset()):
         generate_phantoms(root / "ph", n=56, size=64, seed=3, progress=False, workers=1)
     return root / "ph"
 

@@ -30,3 +30,8 @@ def test_demo_phantoms_are_reused_until_the_findings_sizes_or_sites_change(tmp_p
     third = _mtimes(folder)
     assert all(third[p] > again[p] for p in again)
     assert json.loads(folder.with_suffix(".json").read_text())["metacarpal_findings"] == []
+    monkeypatch.setattr(ph, "FOREARM_BONE_FRACTURES", frozenset())   # WRIST's fracture sites, as before rule WF2
+    make_demo_phantoms(folder, 14, 0, "train", progress=False)
+    fourth = _mtimes(folder)
+    assert all(fourth[p] > third[p] for p in third)
+    assert json.loads(folder.with_suffix(".json").read_text())["forearm_bone_fractures"] == []

@@ -643,12 +643,37 @@ def test_without_part_rules_hand_findings_keep_every_site_and_other_parts_are_un
     assert any(an.joints[d.joint].groups[0].endswith(("p2", "p3")) for d, an in _hand_specs("dislocation", False))
     for part in set(BODY_PARTS) - ph.METACARPAL_FINDINGS:
         for kind in FINDINGS:
+            if kind == "fracture" and part in ph.FOREARM_BONE_FRACTURES:
+                continue   # rule WF2, its own test below
             drawn = []
             for part_rules in (True, False):
                 rng = np.random.default_rng([7, 5])
                 an = ph.build_anatomy(ph.sample_patient(part, rng), ph.View(0.0, 0.5))
                 drawn.append(ph.sample_finding(kind, part, an, rng, part_rules=part_rules))
             assert drawn[0] == drawn[1], (part, kind)
+
+
+def test_wrist_fractures_break_the_radius_or_the_ulna_and_only_with_part_rules():
+    """Rule WF2: a broken scaphoid or metacarpal base hardly changed the 64-px thumbnail."""
+    assert "WRIST" in ph.FOREARM_BONE_FRACTURES
+    drawn = {True: [], False: []}
+    for i in range(200):
+        for part_rules in (True, False):
+            rng = np.random.default_rng([11, i])
+            an = ph.build_anatomy(ph.sample_patient("WRIST", rng), ph.View(0.0, 0.0))
+            drawn[part_rules] += [an.bones[f.bone].name for f in ph.sample_finding("fracture", "WRIST", an, rng, part_rules)]
+    assert set(drawn[True]) == {"radius", "ulna"}
+    # their weights are 3:1; a site off the typical film is drawn again, which costs the radius a little
+    assert drawn[True].count("radius") > 2 * drawn[True].count("ulna")
+    assert set(drawn[False]) - {"radius", "ulna"}   # the pre-training films' default keeps every site
+    # plates, lesions and dislocations of the wrist draw the same with and without the rule
+    for kind in ("plate", "lesion", "dislocation"):
+        specs = []
+        for part_rules in (True, False):
+            rng = np.random.default_rng([11, 0])
+            an = ph.build_anatomy(ph.sample_patient("WRIST", rng), ph.View(0.0, 0.5))
+            specs.append(ph.sample_finding(kind, "WRIST", an, rng, part_rules=part_rules))
+        assert specs[0] == specs[1], kind
 
 
 def test_the_pre_training_stream_keeps_every_hand_site_unless_part_finding_sizes():

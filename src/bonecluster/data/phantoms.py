@@ -72,7 +72,8 @@ __all__ = [
     "FINDINGS", "VIEWS", "LabelledFilm", "PhantomSummary", "StudyPlan", "generate_phantoms",
     "WHOLE_ARM_PARTS", "add_annotations", "add_growth_plates", "add_whole_arm", "check_annotations",
     "check_children", "check_framing", "check_part_finding_sizes", "check_texture", "check_whole_arm",
-    "child_patient", "WHOLE_ARM_ZOOM", "FINDING_SIZE_FACTOR", "METACARPAL_FINDINGS", "demo_finding_rules",
+    "child_patient", "WHOLE_ARM_ZOOM", "FINDING_SIZE_FACTOR", "METACARPAL_FINDINGS", "FOREARM_BONE_FRACTURES",
+    "demo_finding_rules",
     "make_contact_sheet", "make_twin_sheet", "plan_studies", "render_labelled",
     "render_phantom", "render_study", "render_twins", "reshare_film", "texture_field",
 ]
@@ -831,14 +832,15 @@ def sample_finding(kind: str | None, part: str, anatomy: Anatomy,
 
     The site is drawn again (up to ``_SITE_TRIES`` times) while it falls outside the box that
     every view of the part shows (:func:`_shown_box`), so a finding is never cut off the film.
-    ``part_rules`` applies :data:`METACARPAL_FINDINGS` (the demo's phantoms); without it every
-    part draws its findings alike (the pre-training films' default).
+    ``part_rules`` applies :data:`METACARPAL_FINDINGS` and :data:`FOREARM_BONE_FRACTURES` (the demo's
+    phantoms); without it every part draws its findings alike (the pre-training films' default).
     """
     if kind is None:
         return ()
     half_w, half_h = _shown_box(part)
     for _ in range(_SITE_TRIES):
-        specs = _draw_finding(kind, part, anatomy, rng, metacarpal=part_rules and part in METACARPAL_FINDINGS)
+        specs = _draw_finding(kind, part, anatomy, rng, metacarpal=part_rules and part in METACARPAL_FINDINGS,
+                              forearm_bones=part_rules and part in FOREARM_BONE_FRACTURES)
         if all(abs(x) <= half_w and abs(y) <= half_h for x, y in (_site(anatomy, s) for s in specs)):
             break
     return specs
@@ -868,14 +870,16 @@ def _site(anatomy: Anatomy, spec: FindingSpec) -> Point:
 
 
 def _draw_finding(kind: str, part: str, anatomy: Anatomy, rng: np.random.Generator,
-                  metacarpal: bool = False) -> tuple[FindingSpec, ...]:
+                  metacarpal: bool = False, forearm_bones: bool = False) -> tuple[FindingSpec, ...]:
     """One finding's specs; ``metacarpal``: the fracture or dislocation sits at a metacarpal and
-    always swells (:data:`METACARPAL_FINDINGS`)."""
+    always swells (:data:`METACARPAL_FINDINGS`); ``forearm_bones``: a fracture breaks the radius or
+    the ulna (:data:`FOREARM_BONE_FRACTURES`)."""
     if kind == "dislocation":
         dislocation = _sample_dislocation(anatomy, rng, at_metacarpal_head=metacarpal)
         return (_swollen(dislocation, rng, 2.5, 3.5) if metacarpal else dislocation,)
     if kind == "fracture":
-        bone = _pick(rng, [b.target if not metacarpal or _is_metacarpal(b.name) else 0.0 for b in anatomy.bones])
+        bone = _pick(rng, [b.target if (not metacarpal or _is_metacarpal(b.name))
+                           and (not forearm_bones or b.name in ("radius", "ulna")) else 0.0 for b in anatomy.bones])
         first = _sample_fracture(anatomy.bones[bone], bone, rng)
         if metacarpal:
             first = _swollen(first, rng, 2.5, 4.0)
@@ -1002,6 +1006,14 @@ FINDING_SIZE_FACTOR = {"ELBOW": 3.0, "FINGER": 3.0, "FOREARM": 1.0, "HAND": 3.0,
 # (rule HD; docs/BENCHMARKS.md). Plates and lesions keep every site. The sites are found by the
 # hand film's names (_is_metacarpal, _is_metacarpal_head): another part here needs its own.
 METACARPAL_FINDINGS = frozenset({"HAND"})
+# On WRIST a fracture breaks the distal radius or the ulna (by their weights, 3:1), the commonest
+# wrist fractures: a broken scaphoid or metacarpal base (125 of 300 WRIST fractures before) changed a
+# median of 34-72 pixels of the 64-px twin against 115-172 for the radius and ulna, and the
+# supervised CNN read WRIST fractures at 0.83. Rule WF2 (docs/BENCHMARKS.md), two demo seeds: WRIST's
+# 60-epoch CNN yardstick 0.917 / 0.889 -> 0.975 / 0.953, its macro 0.958 / 0.950 -> 0.966 / 0.960,
+# label-free 0.797 / 0.807 -> 0.794 / 0.826, stage 1 1.000. Plates, lesions and dislocations keep
+# every site; the bones are found by name ("radius", "ulna").
+FOREARM_BONE_FRACTURES = frozenset({"WRIST"})
 
 
 def demo_finding_rules() -> dict:
@@ -1009,7 +1021,8 @@ def demo_finding_rules() -> dict:
     parts whose fractures and dislocations sit at the metacarpals. A demo folder's phantom stamp and
     the pre-training cache key (with ``phantoms.part_finding_sizes``) hold it, so a rule change
     redraws or retrains."""
-    return {"finding_sizes": dict(FINDING_SIZE_FACTOR), "metacarpal_findings": sorted(METACARPAL_FINDINGS)}
+    return {"finding_sizes": dict(FINDING_SIZE_FACTOR), "metacarpal_findings": sorted(METACARPAL_FINDINGS),
+            "forearm_bone_fractures": sorted(FOREARM_BONE_FRACTURES)}
 
 
 def _ref_px(n: float) -> float:
