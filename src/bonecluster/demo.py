@@ -127,7 +127,7 @@ def make_demo_phantoms(folder: Path, n: int, seed: int, split: str, progress: bo
     from bonecluster.data.phantoms import demo_finding_rules, generate_phantoms
 
     stamp = folder.with_suffix(".json")
-    # the sizes and sites too: a demo folder from before rules PP and HD (2026-12-07) holds other findings
+    # the sizes and sites too: a demo folder from before rules PP, HD and WF2 (2026-12-07) holds other findings
     wanted = {"n": n, "size": PHANTOM_SIZE, "seed": seed, "split": split, **demo_finding_rules()}
     if not (stamp.exists() and json.loads(stamp.read_text()) == wanted):
         s = generate_phantoms(folder, n=n, size=PHANTOM_SIZE, seed=seed, split=split, progress=progress)

@@ -520,7 +520,7 @@ def weights_key(cfg: Config, real_films: np.ndarray | None = None) -> str:
             del phantoms[later]
     settings = {"version": PRETRAIN_VERSION, "phantoms": phantoms, "model": _model_settings(cfg),
                 "data": _data_settings(cfg.data), "augment": asdict(cfg.train.augment), "seed": cfg.seed}
-    if cfg.phantoms.part_finding_sizes:   # what "the demo's findings" are has changed (rules PP, HD)
+    if cfg.phantoms.part_finding_sizes:   # what "the demo's findings" are has changed (rules PP, HD, WF2)
         settings["part_findings"] = demo_finding_rules()
     real_films = check_real_films(real_films, cfg.phantoms, cfg.data.size)
     if real_films is not None:

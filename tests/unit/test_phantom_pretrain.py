@@ -192,6 +192,7 @@ def test_cached_weights_are_reused_for_the_same_settings_only(tmp_path):
         assert weights_key(cfg) == plain_key   # without the switch the key ignores them
     with mock.patch("bonecluster.data.phantoms.FOREARM_BONE_FRACTURES", frozenset()):
         assert weights_key(sized) != sized_key
+        assert weights_key(cfg) == plain_key
 
 
 def test_a_reshared_copy_is_turned_and_squeezed_and_depends_only_on_its_rng():

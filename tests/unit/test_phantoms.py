@@ -668,12 +668,26 @@ def test_wrist_fractures_break_the_radius_or_the_ulna_and_only_with_part_rules()
     assert set(drawn[False]) - {"radius", "ulna"}   # the pre-training films' default keeps every site
     # plates, lesions and dislocations of the wrist draw the same with and without the rule
     for kind in ("plate", "lesion", "dislocation"):
-        specs = []
-        for part_rules in (True, False):
-            rng = np.random.default_rng([11, 0])
-            an = ph.build_anatomy(ph.sample_patient("WRIST", rng), ph.View(0.0, 0.5))
-            specs.append(ph.sample_finding(kind, "WRIST", an, rng, part_rules=part_rules))
-        assert specs[0] == specs[1], kind
+        for i in range(12):
+            specs = []
+            for part_rules in (True, False):
+                rng = np.random.default_rng([11, i])
+                an = ph.build_anatomy(ph.sample_patient("WRIST", rng), ph.View(0.0, 0.5))
+                specs.append(ph.sample_finding(kind, "WRIST", an, rng, part_rules=part_rules))
+            assert specs[0] == specs[1], (kind, i)
+
+
+def test_the_pre_training_stream_keeps_every_wrist_fracture_site_unless_part_finding_sizes():
+    from unittest import mock
+
+    wrists = [i for i in range(300) if (f := ph.render_labelled(i, 32)).part == "WRIST" and f.finding == "fracture"]
+    assert len(wrists) >= 3
+    default = [ph.render_labelled(i, 32).pixels for i in wrists]
+    sized = [ph.render_labelled(i, 32, part_finding_sizes=True).pixels for i in wrists]
+    with mock.patch.object(ph, "FOREARM_BONE_FRACTURES", frozenset()):   # as before rule WF2
+        assert all(np.array_equal(a, ph.render_labelled(i, 32).pixels) for i, a in zip(wrists, default))
+        assert any(not np.array_equal(a, ph.render_labelled(i, 32, part_finding_sizes=True).pixels)
+                   for i, a in zip(wrists, sized))
 
 
 def test_the_pre_training_stream_keeps_every_hand_site_unless_part_finding_sizes():

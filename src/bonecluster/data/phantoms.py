@@ -1010,15 +1010,16 @@ METACARPAL_FINDINGS = frozenset({"HAND"})
 # wrist fractures: a broken scaphoid or metacarpal base (125 of 300 WRIST fractures before) changed a
 # median of 34-72 pixels of the 64-px twin against 115-172 for the radius and ulna, and the
 # supervised CNN read WRIST fractures at 0.83. Rule WF2 (docs/BENCHMARKS.md), two demo seeds: WRIST's
-# 60-epoch CNN yardstick 0.917 / 0.889 -> 0.975 / 0.953, its macro 0.958 / 0.950 -> 0.966 / 0.960,
+# 60-epoch CNN yardstick 0.917 / 0.889 -> 0.975 / 0.953, the CNN macro 0.958 / 0.950 -> 0.966 / 0.960,
 # label-free 0.797 / 0.807 -> 0.794 / 0.826, stage 1 1.000. Plates, lesions and dislocations keep
 # every site; the bones are found by name ("radius", "ulna").
 FOREARM_BONE_FRACTURES = frozenset({"WRIST"})
 
 
 def demo_finding_rules() -> dict:
-    """The demo's findings beyond the issue's examples, JSON-ready: each part's size factor and the
-    parts whose fractures and dislocations sit at the metacarpals. A demo folder's phantom stamp and
+    """The demo's findings beyond the issue's examples, JSON-ready: each part's size factor, the
+    parts whose fractures and dislocations sit at the metacarpals and those whose fractures break the
+    radius or the ulna. A demo folder's phantom stamp and
     the pre-training cache key (with ``phantoms.part_finding_sizes``) hold it, so a rule change
     redraws or retrains."""
     return {"finding_sizes": dict(FINDING_SIZE_FACTOR), "metacarpal_findings": sorted(METACARPAL_FINDINGS),
@@ -1904,7 +1905,8 @@ def render_labelled(index: int, size: int, seed: int = 0, texture: float = 0.0,
     ``annotations`` > 0 burns extra side-marker tags, text lines and rulers into that share of the
     films (:func:`add_annotations`), decided and drawn from a stream of its own in the same way.
     ``part_finding_sizes`` draws the findings as the demo's phantoms do: with the part's minimum
-    sizes (:data:`FINDING_SIZE_FACTOR`) and sites (:data:`METACARPAL_FINDINGS`); by default they
+    sizes (:data:`FINDING_SIZE_FACTOR`) and sites (:data:`METACARPAL_FINDINGS`,
+    :data:`FOREARM_BONE_FRACTURES`); by default they
     keep the issue's example sizes and every site on every part, the pre-training films that every
     real-film figure was measured with.
     """
