@@ -677,6 +677,16 @@ def test_wrist_fractures_break_the_radius_or_the_ulna_and_only_with_part_rules()
             assert specs[0] == specs[1], (kind, i)
 
 
+def test_a_site_rule_on_a_part_without_such_bones_is_a_clear_error():
+    from unittest import mock
+
+    rng = np.random.default_rng(0)
+    an = ph.build_anatomy(ph.sample_patient("FINGER", rng), ph.View(0.0, 0.5))
+    with mock.patch.object(ph, "FOREARM_BONE_FRACTURES", frozenset({"FINGER"})), \
+            pytest.raises(ValueError, match="FINGER: no bone of this film can carry the fracture"):
+        ph.sample_finding("fracture", "FINGER", an, rng)
+
+
 def test_the_pre_training_stream_keeps_every_wrist_fracture_site_unless_part_finding_sizes():
     from unittest import mock
 

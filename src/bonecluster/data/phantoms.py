@@ -878,8 +878,12 @@ def _draw_finding(kind: str, part: str, anatomy: Anatomy, rng: np.random.Generat
         dislocation = _sample_dislocation(anatomy, rng, at_metacarpal_head=metacarpal)
         return (_swollen(dislocation, rng, 2.5, 3.5) if metacarpal else dislocation,)
     if kind == "fracture":
-        bone = _pick(rng, [b.target if (not metacarpal or _is_metacarpal(b.name))
-                           and (not forearm_bones or b.name in ("radius", "ulna")) else 0.0 for b in anatomy.bones])
+        weights = [b.target if (not metacarpal or _is_metacarpal(b.name))
+                   and (not forearm_bones or b.name in ("radius", "ulna")) else 0.0 for b in anatomy.bones]
+        if not any(weights):   # a part put in METACARPAL_FINDINGS or FOREARM_BONE_FRACTURES without such bones
+            raise ValueError(f"{part}: no bone of this film can carry the fracture its site rules ask for "
+                             f"(metacarpal={metacarpal}, forearm_bones={forearm_bones})")
+        bone = _pick(rng, weights)
         first = _sample_fracture(anatomy.bones[bone], bone, rng)
         if metacarpal:
             first = _swollen(first, rng, 2.5, 4.0)
