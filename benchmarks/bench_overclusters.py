@@ -207,7 +207,8 @@ def main(argv=None) -> dict:
         k = len(set(y_ev[y_ev != ""]) | set(y_tr[y_tr != ""]))
         rows = {}
         for variant in args.variants:
-            if variant.split("-")[0] not in ("k", "graph", "gmm") and int(variant.split("-")[0]) > len(e_tr):
+            head = variant.split("-")[0]   # the number of over-clusters, for the K-* variants
+            if head.isdigit() and int(head) > len(e_tr):
                 print(f"({ev.key}) {variant}: skipped, more clusters than the {len(e_tr)} training films")
                 continue
             scores = [score_variant(variant, e_tr, y_tr, e_ev, y_ev, k, seed) for seed in range(args.restarts)]

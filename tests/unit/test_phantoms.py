@@ -687,32 +687,22 @@ def test_a_site_rule_on_a_part_without_such_bones_is_a_clear_error():
         ph.sample_finding("fracture", "FINGER", an, rng)
 
 
-def test_the_pre_training_stream_keeps_every_wrist_fracture_site_unless_part_finding_sizes():
+@pytest.mark.parametrize("rule, part, kinds, n", [
+    ("METACARPAL_FINDINGS", "HAND", ("fracture", "dislocation"), 150),   # rule HD
+    ("FOREARM_BONE_FRACTURES", "WRIST", ("fracture",), 300),             # rule WF2
+])
+def test_the_pre_training_stream_keeps_every_site_unless_part_finding_sizes(rule, part, kinds, n):
+    """render_labelled draws the demo's sites (rules HD, WF2) only with part_finding_sizes=True."""
     from unittest import mock
 
-    wrists = [i for i in range(300) if (f := ph.render_labelled(i, 32)).part == "WRIST" and f.finding == "fracture"]
-    assert len(wrists) >= 3
-    default = [ph.render_labelled(i, 32).pixels for i in wrists]
-    sized = [ph.render_labelled(i, 32, part_finding_sizes=True).pixels for i in wrists]
-    with mock.patch.object(ph, "FOREARM_BONE_FRACTURES", frozenset()):   # as before rule WF2
-        assert all(np.array_equal(a, ph.render_labelled(i, 32).pixels) for i, a in zip(wrists, default))
+    films = [i for i in range(n) if (f := ph.render_labelled(i, 32)).part == part and f.finding in kinds]
+    assert len(films) >= 3
+    default = [ph.render_labelled(i, 32).pixels for i in films]
+    sized = [ph.render_labelled(i, 32, part_finding_sizes=True).pixels for i in films]
+    with mock.patch.object(ph, rule, frozenset()):   # as before the rule
+        assert all(np.array_equal(a, ph.render_labelled(i, 32).pixels) for i, a in zip(films, default))
         assert any(not np.array_equal(a, ph.render_labelled(i, 32, part_finding_sizes=True).pixels)
-                   for i, a in zip(wrists, sized))
-
-
-def test_the_pre_training_stream_keeps_every_hand_site_unless_part_finding_sizes():
-    """render_labelled draws HAND's findings by rule HD only with part_finding_sizes=True."""
-    from unittest import mock
-
-    hands = [i for i in range(150) if (f := ph.render_labelled(i, 32)).part == "HAND"
-             and f.finding in ("fracture", "dislocation")]
-    assert len(hands) >= 3
-    default = [ph.render_labelled(i, 32).pixels for i in hands]
-    sized = [ph.render_labelled(i, 32, part_finding_sizes=True).pixels for i in hands]
-    with mock.patch.object(ph, "METACARPAL_FINDINGS", frozenset()):   # as before rule HD
-        assert all(np.array_equal(a, ph.render_labelled(i, 32).pixels) for i, a in zip(hands, default))
-        assert any(not np.array_equal(a, ph.render_labelled(i, 32, part_finding_sizes=True).pixels)
-                   for i, a in zip(hands, sized))
+                   for i, a in zip(films, sized))
 
 
 def test_normal_films_are_the_same_bytes_as_before_the_findings_changed():
